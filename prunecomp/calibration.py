@@ -1,0 +1,118 @@
+"""Token windows for calibration (random, seeded) and perplexity (contiguous, non-overlapping).
+
+Each window starts with the tokenizer's BOS token when it has one, so that every window is scored as the start of
+a document whatever offset it was cut from. Windows carry a digest of their exact token ids and origin: the
+cache key of everything computed from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from prunecomp.data import Split, load_text
+from prunecomp.errors import PrunecompError
+
+__all__ = ["TokenWindows", "calibration_windows", "evaluation_windows", "tokenize_windows"]
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """``ids``: ``[n, seq_len]`` int64; ``origin``: what text they came from; ``digest``: sha256 of both."""
+
+    ids: Tensor
+    origin: str
+    digest: str
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.ids.shape[1])
+
+
+def _digest(ids: Tensor, origin: str) -> str:
+    h = hashlib.sha256(origin.encode())
+    h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tokens(tokenizer: object, text: str) -> Tensor:
+    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)  # type: ignore[operator]
+    return torch.tensor(enc["input_ids"], dtype=torch.int64)
+
+
+def tokenize_windows(
+    tokenizer: object,
+    text: str,
+    origin: str,
+    *,
+    seq_len: int,
+    n_windows: int | None,
+    seed: int | None,
+) -> TokenWindows:
+    """Cut ``text`` into windows of ``seq_len`` tokens (BOS included).
+
+    ``seed=None``: the first ``n_windows`` contiguous non-overlapping windows (all of them if ``None``), the
+    perplexity protocol. Otherwise ``n_windows`` windows at seeded random offsets, the calibration protocol.
+    """
+    if seq_len < 2:
+        raise PrunecompError(f"seq_len must be at least 2 tokens, got {seq_len}")
+    if n_windows is not None and n_windows <= 0:
+        raise PrunecompError(f"the number of windows must be positive, got {n_windows}")
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = seq_len - 1 if bos is not None else seq_len
+    tokens = _tokens(tokenizer, text)
+    if tokens.numel() < body:
+        raise PrunecompError(
+            f"text from {origin} is too short: {tokens.numel()} tokens, need at least {body} for one window of "
+            f"{seq_len} tokens"
+        )
+    if seed is None:
+        count = tokens.numel() // body
+        if n_windows is not None:
+            count = min(count, n_windows)
+        starts = [i * body for i in range(count)]
+    else:
+        assert n_windows is not None
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, tokens.numel() - body + 1, (n_windows,), generator=gen).tolist()
+    rows = [tokens[s : s + body] for s in starts]
+    ids = torch.stack(rows)
+    if bos is not None:
+        ids = torch.cat([torch.full((ids.shape[0], 1), int(bos), dtype=torch.int64), ids], dim=1)
+    return TokenWindows(ids=ids, origin=origin, digest=_digest(ids, origin))
+
+
+def calibration_windows(
+    tokenizer: object,
+    source: str = "c4",
+    *,
+    n_samples: int = 32,
+    seq_len: int = 512,
+    seed: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> TokenWindows:
+    """``n_samples`` random windows of ``seq_len`` tokens from the calibration split of ``source``."""
+    text, origin = load_text(source, "calibration", data_dir)
+    return tokenize_windows(tokenizer, text, origin, seq_len=seq_len, n_windows=n_samples, seed=seed)
+
+
+def evaluation_windows(
+    tokenizer: object,
+    source: str = "wikitext2",
+    *,
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    split: Split = "evaluation",
+) -> TokenWindows:
+    """Contiguous non-overlapping windows over the evaluation split of ``source`` (all, or the first N)."""
+    text, origin = load_text(source, split, data_dir)
+    return tokenize_windows(tokenizer, text, origin, seq_len=seq_len, n_windows=max_windows, seed=None)

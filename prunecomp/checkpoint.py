@@ -1,0 +1,35 @@
+"""Save a (pruned) model as a plain HF folder: safetensors weights, config, tokenizer, and the prunecomp report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunecomp.storage import write_dir
+
+__all__ = ["REPORT_FILE", "save_pruned"]
+
+REPORT_FILE = "prunecomp_report.json"
+
+
+def save_pruned(
+    model: nn.Module,
+    tokenizer: Any,
+    uri: str,
+    *,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write ``model`` + ``tokenizer`` (+ ``report``) to ``uri`` (local path or fsspec URL), atomically."""
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+
+    return write_dir(uri, fill, overwrite=overwrite)

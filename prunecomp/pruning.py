@@ -1,0 +1,69 @@
+"""Remove decoder layers so that the result is a plain, smaller HF model.
+
+After :func:`remove_layer` the model saves with ``save_pretrained`` and reloads with
+``AutoModelForCausalLM.from_pretrained``: ``layer_idx`` attributes are contiguous again (the KV cache is indexed by
+them), ``num_hidden_layers`` and every per-layer list of the config (``layer_types``, ...) lose the entry, and
+``config.prunecomp`` records the ORIGINAL index of each kept layer so later steps and audits speak in original
+indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from prunecomp.adapters import decoder_layers, get_adapter
+from prunecomp.errors import PrunecompError
+
+__all__ = ["original_indices", "remove_layer"]
+
+# Config attributes that hold one entry per decoder layer, beyond those found by name (see _per_layer_keys).
+_PER_LAYER_KEYS = {"layer_types", "no_rope_layers", "mlp_only_layers", "swa_layers"}
+
+
+def original_indices(model: nn.Module) -> list[int]:
+    """The original (pre-pruning) index of every current decoder layer."""
+    info = getattr(model.config, "prunecomp", None)
+    if isinstance(info, dict) and "kept_layers" in info:
+        return [int(i) for i in info["kept_layers"]]
+    return list(range(len(decoder_layers(model))))
+
+
+def _per_layer_keys(config: Any, n: int) -> list[str]:
+    keys = []
+    for key, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == n and (key in _PER_LAYER_KEYS or "layer" in key):
+            keys.append(key)
+    return keys
+
+
+def remove_layer(model: nn.Module, index: int) -> nn.Module:
+    """Delete decoder layer ``index`` (current numbering) in place and return the removed module."""
+    adapter = get_adapter(model)
+    layers = decoder_layers(model, adapter)
+    n = len(layers)
+    if not 0 <= index < n:
+        raise PrunecompError(f"layer index {index} out of range: the model has {n} decoder layers")
+    if n <= 1:
+        raise PrunecompError("cannot remove the only decoder layer")
+    kept = original_indices(model)
+    config = model.config
+    for key in _per_layer_keys(config, n):
+        value = list(getattr(config, key))
+        del value[index]
+        setattr(config, key, value)
+    removed = layers[index]
+    del layers[index]
+    for new_idx, layer in enumerate(layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    config.num_hidden_layers = n - 1
+    info = dict(getattr(config, "prunecomp", None) or {})
+    info.setdefault("source_num_layers", n)
+    info["removed_layers"] = [*info.get("removed_layers", []), kept[index]]
+    del kept[index]
+    info["kept_layers"] = kept
+    config.prunecomp = info
+    return removed

@@ -1,0 +1,128 @@
+"""Write artifacts to a local path or any fsspec URL (s3://...) without ever leaving a half-written one.
+
+Local: everything is written into a hidden temp folder beside the target and renamed into place (atomic on one
+filesystem). Object stores have no atomic rename of a prefix, so there the files are uploaded first and a
+``_COMPLETE`` marker last; :func:`is_complete` is what readers (and caches) check, and a failed upload removes what
+it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prunecomp.errors import PrunecompError
+
+__all__ = ["MARKER", "check_writable", "is_complete", "is_remote", "write_dir", "write_json"]
+
+MARKER = "_COMPLETE"
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _local(uri: str) -> Path:
+    return Path(uri.removeprefix("file://")).expanduser()
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri)
+
+
+def check_writable(uri: str, *, overwrite: bool = False) -> None:
+    """Fail early (before any work) when ``uri`` cannot be written or already holds a result."""
+    if not is_remote(uri):
+        path = _local(uri)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+            raise PrunecompError(f"output {uri!r} already exists and is not empty; pass --overwrite to replace it")
+        parent = path.parent
+        probe_root = parent
+        while not probe_root.exists():
+            probe_root = probe_root.parent
+        if not os.access(probe_root, os.W_OK) or not probe_root.is_dir():
+            raise PrunecompError(f"output {uri!r} is not writable: no write permission on {str(probe_root)!r}")
+        return
+    try:
+        fs, path = _fs(uri)
+        if fs.exists(f"{path}/{MARKER}") and not overwrite:
+            raise PrunecompError(f"output {uri!r} already holds a result; pass --overwrite to replace it")
+        probe = f"{path}/.prunecomp-probe-{uuid.uuid4().hex[:8]}"
+        fs.pipe(probe, b"")
+        fs.rm(probe)
+    except PrunecompError:
+        raise
+    except Exception as exc:
+        raise PrunecompError(f"output {uri!r} is not writable: {type(exc).__name__}: {exc}") from exc
+
+
+def is_complete(uri: str) -> bool:
+    """True when ``uri`` holds a finished artifact folder."""
+    if not is_remote(uri):
+        path = _local(uri)
+        return (path / MARKER).is_file()
+    fs, path = _fs(uri)
+    return bool(fs.exists(f"{path}/{MARKER}"))
+
+
+def write_dir(uri: str, fill: Callable[[Path], None], *, overwrite: bool = False) -> str:
+    """Create folder ``uri`` with the files ``fill(tmp_dir)`` writes, atomically; returns ``uri``."""
+    if not is_remote(uri):
+        target = _local(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            fill(tmp)
+            (tmp / MARKER).write_text("")
+            if target.exists():
+                if not overwrite and any(target.iterdir()):
+                    raise PrunecompError(f"output {uri!r} appeared while writing; not replacing it")
+                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return uri
+    fs, path = _fs(uri)
+    with tempfile.TemporaryDirectory(prefix="prunecomp-") as tmp:
+        fill(Path(tmp))
+        try:
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+            for file in sorted(Path(tmp).rglob("*")):
+                if file.is_file():
+                    fs.put_file(str(file), f"{path}/{file.relative_to(tmp).as_posix()}")
+            fs.pipe(f"{path}/{MARKER}", b"")
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                fs.rm(path, recursive=True)
+            raise PrunecompError(f"upload to {uri!r} failed and was rolled back: {exc}") from exc
+    return uri
+
+
+def write_json(uri: str, data: Any) -> str:
+    """Write one JSON file atomically (temp + rename locally; a single PUT is atomic on object stores)."""
+    payload = json.dumps(data, indent=2, default=str).encode()
+    if is_remote(uri):
+        fs, path = _fs(uri)
+        fs.pipe(path, payload)
+        return uri
+    path = _local(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+    return uri
