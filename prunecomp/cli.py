@@ -37,6 +37,9 @@ def _quiet_env() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars cover the long parts
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,11 +48,11 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except PrunecompError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(2)
         except ValidationError as exc:
             msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            console.print(f"[bold red]error:[/] invalid option: {msgs}", highlight=False)
+            console.print(f"[bold red]error:[/] invalid option: {msgs}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
     return wrapper

@@ -11,12 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from prunecomp.adapters import decoder_layers
 from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.checkpoint import save_pruned
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from prunecomp.evaluation.perplexity import perplexity
-from prunecomp.loop import StepRecord, prune_and_compensate
+from prunecomp.loop import StepRecord, check_plan, prune_and_compensate
 from prunecomp.sources import load_model
 from prunecomp.storage import check_writable
 
@@ -82,7 +81,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     progress.message(f"loading model {config.model or 'SmolLM2-135M-Instruct (default)'}")
     lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
                     trust_remote_code=config.trust_remote_code)
-    config.prune.layers_to_remove(len(decoder_layers(lm.model)))  # validate --layers against the real depth before any compute
+    check_plan(lm.model, config.prune)  # --layers / --protect against the real depth, before any compute
     times["load"] = time.perf_counter() - t
     t = time.perf_counter()
     cal = calibration_windows(lm.tokenizer, config.calibration.source, n_samples=config.calibration.n_samples,

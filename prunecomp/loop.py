@@ -24,7 +24,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.scoring import LayerScan, scan_layers
 
-__all__ = ["PruneReport", "StepRecord", "prune_and_compensate", "prune_step", "source_num_layers"]
+__all__ = ["PruneReport", "StepRecord", "check_plan", "prune_and_compensate", "prune_step", "source_num_layers"]
 
 
 @dataclass
@@ -89,6 +89,16 @@ def _candidates(model: nn.Module, config: PruneConfig, remaining: int) -> list[i
             "removed: protect fewer layers or remove fewer"
         )
     return cands
+
+
+def check_plan(model: nn.Module, config: PruneConfig) -> int:
+    """Validate ``config`` against ``model`` (layer count, protection) before any compute; returns k."""
+    get_adapter(model)
+    k = config.layers_to_remove(source_num_layers(model))
+    remaining = k - (source_num_layers(model) - len(decoder_layers(model)))
+    if remaining > 0:
+        _candidates(model, config, remaining)
+    return k
 
 
 def _choose(scan: LayerScan, cands: list[int], metric: str, block: int) -> int:

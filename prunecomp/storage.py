@@ -49,7 +49,9 @@ def check_writable(uri: str, *, overwrite: bool = False) -> None:
         probe_root = parent
         while not probe_root.exists():
             probe_root = probe_root.parent
-        if not os.access(probe_root, os.W_OK) or not probe_root.is_dir():
+        if not probe_root.is_dir():
+            raise PrunecompError(f"output {uri!r} is not writable: {str(probe_root)!r} is a file, not a folder")
+        if not os.access(probe_root, os.W_OK):
             raise PrunecompError(f"output {uri!r} is not writable: no write permission on {str(probe_root)!r}")
         return
     try:

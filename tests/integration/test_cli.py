@@ -1,0 +1,130 @@
+"""The CLI end to end on the real small model, and every bad input named in the issue: one clear message,
+exit code 2, and no output folder left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from prunecomp.cli import main
+
+pytestmark = pytest.mark.integration
+
+FAST = ["--calib-source", "tinystories", "--calib-samples", "4", "--calib-seq-len", "128",
+        "--eval-datasets", "tinystories", "--eval-seq-len", "128", "--eval-max-windows", "4"]
+
+
+def _invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_prune_end_to_end(stories_dir, tmp_path) -> None:
+    out, js = tmp_path / "out", tmp_path / "result.json"
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--out", str(out),
+                         "--json", str(js))
+    assert code == 0, text
+    assert "Perplexity" in text and "tinystories" in text and "Removed layers" in text
+    report = json.loads(js.read_text())
+    assert len(report["removed"]) == 2 and report["source"]["content_hash"]
+    assert report["perplexity"]["tinystories"]["pruned"] > report["perplexity"]["tinystories"]["dense"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--out", str(out))
+    assert code == 2 and "already exists" in text
+
+
+def test_eval_ppl(stories_dir, tmp_path) -> None:
+    js = tmp_path / "ppl.json"
+    code, text = _invoke("eval-ppl", "--model", str(stories_dir), "--datasets", "tinystories", "--seq-len", "128",
+                         "--max-windows", "4", "--json", str(js))
+    assert code == 0, text
+    value = json.loads(js.read_text())["perplexity"]["tinystories"]
+    assert 1.0 < value < 20.0
+
+
+def _bad_arch(tmp: Path) -> Path:
+    d = tmp / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    save_file({"w": __import__("torch").zeros(1)}, str(d / "model.safetensors"))
+    return d
+
+
+def _no_weights(tmp: Path) -> Path:
+    d = tmp / "empty-model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def _pickle_only(tmp: Path) -> Path:
+    d = tmp / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    return d
+
+
+def _text(tmp: Path, name: str, content: str) -> str:
+    p = tmp / name
+    p.write_text(content)
+    return str(p)
+
+
+CASES = {
+    "missing model path": (lambda t, s: ["--model", str(t / "nope")], "does not exist"),
+    "folder without weights": (lambda t, s: ["--model", str(_no_weights(t))], "contains no weights"),
+    "unsupported architecture": (lambda t, s: ["--model", str(_bad_arch(t))], "unsupported architecture"),
+    "pickle without opt-in": (lambda t, s: ["--model", str(_pickle_only(t))], "--allow-pickle"),
+    "layers zero": (lambda t, s: ["--model", str(s), "--layers", "0"], "greater than 0"),
+    "layers too many": (lambda t, s: ["--model", str(s), "--layers", "5"], "between 1 and 4"),
+    "protection leaves too few": (lambda t, s: ["--model", str(s), "--layers", "3", "--protect", "0,1,2"],
+                                  "leave 2 removable"),
+    "bad protect syntax": (lambda t, s: ["--model", str(s), "--protect", "a,b"], "--protect expects"),
+    "empty calibration text": (lambda t, s: ["--model", str(s), "--calib-source", _text(t, "e.txt", " \n\n")],
+                               "is empty"),
+    "too-short calibration text": (lambda t, s: ["--model", str(s), "--calib-source", _text(t, "s.txt", "Hi.")],
+                                   "too short"),
+    "missing calibration file": (lambda t, s: ["--model", str(s), "--calib-source", str(t / "x.txt")],
+                                 "unknown text source"),
+    "missing data dir": (lambda t, s: ["--model", str(s), "--data-dir", str(t / "nodata")], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gets_one_clear_error_and_leaves_nothing(case: str, stories_dir, tmp_path) -> None:
+    build, message = CASES[case]
+    args = build(tmp_path, stories_dir)
+    if "--layers" not in args:
+        args += ["--layers", "1"]
+    out = tmp_path / "out"
+    base = ["--calib-samples", "2", "--calib-seq-len", "64", "--eval-datasets", ""]
+    if "--calib-source" not in args:
+        base += ["--calib-source", "tinystories"]
+    code, text = _invoke("prune", *args, *base, "--out", str(out))
+    assert code == 2, text
+    assert "error:" in text and message in " ".join(text.split()), text
+    assert "Traceback" not in text
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out*")), "no temp folder may be left behind"
+
+
+def test_unwritable_output_fails_before_loading(stories_dir, tmp_path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--out", str(blocker / "o"))
+    assert code == 2 and "not writable" in text
+    assert "loading model" not in text
+
+
+def test_help_explains_every_option() -> None:
+    code, text = _invoke("prune", "--help")
+    assert code == 0
+    for opt in ("--model", "--layers", "--fraction", "--metric", "--mode", "--compensation", "--protect",
+                "--preset", "--calib-source", "--data-dir", "--out", "--allow-pickle", "--trust-remote-code"):
+        assert opt in text
