@@ -1,0 +1,77 @@
+"""Models and outputs on S3 through fsspec/s3fs, against a real local S3 server (moto on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from prunecomp.checkpoint import save_pruned
+from prunecomp.errors import PrunecompError
+from prunecomp.pruning import remove_layer
+from prunecomp.sources import load_model
+from prunecomp.storage import check_writable, is_complete
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> Iterator[object]:
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    mp = pytest.MonkeyPatch()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "PRUNECOMP_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}.items():
+        mp.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("models")
+    try:
+        yield fs
+    finally:
+        mp.undo()
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_load_from_s3_prune_and_save_back(s3, stories_dir) -> None:
+    fs = s3
+    for f in stories_dir.iterdir():
+        if f.is_file():
+            fs.put_file(str(f), f"models/stories/{f.name}")
+    local = load_model(str(stories_dir))
+    remote = load_model("s3://models/stories")
+    assert remote.source.kind == "remote" and remote.content_hash == local.content_hash
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(remote.model(ids).logits, local.model(ids).logits)
+    remove_layer(remote.model, 2)
+    check_writable("s3://models/pruned")
+    save_pruned(remote.model, remote.tokenizer, "s3://models/pruned", report={"removed": [2]})
+    assert is_complete("s3://models/pruned")
+    assert fs.exists("models/pruned/model.safetensors")
+    with pytest.raises(PrunecompError, match="already holds a result"):
+        check_writable("s3://models/pruned")
+    again = load_model("s3://models/pruned")
+    assert again.model.config.num_hidden_layers == 4
+
+
+def test_missing_s3_model_is_a_clear_error(s3) -> None:
+    with pytest.raises(PrunecompError, match="does not exist"):
+        load_model("s3://models/no-such-model")
+    with pytest.raises(PrunecompError, match="not writable"):
+        check_writable("s3://no-such-bucket/out")
