@@ -99,7 +99,7 @@ class Preset(_Frozen):
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         calibration=CalibrationConfig(n_samples=32, seq_len=512),
-        evaluation=EvalConfig(seq_len=512, max_windows=40),
+        evaluation=EvalConfig(seq_len=512, max_windows=40, batch_size=4),
         why="fits a 2-core CPU: a 135M model prunes 5 layers in a few minutes; perplexity on the first "
         "40 x 512 tokens of each corpus",
     ),

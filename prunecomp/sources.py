@@ -225,8 +225,11 @@ def load_model(
     except (OSError, ValueError) as exc:
         raise PrunecompError(f"cannot load model {source.uri!r}: {exc}") from exc
     get_adapter(hf_model)
-    if getattr(hf_model.config, "quantization_config", None) is not None and source.gguf_file:
-        # GGUF weights are dequantized on load; the marker would make save_pretrained refuse.
-        del hf_model.config.quantization_config
+    if source.gguf_file:
+        # GGUF weights are dequantized to plain tensors on load; the leftover quantizer marker would make
+        # save_pretrained refuse to write what is in fact an ordinary model.
+        hf_model.hf_quantizer = None
+        if getattr(hf_model.config, "quantization_config", None) is not None:
+            del hf_model.config.quantization_config
     hf_model.to(device).eval()
     return LoadedModel(hf_model, tokenizer, source, digest)
