@@ -116,14 +116,15 @@ def main() -> None:
     print(f"dense: {result['dense']}", file=sys.stderr, flush=True)
     for metric in args.metrics.split(","):
         per: dict[str, Any] = {}
-        for variant, fn in (("one-shot", lambda: _one_shot(lm.model, cal, metric, ks, windows, args.batch_size)),
-                            ("iterative", lambda: _iterative(lm.model, cal, metric, ks, "none", windows,
-                                                             args.batch_size)),
-                            ("prune&comp", lambda: _iterative(lm.model, cal, metric, ks, "magnitude", windows,
-                                                              args.batch_size))):
+        for variant in ("one-shot", "iterative", "prune&comp"):
             t = time.perf_counter()
             print(f"[{metric}] {variant}", file=sys.stderr, flush=True)
-            per[variant] = {"results": fn(), "seconds": time.perf_counter() - t}
+            if variant == "one-shot":
+                res = _one_shot(lm.model, cal, metric, ks, windows, args.batch_size)
+            else:
+                comp = "none" if variant == "iterative" else "magnitude"
+                res = _iterative(lm.model, cal, metric, ks, comp, windows, args.batch_size)
+            per[variant] = {"results": res, "seconds": time.perf_counter() - t}
         result["metrics"][metric] = per
     result["seconds"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

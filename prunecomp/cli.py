@@ -6,8 +6,14 @@ any model is loaded; a :class:`PrunecompError` becomes ``error: ...`` on stderr 
 
 from __future__ import annotations
 
-import functools
 import os
+
+# Before anything imports tqdm/transformers: quiet, no telemetry (tqdm reads TQDM_DISABLE at import time).
+for _key, _value in (("DO_NOT_TRACK", "true"), ("TOKENIZERS_PARALLELISM", "false"),
+                     ("TRANSFORMERS_VERBOSITY", "error"), ("TQDM_DISABLE", "1")):
+    os.environ.setdefault(_key, _value)
+
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -33,11 +39,7 @@ out = Console()
 
 
 def _quiet_env() -> None:
-    """No telemetry, no hub calls unless the user asked for them."""
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader draws its own bar
+    """Our own progress bars cover the long parts; the libraries' bars would interleave with them."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars cover the long parts
@@ -84,9 +86,10 @@ class RichProgress(JobProgress):
             self.bar.advance(self.task, n)
 
     def step(self, record: StepRecord) -> None:
-        console.print(f"step {record.step + 1}: removed layer {record.chosen} (score {record.scores[record.chosen]:.4g},"
-                      f" s = {record.measured_scale:.4f}{'' if record.applied_scale != 1.0 else ', not applied'}) "
-                      f"in {record.seconds:.1f}s; {record.layers_after} layers left", highlight=False)
+        applied = "" if record.applied_scale != 1.0 else ", not applied"
+        console.print(f"step {record.step + 1}: removed layer {record.chosen} (score "
+                      f"{record.scores[record.chosen]:.4g}, s = {record.measured_scale:.4f}{applied}) in "
+                      f"{record.seconds:.1f}s; {record.layers_after} layers left", highlight=False)
 
     def message(self, text: str) -> None:
         console.print(text, highlight=False)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, and zero-shot QA / MMLU through lm-evaluation-harness."""
