@@ -57,3 +57,16 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
 
 def tokens(n: int = 2, t: int = 12, vocab: int = 97, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def gemma2_model(seed: int = 0) -> torch.nn.Module:
+    """Gemma 2 (sandwich norms, soft-capping) is registered too; built separately to keep FAMILIES short."""
+    from transformers import Gemma2Config
+
+    torch.manual_seed(seed)
+    cfg = Gemma2Config(**COMMON, head_dim=8, sliding_window=8, tie_word_embeddings=True, query_pre_attn_scalar=8)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(0.5 + torch.rand_like(p)) if "norm" in name else p.normal_(0.0, 0.2)
+    return model.eval()
