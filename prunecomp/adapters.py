@@ -21,7 +21,7 @@ from torch import nn
 
 from prunecomp.errors import PrunecompError
 
-__all__ = ["REGISTRY", "ArchAdapter", "get_adapter", "resolve"]
+__all__ = ["REGISTRY", "ArchAdapter", "decoder_layers", "get_adapter", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class ArchAdapter:
     writers_are_norms: bool = False
     # RMSNorm multiplies by ``offset + weight`` (0 for Llama-style norms, 1 for Gemma-style norms).
     norm_offset: float = 0.0
+    # The linear module (relative to a decoder layer) that writes last into the stream, where ``lsq`` folds its
+    # gap map; ``None`` where the last write passes a norm (sandwich norms), so only magnitude compensation applies.
+    lsq_writer: str | None = "mlp.down_proj"
 
 
 _PRE_NORM = ArchAdapter()
@@ -45,6 +48,7 @@ _SANDWICH = ArchAdapter(
     residual_writers=("post_attention_layernorm", "post_feedforward_layernorm"),
     writers_are_norms=True,
     norm_offset=1.0,
+    lsq_writer=None,
 )
 
 REGISTRY: dict[str, ArchAdapter] = {

@@ -141,9 +141,10 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "taylor (Taylor+), mag (Mag+), ppl (perplexity with the layer skipped)."),
         click.option("--mode", type=click.Choice(["iterative", "one-shot"]), default="iterative", show_default=True,
                      help="iterative re-scores after every removal (the paper); one-shot scores once."),
-        click.option("--compensation", type=click.Choice(["magnitude", "none"]), default="magnitude",
-                     show_default=True, help="magnitude folds the gap scale s into upstream weights; none is the "
-                     "naive baseline."),
+        click.option("--compensation", type=click.Choice(["magnitude", "none", "lsq"]), default="magnitude",
+                     show_default=True, help="magnitude folds the gap scale s into upstream weights (the paper); "
+                     "none is the naive baseline; lsq adds a least-squares gap map folded into the last writer "
+                     "before the gap (still zero run-time cost)."),
         click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1 "
                      "(default: the last layer; Taylor+/Mag+ also the first four and second-to-last)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,

@@ -43,7 +43,9 @@ class EvalConfig(_Frozen):
 class PruneConfig(_Frozen):
     """What to remove and how.
 
-    ``n_layers`` or ``fraction`` (of the source model's layers) says how many layers go. ``protect`` lists
+    ``n_layers`` or ``fraction`` (of the source model's layers) says how many layers go. ``compensation``:
+    ``magnitude`` (the paper), ``none`` (naive), or ``lsq`` (magnitude plus a least-squares gap map folded into the
+    last linear writer before the gap, ridge ``lsq_ridge``; see :mod:`prunecomp.fitting`). ``protect`` lists
     ORIGINAL layer indices that are never removed (negative = from the end); ``None`` means the metric's default:
     the last layer, plus the first four and last two for Taylor+ / Mag+ (the "+" of Shortened LLaMA).
     """
@@ -52,8 +54,9 @@ class PruneConfig(_Frozen):
     n_layers: int | None = Field(None, gt=0)
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
     mode: Literal["iterative", "one-shot"] = "iterative"
-    compensation: Literal["magnitude", "none"] = "magnitude"
+    compensation: Literal["magnitude", "none", "lsq"] = "magnitude"
     protect: tuple[int, ...] | None = None
+    lsq_ridge: float = Field(1e-3, ge=0.0)
 
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:

@@ -21,6 +21,7 @@ from prunecomp.calibration import TokenWindows
 from prunecomp.compensation import compensate
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
+from prunecomp.lsq import apply_gap_map, fit_gap_map
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.scoring import LayerScan, scan_layers
 
@@ -42,6 +43,7 @@ class StepRecord:
     layers_after: int
     seconds: float
     layer_forwards: int = 0
+    gap_fit: dict[str, float] | None = None
 
 
 @dataclass
@@ -139,19 +141,26 @@ def prune_step(
     scan = scan_layers(model, _windows(calibration), config.metric, batch_size=batch_size, block_size=block,
                        candidates=cands, on_batch=on_batch)
     current = _choose(scan, cands, config.metric, block)
-    return _apply(model, config, scan, original_indices(model), cands, current, step, t0)
+    return _apply(model, config, scan, original_indices(model), cands, current, step, t0,
+                  ids=_windows(calibration), batch_size=batch_size)
 
 
 def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[int], cands: list[int],
-           current: int, step: int, t0: float, forwards: int | None = None) -> StepRecord:
+           current: int, step: int, t0: float, *, ids: Tensor, batch_size: int,
+           forwards: int | None = None) -> StepRecord:
     """Remove scan-index ``current`` (also its current index: layers above it may be gone, none below)."""
     chosen = orig[current]
     s = scan.scales[current]
+    fit = None
+    if config.compensation == "lsq":  # fitted while the layer is still there: its output is the target
+        fit = fit_gap_map(model, ids, current, s, ridge=config.lsq_ridge, batch_size=batch_size)
     remove_layer(model, current)
     applied = 1.0
-    if config.compensation == "magnitude":
+    if config.compensation in ("magnitude", "lsq"):
         compensate(model, current, s)
         applied = s
+    if fit is not None:
+        apply_gap_map(model, current, fit)
     return StepRecord(
         step=step,
         metric=config.metric,
@@ -164,6 +173,7 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
         layers_after=len(decoder_layers(model)),
         seconds=time.perf_counter() - t0,
         layer_forwards=scan.layer_forwards if forwards is None else forwards,
+        gap_fit=None if fit is None else {"error_before": fit.error_before, "error_after": fit.error_after},
     )
 
 
@@ -215,6 +225,7 @@ def prune_and_compensate(
         # Highest index first, so the scan's indices of the layers still to remove stay valid.
         for n_done, current in enumerate(sorted(chosen, reverse=True)):
             record = _apply(model, config, scan, orig, cands, current, already + n_done, time.perf_counter(),
+                            ids=_windows(calibration), batch_size=batch_size,
                             forwards=scan.layer_forwards if n_done == 0 else 0)
             report.steps.append(record)
             if on_step is not None:
