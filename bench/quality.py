@@ -1,7 +1,8 @@
 """Quality benchmark: perplexity of SmolLM2-135M (or --model) after removing k layers, per metric and variant.
 
 Variants per metric: dense; one-shot without compensation (the metric's usual baseline); iterative without
-compensation; iterative Prune&Comp (magnitude compensation). Iterative runs are evaluated on the way (the state after
+compensation; iterative Prune&Comp (magnitude compensation); iterative lsq (magnitude + least-squares gap map, this
+project's zero-overhead extension). Iterative runs are evaluated on the way (the state after
 3 removals of a k=8 run IS the k=3 result: re-scoring does not depend on k), so each variant costs one run.
 
 Prints a table and writes JSON (default bench/results/quality.json). Example:
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-windows", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--variants", default="one-shot,iterative,prune&comp,lsq",
+                    help="one-shot / iterative (no compensation), prune&comp (magnitude), lsq (magnitude + gap map)")
     ap.add_argument("--out", default="bench/results/quality.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -116,13 +119,13 @@ def main() -> None:
     print(f"dense: {result['dense']}", file=sys.stderr, flush=True)
     for metric in args.metrics.split(","):
         per: dict[str, Any] = {}
-        for variant in ("one-shot", "iterative", "prune&comp"):
+        for variant in args.variants.split(","):
             t = time.perf_counter()
             print(f"[{metric}] {variant}", file=sys.stderr, flush=True)
             if variant == "one-shot":
                 res = _one_shot(lm.model, cal, metric, ks, windows, args.batch_size)
             else:
-                comp = "none" if variant == "iterative" else "magnitude"
+                comp = {"iterative": "none", "prune&comp": "magnitude", "lsq": "lsq"}[variant]
                 res = _iterative(lm.model, cal, metric, ks, comp, windows, args.batch_size)
             per[variant] = {"results": res, "seconds": time.perf_counter() - t}
         result["metrics"][metric] = per

@@ -6,6 +6,7 @@ equations batch by batch; the math lives in :mod:`prunecomp.fitting`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +72,8 @@ def fit_gap_map(model: nn.Module, ids: Tensor, current: int, s: float, *, ridge:
     try:
         with capture_layer_io(layers, on_layer):
             for start in range(0, ids.shape[0], batch_size):
-                try:
+                with contextlib.suppress(_Stop):  # the pass stops after the removed layer
                     model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
     finally:
         handle.remove()
     assert state is not None
