@@ -4,5 +4,5 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true \
   PREFECT_SERVER_ANALYTICS_ENABLED=false TOKENIZERS_PARALLELISM=false
-.venv/bin/ruff check prunecomp flows tasks tests bench deployments 2>/dev/null || .venv/bin/ruff check prunecomp tests || exit 1
+.venv/bin/ruff check prunecomp flows tasks tests bench || exit 1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,1 @@
+"""Prefect flows: compress, evaluate, promote; and the CLI that runs them."""

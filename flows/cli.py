@@ -1,0 +1,347 @@
+"""``prunecomp`` CLI: the library's commands plus the pipeline ones (``run``, ``resume``, ``status``, ``promote``,
+``evaluate``), which run the Prefect flows.
+
+Embedded defaults: with no Prefect server configured (``PREFECT_API_URL`` unset), each command starts Prefect's
+temporary local server with its home under ``$PRUNECOMP_HOME/prefect`` (default ``./.prunecomp/prefect``); MLflow
+uses ``sqlite:///$PRUNECOMP_HOME/mlflow.db``; files go to ``$PRUNECOMP_HOME/store``. Prefect reads its settings
+when it is first imported, so they are set here, before that import, and only when the user has not set them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from prunecomp.cli import main as _lib
+from prunecomp.config import PRESETS, default_preset_name
+from prunecomp.errors import PrunecompError
+from prunecomp.scoring import METRICS
+
+__all__ = ["main"]
+
+main = _lib
+err = Console(stderr=True)
+out = Console(soft_wrap=True)  # paths and URIs stay copyable on one line
+
+
+def _embedded_defaults() -> None:
+    """Point Prefect at one local directory unless the user configured a server or a home of their own."""
+    home = Path(os.environ.get("PRUNECOMP_HOME") or ".prunecomp").expanduser().resolve()
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME"):
+        (home / "prefect").mkdir(parents=True, exist_ok=True)  # Prefect creates its home without parents
+        os.environ["PREFECT_HOME"] = str(home / "prefect")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # first start migrates (13 s)
+    for key, value in (("DO_NOT_TRACK", "true"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                       ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("TQDM_DISABLE", "1"),
+                       ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(key, value)
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors (bad parameters, unreachable storage, failing gates) as one line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PrunecompError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except ValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            err.print(f"[bold red]error:[/] invalid parameter: {msgs}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _load_file(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise PrunecompError(f"cannot read config file {path!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PrunecompError(f"config file {path!r} must hold a mapping of parameters")
+    return data
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _build_config(kw: dict[str, Any]) -> Any:
+    """Options -> validated :class:`~flows.params.CompressConfig` (a config file, when given, replaces them)."""
+    from flows.params import CompressConfig
+
+    where = {k: v for k, v in (("store", kw["store"]), ("tracking_uri", kw["tracking_uri"])) if v}
+    if kw["config"]:
+        data = _load_file(kw["config"])
+        data.setdefault("tracking", {}).update(where)
+        for key in ("data_dir", "run_name"):
+            if kw[key]:
+                data[key] = kw[key]
+        return CompressConfig.model_validate(data)
+    preset = PRESETS[kw["preset"] or default_preset_name()]
+    cal = preset.calibration.model_dump() | {"source": kw["calib_source"], "seed": kw["seed"]}
+    for key, opt in (("n_samples", "calib_samples"), ("seq_len", "calib_seq_len"), ("batch_size", "batch_size")):
+        if kw[opt] is not None:
+            cal[key] = kw[opt]
+    ev = preset.evaluation.model_dump() | {"datasets": _csv(kw["eval_datasets"])}
+    for key, opt in (("seq_len", "eval_seq_len"), ("max_windows", "eval_max_windows")):
+        if kw[opt] is not None:
+            ev[key] = kw[opt]
+    quick = _csv(kw["quick_datasets"])
+    protect = tuple(int(x) for x in _csv(kw["protect"])) if kw["protect"] else None
+    n_layers = kw["n_layers"] if kw["n_layers"] is not None or kw["fraction"] is not None else 5
+    tracking = where | {"log_and_register": kw["register"]}
+    if kw["registered_model"]:
+        tracking["registered_model"] = kw["registered_model"]
+    return CompressConfig.model_validate({
+        "model": kw["model"], "revision": kw["revision"],
+        "prune": {"metric": kw["metric"], "n_layers": n_layers, "fraction": kw["fraction"],
+                  "compensation": kw["compensation"], "protect": protect},
+        "calibration": cal, "evaluation": ev,
+        "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
+        if quick else None,
+        "max_ppl_ratio": kw["max_ppl_ratio"], "qa_tasks": _csv(kw["qa_tasks"]), "qa_limit": kw["qa_limit"],
+        "data_dir": kw["data_dir"], "run_name": kw["run_name"], "tracking": tracking,
+    })
+
+
+def _where_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        click.option("--store", default=None, help="Checkpoints and caches: local folder or s3:// URL "
+                     "(default $PRUNECOMP_STORE, else $PRUNECOMP_HOME/store)."),
+        click.option("--tracking-uri", default=None, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, "
+                     "else sqlite under $PRUNECOMP_HOME)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _run_flow(config: Any, json_out: str | None) -> dict[str, Any]:
+    _embedded_defaults()
+    from flows.compress import compress
+
+    err.print(f"run [bold]{config.run_id()}[/] (re-run the same command, or `prunecomp resume "
+              f"{config.run_id()}`, to resume it)", highlight=False)
+    summary = compress.with_options(flow_run_name=config.run_id())(config=config)
+    _print_summary(summary)
+    if json_out:
+        Path(json_out).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _mean(d: dict[str, float] | None) -> str:
+    return f"{sum(d.values()) / len(d):.3f}" if d else "-"
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    steps = Table(title=f"Run {summary['run_id']}: removed layers (original indices)")
+    for col in ("step", "layer", "score", "scale s", "quick ppl before", "quick ppl after", "time (s)", "cached"):
+        steps.add_column(col, justify="right")
+    for s in summary["steps"]:
+        rec = s["record"]
+        score = rec["scores"].get(str(rec["chosen"]))
+        steps.add_row(str(rec["step"] + 1), str(rec["chosen"]) + ("" if s["kept"] else " (not kept)"),
+                      "-" if score is None else f"{score:.4g}", f"{rec['applied_scale']:.4f}",
+                      _mean(s["ppl_before"]), _mean(s["ppl_after"]), f"{rec['seconds']:.1f}",
+                      "yes" if s["reused"] else "")
+    out.print(steps)
+    if summary["perplexity"]:
+        table = Table(title="Perplexity before/after")
+        for col in ("dataset", "dense", "pruned", "ratio"):
+            table.add_column(col, justify="right")
+        for name, v in summary["perplexity"].items():
+            table.add_row(name, f"{v['dense']:.2f}", f"{v['pruned']:.2f}", f"{v['pruned'] / v['dense']:.2f}x")
+        out.print(table)
+    out.print(f"stopped: {summary['stop_reason']}; steps reused {summary['steps_reused']}, computed "
+              f"{summary['steps_computed']}; {summary['seconds']:.1f} s")
+    out.print(f"pruned checkpoint: {summary['final']['uri']}")
+    out.print(f"run dir (report.json, run.json): {summary['run_dir']}")
+    tracking = summary["tracking_uri"]
+    if summary.get("mlflow"):
+        m = summary["mlflow"]
+        out.print(f"MLflow: {tracking} run {m['run_id']}, registered model {m['name']} version {m['version']} "
+                  f"(alias candidate)  ->  mlflow ui --backend-store-uri {tracking}")
+    out.print(f"Prefect: {os.environ.get('PREFECT_API_URL') or 'temporary server, home ' + os.environ['PREFECT_HOME']}"
+              " (prefect server start, then open the UI, to browse the flow runs and artifacts)")
+
+
+@main.command("run")
+@click.option("--config", default=None, help="YAML/JSON file of compress parameters (deployments/configs/*.yaml); "
+              "replaces the pruning options below.")
+@click.option("--model", default=None, help="Hub id, local folder, .gguf or s3:// URL; default SmolLM2-135M-Instruct.")
+@click.option("--revision", default=None)
+@click.option("--layers", "n_layers", type=int, default=None, help="Layers to remove (default 5).")
+@click.option("--fraction", type=float, default=None, help="Or: fraction of the layers to remove.")
+@click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True)
+@click.option("--compensation", type=click.Choice(["magnitude", "none"]), default="magnitude", show_default=True)
+@click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="cpu (default here) or paper.")
+@click.option("--calib-source", default="c4", show_default=True)
+@click.option("--calib-samples", type=int, default=None)
+@click.option("--calib-seq-len", type=int, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--eval-datasets", default="wikitext2,c4,ptb", show_default=True, help="Final perplexity corpora.")
+@click.option("--eval-seq-len", type=int, default=None)
+@click.option("--eval-max-windows", type=int, default=None)
+@click.option("--quick-datasets", default="wikitext2", show_default=True, help="Per-step perplexity ('' = off).")
+@click.option("--quick-max-windows", type=int, default=8, show_default=True)
+@click.option("--max-ppl-ratio", type=float, default=None, help="Quality floor: stop when the quick perplexity "
+              "exceeds this multiple of the dense one.")
+@click.option("--qa-tasks", default=None, help="lm-eval tasks for the final evaluation (comma-separated).")
+@click.option("--qa-limit", type=int, default=None)
+@click.option("--data-dir", default=None)
+@click.option("--registered-model", default=None, help="MLflow registered model (default prunecomp-<model>).")
+@click.option("--register/--no-register", default=True, show_default=True)
+@click.option("--run-name", default=None, help="Run id (default: derived from the parameters).")
+@click.option("--json", "json_out", default=None, help="Also write the run summary as JSON here.")
+@_where_options
+@_errors
+def run_cmd(json_out: str | None, **kw: Any) -> None:
+    """Run the compress flow end to end (cached, resumable): default SmolLM2-135M, k=5, BI, Prune&Comp, cpu
+    preset. Prints perplexity before/after and where to look."""
+    _run_flow(_build_config(kw), json_out)
+
+
+def _journal(run: str, store: str | None) -> dict[str, Any]:
+    from flows.compress import journal_uri
+    from tasks.files import read_json
+    from tasks.settings import configure_s3, locations
+
+    configure_s3()
+    loc = locations(store)
+    try:
+        return dict(read_json(journal_uri(loc, run)))
+    except FileNotFoundError as exc:
+        raise PrunecompError(f"no run {run!r} in {loc.store} (see `prunecomp status`)") from exc
+
+
+@main.command("resume")
+@click.argument("run")
+@click.option("--json", "json_out", default=None)
+@_where_options
+@_errors
+def resume_cmd(run: str, store: str | None, tracking_uri: str | None, json_out: str | None) -> None:
+    """Finish RUN with the parameters it was started with: finished steps come from the cache."""
+    from flows.params import CompressConfig
+
+    config = CompressConfig.model_validate(_journal(run, store)["config"])
+    if tracking_uri:
+        config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tracking_uri":
+                                                                                          tracking_uri})})
+    _run_flow(config, json_out)
+
+
+@main.command("status")
+@click.argument("run", required=False)
+@_where_options
+@_errors
+def status_cmd(run: str | None, store: str | None, tracking_uri: str | None) -> None:
+    """What RUN has done and what is cached (its checkpoints still in the store); without RUN, list runs."""
+    from prunecomp.storage import is_complete
+    from tasks.files import list_dirs
+    from tasks.settings import locations
+
+    if run is None:
+        loc = locations(store)
+        table = Table(title=f"Runs in {loc.store}")
+        for col in ("run", "status", "steps done", "registered"):
+            table.add_column(col)
+        for name in list_dirs(loc.child("runs")):
+            try:
+                j = _journal(name, store)
+            except PrunecompError:
+                continue
+            m = j.get("mlflow") or {}
+            table.add_row(name, j["status"], str(len(j["steps"])), f"{m['name']} v{m['version']}" if m else "")
+        out.print(table)
+        return
+    j = _journal(run, store)
+    out.print(f"run {run}: {j['status']}" + (f" ({j['stop_reason']})" if j.get("stop_reason") else ""))
+    k = j["config"]["prune"]["n_layers"] or f"fraction {j['config']['prune']['fraction']}"
+    table = Table(title=f"Steps (of {k})")
+    for col in ("step", "removed layer", "scale s", "checkpoint (store/checkpoints/...)", "cached"):
+        table.add_column(col)
+    for s in j["steps"]:
+        rec = s["record"]
+        table.add_row(str(rec["step"] + 1), str(rec["chosen"]), f"{rec['applied_scale']:.4f}", s["uri"].rsplit("/")[-1],
+                      "yes" if is_complete(s["uri"]) else "no (will be recomputed)")
+    out.print(table)
+    if j["status"] != "completed":
+        out.print(f"resume with: prunecomp resume {run}")
+    if j.get("mlflow"):
+        m = j["mlflow"]
+        out.print(f"registered: {m['name']} version {m['version']} (MLflow run {m['run_id']})")
+
+
+@main.command("promote")
+@click.argument("registered_model")
+@click.option("--version", default=None, help="Version to promote (default: the newest).")
+@click.option("--alias", default="champion", show_default=True)
+@click.option("--gates", "gates_file", default=None, help="YAML file with a `gates:` list (default gates: mean "
+              "perplexity ratio <= 3, QA retained >= 0.9 when measured, beats the champion's mean perplexity).")
+@click.option("--tracking-uri", default=None)
+@_errors
+def promote_cmd(registered_model: str, version: str | None, alias: str, gates_file: str | None,
+                tracking_uri: str | None) -> None:
+    """Move ALIAS (champion) to a version of REGISTERED_MODEL when every gate passes."""
+    from flows.params import PromoteConfig
+
+    params: dict[str, Any] = {"registered_model": registered_model, "version": version, "alias": alias,
+                              "tracking_uri": tracking_uri}
+    if gates_file:
+        params["gates"] = _load_file(gates_file).get("gates")
+    config = PromoteConfig.model_validate(params)
+    _embedded_defaults()
+    from flows.promote import promote
+
+    result = promote(config=config)
+    for r in result["decision"]["results"]:
+        out.print(f"  {'pass' if r['passed'] else 'FAIL'} {r['name']}: {r['detail']}", highlight=False)
+    out.print(f"{result['name']} version {result['version']} is {result['alias']}"
+              + ("" if result["changed"] else " (already; nothing changed)"))
+
+
+@main.command("evaluate")
+@click.argument("checkpoint")
+@click.option("--datasets", default="wikitext2,c4,ptb", show_default=True)
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--max-windows", type=int, default=40, show_default=True)
+@click.option("--qa-tasks", default=None)
+@click.option("--data-dir", default=None)
+@_where_options
+@_errors
+def evaluate_cmd(checkpoint: str, datasets: str, seq_len: int, max_windows: int, qa_tasks: str | None,
+                 data_dir: str | None, store: str | None, tracking_uri: str | None) -> None:
+    """Evaluate CHECKPOINT (path, s3:// URL, models:/name/version or models:/name@alias) through the cache."""
+    from flows.params import EvaluateConfig
+
+    config = EvaluateConfig.model_validate({
+        "checkpoint": checkpoint, "data_dir": data_dir, "qa_tasks": _csv(qa_tasks),
+        "evaluation": {"datasets": _csv(datasets), "seq_len": seq_len, "max_windows": max_windows},
+        "tracking": {"store": store, "tracking_uri": tracking_uri}})
+    _embedded_defaults()
+    from flows.evaluate import evaluate
+
+    result = evaluate(config=config)
+    table = Table(title=f"Perplexity of {result['checkpoint']}")
+    table.add_column("dataset")
+    table.add_column("perplexity", justify="right")
+    for name, value in result["perplexity"].items():
+        table.add_row(name, f"{value:.3f}")
+    out.print(table)

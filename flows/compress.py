@@ -1,0 +1,202 @@
+"""The ``compress`` flow: source model -> calibration cache -> k x (score -> prune -> compensate -> checkpoint ->
+quick eval) -> full evaluation -> MLflow run + registered model version.
+
+Every box is a cached task keyed by what determines its result (:mod:`tasks.jobs`), and every step writes its
+checkpoint to a deterministic place in the store, so a killed run re-run with the same parameters picks up after
+the last finished step. The flow itself only wires tasks, checks the quality floor and writes the audit trail.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.params import CompressConfig
+from prunecomp.data import resolve_data_dir
+from prunecomp.errors import PrunecompError
+from prunecomp.storage import check_writable, is_remote, write_json
+from tasks.artifacts import publish_step, publish_summary, summary_markdown
+from tasks.caching import run_cached
+from tasks.calibrate import build_calibration
+from tasks.evaluate import evaluate_checkpoint
+from tasks.jobs import CalibrationJob, EvalJob, ModelJob, StepJob
+from tasks.keys import code_version
+from tasks.model_io import materialize_model, resolve_model
+from tasks.prune import prune_one_step
+from tasks.settings import Locations, configure_s3, locations
+from tasks.tracking import log_run_task, register_task
+
+__all__ = ["compress", "journal_uri", "run_metrics"]
+
+
+def journal_uri(loc: Locations, run_id: str) -> str:
+    """``<store>/runs/<run_id>/run.json``: what a run has done so far (read by ``prunecomp status``)."""
+    return loc.child("runs", run_id, "run.json")
+
+
+def _mean(d: dict[str, float] | None) -> float | None:
+    return sum(d.values()) / len(d) if d else None
+
+
+def run_metrics(ppl: dict[str, dict[str, float]], qa: dict[str, Any] | None, n_removed: int) -> dict[str, float]:
+    """The final metrics promotion gates read: per-corpus and mean perplexity, ratios, QA retention."""
+    out: dict[str, float] = {"layers_removed": float(n_removed)}
+    for name, v in ppl.items():
+        out[f"ppl_{name}_dense"], out[f"ppl_{name}_pruned"] = v["dense"], v["pruned"]
+        out[f"ppl_{name}_ratio"] = v["pruned"] / v["dense"]
+    if ppl:
+        out["ppl_mean_dense"] = sum(v["dense"] for v in ppl.values()) / len(ppl)
+        out["ppl_mean_pruned"] = sum(v["pruned"] for v in ppl.values()) / len(ppl)
+        out["ppl_ratio_mean"] = out["ppl_mean_pruned"] / out["ppl_mean_dense"]
+    if qa and qa.get("dense") is not None and qa.get("pruned") is not None:
+        out["qa_average_dense"], out["qa_average_pruned"] = qa["dense"], qa["pruned"]
+        out["qa_retained"] = qa["pruned"] / qa["dense"] if qa["dense"] else 0.0
+    return out
+
+
+def _preflight(config: CompressConfig, loc: Locations) -> str | None:
+    """Checks that need no model: the store is reachable and writable (bounded retries), the data dir exists."""
+    configure_s3()
+    probe = loc.child("runs", config.run_id())
+    check_writable(probe, overwrite=True)
+    data_dir = resolve_data_dir(config.data_dir)
+    return str(data_dir) if data_dir is not None else None
+
+
+@flow(name="compress", validate_parameters=True)
+def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # noqa: B008 - frozen, immutable
+    """Prune ``config.prune`` layers from ``config.model`` one cached, checkpointed iteration at a time."""
+    t0 = time.perf_counter()
+    log = get_run_logger()
+    run_id = config.run_id()
+    loc = locations(config.tracking.store, config.tracking.tracking_uri)
+    data_dir = _preflight(config, loc)
+    store, code = loc.store, code_version()
+    journal: dict[str, Any] = {"run_id": run_id, "status": "running", "config": config.model_dump(mode="json"),
+                               "store": store, "code_version": code, "steps": []}
+    write_json(journal_uri(loc, run_id), journal)
+    log.info("run %s: store %s, code %s", run_id, store, code)
+
+    source = resolve_model(config.model, config.revision, config.allow_pickle)
+    base, cached = run_cached(materialize_model, ModelJob(store=store, source_uri=config.model,
+                                                          revision=config.revision, source_hash=source["content_hash"],
+                                                          allow_pickle=config.allow_pickle,
+                                                          trust_remote_code=config.trust_remote_code))
+    n_src = int(base["num_layers"])
+    k = config.prune.layers_to_remove(n_src)
+    removable = n_src - len(config.prune.protected(n_src))
+    if removable < k:
+        raise PrunecompError(f"protected layers leave {removable} removable layers, but {k} must be removed")
+    log.info("model %s: %d layers, removing %d%s", source["uri"], n_src, k, " (cached)" if cached else "")
+    cal, _ = run_cached(build_calibration, CalibrationJob(store=store, model_uri=base["uri"], model_hash=base["hash"],
+                                                          calibration=config.calibration, data_dir=data_dir))
+
+    def quick(meta: dict[str, Any]) -> dict[str, float] | None:
+        if config.quick_eval is None or not config.quick_eval.datasets:
+            return None
+        job = EvalJob(store=store, checkpoint_uri=meta["uri"], checkpoint_hash=meta["hash"],
+                      evaluation=config.quick_eval, data_dir=data_dir)
+        return dict(run_cached(evaluate_checkpoint, job)[0]["perplexity"])
+
+    dense_quick = quick(base)
+    parent, parent_ppl = base, dense_quick
+    steps: list[dict[str, Any]] = []
+    stop_reason = f"removed the {k} requested layers"
+    for step in range(k):
+        job = StepJob(store=store, parent_uri=parent["uri"], parent_hash=parent["hash"], calibration_uri=cal["uri"],
+                      calibration_digest=cal["digest"], prune=config.prune, step=step,
+                      batch_size=config.calibration.batch_size)
+        meta, cached = run_cached(prune_one_step, job)
+        after = quick(meta)
+        entry = {"step": step, "uri": meta["uri"], "hash": meta["hash"], "record": meta["record"], "reused": cached,
+                 "ppl_before": parent_ppl, "ppl_after": after, "kept": True}
+        publish_step(run_id, entry)
+        rec = meta["record"]
+        log.info("step %d/%d: removed layer %d, s=%.4f, quick ppl %s -> %s%s", step + 1, k, rec["chosen"],
+                 rec["applied_scale"], _fmt(_mean(parent_ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
+        ratio = (_mean(after) or 0.0) / (_mean(dense_quick) or 1.0)
+        if config.max_ppl_ratio is not None and ratio > config.max_ppl_ratio:
+            entry["kept"] = False
+            stop_reason = (f"quality floor: step {step + 1} raised quick perplexity {ratio:.2f}x over dense "
+                           f"(max {config.max_ppl_ratio}); kept {step} removed layers")
+            log.warning(stop_reason)
+            steps.append(entry)
+            break
+        steps.append(entry)
+        journal["steps"] = steps
+        write_json(journal_uri(loc, run_id), journal)
+        parent, parent_ppl = meta, after
+    kept = [s for s in steps if s["kept"]]
+    final = parent
+
+    def full(meta: dict[str, Any]) -> dict[str, Any]:
+        job = EvalJob(store=store, checkpoint_uri=meta["uri"], checkpoint_hash=meta["hash"],
+                      evaluation=config.evaluation, data_dir=data_dir, qa_tasks=config.qa_tasks,
+                      qa_limit=config.qa_limit)
+        return dict(run_cached(evaluate_checkpoint, job)[0])
+
+    dense_eval, final_eval = full(base), full(final)
+    ppl = {name: {"dense": v, "pruned": final_eval["perplexity"][name]}
+           for name, v in dense_eval["perplexity"].items()}
+    qa = None
+    if dense_eval.get("qa") and final_eval.get("qa"):
+        qa = {"dense": dense_eval["qa"].get("average"), "pruned": final_eval["qa"].get("average"),
+              "tasks": {"dense": dense_eval["qa"].get("tasks"), "pruned": final_eval["qa"].get("tasks")}}
+    metrics = run_metrics(ppl, qa, len(kept))
+    summary: dict[str, Any] = {
+        "run_id": run_id, "config": config.model_dump(mode="json"), "code_version": code, "source": source,
+        "base": {"uri": base["uri"], "hash": base["hash"], "num_layers": n_src}, "calibration": cal,
+        "steps": steps, "removed": [s["record"]["chosen"] for s in kept], "stop_reason": stop_reason,
+        "final": {"uri": final["uri"], "hash": final["hash"]}, "perplexity": ppl, "qa": qa, "metrics": metrics,
+        "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
+        "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
+    }
+    if config.tracking.log_and_register and kept:
+        summary["mlflow"] = _track(config, loc, summary, metrics)
+    summary["seconds"] = time.perf_counter() - t0
+    markdown = summary_markdown(summary)
+    write_json(loc.child("runs", run_id, "report.json"), summary)
+    publish_summary(run_id, markdown)
+    journal.update(status="completed", steps=steps, final=summary["final"], mlflow=summary.get("mlflow"),
+                   stop_reason=stop_reason)
+    write_json(journal_uri(loc, run_id), journal)
+    log.info("run %s done in %.1f s: %d steps reused, %d computed", run_id, summary["seconds"],
+             summary["steps_reused"], summary["steps_computed"])
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metrics: dict[str, float]) -> dict:
+    """Log the run to MLflow and register the final checkpoint as a new model version with lineage tags."""
+    from prunecomp.sources import resolve_source
+
+    prune = config.prune
+    tags = {
+        "method": {"magnitude": "prune&comp", "lsq": "prune&comp+lsq"}.get(prune.compensation, "naive-depth-pruning"),
+        "metric": prune.metric, "compensation": prune.compensation,
+        "layers_removed": str(summary["removed"]), "n_layers_removed": str(len(summary["removed"])),
+        "source_model": summary["source"]["uri"], "source_hash": summary["source"]["content_hash"],
+        "calibration_digest": summary["calibration"]["digest"],
+        "calibration_origin": summary["calibration"]["origin"], "code_version": summary["code_version"],
+        "checkpoint_uri": summary["final"]["uri"], "checkpoint_hash": summary["final"]["hash"],
+        "prunecomp_run": summary["run_id"],
+    }
+    final_uri = summary["final"]["uri"]
+    model_dir = str(resolve_source(final_uri).local_dir) if is_remote(final_uri) else final_uri
+    report = {k: v for k, v in summary.items() if k != "mlflow"}
+    run_key = f"{summary['run_id']}-{summary['final']['hash'][:12]}"
+    run = log_run_task(tracking_uri=loc.tracking_uri, artifact_root=loc.mlflow_artifacts,
+                       experiment=config.tracking.experiment, run_key=run_key, run_name=summary["run_id"],
+                       params=summary["config"] | {"code_version": summary["code_version"]},
+                       steps=[s for s in summary["steps"] if s["kept"]], metrics=metrics, tags=tags, report=report,
+                       summary_md=summary_markdown(summary), model_dir=model_dir)
+    version = register_task(tracking_uri=loc.tracking_uri, name=config.model_name(), run_id=run["run_id"],
+                            source=run["model_uri"], tags=tags,
+                            description=f"{summary['source']['uri']} minus layers {summary['removed']} "
+                                        f"({tags['method']}, {prune.metric})")
+    return {"run_id": run["run_id"], "model_uri": run["model_uri"], **version}

@@ -1,0 +1,29 @@
+"""The ``promote`` flow: move the ``champion`` alias to a registered version when its declared gates pass.
+
+The decision itself is Prefect-free (:func:`tasks.gates.decide`, :func:`tasks.tracking.promote_version`); a
+failing gate fails the flow run with a message that names it, and leaves the registry unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.params import PromoteConfig
+from tasks.settings import configure_s3, locations
+from tasks.tracking import promote_task
+
+__all__ = ["promote"]
+
+
+@flow(name="promote", validate_parameters=True)
+def promote(config: PromoteConfig) -> dict[str, Any]:
+    """Gate ``config.version`` (default: newest) of ``config.registered_model`` and move ``config.alias``."""
+    loc = locations(tracking_uri=config.tracking_uri)
+    configure_s3()
+    result = promote_task(tracking_uri=loc.tracking_uri, name=config.registered_model, version=config.version,
+                          gates=list(config.gates), alias=config.alias)
+    get_run_logger().info("%s version %s is %s%s", result["name"], result["version"], result["alias"],
+                          "" if result["changed"] else " already (nothing changed)")
+    return dict(result)

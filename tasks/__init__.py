@@ -1,0 +1,1 @@
+"""Prefect tasks: thin, cached wrappers over prunecomp that exchange URIs, hashes and small dicts."""

@@ -1,0 +1,93 @@
+"""The audit trail of a run: per-step tables and the run summary, as plain data and markdown.
+
+Builders are pure (tested without Prefect); :func:`publish_step` and :func:`publish_summary` hand them to
+Prefect's artifact API and must run inside a flow or task run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["publish_step", "publish_summary", "step_description", "step_rows", "summary_markdown"]
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def step_rows(step: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per original layer still present before the step: its score, and whether it was removed."""
+    rec = step["record"]
+    rows = []
+    for layer, score in sorted(rec["scores"].items(), key=lambda kv: int(kv[0])):
+        rows.append({"layer": int(layer), "score": score, "candidate": int(layer) in rec["candidates"],
+                     "removed": int(layer) == rec["chosen"]})
+    return rows
+
+
+def _mean(d: Mapping[str, float] | None) -> float | None:
+    return sum(d.values()) / len(d) if d else None
+
+
+def step_description(step: Mapping[str, Any]) -> str:
+    rec = step["record"]
+    before, after = _mean(step.get("ppl_before")), _mean(step.get("ppl_after"))
+    return (f"Step {rec['step'] + 1}: removed original layer **{rec['chosen']}** (metric {rec['metric']}), "
+            f"scale s = {rec['measured_scale']:.5f} (applied {rec['applied_scale']:.5f}), quick perplexity "
+            f"{_fmt(before)} -> {_fmt(after)}, {rec['seconds']:.1f} s"
+            f"{' (reused from cache)' if step.get('reused') else ''}; {rec['layers_after']} layers left.")
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """Markdown report of a finished run: what was removed, quality before/after, lineage, where things are."""
+    lines = [f"# prunecomp run `{summary['run_id']}`", "",
+             f"- model: `{summary['source']['uri']}` (sha256 `{summary['source']['content_hash'][:16]}`)",
+             f"- metric: {summary['config']['prune']['metric']}, compensation: "
+             f"{summary['config']['prune']['compensation']}, removed {len(summary['steps'])} layers "
+             f"(original indices {summary['removed']})",
+             f"- calibration: {summary['calibration']['origin']} ({summary['calibration']['n_samples']} x "
+             f"{summary['calibration']['seq_len']}, digest `{summary['calibration']['digest'][:16]}`)",
+             f"- code version: `{summary['code_version']}`",
+             f"- stopped because: {summary['stop_reason']}",
+             f"- checkpoint: `{summary['final']['uri']}`", ""]
+    lines += ["| step | layer | score | scale s | quick ppl before | quick ppl after | seconds | cached |",
+              "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for s in summary["steps"]:
+        rec = s["record"]
+        lines.append(f"| {rec['step'] + 1} | {rec['chosen']} | {_fmt(rec['scores'].get(str(rec['chosen'])))} | "
+                     f"{rec['applied_scale']:.4f} | {_fmt(_mean(s.get('ppl_before')))} | "
+                     f"{_fmt(_mean(s.get('ppl_after')))} | {rec['seconds']:.1f} | {'yes' if s.get('reused') else ''} |")
+    ppl = summary.get("perplexity") or {}
+    if ppl:
+        lines += ["", "| dataset | dense | pruned | ratio |", "|---|---:|---:|---:|"]
+        for name, v in ppl.items():
+            lines.append(f"| {name} | {v['dense']:.3f} | {v['pruned']:.3f} | {v['pruned'] / v['dense']:.3f} |")
+    qa = summary.get("qa")
+    if qa:
+        lines += ["", f"QA average: dense {_fmt(qa.get('dense'))}, pruned {_fmt(qa.get('pruned'))}"]
+    if summary.get("mlflow"):
+        m = summary["mlflow"]
+        lines += ["", f"MLflow: run `{m.get('run_id')}`, model `{m.get('name')}` version {m.get('version')}"]
+    return "\n".join(lines) + "\n"
+
+
+def publish_step(run_id: str, step: Mapping[str, Any]) -> None:
+    """A Prefect table artifact of all layer scores of one step (key ``<run>-step-<n>``, so the UI keeps
+    its history across re-runs)."""
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(step_rows(step), key=_key(f"{run_id}-step-{step['step'] + 1}"),
+                          description=step_description(step))
+
+
+def publish_summary(run_id: str, markdown: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown, key=_key(f"{run_id}-summary"), description=f"prunecomp run {run_id}")
+
+
+def _key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    out = "".join(ch if ch.isalnum() or ch == "-" else "-" for ch in text.lower())
+    return out.strip("-")[:100]

@@ -1,0 +1,61 @@
+"""Build the calibration cache: the tokenised windows every step scores on, saved once as safetensors.
+
+Scoring reads the same ``[n, seq_len]`` ids at every step, so they are tokenised once per (tokenizer, calibration
+config) and the digest of the exact ids goes into every step's cache key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from prunecomp.calibration import TokenWindows, calibration_windows
+from prunecomp.errors import PrunecompError
+from prunecomp.sources import resolve_source
+from prunecomp.storage import is_complete, write_dir
+from tasks.caching import JOB_KEY
+from tasks.files import read_bytes, read_json
+from tasks.jobs import CalibrationJob
+
+__all__ = ["build_calibration", "load_windows"]
+
+_WINDOWS = "windows.safetensors"
+_META = "meta.json"
+
+
+def load_windows(uri: str, expected_digest: str | None = None) -> TokenWindows:
+    """Read cached windows back; refuses them when their digest is not the expected one."""
+    meta = read_json(f"{uri}/{_META}")
+    ids = load_safetensors(read_bytes(f"{uri}/{_WINDOWS}"))["ids"]
+    windows = TokenWindows(ids=ids, origin=meta["origin"], digest=meta["digest"])
+    if expected_digest is not None and windows.digest != expected_digest:
+        raise PrunecompError(f"calibration cache {uri!r} does not hold the expected windows; delete it")
+    return windows
+
+
+@task(name="build-calibration", cache_policy=JOB_KEY, persist_result=True)
+def build_calibration(job: CalibrationJob) -> dict[str, Any]:
+    """Tokenise the calibration windows with the model's tokenizer; returns URI, digest, origin and shape."""
+    if is_complete(job.uri):
+        return dict(read_json(f"{job.uri}/{_META}"))
+    from transformers import AutoTokenizer
+
+    cfg = job.calibration
+    tokenizer = AutoTokenizer.from_pretrained(resolve_source(job.model_uri).local_dir)
+    windows = calibration_windows(tokenizer, cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
+                                  seed=cfg.seed, data_dir=job.data_dir)
+    meta = {"uri": job.uri, "digest": windows.digest, "origin": windows.origin, "n_samples": windows.n,
+            "seq_len": windows.seq_len, "key": job.key}
+
+    def fill(tmp: Path) -> None:
+        import json
+
+        save_file({"ids": windows.ids.contiguous()}, str(tmp / _WINDOWS))
+        (tmp / _META).write_text(json.dumps(meta, indent=2))
+
+    write_dir(job.uri, fill, overwrite=True)
+    return meta

@@ -1,0 +1,91 @@
+"""Cache keys: stable hashes of what determines a result, and the code version that computed it.
+
+Every cached task result is keyed by a :func:`stable_hash` of plain scalars (content hashes, validated configs,
+step numbers, the code version and the store it lives in), never of live objects: tensors and modules hash
+differently in every process, so they would never hit the cache. Prefect-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CODE_VERSION_ENV", "code_version", "model_state_hash", "stable_hash"]
+
+CODE_VERSION_ENV = "PRUNECOMP_CODE_VERSION"
+# The CLI and the report writer do not change numbers; everything else in prunecomp/ may.
+_NOT_NUMERIC = {"cli.py"}
+
+
+def stable_hash(*parts: Any) -> str:
+    """sha256 of the canonical JSON of ``parts`` (pydantic models dumped in JSON mode)."""
+
+    def plain(obj: Any) -> Any:
+        if hasattr(obj, "model_dump"):
+            return obj.model_dump(mode="json")
+        if isinstance(obj, Path):
+            return str(obj)
+        if isinstance(obj, tuple | set | frozenset):
+            return [plain(x) for x in (sorted(obj) if isinstance(obj, set | frozenset) else obj)]
+        if isinstance(obj, dict):
+            return {str(k): plain(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [plain(x) for x in obj]
+        return obj
+
+    payload = json.dumps(plain(list(parts)), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@cache
+def code_version() -> str:
+    """``<package version>+<12 hex of the prunecomp sources>``, or ``$PRUNECOMP_CODE_VERSION`` when set.
+
+    A source hash rather than the version string alone: during development the version does not move while the
+    scoring code does, and a cached step computed by older code must not be reused. ``cli.py`` is left out (it
+    changes no numbers). Pin it with the environment variable to share caches across trivial edits on purpose.
+    """
+    pinned = os.environ.get(CODE_VERSION_ENV)
+    if pinned:
+        return pinned
+    import prunecomp
+
+    root = Path(prunecomp.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        if path.name in _NOT_NUMERIC or "__pycache__" in path.parts:
+            continue
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    try:
+        from importlib.metadata import version
+
+        pkg = version("prunecomp")
+    except Exception:  # not installed (e.g. a bare checkout on PYTHONPATH)
+        pkg = "0"
+    return f"{pkg}+{h.hexdigest()[:12]}"
+
+
+def model_state_hash(model: Any) -> str:
+    """sha256 over the model config and every tensor of its state dict (name, dtype, shape, bytes).
+
+    Hashes what the model *is*, independent of how the file was serialised, so a checkpoint written by an
+    interrupted-and-resumed run and one from an uninterrupted run compare equal exactly when their tensors do.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    config = model.config.to_dict()
+    # Filled in or rewritten by save_pretrained (a GGUF-loaded model has no `architectures` until saved).
+    for volatile in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -1,0 +1,223 @@
+"""MLflow: log a compression run (params, per-step metrics, report, summary, plot, the pruned model), register it
+as a new model version with lineage tags, and move the ``champion`` alias under gates.
+
+Everything goes through an explicit :class:`~mlflow.tracking.MlflowClient` (no fluent global run state, which
+would leak between tasks of one process). Experiments are created with an explicit ``artifact_location`` so
+nothing lands in ``./mlruns`` by accident. Every call is idempotent: a resumed run finds the MLflow run and model
+version an interrupted one already wrote instead of duplicating them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prunecomp.errors import PrunecompError
+from prunecomp.storage import is_remote
+from tasks.gates import Decision, GateFailed, MetricGate, decide
+
+__all__ = ["client", "ensure_experiment", "find_version", "log_compress_run", "promote_version",
+           "register_version", "version_metrics"]
+
+RUN_KEY_TAG = "prunecomp.run_key"
+
+
+def client(tracking_uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def ensure_experiment(c: Any, name: str, artifact_location: str) -> str:
+    """The experiment's id, creating it with ``artifact_location`` (a path or URL) when it does not exist."""
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    location = artifact_location if is_remote(artifact_location) else f"file://{artifact_location}"
+    return str(c.create_experiment(name, artifact_location=f"{location.rstrip('/')}/{name}"))
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+
+
+def _scores_figure(steps: list[dict[str, Any]]) -> Any:
+    """Heatmap of every layer's score at every step (removed layers blank): where the metric looked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:  # matplotlib is in the optional eval extra
+        return None
+    n_layers = 1 + max(int(k) for s in steps for k in s["record"]["scores"])
+    grid = np.full((len(steps), n_layers), np.nan)
+    for i, s in enumerate(steps):
+        for k, v in s["record"]["scores"].items():
+            grid[i, int(k)] = np.nan if v is None else v
+    fig, ax = plt.subplots(figsize=(max(4, n_layers * 0.3), 1 + len(steps) * 0.4))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis")
+    for i, s in enumerate(steps):
+        ax.scatter([s["record"]["chosen"]], [i], marker="x", color="red")
+    ax.set_xlabel("original layer")
+    ax.set_ylabel("step")
+    fig.colorbar(im, ax=ax, label="score")
+    fig.tight_layout()
+    return fig
+
+
+def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, run_key: str, run_name: str,
+                     params: Mapping[str, Any], steps: list[dict[str, Any]], metrics: Mapping[str, float],
+                     tags: Mapping[str, str], report: Mapping[str, Any], summary_md: str,
+                     model_dir: str | None) -> dict[str, str]:
+    """Log one finished compression run; returns ``run_id`` and the artifact URI of the logged model.
+
+    Per-step metrics use MLflow's ``step`` (= layers removed so far; step 0 is the dense model).
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = client(tracking_uri)
+    exp_id = ensure_experiment(c, experiment, artifact_root)
+    query = f"tags.`{RUN_KEY_TAG}` = '{run_key}' and attributes.status = 'FINISHED'"
+    done = c.search_runs([exp_id], filter_string=query, max_results=1)
+    if done:
+        run = done[0]
+        return {"run_id": run.info.run_id, "model_uri": f"{run.info.artifact_uri}/model", "reused": "true"}
+    run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
+    run_id = run.info.run_id
+    flat: dict[str, str] = {}
+    _flatten("", params, flat)
+    ts = int(run.info.start_time)
+    batch = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
+    for s in steps:
+        n = s["step"] + 1
+        rec = s["record"]
+        batch += [Metric("step_removed_layer", float(rec["chosen"]), ts, n),
+                  Metric("step_scale", float(rec["applied_scale"]), ts, n),
+                  Metric("step_seconds", float(rec["seconds"]), ts, n)]
+        score = rec["scores"].get(str(rec["chosen"]))
+        if score is not None:
+            batch.append(Metric("step_score", float(score), ts, n))
+        for name, value in (s.get("ppl_after") or {}).items():
+            batch.append(Metric(f"quick_ppl_{name}", float(value), ts, n))
+        if n == 1:
+            batch += [Metric(f"quick_ppl_{name}", float(v), ts, 0) for name, v in (s.get("ppl_before") or {}).items()]
+    for i in range(0, len(batch), 900):
+        c.log_batch(run_id, metrics=batch[i : i + 900])
+    items = [Param(k[:250], v[:6000]) for k, v in flat.items()]
+    for i in range(0, len(items), 90):
+        c.log_batch(run_id, params=items[i : i + 90], tags=[RunTag("mlflow.note.content", summary_md)] if i == 0
+                    else [])
+    c.log_dict(run_id, dict(report), "report.json")
+    c.log_text(run_id, summary_md, "summary.md")
+    fig = _scores_figure(steps) if steps else None
+    if fig is not None:
+        c.log_figure(run_id, fig, "scores.png")
+    if model_dir is not None:
+        c.log_artifacts(run_id, model_dir, "model")
+    c.set_terminated(run_id)
+    return {"run_id": run_id, "model_uri": f"{c.get_run(run_id).info.artifact_uri}/model", "reused": "false"}
+
+
+def find_version(c: Any, name: str, tag: str, value: str) -> Any | None:
+    """The model version of ``name`` whose ``tag`` equals ``value`` (newest first), if any."""
+    try:
+        versions = c.search_model_versions(f"name = '{name}'")
+    except Exception:
+        return None
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        if v.tags.get(tag) == value:
+            return v
+    return None
+
+
+def register_version(*, tracking_uri: str, name: str, run_id: str, source: str, tags: Mapping[str, str],
+                     description: str, candidate_alias: str | None = "candidate") -> dict[str, str]:
+    """Register ``source`` as a new version of ``name`` (created when missing); reuse the version already
+    registered for the same checkpoint hash. Tags carry the lineage (source model hash, calibration digest, metric,
+    layers removed, code version)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="Depth-pruned models (prunecomp, Prune&Comp)")
+    existing = find_version(c, name, "checkpoint_hash", tags["checkpoint_hash"])
+    if existing is not None:
+        version = str(existing.version)
+    else:
+        mv = c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags), description=description)
+        version = str(mv.version)
+    if candidate_alias:
+        c.set_registered_model_alias(name, candidate_alias, version)
+    return {"name": name, "version": version, "reused": str(existing is not None).lower()}
+
+
+def version_metrics(c: Any, name: str, version: str) -> dict[str, float]:
+    """The final metrics of the run that produced a model version."""
+    mv = c.get_model_version(name, version)
+    if not mv.run_id:
+        return {}
+    return {k: float(v) for k, v in c.get_run(mv.run_id).data.metrics.items()}
+
+
+def _alias_version(c: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote_version(*, tracking_uri: str, name: str, version: str | None,
+                    gates: Iterable[MetricGate | Mapping[str, Any]], alias: str = "champion") -> dict[str, Any]:
+    """Move ``alias`` to ``version`` (default: the newest) when every gate passes; raise :class:`GateFailed`
+    naming the failing gates otherwise, leaving the registry untouched. Promoting the current champion again is
+    a no-op."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    try:
+        versions = c.search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        raise PrunecompError(f"cannot read registered model {name!r}: {exc}") from exc
+    if not versions:
+        raise PrunecompError(f"registered model {name!r} has no versions (run the compress flow first)")
+    if version is None:
+        version = str(max(int(v.version) for v in versions))
+    elif version not in {str(v.version) for v in versions}:
+        raise PrunecompError(f"registered model {name!r} has no version {version}")
+    current = _alias_version(c, name, alias)
+    if current == version:
+        return {"name": name, "version": version, "alias": alias, "changed": False, "previous": current,
+                "decision": Decision(passed=True, results=[]).model_dump()}
+    candidate = version_metrics(c, name, version)
+    champion = version_metrics(c, name, current) if current is not None else None
+    decision = decide([MetricGate.model_validate(g) for g in gates], candidate, champion)
+    if not decision.passed:
+        raise GateFailed(decision, f"{name}/{version}")
+    c.set_registered_model_alias(name, alias, version)
+    c.set_model_version_tag(name, version, f"gates.{alias}", json.dumps([r.model_dump() for r in decision.results]))
+    return {"name": name, "version": version, "alias": alias, "changed": True, "previous": current,
+            "decision": decision.model_dump()}
+
+
+def _tasks() -> tuple[Any, Any, Any]:
+    """Prefect task wrappers (never cached: MLflow writes are idempotent by themselves, see above)."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return (task(name="mlflow-log-run", cache_policy=NO_CACHE)(log_compress_run),
+            task(name="mlflow-register", cache_policy=NO_CACHE)(register_version),
+            task(name="mlflow-promote", cache_policy=NO_CACHE)(promote_version))
+
+
+log_run_task, register_task, promote_task = _tasks()

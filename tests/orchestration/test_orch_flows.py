@@ -1,0 +1,167 @@
+"""Whole flows under the Prefect test harness, with MLflow on sqlite and S3 on a local moto server."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from prunecomp.errors import PrunecompError
+
+pytestmark = pytest.mark.orchestration
+
+
+def test_two_step_run_on_s3_end_to_end(harness, s3, tracking_uri, make_config, tmp_path: Path) -> None:
+    """Checkpoints and MLflow artifacts on S3: model registered with lineage tags, alias set, artifacts there."""
+    import s3fs
+
+    from flows.compress import compress
+    from flows.evaluate import evaluate
+    from flows.params import EvaluateConfig, PromoteConfig
+    from flows.promote import promote
+    from tasks.tracking import client
+
+    cfg = make_config("s3://prunecomp/store", tracking_uri, tracking={"registered_model": "stories-s3"})
+    summary = compress(config=cfg)
+    assert summary["removed"] == [2, 1] and summary["steps_computed"] == 2
+    fs = s3fs.S3FileSystem()
+    final = summary["final"]["uri"].removeprefix("s3://")
+    assert fs.exists(f"{final}/model.safetensors") and fs.exists(f"{final}/_COMPLETE")
+    assert fs.exists(f"prunecomp/store/runs/{summary['run_id']}/report.json")
+    m = summary["mlflow"]
+    c = client(tracking_uri)
+    mv = c.get_model_version("stories-s3", m["version"])
+    assert mv.tags["source_hash"] == summary["source"]["content_hash"]
+    assert mv.tags["calibration_digest"] == summary["calibration"]["digest"]
+    assert mv.tags["metric"] == "bi" and mv.tags["layers_removed"] == "[2, 1]"
+    assert mv.tags["code_version"] == summary["code_version"] and mv.tags["checkpoint_hash"] == summary["final"]["hash"]
+    assert mv.source.startswith("s3://prunecomp/store/mlflow/") and fs.exists(
+        f"{mv.source.removeprefix('s3://')}/model.safetensors")
+    names = {f.path for f in c.list_artifacts(m["run_id"])}
+    assert {"report.json", "summary.md", "scores.png", "model"} <= names
+    history = c.get_metric_history(m["run_id"], "step_removed_layer")
+    assert [(h.step, h.value) for h in history] == [(1, 2.0), (2, 1.0)]
+    assert str(c.get_model_version_by_alias("stories-s3", "candidate").version) == m["version"]
+    _assert_prefect_artifacts(summary["run_id"], n_steps=2)
+
+    result = promote(config=PromoteConfig(registered_model="stories-s3", tracking_uri=tracking_uri,
+                                          gates=[{"name": "max_ppl_increase", "metric": "ppl_ratio_mean",
+                                                  "threshold": 50.0}]))
+    assert result["changed"]
+    assert str(c.get_model_version_by_alias("stories-s3", "champion").version) == m["version"]
+    again = promote(config=PromoteConfig(registered_model="stories-s3", tracking_uri=tracking_uri))
+    assert not again["changed"]  # idempotent
+
+    ev = evaluate(config=EvaluateConfig(checkpoint="models:/stories-s3@champion", data_dir=cfg.data_dir,
+                                        evaluation=cfg.evaluation, tracking=cfg.tracking))
+    assert ev["cached"] and ev["perplexity"] == {k: v["pruned"] for k, v in summary["perplexity"].items()}
+
+
+def _assert_prefect_artifacts(run_id: str, n_steps: int) -> None:
+    """One table artifact per step (every layer's score) and one markdown summary, under stable keys."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = [f"{run_id}-step-{i}" for i in range(1, n_steps + 1)] + [f"{run_id}-summary"]
+    with get_client(sync_client=True) as pc:
+        found = {a.key: a for a in pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
+    assert set(found) == set(keys)
+    assert found[keys[0]].type == "table" and "removed original layer **2**" in found[keys[0]].description
+    assert found[keys[-1]].type == "markdown" and "| dataset | dense | pruned | ratio |" in found[keys[-1]].data
+
+
+def test_quality_floor_stops_and_keeps_the_last_good_step(harness, tracking_uri, make_config, tmp_path) -> None:
+    """Floor 3x: step 1 (~2x the dense quick perplexity) is kept; step 2 (~12x) crosses it and is dropped."""
+    from flows.compress import compress
+
+    cfg = make_config(str(tmp_path / "store"), tracking_uri, prune={"n_layers": 3}, max_ppl_ratio=3.0,
+                      tracking={"log_and_register": False})
+    summary = compress(config=cfg)
+    assert summary["removed"] == [2] and [s["kept"] for s in summary["steps"]] == [True, False]
+    assert summary["final"]["uri"] == summary["steps"][0]["uri"] and "quality floor" in summary["stop_reason"]
+
+
+def test_cache_invalidation(harness, tracking_uri, make_config, tmp_path: Path) -> None:
+    """Same parameters: everything reused. Other calibration or metric: the steps are recomputed. A deleted
+    checkpoint is recomputed, not handed back as a dangling URI."""
+    from flows.compress import compress
+
+    store = str(tmp_path / "store")
+    no_mlflow = {"log_and_register": False, "store": store, "tracking_uri": tracking_uri}
+    base = make_config(store, tracking_uri, tracking=no_mlflow, prune={"n_layers": 1})
+    first = compress(config=base)
+    assert (first["steps_reused"], first["steps_computed"]) == (0, 1)
+    same = compress(config=base)
+    assert (same["steps_reused"], same["steps_computed"]) == (1, 0)
+    assert same["final"] == first["final"]
+    other_cal = compress(config=make_config(store, tracking_uri, tracking=no_mlflow, prune={"n_layers": 1},
+                                            calibration={"seed": 1}))
+    assert other_cal["steps_computed"] == 1 and other_cal["calibration"]["digest"] != first["calibration"]["digest"]
+    other_metric = compress(config=make_config(store, tracking_uri, tracking=no_mlflow,
+                                               prune={"n_layers": 1, "metric": "angular"}))
+    assert other_metric["steps_computed"] == 1
+    assert other_metric["calibration"]["digest"] == first["calibration"]["digest"]  # calibration still cached
+    shutil.rmtree(first["final"]["uri"])
+    redo = compress(config=base)
+    assert redo["steps_computed"] == 1 and Path(redo["final"]["uri"], "_COMPLETE").is_file()
+    assert redo["final"]["hash"] == first["final"]["hash"]
+
+
+def test_gate_failure_leaves_the_champion_alone(harness, tracking_uri) -> None:
+    """Two versions, v1 champion; v2 is worse: the flow fails naming the gate, and the alias stays on v1."""
+    from flows.params import PromoteConfig
+    from flows.promote import promote
+    from tasks.gates import GateFailed
+    from tasks.tracking import client, promote_version
+
+    c = client(tracking_uri)
+    exp = c.create_experiment(f"gates-{time.time_ns()}", artifact_location=f"file:///tmp/gates-{time.time_ns()}")
+    c.create_registered_model("gated")
+    for ppl in (10.0, 12.0):
+        run = c.create_run(exp)
+        c.log_metric(run.info.run_id, "ppl_mean_pruned", ppl)
+        c.log_metric(run.info.run_id, "ppl_ratio_mean", ppl / 5)
+        c.create_model_version("gated", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    assert promote_version(tracking_uri=tracking_uri, name="gated", version="1",
+                           gates=[*PromoteConfig(registered_model="gated").gates])["changed"]
+    with pytest.raises(GateFailed, match="beat_champion") as info:
+        promote(config=PromoteConfig(registered_model="gated", tracking_uri=tracking_uri))
+    assert info.value.decision.failed == ["beat_champion"]
+    with pytest.raises(GateFailed, match="max_ppl_increase"):
+        promote_version(tracking_uri=tracking_uri, name="gated", version="2",
+                        gates=[{"name": "max_ppl_increase", "metric": "ppl_ratio_mean", "threshold": 2.0}])
+    assert str(c.get_model_version_by_alias("gated", "champion").version) == "1"
+    assert "gates.champion" not in c.get_model_version("gated", "2").tags
+
+
+def test_bad_parameters_are_rejected_before_any_work(harness, make_config, tmp_path: Path) -> None:
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.compress import compress
+
+    store = tmp_path / "store"
+    good = make_config(str(store), "sqlite:///unused.db").model_dump(mode="json")
+    for bad in (good | {"prune": good["prune"] | {"metric": "nope"}}, good | {"typo": True},
+                good | {"calibration": good["calibration"] | {"n_samples": 0}}):
+        with pytest.raises(ParameterTypeError):
+            compress(config=bad)
+    assert not store.exists()  # nothing was written: the flow body never ran
+    with pytest.raises(PrunecompError, match="between 1 and 4"):  # needs the model's depth: first thing checked
+        compress(config=make_config(str(store), "sqlite:///unused.db", prune={"n_layers": 5}))
+    assert not (store / "checkpoints").exists()
+
+
+def test_unreachable_s3_is_a_clear_error_after_bounded_retries(harness, make_config, monkeypatch,
+                                                              port_factory) -> None:
+    from flows.compress import compress
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port_factory()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-print-this-secret")
+    t = time.perf_counter()
+    with pytest.raises(PrunecompError, match=r"not writable.*(Could not connect|EndpointConnectionError)") as info:
+        compress(config=make_config("s3://prunecomp/nowhere", "sqlite:///unused.db"))
+    assert time.perf_counter() - t < 20
+    assert "never-print-this-secret" not in str(info.value)
