@@ -188,7 +188,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--layers", "n_layers", type=int, default=None, help="Layers to remove (default 5).")
 @click.option("--fraction", type=float, default=None, help="Or: fraction of the layers to remove.")
 @click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True)
-@click.option("--compensation", type=click.Choice(["magnitude", "none"]), default="magnitude", show_default=True)
+@click.option("--compensation", type=click.Choice(["magnitude", "none", "lsq"]), default="magnitude", show_default=True)
 @click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="cpu (default here) or paper.")
 @click.option("--calib-source", default="c4", show_default=True)

@@ -43,11 +43,15 @@ class EvalConfig(_Frozen):
 class PruneConfig(_Frozen):
     """What to remove and how.
 
-    ``n_layers`` or ``fraction`` (of the source model's layers) says how many layers go. ``compensation``:
-    ``magnitude`` (the paper), ``none`` (naive), or ``lsq`` (magnitude plus a least-squares gap map folded into the
-    last linear writer before the gap, ridge ``lsq_ridge``; see :mod:`prunecomp.fitting`). ``protect`` lists
-    ORIGINAL layer indices that are never removed (negative = from the end); ``None`` means the metric's default:
-    the last layer, plus the first four and last two for Taylor+ / Mag+ (the "+" of Shortened LLaMA).
+    ``n_layers`` or ``fraction`` (of the source model's layers) says how many layers go. ``protect`` lists ORIGINAL
+    layer indices that are never removed (negative = from the end); ``None`` means the metric's default: the last
+    layer, plus the first four and last two for Taylor+ / Mag+ (the "+" of Shortened LLaMA).
+
+    ``compensation``: ``magnitude`` (the paper), ``none`` (naive), or ``lsq`` (magnitude plus a least-squares gap
+    map folded into the last linear writer before the gap, ridge ``lsq_ridge``; see :mod:`prunecomp.fitting`).
+    ``selection``: ``score`` removes the lowest-scoring layer; ``loss`` tries the ``selection_pool`` lowest-scoring
+    ones with compensation applied and removes the one with the lowest calibration loss (iterative mode; see
+    :mod:`prunecomp.selection`).
     """
 
     metric: Metric = "bi"
@@ -57,6 +61,8 @@ class PruneConfig(_Frozen):
     compensation: Literal["magnitude", "none", "lsq"] = "magnitude"
     protect: tuple[int, ...] | None = None
     lsq_ridge: float = Field(1e-3, ge=0.0)
+    selection: Literal["score", "loss"] = "score"
+    selection_pool: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:

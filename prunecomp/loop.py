@@ -24,6 +24,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.lsq import apply_gap_map, fit_gap_map
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.scoring import LayerScan, scan_layers
+from prunecomp.selection import select_by_loss
 
 __all__ = ["PruneReport", "StepRecord", "check_plan", "prune_and_compensate", "prune_step", "source_num_layers"]
 
@@ -44,6 +45,7 @@ class StepRecord:
     seconds: float
     layer_forwards: int = 0
     gap_fit: dict[str, float] | None = None
+    selection_losses: dict[int, float] | None = None
 
 
 @dataclass
@@ -141,8 +143,16 @@ def prune_step(
     scan = scan_layers(model, _windows(calibration), config.metric, batch_size=batch_size, block_size=block,
                        candidates=cands, on_batch=on_batch)
     current = _choose(scan, cands, config.metric, block)
-    return _apply(model, config, scan, original_indices(model), cands, current, step, t0,
-                  ids=_windows(calibration), batch_size=batch_size)
+    trials: dict[int, float] | None = None
+    if config.selection == "loss" and config.metric != "block":
+        current, trials = select_by_loss(model, _windows(calibration), config, scan.scores, scan.scales, cands,
+                                         batch_size)
+    orig = original_indices(model)
+    record = _apply(model, config, scan, orig, cands, current, step, t0, ids=_windows(calibration),
+                    batch_size=batch_size)
+    if trials is not None:  # compensated calibration NLL of every trial, by original index, for the audit trail
+        record.selection_losses = {orig[i]: v for i, v in trials.items()}
+    return record
 
 
 def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[int], cands: list[int],

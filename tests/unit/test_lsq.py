@@ -11,9 +11,11 @@ from torch.testing import assert_close
 
 from prunecomp import fitting as F
 from prunecomp.adapters import decoder_layers
+from prunecomp.compensation import compensate
 from prunecomp.config import PruneConfig
 from prunecomp.loop import prune_and_compensate
 from prunecomp.lsq import apply_gap_map, fit_gap_map
+from prunecomp.pruning import remove_layer
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -90,3 +92,42 @@ def test_first_layer_with_tied_embeddings_falls_back_to_magnitude() -> None:
 def test_bad_ridge_rejected() -> None:
     with pytest.raises(ValueError):
         PruneConfig(n_layers=1, compensation="lsq", lsq_ridge=-1.0)
+
+
+def test_trial_removal_restores_the_model_exactly() -> None:
+    from prunecomp.selection import trial_removal
+
+    model = tiny_model("llama")
+    ids = tokens(n=4, t=10)
+    with torch.no_grad():
+        before = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = PruneConfig(n_layers=1, compensation="lsq")
+    with trial_removal(model, 2, cfg, 1.3, ids, 2):
+        assert len(decoder_layers(model)) == 5
+        with torch.no_grad():
+            during = model(ids).logits
+    assert len(decoder_layers(model)) == 6
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    # the trial is exactly what a real removal with the same scale gives
+    real = copy.deepcopy(model)
+    fit = fit_gap_map(real, ids, 2, 1.3, batch_size=2)
+    remove_layer(real, 2)
+    compensate(real, 2, 1.3)
+    apply_gap_map(real, 2, fit)
+    with torch.no_grad():
+        assert_close(real(ids).logits, during, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_selection_picks_the_lowest_compensated_loss() -> None:
+    cal = tokens(n=4, t=16)
+    model = tiny_model("qwen3")
+    cfg = PruneConfig(n_layers=2, compensation="lsq", selection="loss", selection_pool=3)
+    report = prune_and_compensate(model, cal, cfg, batch_size=2)
+    for step in report.steps:
+        assert step.selection_losses is not None and len(step.selection_losses) == 3
+        assert step.chosen == min(step.selection_losses, key=step.selection_losses.get)
+        pool = sorted(step.candidates, key=lambda c: (step.scores[c], c))[:3]
+        assert sorted(step.selection_losses) == sorted(pool)
