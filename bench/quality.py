@@ -61,18 +61,18 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], windows: dict[st
 
 
 def _iterative(model: Any, cal: Any, metric: str, ks: list[int], comp: str, windows: dict[str, Any],
-               batch: int) -> dict:
+               batch: int, selection: str = "score") -> dict:
     results: dict[int, Any] = {}
     if metric == "block":  # block size depends on k: one run per k
         for k in ks:
             m = copy.deepcopy(model)
-            cfg = PruneConfig(metric=metric, n_layers=k, compensation=comp)
+            cfg = PruneConfig(metric=metric, n_layers=k, compensation=comp, selection=selection)
             report = prune_and_compensate(m, cal, cfg, batch_size=batch)
             results[k] = {"removed": report.removed, "scales": [s.applied_scale for s in report.steps],
                           "ppl": _evaluate(m, windows)}
         return results
     m = copy.deepcopy(model)
-    cfg = PruneConfig(metric=metric, n_layers=max(ks), compensation=comp)
+    cfg = PruneConfig(metric=metric, n_layers=max(ks), compensation=comp, selection=selection)
     done: list[Any] = []
 
     def on_step(record: Any, current: Any) -> None:
@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--eval-max-windows", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--variants", default="one-shot,iterative,prune&comp,lsq",
-                    help="one-shot / iterative (no compensation), prune&comp (magnitude), lsq (magnitude + gap map)")
+                    help="one-shot / iterative (no compensation), prune&comp (magnitude), lsq (magnitude + gap map), "
+                    "lsq+select (lsq + compensation-aware selection among the 4 lowest-scoring layers)")
     ap.add_argument("--out", default="bench/results/quality.json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -125,8 +126,9 @@ def main() -> None:
             if variant == "one-shot":
                 res = _one_shot(lm.model, cal, metric, ks, windows, args.batch_size)
             else:
-                comp = {"iterative": "none", "prune&comp": "magnitude", "lsq": "lsq"}[variant]
-                res = _iterative(lm.model, cal, metric, ks, comp, windows, args.batch_size)
+                comp = {"iterative": "none", "prune&comp": "magnitude", "lsq": "lsq", "lsq+select": "lsq"}[variant]
+                selection = "loss" if variant == "lsq+select" else "score"
+                res = _iterative(lm.model, cal, metric, ks, comp, windows, args.batch_size, selection)
             per[variant] = {"results": res, "seconds": time.perf_counter() - t}
         result["metrics"][metric] = per
     result["seconds"] = time.perf_counter() - t0

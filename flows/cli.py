@@ -111,7 +111,8 @@ def _build_config(kw: dict[str, Any]) -> Any:
     return CompressConfig.model_validate({
         "model": kw["model"], "revision": kw["revision"],
         "prune": {"metric": kw["metric"], "n_layers": n_layers, "fraction": kw["fraction"],
-                  "compensation": kw["compensation"], "protect": protect},
+                  "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
+                  "selection_pool": kw["selection_pool"]},
         "calibration": cal, "evaluation": ev,
         "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
         if quick else None,
@@ -189,6 +190,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--fraction", type=float, default=None, help="Or: fraction of the layers to remove.")
 @click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True)
 @click.option("--compensation", type=click.Choice(["magnitude", "none", "lsq"]), default="magnitude", show_default=True)
+@click.option("--selection", type=click.Choice(["score", "loss"]), default="score", show_default=True,
+              help="loss: try the --selection-pool lowest-scoring layers compensated, keep the cheapest.")
+@click.option("--selection-pool", type=int, default=4, show_default=True)
 @click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="cpu (default here) or paper.")
 @click.option("--calib-source", default="c4", show_default=True)

@@ -145,6 +145,11 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="magnitude folds the gap scale s into upstream weights (the paper); "
                      "none is the naive baseline; lsq adds a least-squares gap map folded into the last writer "
                      "before the gap (still zero run-time cost)."),
+        click.option("--selection", type=click.Choice(["score", "loss"]), default="score", show_default=True,
+                     help="score removes the lowest-scoring layer; loss tries the --selection-pool lowest-scoring "
+                     "layers with compensation applied and removes the one costing the least calibration loss."),
+        click.option("--selection-pool", type=int, default=4, show_default=True,
+                     help="Candidates tried per step with --selection loss."),
         click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1 "
                      "(default: the last layer; Taylor+/Mag+ also the first four and second-to-last)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
@@ -192,7 +197,8 @@ def _build_job(kw: dict[str, Any], out_dir: str | None, default_layers: int | No
     return JobConfig(
         model=kw["model"], revision=kw["revision"],
         prune=PruneConfig(metric=kw["metric"], n_layers=n_layers, fraction=kw["fraction"], mode=kw["mode"],
-                          compensation=kw["compensation"], protect=_csv_ints(kw["protect"])),
+                          compensation=kw["compensation"], protect=_csv_ints(kw["protect"]),
+                          selection=kw["selection"], selection_pool=kw["selection_pool"]),
         calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
         data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],
