@@ -102,7 +102,10 @@ def main() -> None:
                     help="one-shot / iterative (no compensation), prune&comp (magnitude), lsq (magnitude + gap map), "
                     "lsq+select (lsq + compensation-aware selection among the 4 lowest-scoring layers)")
     ap.add_argument("--out", default="bench/results/quality.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the machine)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     ks = sorted(int(k) for k in args.ks.split(","))
