@@ -1,4 +1,6 @@
-"""Command-line interface: ``prunecomp prune``, ``prunecomp eval-ppl``, ``prunecomp run``.
+"""Library command-line interface: ``prunecomp prune`` and ``prunecomp eval-ppl`` (no Prefect).
+
+The installed ``prunecomp`` script is :mod:`flows.cli`, which adds the pipeline commands (``run``...) to this group.
 
 Every command validates its options into the library's typed configs first, so bad input fails in one line before
 any model is loaded; a :class:`PrunecompError` becomes ``error: ...`` on stderr and exit code 2.
@@ -233,18 +235,6 @@ def main() -> None:
 def prune(out_dir: str, json_out: str | None, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
     _run(_build_job(kw, out_dir, None), json_out)
-
-
-@main.command()
-@_job_options
-@click.option("--out", "out_dir", default="runs/main", show_default=True,
-              help="Where to save the pruned model (local path or fsspec URL).")
-@_errors
-def run(out_dir: str, json_out: str | None, **kw: Any) -> None:
-    """The main job on its defaults: SmolLM2-135M, 5 layers, BI, Prune&Comp; prints perplexity before/after."""
-    if not kw["overwrite"] and out_dir == "runs/main":
-        kw["overwrite"] = True  # the default location is a scratch result, refreshed on every run
-    _run(_build_job(kw, out_dir, 5), json_out or "runs/main.json")
 
 
 @main.command("eval-ppl")
