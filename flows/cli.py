@@ -9,20 +9,18 @@ when it is first imported, so they are set here, before that import, and only wh
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from prunecomp.cli import main as _lib
+from prunecomp.cli import user_errors as _errors
 from prunecomp.config import PRESETS, default_preset_name
 from prunecomp.errors import PrunecompError
 from prunecomp.scoring import METRICS
@@ -45,24 +43,6 @@ def _embedded_defaults() -> None:
                        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("TQDM_DISABLE", "1"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-
-
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """User errors (bad parameters, unreachable storage, failing gates) as one line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except PrunecompError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(2)
-        except ValidationError as exc:
-            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            err.print(f"[bold red]error:[/] invalid parameter: {msgs}", highlight=False, soft_wrap=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def _load_file(path: str) -> dict[str, Any]:

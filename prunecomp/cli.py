@@ -34,7 +34,7 @@ from prunecomp.job import Progress as JobProgress
 from prunecomp.loop import StepRecord
 from prunecomp.scoring import METRICS
 
-__all__ = ["main"]
+__all__ = ["main", "user_errors"]
 
 console = Console(stderr=True)
 out = Console()
@@ -47,7 +47,9 @@ def _quiet_env() -> None:
     hf_logging.disable_progress_bar()  # our own progress bars cover the long parts
 
 
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors (bad options, unreadable inputs, unreachable storage, failing gates): one line, exit code 2."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -231,7 +233,7 @@ def main() -> None:
 @main.command()
 @_job_options
 @click.option("--out", "out_dir", required=True, help="Where to save the pruned model (local path or fsspec URL).")
-@_errors
+@user_errors
 def prune(out_dir: str, json_out: str | None, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
     _run(_build_job(kw, out_dir, None), json_out)
@@ -248,7 +250,7 @@ def prune(out_dir: str, json_out: str | None, **kw: Any) -> None:
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--json", "json_out", default=None, help="Write results as JSON to this path.")
-@_errors
+@user_errors
 def eval_ppl(model: str | None, revision: str | None, datasets: str, seq_len: int, max_windows: int | None,
              batch_size: int, data_dir: str | None, allow_pickle: bool, trust_remote_code: bool,
              json_out: str | None) -> None:
