@@ -10,6 +10,7 @@ version an interrupted one already wrote instead of duplicating them.
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -44,32 +45,6 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
     else:
         out[prefix] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
-
-
-def _scores_figure(steps: list[dict[str, Any]]) -> Any:
-    """Heatmap of every layer's score at every step (removed layers blank): where the metric looked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import numpy as np
-    except ImportError:  # matplotlib is in the optional eval extra
-        return None
-    n_layers = 1 + max(int(k) for s in steps for k in s["record"]["scores"])
-    grid = np.full((len(steps), n_layers), np.nan)
-    for i, s in enumerate(steps):
-        for k, v in s["record"]["scores"].items():
-            grid[i, int(k)] = np.nan if v is None else v
-    fig, ax = plt.subplots(figsize=(max(4, n_layers * 0.3), 1 + len(steps) * 0.4))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis")
-    for i, s in enumerate(steps):
-        ax.scatter([s["record"]["chosen"]], [i], marker="x", color="red")
-    ax.set_xlabel("original layer")
-    ax.set_ylabel("step")
-    fig.colorbar(im, ax=ax, label="score")
-    fig.tight_layout()
-    return fig
 
 
 def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, run_key: str, run_name: str,
@@ -116,9 +91,12 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
                     else [])
     c.log_dict(run_id, dict(report), "report.json")
     c.log_text(run_id, summary_md, "summary.md")
-    fig = _scores_figure(steps) if steps else None
-    if fig is not None:
-        c.log_figure(run_id, fig, "scores.png")
+    if steps:  # the library's plots: score heatmap, gap scale per step, quick perplexity per step
+        from prunecomp.plots import save_report_plots
+
+        with tempfile.TemporaryDirectory(prefix="prunecomp-plots-") as tmp:
+            save_report_plots(report, tmp)
+            c.log_artifacts(run_id, tmp, "plots")
     if model_dir is not None:
         c.log_artifacts(run_id, model_dir, "model")
     c.set_terminated(run_id)

@@ -40,7 +40,9 @@ def test_two_step_run_on_s3_end_to_end(harness, s3, tracking_uri, make_config, t
     assert mv.source.startswith("s3://prunecomp/store/mlflow/") and fs.exists(
         f"{mv.source.removeprefix('s3://')}/model.safetensors")
     names = {f.path for f in c.list_artifacts(m["run_id"])}
-    assert {"report.json", "summary.md", "scores.png", "model"} <= names
+    assert {"report.json", "summary.md", "plots", "model"} <= names
+    plots = {f.path for f in c.list_artifacts(m["run_id"], "plots")}
+    assert {"plots/layer_scores.png", "plots/gap_scales.png"} <= plots
     history = c.get_metric_history(m["run_id"], "step_removed_layer")
     assert [(h.step, h.value) for h in history] == [(1, 2.0), (2, 1.0)]
     assert str(c.get_model_version_by_alias("stories-s3", "candidate").version) == m["version"]
