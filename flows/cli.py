@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from prunecomp.cli import main as _lib
+from prunecomp.cli import preset_settings
 from prunecomp.cli import user_errors as _errors
-from prunecomp.config import PRESETS, default_preset_name
+from prunecomp.config import PRESETS
 from prunecomp.errors import PrunecompError
 from prunecomp.scoring import METRICS
 
@@ -73,15 +74,7 @@ def _build_config(kw: dict[str, Any]) -> Any:
             if kw[key]:
                 data[key] = kw[key]
         return CompressConfig.model_validate(data)
-    preset = PRESETS[kw["preset"] or default_preset_name()]
-    cal = preset.calibration.model_dump() | {"source": kw["calib_source"], "seed": kw["seed"]}
-    for key, opt in (("n_samples", "calib_samples"), ("seq_len", "calib_seq_len"), ("batch_size", "batch_size")):
-        if kw[opt] is not None:
-            cal[key] = kw[opt]
-    ev = preset.evaluation.model_dump() | {"datasets": _csv(kw["eval_datasets"])}
-    for key, opt in (("seq_len", "eval_seq_len"), ("max_windows", "eval_max_windows")):
-        if kw[opt] is not None:
-            ev[key] = kw[opt]
+    cal, ev = preset_settings(kw)
     quick = _csv(kw["quick_datasets"])
     protect = tuple(int(x) for x in _csv(kw["protect"])) if kw["protect"] else None
     n_layers = kw["n_layers"] if kw["n_layers"] is not None or kw["fraction"] is not None else 5

@@ -37,7 +37,7 @@ from prunecomp.job import Progress as JobProgress
 from prunecomp.loop import StepRecord
 from prunecomp.scoring import METRICS
 
-__all__ = ["main", "user_errors"]
+__all__ = ["main", "preset_settings", "user_errors"]
 
 console = Console(stderr=True)
 out = Console()
@@ -184,23 +184,26 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _build_job(kw: dict[str, Any], out_dir: str | None, default_layers: int | None) -> JobConfig:
+def preset_settings(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibration and evaluation settings: the preset (``--preset`` or the device's default) overridden by the
+    options the user gave. Shared by ``prune`` and the pipeline's ``run``."""
     preset = PRESETS[kw["preset"] or default_preset_name()]
-    cal = preset.calibration.model_dump()
+    cal = preset.calibration.model_dump() | {"source": kw["calib_source"], "seed": kw["seed"]}
     for key, opt in (("n_samples", "calib_samples"), ("seq_len", "calib_seq_len"), ("batch_size", "batch_size")):
         if kw[opt] is not None:
             cal[key] = kw[opt]
-    cal.update(source=kw["calib_source"], seed=kw["seed"])
-    datasets = tuple(d for d in kw["eval_datasets"].split(",") if d.strip())
-    ev = preset.evaluation.model_dump()
-    ev.update(datasets=datasets)
-    if kw["eval_seq_len"] is not None:
-        ev["seq_len"] = kw["eval_seq_len"]
-    if kw["eval_max_windows"] is not None:
-        ev["max_windows"] = kw["eval_max_windows"]
+    ev = preset.evaluation.model_dump() | {"datasets": tuple(d.strip() for d in kw["eval_datasets"].split(",")
+                                                               if d.strip())}
+    for key, opt in (("seq_len", "eval_seq_len"), ("max_windows", "eval_max_windows")):
+        if kw[opt] is not None:
+            ev[key] = kw[opt]
+    return cal, ev
+
+
+def _build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
+    cal, ev = preset_settings(kw)
+    datasets = ev["datasets"]
     n_layers = kw["n_layers"]
-    if n_layers is None and kw["fraction"] is None:
-        n_layers = default_layers
     return JobConfig(
         model=kw["model"], revision=kw["revision"],
         prune=PruneConfig(metric=kw["metric"], n_layers=n_layers, fraction=kw["fraction"], mode=kw["mode"],
@@ -254,7 +257,7 @@ def main() -> None:
 def prune(out_dir: str, json_out: str | None, plots_dir: str | None, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
     _check_plots_dir(plots_dir)
-    result = _run(_build_job(kw, out_dir, None), json_out)
+    result = _run(_build_job(kw, out_dir), json_out)
     if plots_dir is not None:
         _write_plots(result.report, plots_dir)
 
