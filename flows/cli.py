@@ -85,7 +85,8 @@ def _build_config(kw: dict[str, Any]) -> Any:
         "model": kw["model"], "revision": kw["revision"],
         "prune": {"metric": kw["metric"], "n_layers": n_layers, "fraction": kw["fraction"],
                   "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
-                  "selection_pool": kw["selection_pool"]},
+                  "selection_pool": kw["selection_pool"],
+                  "scoring": kw["scoring"]},
         "calibration": cal, "evaluation": ev,
         "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
         if quick else None,

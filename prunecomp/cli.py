@@ -157,6 +157,10 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "layers with compensation applied and removes the one costing the least calibration loss."),
         click.option("--selection-pool", type=int, default=4, show_default=True,
                      help="Candidates tried per step with --selection loss."),
+        click.option("--scoring", type=click.Choice(["incremental", "exact"]), default="incremental",
+                     show_default=True, help="incremental keeps every layer boundary's activations and re-runs only "
+                     "the layers after each gap (same choices, scores equal within float rounding); exact "
+                     "recomputes the whole model every step."),
         click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1 "
                      "(default: the last layer; Taylor+/Mag+ also the first four and second-to-last)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
@@ -208,7 +212,8 @@ def _build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
         model=kw["model"], revision=kw["revision"],
         prune=PruneConfig(metric=kw["metric"], n_layers=n_layers, fraction=kw["fraction"], mode=kw["mode"],
                           compensation=kw["compensation"], protect=_csv_ints(kw["protect"]),
-                          selection=kw["selection"], selection_pool=kw["selection_pool"]),
+                          selection=kw["selection"], selection_pool=kw["selection_pool"],
+                          scoring=kw["scoring"]),
         calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
         data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],

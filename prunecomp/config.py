@@ -52,6 +52,8 @@ class PruneConfig(_Frozen):
     ``selection``: ``score`` removes the lowest-scoring layer; ``loss`` tries the ``selection_pool`` lowest-scoring
     ones with compensation applied and removes the one with the lowest calibration loss (iterative mode; see
     :mod:`prunecomp.selection`).
+    ``scoring``: ``incremental`` re-runs only the layers after each gap from cached activations (same choices,
+    scores equal within float rounding; see :mod:`prunecomp.incremental`); ``exact`` recomputes everything.
     """
 
     metric: Metric = "bi"
@@ -63,6 +65,7 @@ class PruneConfig(_Frozen):
     lsq_ridge: float = Field(1e-3, ge=0.0)
     selection: Literal["score", "loss"] = "score"
     selection_pool: int = Field(4, ge=1)
+    scoring: Literal["incremental", "exact"] = "incremental"
 
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:

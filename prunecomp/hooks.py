@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-__all__ = ["capture_layer_io", "skip_layer"]
+__all__ = ["capture_layer_io"]
 
 LayerCallback = Callable[[int, Tensor, Tensor], None]
 
@@ -47,14 +47,3 @@ def capture_layer_io(layers: nn.ModuleList, callback: LayerCallback) -> Iterator
         for handle in handles:
             handle.remove()
         inputs.clear()
-
-
-@contextmanager
-def skip_layer(layers: nn.ModuleList, index: int) -> Iterator[None]:
-    """Run the model as if layer ``index`` were removed (no KV cache: ``layer_idx`` is not renumbered)."""
-    removed = layers[index]
-    del layers[index]
-    try:
-        yield
-    finally:
-        layers.insert(index, removed)

@@ -8,7 +8,9 @@ knows about Prefect, MLflow or files.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,12 +23,23 @@ from prunecomp.calibration import TokenWindows
 from prunecomp.compensation import compensate
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
+from prunecomp.incremental import INCREMENTAL_METRICS, IncrementalScanner, cache_bytes
 from prunecomp.lsq import apply_gap_map, fit_gap_map
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.scoring import LayerScan, scan_layers
 from prunecomp.selection import select_by_loss
 
-__all__ = ["PruneReport", "StepRecord", "check_plan", "prune_and_compensate", "prune_step", "source_num_layers"]
+__all__ = [
+    "PruneReport",
+    "StepRecord",
+    "check_plan",
+    "make_scanner",
+    "prune_and_compensate",
+    "prune_step",
+    "source_num_layers",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +70,7 @@ class PruneReport:
     steps: list[StepRecord] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    scoring: str = "exact"
 
     @property
     def removed(self) -> list[int]:
@@ -120,6 +134,38 @@ def _windows(calibration: TokenWindows | Tensor) -> Tensor:
     return calibration.ids if isinstance(calibration, TokenWindows) else calibration
 
 
+def _memory_budget() -> int:
+    """Default ceiling for the incremental boundary cache: a quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def make_scanner(model: nn.Module, calibration: TokenWindows | Tensor, config: PruneConfig, *, batch_size: int,
+                 on_batch: Callable[[], None] | None = None,
+                 cache_budget_bytes: int | None = None) -> IncrementalScanner | None:
+    """An incremental scanner when the config asks for one, the metric has an incremental form and the boundary
+    cache fits the budget; ``None`` means exact scoring."""
+    if config.scoring != "incremental" or config.metric not in INCREMENTAL_METRICS:
+        return None
+    ids = _windows(calibration)
+    need = cache_bytes(model, ids.shape[0], ids.shape[1])
+    if need > (cache_budget_bytes if cache_budget_bytes is not None else _memory_budget()):
+        log.warning("incremental scoring needs %.1f GiB of cached activations, over budget: scoring exactly",
+                    need / 2**30)
+        return None
+    return IncrementalScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
+
+
+def _scan(model: nn.Module, ids: Tensor, config: PruneConfig, scanner: IncrementalScanner | None, *,
+          batch_size: int, block: int, cands: list[int], on_batch: Callable[[], None] | None) -> LayerScan:
+    if scanner is not None:
+        return scanner.scan(config.metric, block_size=block, candidates=cands)
+    return scan_layers(model, ids, config.metric, batch_size=batch_size, block_size=block, candidates=cands,
+                       on_batch=on_batch)
+
+
 def prune_step(
     model: nn.Module,
     calibration: TokenWindows | Tensor,
@@ -128,8 +174,13 @@ def prune_step(
     step: int,
     batch_size: int = 4,
     on_batch: Callable[[], None] | None = None,
+    scanner: IncrementalScanner | None = None,
 ) -> StepRecord:
-    """One iteration on ``model`` (in place): score all layers, remove one, compensate. ``step`` counts from 0."""
+    """One iteration on ``model`` (in place): score all layers, remove one, compensate. ``step`` counts from 0.
+
+    ``scanner`` (see :func:`make_scanner`) carries cached activations from the previous step of the same model;
+    without it the step scores from scratch.
+    """
     t0 = time.perf_counter()
     get_adapter(model)
     n_src = source_num_layers(model)
@@ -140,8 +191,8 @@ def prune_step(
         raise PrunecompError(f"the model already has {already} of {k} layers removed: nothing left to do")
     cands = _candidates(model, config, remaining)
     block = remaining if config.metric == "block" else 1
-    scan = scan_layers(model, _windows(calibration), config.metric, batch_size=batch_size, block_size=block,
-                       candidates=cands, on_batch=on_batch)
+    scan = _scan(model, _windows(calibration), config, scanner, batch_size=batch_size, block=block, cands=cands,
+                 on_batch=on_batch)
     current = _choose(scan, cands, config.metric, block)
     trials: dict[int, float] | None = None
     if config.selection == "loss" and config.metric != "block":
@@ -149,7 +200,7 @@ def prune_step(
                                          batch_size)
     orig = original_indices(model)
     record = _apply(model, config, scan, orig, cands, current, step, t0, ids=_windows(calibration),
-                    batch_size=batch_size)
+                    batch_size=batch_size, scanner=scanner)
     if trials is not None:  # compensated calibration NLL of every trial, by original index, for the audit trail
         record.selection_losses = {orig[i]: v for i, v in trials.items()}
     return record
@@ -157,7 +208,7 @@ def prune_step(
 
 def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[int], cands: list[int],
            current: int, step: int, t0: float, *, ids: Tensor, batch_size: int,
-           forwards: int | None = None) -> StepRecord:
+           forwards: int | None = None, scanner: IncrementalScanner | None = None) -> StepRecord:
     """Remove scan-index ``current`` (also its current index: layers above it may be gone, none below)."""
     chosen = orig[current]
     s = scan.scales[current]
@@ -171,6 +222,8 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
         applied = s
     if fit is not None:
         apply_gap_map(model, current, fit)
+    if scanner is not None:  # a gap map also changes the output of the layer it is folded into
+        scanner.removed(current, applied, stale_from=current - 1 if fit is not None and current > 0 else None)
     return StepRecord(
         step=step,
         metric=config.metric,
@@ -196,12 +249,16 @@ def prune_and_compensate(
     on_step: Callable[[StepRecord, nn.Module], None] | None = None,
     on_batch: Callable[[], None] | None = None,
     calibration_config: CalibrationConfig | None = None,
+    cache_budget_bytes: int | None = None,
 ) -> PruneReport:
     """Remove layers from ``model`` in place until the configured count is gone; return the report.
 
     Iterative mode re-scores the compensated model after every removal (the paper's method). One-shot mode scores
     once and removes the chosen layers from the highest index down, each compensated with its own measured scale.
     ``on_step(record, model)`` runs after every removal, with the model in its new state.
+    ``config.scoring="incremental"`` (default) keeps the residual stream of every layer boundary between steps
+    and re-runs only the layers after each gap (:mod:`prunecomp.incremental`), within ``cache_budget_bytes``
+    (default: a quarter of physical memory; over it, exact scoring).
     """
     t0 = time.perf_counter()
     get_adapter(model)
@@ -214,9 +271,13 @@ def prune_and_compensate(
     if calibration_config is not None:
         report.calibration["config"] = calibration_config.model_dump(mode="json")
     already = n_src - len(decoder_layers(model))
+    scanner = make_scanner(model, calibration, config, batch_size=batch_size, on_batch=on_batch,
+                           cache_budget_bytes=cache_budget_bytes)
+    report.scoring = "incremental" if scanner is not None else "exact"
     if config.mode == "iterative":
         for step in range(already, k):
-            record = prune_step(model, calibration, config, step=step, batch_size=batch_size, on_batch=on_batch)
+            record = prune_step(model, calibration, config, step=step, batch_size=batch_size, on_batch=on_batch,
+                                scanner=scanner)
             report.steps.append(record)
             if on_step is not None:
                 on_step(record, model)
@@ -224,8 +285,9 @@ def prune_and_compensate(
         remaining = k - already
         cands = _candidates(model, config, remaining)
         block = remaining if config.metric == "block" else 1
-        scan = scan_layers(model, _windows(calibration), config.metric, batch_size=batch_size, block_size=block,
-                           candidates=cands, on_batch=on_batch)
+        scan = _scan(model, _windows(calibration), config, scanner, batch_size=batch_size, block=block,
+                     cands=cands, on_batch=on_batch)
+        scanner = None  # one-shot removes several layers from one scan: the cache is not needed again
         if config.metric == "block":
             start = _choose(scan, cands, "block", block)
             chosen = list(range(start, start + block))

@@ -9,6 +9,8 @@ indices.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from prunecomp.adapters import decoder_layers, get_adapter
 from prunecomp.errors import PrunecompError
 
-__all__ = ["original_indices", "remove_layer"]
+__all__ = ["original_indices", "remove_layer", "skip_layer"]
 
 # Config attributes that hold one entry per decoder layer, beyond those found by name (see _per_layer_keys).
 _PER_LAYER_KEYS = {"layer_types", "no_rope_layers", "mlp_only_layers", "swa_layers"}
@@ -67,3 +69,37 @@ def remove_layer(model: nn.Module, index: int) -> nn.Module:
     info["kept_layers"] = kept
     config.prunecomp = info
     return removed
+
+
+@contextmanager
+def skip_layer(model: nn.Module, index: int) -> Iterator[None]:
+    """Run ``model`` as if decoder layer ``index`` were removed, then put everything back.
+
+    Exactly the state :func:`remove_layer` leaves (per-layer config entries such as Gemma's ``layer_types``, which
+    pick each position's attention mask, lose the layer's entry; ``layer_idx`` is renumbered for the KV cache),
+    undone on exit.
+    """
+    layers = decoder_layers(model)
+    config = model.config
+    n = len(layers)
+    saved = {key: getattr(config, key) for key in _per_layer_keys(config, n)}
+    saved_n = config.num_hidden_layers
+    saved_idx = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
+    removed = layers[index]
+    del layers[index]
+    try:
+        for key, value in saved.items():
+            setattr(config, key, [v for i, v in enumerate(value) if i != index])
+        config.num_hidden_layers = n - 1
+        for new_idx, layer in enumerate(layers):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_idx
+        yield
+    finally:
+        layers.insert(index, removed)
+        for module, idx in saved_idx:
+            module.layer_idx = idx
+        for key, value in saved.items():
+            setattr(config, key, value)
+        config.num_hidden_layers = saved_n

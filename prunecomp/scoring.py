@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from prunecomp import metrics as M
 from prunecomp.adapters import decoder_layers, get_adapter
-from prunecomp.hooks import capture_layer_io, skip_layer
+from prunecomp.hooks import capture_layer_io
+from prunecomp.pruning import skip_layer
 
 __all__ = ["METRICS", "LayerScan", "Metric", "scan_layers"]
 
@@ -136,7 +137,7 @@ def _skip_ppl(
     forwards = 0
     for i in candidates if candidates is not None else range(n_layers):
         total, count = 0.0, 0
-        with skip_layer(layers, i):
+        with skip_layer(model, i):
             for batch in _batches(ids, batch_size):
                 batch = batch.to(device)
                 out = model(input_ids=batch, labels=batch, use_cache=False)

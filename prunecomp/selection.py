@@ -18,8 +18,8 @@ from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.compensation import compensate
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.hooks import skip_layer
 from prunecomp.lsq import apply_gap_map, fit_gap_map
+from prunecomp.pruning import skip_layer
 
 __all__ = ["select_by_loss", "trial_removal"]
 
@@ -43,7 +43,7 @@ def trial_removal(model: nn.Module, current: int, config: PruneConfig, s: float,
         fit = fit_gap_map(model, ids, current, s, ridge=config.lsq_ridge, batch_size=batch_size)
     saved = [(p, p.detach().clone()) for p in _touched(model, current)]
     try:
-        with skip_layer(decoder_layers(model), current):
+        with skip_layer(model, current):
             if config.compensation in ("magnitude", "lsq"):
                 compensate(model, current, s)
             if fit is not None:

@@ -1,0 +1,109 @@
+"""Incremental re-scoring and the layer-at-a-time machinery: same choices and scores as exact re-scoring, and only
+the layers after each gap are re-run."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from tiny_models import gemma2_model, tiny_model, tokens
+
+from prunecomp.adapters import decoder_layers
+from prunecomp.config import PruneConfig
+from prunecomp.loop import prune_and_compensate
+from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
+
+CAL = tokens(n=6, t=16)
+
+
+def _model(family: str) -> torch.nn.Module:
+    return gemma2_model() if family == "gemma2" else tiny_model(family)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-tied", "qwen3", "gemma3", "gemma2"])
+def test_layer_by_layer_forward_reproduces_the_model_loss(family: str) -> None:
+    """The catch pass + per-layer kwargs (Gemma: sliding vs global masks and rotary tables) + head = model."""
+    model = _model(family)
+    caught = catch_layer_inputs(model, CAL, batch_size=4)
+    assert [x.shape[0] for x in caught.hidden] == [4, 2]
+    total, count = 0.0, 0
+    for b, start in enumerate(range(0, CAL.shape[0], 4)):
+        ids = CAL[start : start + 4]
+        x = caught.hidden[b]
+        for j, layer in enumerate(decoder_layers(model)):
+            x = run_layer(layer, [x], [caught.kwargs[b][j]])[0]
+        nll, n = head_nll(model, x, ids)
+        total, count = total + nll, count + n
+    with torch.no_grad():
+        ref = model(input_ids=CAL, labels=CAL).loss
+    assert total / count == pytest.approx(float(ref), rel=1e-5)
+
+
+def _run(model: torch.nn.Module, scoring: str, **cfg: object) -> object:
+    config = PruneConfig(n_layers=3, scoring=scoring, **cfg)  # type: ignore[arg-type]
+    m = copy.deepcopy(model)
+    report = prune_and_compensate(m, CAL, config, batch_size=4)
+    return report, m
+
+
+def _max_rel(a: dict[int, float], b: dict[int, float]) -> float:
+    return max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-9) for k in a if math.isfinite(a[k]))
+
+
+@pytest.mark.parametrize(
+    ("family", "metric", "compensation"),
+    [
+        ("llama", "bi", "magnitude"),
+        ("llama", "angular", "none"),
+        ("llama", "block", "magnitude"),
+        ("llama", "ppl", "magnitude"),
+        ("llama", "mag", "magnitude"),
+        ("llama", "bi", "lsq"),
+        ("llama-tied", "ppl", "magnitude"),
+        ("llama-bias", "bi", "magnitude"),
+        ("qwen3", "bi", "magnitude"),
+        ("gemma3", "bi", "magnitude"),
+        ("gemma3", "ppl", "none"),
+    ],
+)
+def test_incremental_matches_exact(family: str, metric: str, compensation: str) -> None:
+    model = _model(family)
+    protect = (-1,) if metric == "mag" else None
+    exact, m_exact = _run(model, "exact", metric=metric, compensation=compensation, protect=protect)
+    inc, m_inc = _run(model, "incremental", metric=metric, compensation=compensation, protect=protect)
+    assert inc.scoring == "incremental" and exact.scoring == "exact"
+    assert inc.removed == exact.removed
+    for a, b in zip(exact.steps, inc.steps, strict=True):
+        assert _max_rel(a.scores, b.scores) < 1e-4
+        assert b.measured_scale == pytest.approx(a.measured_scale, rel=1e-5)
+    with torch.no_grad():
+        la, lb = m_exact(input_ids=CAL).logits, m_inc(input_ids=CAL).logits
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_reruns_only_the_layers_after_each_gap() -> None:
+    model = tiny_model("llama")
+    report, _ = _run(model, "incremental", metric="bi", compensation="magnitude")
+    n = CAL.shape[0]
+    n_layers = 6
+    expected = [n * n_layers]  # step 0: one full pass
+    for prev in report.steps[:-1]:  # then: the layers from the gap (current index of the removed one) on
+        expected.append(n * (prev.layers_after - prev.chosen_current))
+    assert [s.layer_forwards for s in report.steps] == expected
+    exact, _ = _run(model, "exact", metric="bi", compensation="magnitude")
+    assert sum(expected) < sum(s.layer_forwards for s in exact.steps)
+
+
+def test_over_budget_cache_falls_back_to_exact_scoring() -> None:
+    model = tiny_model("llama")
+    report = prune_and_compensate(copy.deepcopy(model), CAL, PruneConfig(n_layers=2), batch_size=4,
+                                  cache_budget_bytes=1)
+    assert report.scoring == "exact"
+    assert report.to_dict()["scoring"] == "exact"
+
+
+def test_taylor_is_always_scored_exactly() -> None:
+    report, _ = _run(tiny_model("llama"), "incremental", metric="taylor", protect=(-1,))
+    assert report.scoring == "exact"
