@@ -258,11 +258,14 @@ def main() -> None:
 @click.option("--out", "out_dir", required=True, help="Where to save the pruned model (local path or fsspec URL).")
 @click.option("--plots", "plots_dir", default=None, help="Also write PNG plots of the run (layer scores per "
               "iteration, gap scale per step) into this local folder.")
+@click.option("--stream-layers", is_flag=True, help="Keep one decoder layer in memory at a time (models larger "
+              "than RAM/GPU memory; safetensors weights; BI or angular, magnitude or no compensation).")
 @user_errors
-def prune(out_dir: str, json_out: str | None, plots_dir: str | None, **kw: Any) -> None:
+def prune(out_dir: str, json_out: str | None, plots_dir: str | None, stream_layers: bool, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
     _check_plots_dir(plots_dir)
-    result = _run(_build_job(kw, out_dir), json_out)
+    job = _build_job(kw, out_dir)
+    result = _run(job.model_copy(update={"stream_layers": stream_layers}), json_out)
     if plots_dir is not None:
         _write_plots(result.report, plots_dir)
 

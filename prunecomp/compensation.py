@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from prunecomp.adapters import ArchAdapter, decoder_layers, get_adapter, resolve
 from prunecomp.errors import PrunecompError
 
-__all__ = ["compensate", "is_tied", "scale_linear_weight", "scale_norm_weight"]
+__all__ = ["compensate", "is_tied", "scale_layer_writers", "scale_linear_weight", "scale_norm_weight"]
 
 
 def scale_linear_weight(weight: Tensor, s: float) -> Tensor:
@@ -35,6 +35,19 @@ def is_tied(model: nn.Module, adapter: ArchAdapter) -> bool:
 
 
 @torch.no_grad()
+def scale_layer_writers(layer: nn.Module, s: float, adapter: ArchAdapter) -> None:
+    """Make one decoder layer's contributions to the residual stream ``s`` times larger, in place."""
+    for path in adapter.residual_writers:
+        module = resolve(layer, path)
+        if adapter.writers_are_norms:
+            module.weight.copy_(scale_norm_weight(module.weight, s, adapter.norm_offset))
+        else:
+            module.weight.copy_(scale_linear_weight(module.weight, s))
+            if getattr(module, "bias", None) is not None:
+                module.bias.copy_(scale_linear_weight(module.bias, s))
+
+
+@torch.no_grad()
 def compensate(model: nn.Module, upstream: int, s: float, adapter: ArchAdapter | None = None) -> None:
     """Scale every residual-stream writer of layers ``[0, upstream)`` and the token embedding by ``s``, in place.
 
@@ -52,14 +65,7 @@ def compensate(model: nn.Module, upstream: int, s: float, adapter: ArchAdapter |
     embed = resolve(model, adapter.embed)
     embed.weight.copy_(scale_linear_weight(embed.weight, s))
     for layer in layers[:upstream]:
-        for path in adapter.residual_writers:
-            module = resolve(layer, path)
-            if adapter.writers_are_norms:
-                module.weight.copy_(scale_norm_weight(module.weight, s, adapter.norm_offset))
-            else:
-                module.weight.copy_(scale_linear_weight(module.weight, s))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_(scale_linear_weight(module.bias, s))
+        scale_layer_writers(layer, s, adapter)
     if tied:
         norm = resolve(model, adapter.final_norm)
         norm.weight.copy_(scale_norm_weight(norm.weight, 1.0 / s, adapter.norm_offset))

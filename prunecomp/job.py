@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict
 from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.checkpoint import save_pruned
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
+from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.loop import StepRecord, check_plan, prune_and_compensate
-from prunecomp.sources import load_model
+from prunecomp.sources import content_hash, load_model, resolve_source
 from prunecomp.storage import check_writable
 
 __all__ = ["JobConfig", "JobResult", "Progress", "evaluate_perplexities", "run_job"]
@@ -37,6 +38,7 @@ class JobConfig(BaseModel):
     overwrite: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    stream_layers: bool = False
 
 
 @dataclass
@@ -72,11 +74,17 @@ def evaluate_perplexities(model: Any, tokenizer: Any, evaluation: EvalConfig, da
 
 def run_job(config: JobConfig, progress: Progress | None = None,
             on_step: Callable[[StepRecord, Any], None] | None = None) -> JobResult:
-    """Run the job end to end; nothing is written unless every step succeeded."""
+    """Run the job end to end; nothing is written unless every step succeeded.
+
+    ``stream_layers`` keeps one decoder layer in memory at a time (:mod:`prunecomp.streamed`), for models larger
+    than memory; it needs safetensors weights and supports BI/angular with magnitude or no compensation.
+    """
     progress = progress or Progress()
-    times: dict[str, float] = {}
     if config.out:
         check_writable(config.out, overwrite=config.overwrite)
+    if config.stream_layers:
+        return _run_streamed(config, progress, on_step)
+    times: dict[str, float] = {}
     t = time.perf_counter()
     progress.message(f"loading model {config.model or 'SmolLM2-135M-Instruct (default)'}")
     lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
@@ -127,3 +135,70 @@ def run_job(config: JobConfig, progress: Progress | None = None,
         times["save"] = time.perf_counter() - t
     return JobResult(provenance=lm.provenance(), report=report_dict, perplexity=ppl, out=config.out,
                      seconds=times)
+
+
+def _run_streamed(config: JobConfig, progress: Progress,
+                  on_step: Callable[[StepRecord, Any], None] | None) -> JobResult:
+    """:func:`run_job` with the layer-streamed model: same steps, same result shape."""
+    from transformers import AutoTokenizer
+
+    from prunecomp.streamed import StreamedModel, check_streamed, streamed_prune
+
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    source = resolve_source(config.model, config.revision)
+    if source.gguf_file is not None:
+        raise PrunecompError("--stream-layers reads safetensors folders; this model is a GGUF file (load it "
+                             "without streaming, or convert it with save_pretrained)")
+    progress.message(f"opening {source.uri} layer by layer")
+    sm = StreamedModel(source.local_dir)
+    check_streamed(sm, config.prune)
+    tokenizer = AutoTokenizer.from_pretrained(source.local_dir)
+    provenance = {"uri": source.uri, "kind": source.kind, "revision": source.revision,
+                  "content_hash": content_hash(source), "gguf_file": None,
+                  "architecture": type(sm.model).__name__, "streamed": True}
+    times["load"] = time.perf_counter() - t
+    cal = calibration_windows(tokenizer, config.calibration.source, n_samples=config.calibration.n_samples,
+                              seq_len=config.calibration.seq_len, seed=config.calibration.seed,
+                              data_dir=config.data_dir)
+
+    def ppl_all() -> dict[str, float]:
+        assert config.evaluation is not None
+        out = {}
+        for name in config.evaluation.datasets:
+            windows = evaluation_windows(tokenizer, name, seq_len=config.evaluation.seq_len,
+                                         max_windows=config.evaluation.max_windows, data_dir=config.data_dir)
+            progress.message(f"perplexity {name} ({windows.n} windows, layer by layer)")
+            out[name] = sm.perplexity(windows.ids, batch_size=config.evaluation.batch_size)
+        return out
+
+    ppl: dict[str, dict[str, float]] = {}
+    if config.evaluation is not None:
+        t = time.perf_counter()
+        ppl = {name: {"dense": v} for name, v in ppl_all().items()}
+        times["eval_dense"] = time.perf_counter() - t
+
+    def observe(record: StepRecord, model: Any) -> None:
+        progress.step(record)
+        if on_step is not None:
+            on_step(record, model)
+
+    t = time.perf_counter()
+    report = streamed_prune(sm, cal.ids, config.prune, batch_size=config.calibration.batch_size, on_step=observe)
+    report.calibration = {"origin": cal.origin, "digest": cal.digest, "n_samples": cal.n, "seq_len": cal.seq_len,
+                          "config": config.calibration.model_dump(mode="json")}
+    times["prune"] = time.perf_counter() - t
+    if config.evaluation is not None:
+        t = time.perf_counter()
+        for name, value in ppl_all().items():
+            ppl[name]["pruned"] = value
+        times["eval_pruned"] = time.perf_counter() - t
+    report_dict = report.to_dict() | {"source": provenance, "perplexity": ppl}
+    if config.evaluation is not None:
+        report_dict["evaluation"] = config.evaluation.model_dump(mode="json")
+    if config.out:
+        t = time.perf_counter()
+        progress.message(f"saving pruned model to {config.out} layer by layer")
+        sm.save(config.out, tokenizer=tokenizer, report=report_dict, overwrite=config.overwrite)
+        times["save"] = time.perf_counter() - t
+    return JobResult(provenance=provenance, report=report_dict, perplexity=ppl, out=config.out, seconds=times)

@@ -1,0 +1,261 @@
+"""Layer-streamed Prune&Comp for models larger than memory: one decoder layer in memory at a time.
+
+The model is a skeleton whose decoder layers live on the ``meta`` device (no storage); the token embedding,
+final norm, output head and rotary tables are real. Each pass captures the stream entering layer 0 with the
+catch forward of :mod:`prunecomp.sequential`, then loads every kept layer from the memory-mapped safetensors,
+runs it over all calibration batches, folds in its pending compensation scale, and frees it again. Peak memory:
+one layer + two boundaries of calibration activations + embedding/head.
+
+Compensation is bookkeeping until the model is written: removing layer ``l`` with scale ``s`` multiplies the
+in-memory embedding (and, when tied, divides the final norm) right away and records ``s`` as a pending factor
+of every kept layer upstream of the gap, applied whenever that layer is loaded, for a pass or for the output.
+The output is a plain sharded safetensors HF folder (one shard per layer) written atomically.
+
+Scoring here is exact (every step re-runs every kept layer): the incremental cache of
+:mod:`prunecomp.incremental` holds every boundary, which is exactly what a model too large for memory cannot.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunecomp import metrics as M
+from prunecomp.adapters import decoder_layers, get_adapter, resolve
+from prunecomp.compensation import compensate, is_tied, scale_layer_writers
+from prunecomp.config import PruneConfig
+from prunecomp.errors import PrunecompError
+from prunecomp.loop import PruneReport, StepRecord, _candidates, _choose
+from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.scoring import LayerScan
+from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
+from prunecomp.storage import write_dir
+
+__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel", "check_streamed", "streamed_prune"]
+
+STREAMED_METRICS = frozenset({"bi", "angular"})
+
+
+class SafetensorsWeights:
+    """Tensors of a safetensors folder (one file or index-sharded), read on demand from memory-mapped files."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise PrunecompError(f"layer streaming reads safetensors weights; {folder} has none (convert GGUF/pickle "
+                                 "checkpoints with save_pretrained first)")
+        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
+        self.where = {name: f for f, h in self._handles.items() for name in h.keys()}  # noqa: SIM118
+
+    def get(self, name: str) -> Tensor:
+        return self._handles[self.where[name]].get_tensor(name)
+
+    def with_prefix(self, prefix: str) -> dict[str, Tensor]:
+        return {n[len(prefix):]: self.get(n) for n in self.where if n.startswith(prefix)}
+
+
+class StreamedModel:
+    """A causal LM whose decoder layers stay on disk until used; see the module docstring."""
+
+    def __init__(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | None = None) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").is_file():
+            raise PrunecompError(f"layer streaming needs a local HF folder with config.json, got {folder!r}")
+        self.weights = SafetensorsWeights(self.folder)
+        self.dtype = dtype
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        config = AutoConfig.from_pretrained(self.folder)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self.adapter = get_adapter(self.model)
+        self._materialize_shell()
+        self.source_layers = len(decoder_layers(self.model, self.adapter))
+        self.pending = [1.0] * self.source_layers  # compensation factor per ORIGINAL layer, applied on load
+        self.layer_loads = 0
+
+    def _materialize_shell(self) -> None:
+        """Load everything but the decoder layers for real."""
+        layers_path = self.adapter.layers
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        for name, module in self.model.named_modules():
+            if name == layers_path or name.startswith(layers_path + ".") or name == "":
+                continue
+            own = dict(module.named_parameters(recurse=False)) | dict(module.named_buffers(recurse=False))
+            if not own or not any(t.is_meta for t in own.values()):
+                continue
+            module.to_empty(device=self.device, recurse=False)
+            # HF's own initializer recomputes what checkpoints do not hold (rotary tables, Gemma's embed scale);
+            # the parameters it randomizes are overwritten from the checkpoint next.
+            self.model._init_weights(module)
+            for pname, tensor in module.named_parameters(recurse=False):
+                key = f"{name}.{pname}"
+                if key not in self.weights.where:
+                    if tied and name == self.adapter.lm_head:
+                        continue
+                    raise PrunecompError(f"checkpoint in {self.folder} has no tensor {key!r}")
+                with torch.no_grad():
+                    tensor.copy_(self.weights.get(key).to(tensor.dtype))
+        if tied:
+            resolve(self.model, self.adapter.lm_head).weight = resolve(self.model, self.adapter.embed).weight
+
+    def load_layer(self, current: int) -> nn.Module:
+        """Current layer ``current`` materialized with its pending compensation folded in (caller frees it)."""
+        layer = decoder_layers(self.model, self.adapter)[current]
+        orig = original_indices(self.model)[current]
+        state = self.weights.with_prefix(f"{self.adapter.layers}.{orig}.")
+        layer.to_empty(device=self.device)
+        missing, unexpected = layer.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=False)
+        if missing or unexpected:
+            raise PrunecompError(f"layer {orig} in {self.folder}: missing {missing}, unexpected {unexpected}")
+        if self.pending[orig] != 1.0:
+            with torch.no_grad():
+                scale_layer_writers(layer, self.pending[orig], self.adapter)
+        self.layer_loads += 1
+        return layer
+
+    @staticmethod
+    def free(layer: nn.Module) -> None:
+        layer.to("meta")
+
+    @torch.no_grad()
+    def scan(self, ids: Tensor, metric: str, *, batch_size: int,
+             on_layer: Callable[[int], None] | None = None) -> LayerScan:
+        """BI / angular scores and gap scales of every current layer: one layer-by-layer pass."""
+        if metric not in STREAMED_METRICS:
+            raise PrunecompError(f"layer streaming supports metrics {sorted(STREAMED_METRICS)}, got {metric!r}")
+        caught = catch_layer_inputs(self.model, ids, batch_size)
+        xs = caught.hidden
+        scores, scales = [], []
+        fn = M.block_influence_sum if metric == "bi" else M.angular_distance_sum
+        for j in range(len(decoder_layers(self.model, self.adapter))):
+            layer = self.load_layer(j)
+            out = run_layer(layer, xs, [kw[j] for kw in caught.kwargs])
+            self.free(layer)
+            ratio = dist = None
+            for x_in, x_out in zip(xs, out, strict=True):
+                r = M.magnitude_ratio(x_in, x_out)
+                ratio = M.accumulate(ratio, r.sum(dim=0), r.shape[0])
+                dist = M.accumulate(dist, *fn(x_in, x_out))
+            assert ratio is not None and dist is not None
+            scores.append(float(M.mean(dist)))
+            scales.append(M.gap_scale(*ratio))
+            xs = out
+            if on_layer is not None:
+                on_layer(j)
+        return LayerScan(scores=scores, scales=scales, layer_forwards=len(scores) * ids.shape[0])
+
+    @torch.no_grad()
+    def perplexity(self, ids: Tensor, *, batch_size: int) -> float:
+        """Perplexity of the current (pruned, compensated) model on windows ``ids``, one layer at a time."""
+        caught = catch_layer_inputs(self.model, ids, batch_size)
+        xs = caught.hidden
+        for j in range(len(decoder_layers(self.model, self.adapter))):
+            layer = self.load_layer(j)
+            xs = run_layer(layer, xs, [kw[j] for kw in caught.kwargs])
+            self.free(layer)
+        total, count = 0.0, 0
+        for b, x in enumerate(xs):
+            nll, n = head_nll(self.model, x, ids[b * batch_size : (b + 1) * batch_size], self.adapter)
+            total, count = total + nll, count + n
+        return math.exp(total / count)
+
+    def remove(self, current: int, s: float) -> None:
+        """Drop current layer ``current`` and fold ``s`` upstream (embedding now, writers when loaded)."""
+        orig = original_indices(self.model)
+        remove_layer(self.model, current)  # list + config bookkeeping; works on meta layers
+        if s != 1.0:
+            compensate(self.model, current, s, self.adapter)  # real embedding / final norm; meta layers: no-op
+            for o in orig[:current]:
+                self.pending[o] *= s
+
+    def save(self, uri: str, *, tokenizer: Any = None, report: dict[str, Any] | None = None,
+             overwrite: bool = False) -> str:
+        """Write the pruned, compensated model as sharded safetensors (one shard per layer), atomically."""
+        from safetensors.torch import save_file
+
+        def fill(tmp: Path) -> None:
+            n = len(decoder_layers(self.model, self.adapter))
+            names = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
+            weight_map: dict[str, str] = {}
+            total = 0
+            shell = {k: v for k, v in self.model.state_dict().items()
+                     if not k.startswith(self.adapter.layers + ".") and not v.is_meta}
+            if is_tied(self.model, self.adapter):
+                shell.pop(f"{self.adapter.lm_head}.weight", None)
+            for j in range(n):
+                layer = self.load_layer(j)
+                state = {f"{self.adapter.layers}.{j}.{k}": v.detach().cpu().contiguous()
+                         for k, v in layer.state_dict().items()}
+                self.free(layer)
+                save_file(state, str(tmp / names[j + 1]), metadata={"format": "pt"})
+                for k, v in state.items():
+                    weight_map[k] = names[j + 1]
+                    total += v.numel() * v.element_size()
+                del state
+            save_file({k: v.detach().cpu().contiguous() for k, v in shell.items()}, str(tmp / names[0]),
+                      metadata={"format": "pt"})
+            for k, v in shell.items():
+                weight_map[k] = names[0]
+                total += v.numel() * v.element_size()
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            config = copy.deepcopy(self.model.config)
+            config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if report is not None:
+                (tmp / "prunecomp_report.json").write_text(json.dumps(report, indent=2, default=str))
+
+        return write_dir(uri, fill, overwrite=overwrite)
+
+
+def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
+    """Everything :func:`streamed_prune` would reject, before any compute."""
+    if config.mode != "iterative" or config.compensation not in ("magnitude", "none") or config.selection != "score":
+        raise PrunecompError("layer streaming runs iterative BI/angular pruning with magnitude or no compensation "
+                             "and score selection")
+    if config.metric not in STREAMED_METRICS:
+        raise PrunecompError(f"layer streaming supports metrics {sorted(STREAMED_METRICS)}, got {config.metric!r}")
+    _candidates(sm.model, config, config.layers_to_remove(sm.source_layers))
+
+
+def streamed_prune(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, batch_size: int = 4,
+                   on_step: Callable[[StepRecord, StreamedModel], None] | None = None) -> PruneReport:
+    """The iterative Prune&Comp loop on a layer-streamed model (magnitude or no compensation)."""
+    check_streamed(sm, config)
+    t0 = time.perf_counter()
+    k = config.layers_to_remove(sm.source_layers)
+    report = PruneReport(config=config.model_dump(mode="json"), source_num_layers=sm.source_layers,
+                         scoring="streamed")
+    for step in range(k):
+        ts = time.perf_counter()
+        cands = _candidates(sm.model, config, k - step)
+        scan = sm.scan(ids, config.metric, batch_size=batch_size)
+        current = _choose(scan, cands, config.metric, 1)
+        orig = original_indices(sm.model)
+        s = scan.scales[current]
+        applied = s if config.compensation == "magnitude" else 1.0
+        sm.remove(current, applied)
+        record = StepRecord(step=step, metric=config.metric, scores={orig[i]: scan.scores[i] for i in range(len(orig))},
+                            candidates=[orig[i] for i in cands], chosen=orig[current], chosen_current=current,
+                            measured_scale=s, applied_scale=applied,
+                            layers_after=len(decoder_layers(sm.model, sm.adapter)),
+                            seconds=time.perf_counter() - ts, layer_forwards=scan.layer_forwards)
+        report.steps.append(record)
+        if on_step is not None:
+            on_step(record, sm)
+    report.seconds = time.perf_counter() - t0
+    return report
