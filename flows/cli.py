@@ -92,6 +92,7 @@ def _build_config(kw: dict[str, Any]) -> Any:
         if quick else None,
         "max_ppl_ratio": kw["max_ppl_ratio"], "qa_tasks": _csv(kw["qa_tasks"]), "qa_limit": kw["qa_limit"],
         "data_dir": kw["data_dir"], "run_name": kw["run_name"], "tracking": tracking,
+        "parallel_candidates": kw["parallel_candidates"],
     })
 
 
@@ -106,13 +107,17 @@ def _where_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _run_flow(config: Any, json_out: str | None) -> dict[str, Any]:
+def _run_flow(config: Any, json_out: str | None, runner: str | None = None) -> dict[str, Any]:
     _embedded_defaults()
     from flows.compress import compress
+    from flows.runners import task_runner
 
     err.print(f"run [bold]{config.run_id()}[/] (re-run the same command, or `prunecomp resume "
               f"{config.run_id()}`, to resume it)", highlight=False)
-    summary = compress.with_options(flow_run_name=config.run_id())(config=config)
+    options: dict[str, Any] = {"flow_run_name": config.run_id()}
+    if runner is not None or config.parallel_candidates > 1:
+        options["task_runner"] = task_runner(runner, config.parallel_candidates)
+    summary = compress.with_options(**options)(config=config)
     _print_summary(summary)
     if json_out:
         Path(json_out).write_text(json.dumps(summary, indent=2, default=str))
@@ -167,6 +172,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--selection", type=click.Choice(["score", "loss"]), default="score", show_default=True,
               help="loss: try the --selection-pool lowest-scoring layers compensated, keep the cheapest.")
 @click.option("--selection-pool", type=int, default=4, show_default=True)
+@click.option("--scoring", type=click.Choice(["incremental", "exact"]), default="incremental", show_default=True,
+              help="incremental re-runs only the layers after the gap within a step's scoring; exact all of them.")
+@click.option("--parallel-candidates", type=int, default=1, show_default=True,
+              help="Split PPL-on-skip candidate scoring into N tasks run by --task-runner.")
+@click.option("--task-runner", default=None, help="threads (default), dask (local cluster of "
+              "--parallel-candidates worker processes) or dask:<scheduler address> (also $PRUNECOMP_TASK_RUNNER).")
 @click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="cpu (default here) or paper.")
 @click.option("--calib-source", default="c4", show_default=True)
@@ -190,10 +201,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--json", "json_out", default=None, help="Also write the run summary as JSON here.")
 @_where_options
 @_errors
-def run_cmd(json_out: str | None, **kw: Any) -> None:
+def run_cmd(json_out: str | None, task_runner: str | None, **kw: Any) -> None:
     """Run the compress flow end to end (cached, resumable): default SmolLM2-135M, k=5, BI, Prune&Comp, cpu
     preset. Prints perplexity before/after and where to look."""
-    _run_flow(_build_config(kw), json_out)
+    _run_flow(_build_config(kw), json_out, task_runner)
 
 
 def _journal(run: str, store: str | None) -> dict[str, Any]:

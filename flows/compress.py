@@ -14,12 +14,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.params import CompressConfig
+from flows.runners import task_runner
 from prunecomp.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
-from prunecomp.storage import check_writable, is_remote, write_json
+from prunecomp.incremental import PER_CANDIDATE_METRICS
+from prunecomp.storage import check_writable, is_complete, is_remote, write_json
 from tasks.artifacts import publish_step, publish_summary, summary_markdown
 from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
+from tasks.candidates import CandidateJob, score_candidates, split
 from tasks.evaluate import evaluate_checkpoint
 from tasks.jobs import CalibrationJob, EvalJob, ModelJob, StepJob
 from tasks.keys import code_version
@@ -65,7 +68,7 @@ def _preflight(config: CompressConfig, loc: Locations) -> str | None:
     return str(data_dir) if data_dir is not None else None
 
 
-@flow(name="compress", validate_parameters=True)
+@flow(name="compress", validate_parameters=True, task_runner=task_runner())
 def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # noqa: B008 - frozen, immutable
     """Prune ``config.prune`` layers from ``config.model`` one cached, checkpointed iteration at a time."""
     t0 = time.perf_counter()
@@ -108,10 +111,16 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         job = StepJob(store=store, parent_uri=parent["uri"], parent_hash=parent["hash"], calibration_uri=cal["uri"],
                       calibration_digest=cal["digest"], prune=config.prune, step=step,
                       batch_size=config.calibration.batch_size)
+        workers: list[str] = []
+        if (config.parallel_candidates > 1 and config.prune.metric in PER_CANDIDATE_METRICS
+                and not is_complete(job.uri)):
+            removed_so_far = [s["record"]["chosen"] for s in steps]
+            scores, workers = _fan_out(config, job, n_src, removed_so_far)
+            job = job.model_copy(update={"candidate_scores": scores})
         meta, cached = run_cached(prune_one_step, job)
         after = quick(meta)
         entry = {"step": step, "uri": meta["uri"], "hash": meta["hash"], "record": meta["record"], "reused": cached,
-                 "ppl_before": parent_ppl, "ppl_after": after, "kept": True}
+                 "ppl_before": parent_ppl, "ppl_after": after, "kept": True, "candidate_workers": workers}
         publish_step(run_id, entry)
         rec = meta["record"]
         log.info("step %d/%d: removed layer %d, s=%.4f, quick ppl %s -> %s%s", step + 1, k, rec["chosen"],
@@ -165,6 +174,20 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
     log.info("run %s done in %.1f s: %d steps reused, %d computed", run_id, summary["seconds"],
              summary["steps_reused"], summary["steps_computed"])
     return summary
+
+
+def _fan_out(config: CompressConfig, job: StepJob, n_src: int, removed: list[int]) -> tuple[dict[int, float],
+                                                                                         list[str]]:
+    """Score this step's candidates in ``config.parallel_candidates`` tasks on the flow's task runner."""
+    protected = config.prune.protected(n_src)
+    cands = [i for i in range(n_src) if i not in protected and i not in removed]
+    jobs = [CandidateJob(store=job.store, parent_uri=job.parent_uri, parent_hash=job.parent_hash,
+                         calibration_uri=job.calibration_uri, calibration_digest=job.calibration_digest,
+                         metric=config.prune.metric, candidates=chunk, batch_size=job.batch_size)
+            for chunk in split(cands, config.parallel_candidates)]
+    results = [f.result() for f in score_candidates.map(job=jobs)]
+    scores = {int(k): float(v) for r in results for k, v in r["scores"].items()}
+    return scores, sorted({r["worker"] for r in results})
 
 
 def _fmt(value: float | None) -> str:

@@ -52,6 +52,8 @@ class CompressConfig(_Params):
     data_dir: str | None = None
     run_name: str | None = Field(None, pattern=_NAME, description="default: derived from the parameters")
     tracking: TrackingConfig = TrackingConfig()
+    parallel_candidates: int = Field(1, ge=1, description="split a per-candidate metric's scoring (PPL-on-skip) "
+                                     "into this many tasks, run by the flow's task runner (threads or Dask)")
 
     @model_validator(mode="after")
     def _consistent(self) -> CompressConfig:
@@ -76,7 +78,8 @@ class CompressConfig(_Params):
         if self.run_name:
             return self.run_name
         k = self.prune.n_layers if self.prune.n_layers is not None else f"f{self.prune.fraction}"
-        digest = stable_hash(self.model_dump(mode="json", exclude={"run_name"}))[:8]
+        # how the work is spread does not change the result: not part of the run's identity
+        digest = stable_hash(self.model_dump(mode="json", exclude={"run_name", "parallel_candidates"}))[:8]
         return f"{self.model_slug()}-{self.prune.metric}-k{k}-{digest}"
 
     def model_name(self) -> str:

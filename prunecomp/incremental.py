@@ -25,9 +25,11 @@ from prunecomp.adapters import decoder_layers, get_adapter
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 
-__all__ = ["INCREMENTAL_METRICS", "IncrementalScanner", "cache_bytes"]
+__all__ = ["INCREMENTAL_METRICS", "PER_CANDIDATE_METRICS", "IncrementalScanner", "cache_bytes", "candidate_scores"]
 
 INCREMENTAL_METRICS = frozenset({"bi", "angular", "block", "mag", "ppl"})
+PER_CANDIDATE_METRICS = frozenset({"ppl"})
+"""Metrics whose cost is one forward per candidate: the ones worth fanning out over workers."""
 
 
 def cache_bytes(model: nn.Module, n_samples: int, seq_len: int) -> int:
@@ -148,3 +150,15 @@ class IncrementalScanner:
                     x.mul_(scale)
         self._dirty_from = min(self._dirty_from - 1, current if stale_from is None else stale_from)
         self._dirty_from = max(self._dirty_from, 0)
+
+
+def candidate_scores(model: nn.Module, ids: Tensor, metric: str, candidates: Sequence[int], *,
+                     batch_size: int) -> dict[int, float]:
+    """Scores of just ``candidates`` (current indices) for a per-candidate metric: one share of a fanned-out step.
+
+    One full pass fills the boundary cache; each candidate's forward then starts at its own layer.
+    """
+    if metric not in PER_CANDIDATE_METRICS:
+        raise ValueError(f"metric {metric!r} is scored in one pass; only {sorted(PER_CANDIDATE_METRICS)} fan out")
+    scan = IncrementalScanner(model, ids, batch_size=batch_size).scan(metric, candidates=list(candidates))
+    return {i: scan.scores[i] for i in candidates}

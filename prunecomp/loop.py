@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from prunecomp.calibration import TokenWindows
 from prunecomp.compensation import compensate
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
-from prunecomp.incremental import INCREMENTAL_METRICS, IncrementalScanner, cache_bytes
+from prunecomp.incremental import INCREMENTAL_METRICS, PER_CANDIDATE_METRICS, IncrementalScanner, cache_bytes
 from prunecomp.lsq import apply_gap_map, fit_gap_map
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.scoring import LayerScan, scan_layers
@@ -166,6 +166,21 @@ def _scan(model: nn.Module, ids: Tensor, config: PruneConfig, scanner: Increment
                        on_batch=on_batch)
 
 
+def _with_scores(model: nn.Module, ids: Tensor, config: PruneConfig, scores: Mapping[int, float], cands: list[int],
+                 *, batch_size: int) -> LayerScan:
+    """A scan whose scores come from ``scores`` (original indices) and whose gap scales are measured here."""
+    if config.metric not in PER_CANDIDATE_METRICS:
+        raise PrunecompError(f"precomputed scores are for per-candidate metrics {sorted(PER_CANDIDATE_METRICS)}, "
+                             f"not {config.metric!r}")
+    orig = original_indices(model)
+    missing = [orig[i] for i in cands if orig[i] not in scores]
+    if missing:
+        raise PrunecompError(f"precomputed scores lack candidate layers {missing}")
+    scan = scan_layers(model, ids, "bi", batch_size=batch_size)  # one pass: the gap scales
+    return LayerScan(scores=[float(scores.get(o, float("inf"))) for o in orig], scales=scan.scales,
+                     layer_forwards=scan.layer_forwards)
+
+
 def prune_step(
     model: nn.Module,
     calibration: TokenWindows | Tensor,
@@ -175,11 +190,14 @@ def prune_step(
     batch_size: int = 4,
     on_batch: Callable[[], None] | None = None,
     scanner: IncrementalScanner | None = None,
+    scores: Mapping[int, float] | None = None,
 ) -> StepRecord:
     """One iteration on ``model`` (in place): score all layers, remove one, compensate. ``step`` counts from 0.
 
     ``scanner`` (see :func:`make_scanner`) carries cached activations from the previous step of the same model;
-    without it the step scores from scratch.
+    without it the step scores from scratch. ``scores`` (ORIGINAL layer index -> score) are a per-candidate
+    metric's scores computed elsewhere (fanned out over workers, see :func:`prunecomp.incremental.candidate_scores`);
+    the step then only runs the one pass that measures the gap scales.
     """
     t0 = time.perf_counter()
     get_adapter(model)
@@ -191,8 +209,11 @@ def prune_step(
         raise PrunecompError(f"the model already has {already} of {k} layers removed: nothing left to do")
     cands = _candidates(model, config, remaining)
     block = remaining if config.metric == "block" else 1
-    scan = _scan(model, _windows(calibration), config, scanner, batch_size=batch_size, block=block, cands=cands,
-                 on_batch=on_batch)
+    if scores is None:
+        scan = _scan(model, _windows(calibration), config, scanner, batch_size=batch_size, block=block, cands=cands,
+                     on_batch=on_batch)
+    else:
+        scan = _with_scores(model, _windows(calibration), config, scores, cands, batch_size=batch_size)
     current = _choose(scan, cands, config.metric, block)
     trials: dict[int, float] | None = None
     if config.selection == "loss" and config.metric != "block":

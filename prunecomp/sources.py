@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,9 @@ class LoadedModel:
         s = self.source
         return {"uri": s.uri, "kind": s.kind, "revision": s.revision, "content_hash": self.content_hash,
                 "gguf_file": s.gguf_file, "architecture": type(self.model).__name__}
+
+
+_LOAD_LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
@@ -218,7 +222,8 @@ def load_model(
     elif not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source.local_dir, **kwargs)
+        with _LOAD_LOCK:  # from_pretrained builds on the meta device through process-global state: one at a time
+            hf_model = AutoModelForCausalLM.from_pretrained(source.local_dir, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(
             source.local_dir, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
         )

@@ -44,21 +44,47 @@ __all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel", "check_str
 STREAMED_METRICS = frozenset({"bi", "angular"})
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
 class SafetensorsWeights:
-    """Tensors of a safetensors folder (one file or index-sharded), read on demand from memory-mapped files."""
+    """Tensors of a safetensors folder (one file or index-sharded), each read on demand with one positioned read.
+
+    Deliberately not memory-mapped: pages of a mapped file count as resident once touched, so a pass over a
+    model larger than RAM would look (and, under pressure, behave) like holding all of it. Here a tensor's bytes
+    live exactly as long as the tensor.
+    """
 
     def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise PrunecompError(f"layer streaming reads safetensors weights; {folder} has none (convert GGUF/pickle "
                                  "checkpoints with save_pretrained first)")
-        self._handles = {f: safe_open(str(f), framework="pt") for f in files}
-        self.where = {name: f for f, h in self._handles.items() for name in h.keys()}  # noqa: SIM118
+        self.where: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        for f in files:
+            with f.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise PrunecompError(f"{f.name}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                start, end = info["data_offsets"]
+                self.where[name] = (f, info["dtype"], info["shape"], 8 + size + start, end - start)
 
     def get(self, name: str) -> Tensor:
-        return self._handles[self.where[name]].get_tensor(name)
+        path, dtype, shape, offset, length = self.where[name]
+        buf = bytearray(length)
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf) != length:
+                raise PrunecompError(f"{path.name} is truncated (tensor {name!r})")
+        if length == 0:
+            return torch.empty(shape, dtype=_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=_DTYPES[dtype]).reshape(shape)
 
     def with_prefix(self, prefix: str) -> dict[str, Tensor]:
         return {n[len(prefix):]: self.get(n) for n in self.where if n.startswith(prefix)}

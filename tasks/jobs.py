@@ -81,7 +81,8 @@ class StepJob(Job):
     """One iteration (score -> remove -> compensate -> checkpoint) applied to a parent checkpoint."""
 
     kind: ClassVar[str] = "checkpoints"
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"parent_uri", "calibration_uri"})
+    # candidate_scores: computed by fanned-out tasks from exactly the inputs in the key (see tasks.candidates)
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"parent_uri", "calibration_uri", "candidate_scores"})
 
     parent_uri: str
     parent_hash: str
@@ -90,6 +91,7 @@ class StepJob(Job):
     prune: PruneConfig
     step: int = Field(ge=0)
     batch_size: int = Field(gt=0)  # summation order of the scores: it can flip a near-tie
+    candidate_scores: dict[int, float] | None = None
 
 
 class EvalJob(Job):

@@ -40,7 +40,8 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
         return read_meta(job.uri)
     lm = load_checkpoint(job.parent_uri, job.parent_hash)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
-    record = prune_step(lm.model, windows, job.prune, step=job.step, batch_size=job.batch_size)
+    record = prune_step(lm.model, windows, job.prune, step=job.step, batch_size=job.batch_size,
+                        scores=job.candidate_scores)
     meta = {"uri": job.uri, "hash": model_state_hash(lm.model), "parent_hash": job.parent_hash,
             "step": job.step, "record": record_dict(record), "key": job.key, "code": job.code}
     save_pruned(lm.model, lm.tokenizer, job.uri, report={"pipeline": meta}, overwrite=True)

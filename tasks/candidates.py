@@ -1,0 +1,63 @@
+"""Per-candidate scoring as tasks, so one step's PPL-on-skip candidates fan out over the flow's task runner.
+
+Each task loads the parent checkpoint and the calibration windows itself (URIs in, a small dict out), so it runs
+the same in a thread, in a local Dask worker process or on a remote Dask cluster that can read the store. The
+scores do not depend on how the candidates were split, so the step's cache key ignores the split.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, ClassVar
+
+from prefect import task
+from pydantic import Field
+
+from prunecomp.incremental import candidate_scores
+from prunecomp.pruning import original_indices
+from tasks.caching import JOB_KEY
+from tasks.calibrate import load_windows
+from tasks.jobs import Job
+from tasks.model_io import load_checkpoint
+
+__all__ = ["CandidateJob", "score_candidates", "split"]
+
+
+class CandidateJob(Job):
+    """Scores of some candidate layers (ORIGINAL indices) of one parent checkpoint."""
+
+    kind: ClassVar[str] = "candidates"
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"parent_uri", "calibration_uri"})
+
+    parent_uri: str
+    parent_hash: str
+    calibration_uri: str
+    calibration_digest: str
+    metric: str
+    candidates: tuple[int, ...] = Field(min_length=1)
+    batch_size: int = Field(gt=0)
+
+
+def split(items: list[int], parts: int) -> list[tuple[int, ...]]:
+    """``items`` in at most ``parts`` contiguous, nearly equal, non-empty chunks (deep layers are cheaper to skip
+    from, so interleaving would balance better; contiguity keeps each worker's boundary cache short)."""
+    parts = max(1, min(parts, len(items)))
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for p in range(parts):
+        end = start + size + (1 if p < extra else 0)
+        out.append(tuple(items[start:end]))
+        start = end
+    return out
+
+
+@task(name="score-candidates", cache_policy=JOB_KEY, persist_result=True)
+def score_candidates(job: CandidateJob) -> dict[str, Any]:
+    """``{"scores": {original index: score}, "worker": host:pid}`` for the job's candidates."""
+    lm = load_checkpoint(job.parent_uri, job.parent_hash)
+    windows = load_windows(job.calibration_uri, job.calibration_digest)
+    orig = original_indices(lm.model)
+    current = [orig.index(o) for o in job.candidates]
+    scores = candidate_scores(lm.model, windows.ids, job.metric, current, batch_size=job.batch_size)
+    return {"scores": {str(orig[i]): v for i, v in scores.items()}, "worker": f"{socket.gethostname()}:{os.getpid()}"}
