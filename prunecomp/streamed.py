@@ -93,18 +93,19 @@ class SafetensorsWeights:
 class StreamedModel:
     """A causal LM whose decoder layers stay on disk until used; see the module docstring."""
 
-    def __init__(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, device: str | None = None) -> None:
+    def __init__(self, folder: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None) -> None:
+        """``device``: CUDA when available, else CPU; ``dtype``: bf16 on CUDA, fp32 on CPU (statistics are fp32)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
             raise PrunecompError(f"layer streaming needs a local HF folder with config.json, got {folder!r}")
         self.weights = SafetensorsWeights(self.folder)
-        self.dtype = dtype
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         config = AutoConfig.from_pretrained(self.folder)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model.eval()
         self.adapter = get_adapter(self.model)
         self._materialize_shell()

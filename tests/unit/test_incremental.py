@@ -107,3 +107,16 @@ def test_over_budget_cache_falls_back_to_exact_scoring() -> None:
 def test_taylor_is_always_scored_exactly() -> None:
     report, _ = _run(tiny_model("llama"), "incremental", metric="taylor", protect=(-1,))
     assert report.scoring == "exact"
+
+
+def test_half_precision_weights_keep_float32_statistics() -> None:
+    """The GPU path (bf16 weights) is the CPU path: activations in the model dtype, statistics in float32."""
+    model32 = tiny_model("llama")
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    r32 = prune_and_compensate(copy.deepcopy(model32), CAL, PruneConfig(n_layers=2), batch_size=4)
+    r16 = prune_and_compensate(model16, CAL, PruneConfig(n_layers=2), batch_size=4)
+    assert r16.scoring == "incremental"
+    assert next(model16.parameters()).dtype == torch.bfloat16
+    for a, b in zip(r32.steps, r16.steps, strict=True):
+        assert isinstance(b.measured_scale, float) and math.isfinite(b.measured_scale)
+        assert b.measured_scale == pytest.approx(a.measured_scale, rel=0.05)
