@@ -1,4 +1,4 @@
-"""Library command-line interface: ``prunecomp prune`` and ``prunecomp eval-ppl`` (no Prefect).
+"""Library command-line interface: ``prunecomp prune``, ``eval-ppl``, ``eval`` and ``plot`` (no Prefect).
 
 The installed ``prunecomp`` script is :mod:`flows.cli`, which adds the pipeline commands (``run``...) to this group.
 
@@ -18,6 +18,7 @@ for _key, _value in (("DO_NOT_TRACK", "true"), ("TOKENIZERS_PARALLELISM", "false
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -220,9 +221,9 @@ def _build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
     )
 
 
-def _check_plots_dir(plots_dir: str | None) -> None:
+def _check_plots_dir(plots_dir: str | None, option: str = "--plots") -> None:
     if plots_dir is not None and "://" in plots_dir and not plots_dir.startswith("file://"):
-        raise PrunecompError(f"--plots writes PNG files to a local folder, got {plots_dir!r}")
+        raise PrunecompError(f"{option} writes PNG files to a local folder, got {plots_dir!r}")
 
 
 def _write_plots(report: dict[str, Any], plots_dir: str) -> None:
@@ -268,6 +269,68 @@ def prune(out_dir: str, json_out: str | None, plots_dir: str | None, stream_laye
     result = _run(job.model_copy(update={"stream_layers": stream_layers}), json_out)
     if plots_dir is not None:
         _write_plots(result.report, plots_dir)
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    """A report from any JSON prunecomp writes with pruning steps: ``prune --json`` (and a checkpoint's
+    ``prunecomp_report.json``, the same dict), a pipeline run's ``report.json`` / ``run --json``, or a
+    :class:`~prunecomp.job.JobResult` serialised whole (the report under ``"report"``). A folder means the
+    checkpoint's ``prunecomp_report.json`` inside it."""
+    import json
+
+    from prunecomp.checkpoint import REPORT_FILE
+
+    if path.is_dir():
+        path = path / REPORT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PrunecompError(f"report {str(path)!r} does not exist") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PrunecompError(f"cannot read report {str(path)!r}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise PrunecompError(f"report {str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PrunecompError(f"report {str(path)!r} holds a JSON {type(data).__name__}, not a prunecomp report")
+    if "steps" not in data and isinstance(data.get("report"), dict):
+        data = data["report"]
+    return data
+
+
+@main.command("plot")
+@click.argument("report_path", metavar="REPORT", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", default=None, help="Local folder for the PNGs (default: the report's folder).")
+@user_errors
+def plot(report_path: Path, out_dir: str | None) -> None:
+    """Redraw the PNG plots of a finished run from its JSON report.
+
+    REPORT: the JSON of `prunecomp prune --json`, a pruned model folder (its prunecomp_report.json), or a pipeline
+    run's report.json. Writes the layer-score heatmap and the gap-scale plot, plus the per-step perplexity curve
+    for pipeline runs; nothing is written when the report cannot be plotted.
+    """
+    import shutil
+    import tempfile
+
+    from prunecomp.plots import save_report_plots
+
+    _check_plots_dir(out_dir, "--out")
+    report = _read_report(report_path)
+    target = Path(out_dir.removeprefix("file://")).expanduser() if out_dir is not None else (
+        report_path if report_path.is_dir() else report_path.parent)
+    with tempfile.TemporaryDirectory(prefix="prunecomp-plots-") as tmp:
+        drawn = save_report_plots(report, tmp)  # every plot drawn before any lands in the output folder
+        written = []
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for png in drawn:
+                part = target / f".{png.name}.part"
+                shutil.copyfile(png, part)
+                os.replace(part, target / png.name)
+                written.append(target / png.name)
+        except OSError as exc:
+            raise PrunecompError(f"cannot write plots into {str(target)!r}: {exc}") from exc
+    for path in written:
+        out.print(f"plot: {path}", highlight=False, soft_wrap=True)
 
 
 @main.command("eval-ppl")

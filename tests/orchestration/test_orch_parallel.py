@@ -20,7 +20,8 @@ def _reference(stories: Path, n_layers: int) -> tuple[list[int], list[dict[int, 
     from prunecomp.sources import load_model
 
     lm = load_model(str(stories))
-    cal = calibration_windows(lm.tokenizer, "tinystories", n_samples=8, seq_len=128, data_dir=stories.parents[1] / "data")
+    cal = calibration_windows(lm.tokenizer, "tinystories", n_samples=8, seq_len=128,
+                              data_dir=stories.parents[1] / "data")
     report = prune_and_compensate(copy.deepcopy(lm.model), cal, PruneConfig(metric="ppl", n_layers=n_layers),
                                   batch_size=8)
     return report.removed, [s.scores for s in report.steps]

@@ -1,5 +1,5 @@
 """Plots of a pruning run: real PNG files of a readable size from report dicts of both shapes, clear input errors,
-and ``prunecomp prune --plots`` on the real small model."""
+``prunecomp prune --plots`` on the real small model, and ``prunecomp plot REPORT`` redrawing them from JSON."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from tiny_models import tiny_model, tokens
 
+from prunecomp.checkpoint import REPORT_FILE
 from prunecomp.cli import main
+from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
+from prunecomp.loop import prune_and_compensate
 from prunecomp.plots import PLOT_FILES, plot_ppl_curves, plot_scales, plot_scores, save_report_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -107,3 +111,111 @@ def test_prune_writes_plots(stories_dir, tmp_path) -> None:
     result = CliRunner().invoke(main, ["prune", "--model", str(stories_dir), "--layers", "2", *fast, "--out",
                                        str(tmp_path / "out2"), "--plots", "s3://bucket/plots"])
     assert result.exit_code == 2 and "local folder" in result.output and not (tmp_path / "out2").exists()
+
+
+@pytest.fixture(scope="module")
+def real_report() -> dict[str, Any]:
+    """A real ``prunecomp prune --json`` report: ``PruneReport.to_dict()`` of 3 removals from a tiny Llama, plus the
+    keys the job adds (``seconds`` is a dict there, unlike the loop's float)."""
+    report = prune_and_compensate(tiny_model("llama"), tokens(n=4, t=16), PruneConfig(n_layers=3), batch_size=2)
+    return json.loads(json.dumps(report.to_dict() | {"source": {"uri": None}, "perplexity": {},
+                                                     "seconds": {"prune": report.seconds}}))
+
+
+def _plot(*args: str):
+    return CliRunner().invoke(main, ["plot", *args], catch_exceptions=False)
+
+
+def _written(output: str) -> list[Path]:
+    return [Path(line.removeprefix("plot: ")) for line in output.splitlines() if line.startswith("plot: ")]
+
+
+def test_plot_command_redraws_a_prune_report(real_report, tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "R.json").write_text(json.dumps(real_report))
+    result = _plot(str(run / "R.json"))  # default: beside the report
+    assert result.exit_code == 0, result.output
+    expected = [run / PLOT_FILES["scores"], run / PLOT_FILES["scales"]]
+    assert _written(result.output) == expected
+    for p in expected:
+        _png_size(p)
+    assert sorted(p.name for p in run.iterdir()) == sorted(["R.json", *(p.name for p in expected)])  # no temp files
+
+    result = _plot(str(run / "R.json"), "--out", str(tmp_path / "new" / "plots"))  # created with its parents
+    assert result.exit_code == 0, result.output
+    assert _written(result.output) == [tmp_path / "new" / "plots" / p.name for p in expected]
+    for p in _written(result.output):
+        _png_size(p)
+
+
+@pytest.mark.parametrize("shape", ["checkpoint-folder", "job-result", "pipeline"])
+def test_plot_command_reads_every_report_shape(real_report, tmp_path, shape: str) -> None:
+    """A pruned model folder (its prunecomp_report.json), a whole JobResult serialised (report under "report"), and
+    a pipeline run's report.json (records under "record", per-step perplexity: a third plot)."""
+    names = [PLOT_FILES["scores"], PLOT_FILES["scales"]]
+    if shape == "checkpoint-folder":
+        target = tmp_path / "model"
+        target.mkdir()
+        (target / REPORT_FILE).write_text(json.dumps(real_report))
+    else:
+        target = tmp_path / "report.json"
+        data: dict[str, Any] = {"provenance": {}, "report": real_report, "perplexity": {}, "out": None}
+        if shape == "pipeline":
+            data = {"config": {"prune": {"compensation": "magnitude"}}, "base": {"num_layers": 6},
+                    "steps": [{"record": s, "ppl_before": {"c4": 20.0 + i}, "ppl_after": {"c4": 21.0 + 2 * i}}
+                              for i, s in enumerate(real_report["steps"])]}
+            names.append(PLOT_FILES["perplexity"])
+        target.write_text(json.dumps(data))
+    result = _plot(str(target), "--out", str(tmp_path / "plots"))
+    assert result.exit_code == 0, result.output
+    assert _written(result.output) == [tmp_path / "plots" / n for n in names]
+    for p in _written(result.output):
+        _png_size(p)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "does not exist"),
+    ("{not json", "is not valid JSON"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe", "cannot read report"),
+    ("[1, 2]", "holds a JSON list, not a prunecomp report"),
+    ('{"perplexity": {"c4": 10.0}}', "no pruning steps"),
+    ('{"report": {"steps": []}}', "no pruning steps"),
+    ('{"steps": [{"step": 0}]}', "step 0 of the report has no 'scores'/'chosen'"),
+    # scores draw, the scale plot cannot: still nothing may land in --out
+    ('{"steps": [{"scores": {"0": 0.5, "1": 0.1}, "chosen": 1}]}', "no numeric 'measured_scale'"),
+])
+def test_plot_command_bad_report_is_one_error_line(tmp_path, content, message: str) -> None:
+    report = tmp_path / "in" / "R.json"
+    report.parent.mkdir()
+    if isinstance(content, bytes):
+        report.write_bytes(content)
+    elif content is not None:
+        report.write_text(content)
+    before = sorted(report.parent.iterdir())
+    for out_args in ([], ["--out", str(tmp_path / "plots")]):
+        result = _plot(str(report), *out_args)
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], result.output
+        assert "Traceback" not in result.output
+        assert sorted(report.parent.iterdir()) == before and not (tmp_path / "plots").exists()  # nothing written
+
+
+def test_plot_command_refuses_remote_or_unwritable_out(real_report, tmp_path) -> None:
+    (tmp_path / "R.json").write_text(json.dumps(real_report))
+    result = _plot(str(tmp_path / "R.json"), "--out", "s3://bucket/plots")
+    assert result.exit_code == 2 and "error: --out writes PNG files to a local folder" in result.output
+    (tmp_path / "file").write_text("x")
+    result = _plot(str(tmp_path / "R.json"), "--out", str(tmp_path / "file"))
+    assert result.exit_code == 2 and "error: cannot write plots into" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["R.json", "file"]
+
+
+def test_plot_is_a_command_of_the_console_script() -> None:
+    """The installed ``prunecomp`` script is flows.cli:main, which extends the library group: ``plot`` is on it."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="prunecomp")
+    result = CliRunner().invoke(script.load(), ["plot", "--help"])
+    assert result.exit_code == 0 and "REPORT" in result.output and "--out" in result.output, result.output
