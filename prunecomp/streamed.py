@@ -2,7 +2,7 @@
 
 The model is a skeleton whose decoder layers live on the ``meta`` device (no storage); the token embedding,
 final norm, output head and rotary tables are real. Each pass captures the stream entering layer 0 with the
-catch forward of :mod:`prunecomp.sequential`, then loads every kept layer from the memory-mapped safetensors,
+catch forward of :mod:`prunecomp.sequential`, then reads every kept layer from the safetensors files,
 runs it over all calibration batches, folds in its pending compensation scale, and frees it again. Peak memory:
 one layer + two boundaries of calibration activations + embedding/head.
 

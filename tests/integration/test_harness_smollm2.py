@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from qa_reference import argmax, loglikelihood, near_tie
 
 from prunecomp.evaluation.harness import evaluate_qa_samples, subset_indices
 from prunecomp.sources import load_model
@@ -33,28 +34,6 @@ def smollm2():
     assert lm.source.kind == "default" and lm.model.config.num_hidden_layers == 30
     yield lm.model.eval(), lm.tokenizer
     torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def loglikelihood(model, tok, context: str, continuation: str) -> float:
-    """log p(continuation | context), unbatched; lm-eval's split of the tokens between the two."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tok(context + continuation).input_ids
-    cont = whole[len(tok(context).input_ids):]
-    assert cont and len(whole) <= model.config.max_position_embeddings
-    logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].float(), dim=-1)
-    return float(logp[-len(cont):].gather(1, torch.tensor(cont)[:, None]).sum())
-
-
-def argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))  # first of equals, like numpy
-
-
-def near_tie(values: list[float]) -> bool:
-    top = sorted(values, reverse=True)
-    return top[0] - top[1] < TIE
 
 
 def test_arc_easy_scores_match_independent_loglikelihoods(smollm2, data_dir) -> None:
@@ -78,13 +57,13 @@ def test_arc_easy_scores_match_independent_loglikelihoods(smollm2, data_dir) -> 
         theirs = [r[0][0] for r in by_id[i]["resps"]]
         assert lls == pytest.approx(theirs, abs=1e-3, rel=1e-4), i
         norm = [ll / len(choice) for ll, choice in zip(lls, doc["choices"], strict=True)]
-        ties += near_tie(lls)
+        ties += near_tie(lls, TIE)
         correct.append(argmax(lls) == doc["gold"])
         correct_norm.append(argmax(norm) == doc["gold"])
         # the same answer picked, unless two choices are too close to call
-        assert near_tie(lls) or argmax(theirs) == argmax(lls), i
-        assert near_tie(lls) or float(correct[-1]) == by_id[i]["acc"], i
-        assert near_tie(norm) or float(correct_norm[-1]) == by_id[i]["acc_norm"], i
+        assert near_tie(lls, TIE) or argmax(theirs) == argmax(lls), i
+        assert near_tie(lls, TIE) or float(correct[-1]) == by_id[i]["acc"], i
+        assert near_tie(norm, TIE) or float(correct_norm[-1]) == by_id[i]["acc_norm"], i
     assert abs(row["acc"] - sum(correct) / LIMIT) <= ties / LIMIT
     assert abs(row["acc_norm"] - sum(correct_norm) / LIMIT) <= ties / LIMIT
     assert row["metric"] == "acc_norm" and row["score"] == row["acc_norm"]  # the paper's metric for arc_easy

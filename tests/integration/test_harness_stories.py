@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from qa_reference import argmax, loglikelihood, near_tie
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prunecomp.evaluation.harness import (
@@ -41,31 +42,6 @@ def lm():
     model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
     yield model, AutoTokenizer.from_pretrained(STORIES)
     torch.set_num_threads(threads)
-
-
-@torch.no_grad()
-def loglikelihood(model, tok, context: str, continuation: str, max_length: int = 512,
-                  _cache: dict[tuple[int, ...], torch.Tensor] = {}) -> float:  # noqa: B006 (a deliberate cache)
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tok(context + continuation).input_ids
-    cont = whole[len(tok(context).input_ids):]
-    inputs = tuple(whole[-(max_length + 1):][:-1])
-    if inputs not in _cache:  # one forward for MMLU's four one-token answers
-        _cache.clear()
-        _cache[inputs] = torch.log_softmax(model(torch.tensor([inputs])).logits[0].float(), dim=-1)
-    logp = _cache[inputs]
-    return float(logp[-len(cont):].gather(1, torch.tensor(cont)[:, None]).sum())
-
-
-def argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=lambda i: (values[i], -i))  # first of equals, like numpy
-
-
-def near_tie(values: list[float]) -> bool:
-    top = sorted(values, reverse=True)
-    return top[0] - top[1] < TIE
 
 
 def test_qa_scores_match_independent_loglikelihoods(lm) -> None:
@@ -99,13 +75,13 @@ def test_qa_scores_match_independent_loglikelihoods(lm) -> None:
             theirs = [r[0][0] for r in by_id[i]["resps"]]
             assert [tuple(a) for a in by_id[i]["arguments"]] == pairs  # the same prompts, written independently
             assert lls == pytest.approx(theirs, abs=1e-3, rel=1e-4)
-            ties += near_tie(lls)
+            ties += near_tie(lls, TIE)
             correct.append(argmax(lls) == gold)
-            assert near_tie(lls) or float(correct[-1]) == by_id[i]["acc"]
+            assert near_tie(lls, TIE) or float(correct[-1]) == by_id[i]["acc"]
             if texts is not None:
                 norm = [ll / len(t) for ll, t in zip(lls, texts, strict=True)]
                 correct_norm.append(argmax(norm) == gold)
-                assert near_tie(norm) or float(correct_norm[-1]) == by_id[i]["acc_norm"]
+                assert near_tie(norm, TIE) or float(correct_norm[-1]) == by_id[i]["acc_norm"]
         assert abs(row["acc"] - sum(correct) / LIMIT) <= ties / LIMIT
         if texts is not None:
             assert abs(row["acc_norm"] - sum(correct_norm) / LIMIT) <= ties / LIMIT
@@ -159,8 +135,8 @@ def test_mmlu_5shot_matches_independent_scoring(lm) -> None:
         context = (f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}."
                    f"\n\n{shots}{_mmlu_block(test[i])}")
         lls = [loglikelihood(model, tok, context, f" {letter}") for letter in "ABCD"]
-        ties += near_tie(lls)
+        ties += near_tie(lls, TIE)
         ok = argmax(lls) == int(test[i][5])
         correct += ok
-        assert near_tie(lls) or result["subjects"][subject] == {"accuracy": float(ok), "n": 1}, subject
+        assert near_tie(lls, TIE) or result["subjects"][subject] == {"accuracy": float(ok), "n": 1}, subject
     assert abs(result["accuracy"] - correct / 57) <= ties / 57
