@@ -1,19 +1,29 @@
-"""Quality benchmark: perplexity of SmolLM2-135M (or --model) after removing k layers, per metric and variant.
+"""Quality benchmark: perplexity and zero-shot QA of SmolLM2-135M (or --model) after removing k layers, per
+importance metric and variant, with retained performance against the dense model.
 
-Variants per metric: dense; one-shot without compensation (the metric's usual baseline); iterative without
-compensation; iterative Prune&Comp (magnitude compensation); iterative lsq (magnitude + least-squares gap map, this
-project's zero-overhead extension). Iterative runs are evaluated on the way (the state after
-3 removals of a k=8 run IS the k=3 result: re-scoring does not depend on k), so each variant costs one run.
+Variants per metric (``--variants``):
+  one-shot    the metric's usual baseline: score the dense model once, drop the k lowest, no compensation
+  iterative   re-score after every removal, no compensation
+  prune&comp  the paper: iterative + magnitude compensation
+  lsq         prune&comp + least-squares gap map (prunecomp's ``--compensation lsq``)
+  refine      prune&comp + distillation of the dense model into folded per-channel gains
+              (prunecomp's ``--refine``; one refinement per k, from the prune&comp state at that k)
+Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
+does not depend on k), so each variant costs one pruning run. Evaluations are cached by a hash of the weights
+(``--cache``), so a model two variants share (e.g. one-shot = iterative) is evaluated once and a rerun resumes.
 
-Prints a table and writes JSON (default bench/results/quality.json). Example:
-    .venv/bin/python bench/quality.py --ks 3,5,8 --metrics bi
+Prints a markdown table and writes JSON. Several JSONs (e.g. metrics split over processes) render as one table:
+    .venv/bin/python bench/quality.py --metrics bi,angular --out bench/results/quality_a.json
+    .venv/bin/python bench/quality.py --render bench/results/quality_a.json bench/results/quality_b.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import math
 import platform
 import sys
 import time
@@ -24,31 +34,71 @@ import torch
 
 from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.config import PruneConfig
+from prunecomp.evaluation.harness import DEFAULT_TASKS, evaluate_qa, retained
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
+from prunecomp.refine import refine, teacher_targets
 from prunecomp.scoring import scan_layers
 from prunecomp.sources import load_model
 
-
-def _evaluate(model: Any, windows: dict[str, Any]) -> dict[str, float]:
-    out = {name: perplexity(model, w.ids, batch_size=4) for name, w in windows.items()}
-    out["mean"] = sum(out.values()) / len(out)
-    return out
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], windows: dict[str, Any], batch: int) -> dict:
-    """The metric's baseline: score the dense model once, drop the k lowest, no compensation."""
+def weights_hash(model: Any) -> str:
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Evaluator:
+    """Perplexity on fixed windows plus lm-eval QA on a fixed seeded subset, cached by weights hash."""
+
+    def __init__(self, tokenizer: Any, windows: dict[str, Any], args: argparse.Namespace) -> None:
+        self.tokenizer, self.windows, self.args = tokenizer, windows, args
+        self.path = Path(args.cache)
+        self.cache: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.tag = json.dumps([args.eval_seq_len, args.eval_max_windows, args.datasets, args.qa_limit,
+                               args.qa_tasks, str(args.data_dir)])
+
+    def __call__(self, model: Any) -> dict[str, Any]:
+        key = weights_hash(model) + ":" + hashlib.sha256(self.tag.encode()).hexdigest()[:8]
+        if key in self.cache:  # another process may have added entries: re-read before deciding
+            return self.cache[key]
+        t = time.perf_counter()
+        ppl = {name: perplexity(model, w.ids, batch_size=4) for name, w in self.windows.items()}
+        ppl["mean"] = sum(ppl.values()) / len(ppl)
+        out: dict[str, Any] = {"ppl": ppl}
+        if self.args.qa_limit != 0:
+            qa = evaluate_qa(model, self.tokenizer, tuple(self.args.qa_tasks.split(",")), data_dir=self.args.data_dir,
+                             limit=self.args.qa_limit, batch_size=16)
+            out["qa"] = qa
+        out["seconds"] = time.perf_counter() - t
+        fresh = json.loads(self.path.read_text()) if self.path.exists() else {}
+        fresh[key] = out
+        self.cache = fresh
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(fresh))
+        tmp.replace(self.path)
+        return out
+
+
+def _record(removed: list[int], ev: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"removed": sorted(removed), **extra, **ev}
+
+
+def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evaluator, batch: int) -> dict:
     cfg = PruneConfig(metric=metric, n_layers=max(ks), mode="one-shot", compensation="none")
     n = len(model.model.layers)
-    protected = cfg.protected(n)
-    cands = [i for i in range(n) if i not in protected]
+    cands = [i for i in range(n) if i not in cfg.protected(n)]
     results = {}
     if metric == "block":  # contiguous block of exactly k layers, re-scored per k
         for k in ks:
             m = copy.deepcopy(model)
             report = prune_and_compensate(m, cal, cfg.model_copy(update={"n_layers": k}), batch_size=batch)
-            results[k] = {"removed": sorted(report.removed), "ppl": _evaluate(m, windows)}
+            results[k] = _record(report.removed, evaluate(m))
         return results
     scan = scan_layers(model, cal.ids, metric, batch_size=batch, candidates=cands)
     order = sorted(cands, key=lambda i: (scan.scores[i], i))
@@ -56,33 +106,42 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], windows: dict[st
         m = copy.deepcopy(model)
         for i in sorted(order[:k], reverse=True):
             remove_layer(m, i)
-        results[k] = {"removed": sorted(order[:k]), "ppl": _evaluate(m, windows)}
+        results[k] = _record(order[:k], evaluate(m))
     return results
 
 
-def _iterative(model: Any, cal: Any, metric: str, ks: list[int], comp: str, windows: dict[str, Any],
-               batch: int, selection: str = "score") -> dict:
+def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, evaluate: Evaluator, batch: int,
+               args: argparse.Namespace, teacher: Any) -> dict:
+    comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq"}[variant]
     results: dict[int, Any] = {}
+
+    def finish(k: int, report_removed: list[int], scales: list[float], m: Any) -> None:
+        extra: dict[str, Any] = {"scales": scales}
+        if variant == "refine":
+            m = copy.deepcopy(m)
+            rep = refine(m, cal.ids, teacher, mode=args.refine, steps=args.refine_steps, lr=args.refine_lr,
+                         batch_size=args.refine_batch)
+            extra["refine"] = {k2: v for k2, v in rep.to_dict().items() if k2 != "losses"}
+        results[k] = _record(report_removed, evaluate(m), **extra)
+        print(f"    [{metric}/{variant}] k={k}: {results[k]['ppl']}", file=sys.stderr, flush=True)
+
     if metric == "block":  # block size depends on k: one run per k
         for k in ks:
             m = copy.deepcopy(model)
-            cfg = PruneConfig(metric=metric, n_layers=k, compensation=comp, selection=selection)
-            report = prune_and_compensate(m, cal, cfg, batch_size=batch)
-            results[k] = {"removed": report.removed, "scales": [s.applied_scale for s in report.steps],
-                          "ppl": _evaluate(m, windows)}
+            report = prune_and_compensate(m, cal, PruneConfig(metric=metric, n_layers=k, compensation=comp),
+                                          batch_size=batch)
+            finish(k, report.removed, [s.applied_scale for s in report.steps], m)
         return results
     m = copy.deepcopy(model)
-    cfg = PruneConfig(metric=metric, n_layers=max(ks), compensation=comp, selection=selection)
     done: list[Any] = []
 
     def on_step(record: Any, current: Any) -> None:
         done.append(record)
         if len(done) in ks:
-            results[len(done)] = {"removed": [r.chosen for r in done], "scales": [r.applied_scale for r in done],
-                                  "ppl": _evaluate(current, windows)}
-            print(f"    k={len(done)}: {results[len(done)]['ppl']}", file=sys.stderr, flush=True)
+            finish(len(done), [r.chosen for r in done], [r.applied_scale for r in done], current)
 
-    prune_and_compensate(m, cal, cfg, batch_size=batch, on_step=on_step)
+    prune_and_compensate(m, cal, PruneConfig(metric=metric, n_layers=max(ks), compensation=comp),
+                         batch_size=batch, on_step=on_step)
     return results
 
 
@@ -90,20 +149,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--ks", default="3,5,8")
-    ap.add_argument("--metrics", default="bi")
+    ap.add_argument("--metrics", default="bi,angular,block,taylor,mag,ppl")
+    ap.add_argument("--variants", default="one-shot,iterative,prune&comp")
     ap.add_argument("--datasets", default="wikitext2,c4,ptb")
     ap.add_argument("--calib-source", default="c4")
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--eval-seq-len", type=int, default=512)
-    ap.add_argument("--eval-max-windows", type=int, default=64)
+    ap.add_argument("--eval-max-windows", type=int, default=8)
+    ap.add_argument("--qa-limit", type=int, default=30, help="items per QA task (seeded subset); 0 skips QA")
+    ap.add_argument("--qa-tasks", default=",".join(DEFAULT_TASKS))
+    ap.add_argument("--data-dir", default=str(DATA_DIR))
+    ap.add_argument("--refine", default="norms+writers")
+    ap.add_argument("--refine-steps", type=int, default=64)
+    ap.add_argument("--refine-lr", type=float, default=5e-3)
+    ap.add_argument("--refine-batch", type=int, default=2)
+    ap.add_argument("--refine-topk", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--variants", default="one-shot,iterative,prune&comp,lsq",
-                    help="one-shot / iterative (no compensation), prune&comp (magnitude), lsq (magnitude + gap map), "
-                    "lsq+select (lsq + compensation-aware selection among the 4 lowest-scoring layers)")
+    ap.add_argument("--cache", default="bench/results/quality_eval_cache.json")
     ap.add_argument("--out", default="bench/results/quality.json")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the machine)")
+    ap.add_argument("--render", nargs="+", default=None, help="only render these result JSONs as one table")
     args = ap.parse_args()
+    if args.render:
+        print(render([json.loads(Path(p).read_text()) for p in args.render]))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,52 +184,84 @@ def main() -> None:
                               seq_len=args.calib_seq_len, seed=0)
     windows = {d: evaluation_windows(lm.tokenizer, d, seq_len=args.eval_seq_len, max_windows=args.eval_max_windows)
                for d in args.datasets.split(",")}
+    evaluate = Evaluator(lm.tokenizer, windows, args)
+    teacher = None
+    if "refine" in args.variants.split(","):
+        teacher = teacher_targets(lm.model, cal.ids, topk=args.refine_topk, batch_size=args.batch_size)
     result: dict[str, Any] = {
         "settings": {**vars(args), "model_hash": lm.content_hash, "calibration": cal.origin,
                      "eval_tokens": {d: int(w.ids.numel()) for d, w in windows.items()},
                      "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()},
-        "dense": _evaluate(lm.model, windows), "metrics": {},
+        "dense": evaluate(lm.model), "metrics": {},
     }
-    print(f"dense: {result['dense']}", file=sys.stderr, flush=True)
+    print(f"dense: {result['dense']['ppl']}", file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for metric in args.metrics.split(","):
         per: dict[str, Any] = {}
         for variant in args.variants.split(","):
             t = time.perf_counter()
             print(f"[{metric}] {variant}", file=sys.stderr, flush=True)
             if variant == "one-shot":
-                res = _one_shot(lm.model, cal, metric, ks, windows, args.batch_size)
+                res = _one_shot(lm.model, cal, metric, ks, evaluate, args.batch_size)
             else:
-                comp = {"iterative": "none", "prune&comp": "magnitude", "lsq": "lsq", "lsq+select": "lsq"}[variant]
-                selection = "loss" if variant == "lsq+select" else "score"
-                res = _iterative(lm.model, cal, metric, ks, comp, windows, args.batch_size, selection)
+                res = _iterative(lm.model, cal, metric, ks, variant, evaluate, args.batch_size, args, teacher)
             per[variant] = {"results": res, "seconds": time.perf_counter() - t}
         result["metrics"][metric] = per
-    result["seconds"] = time.perf_counter() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(render(result))
+        result["seconds"] = time.perf_counter() - t0
+        out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted run
+    print(render([result]))
 
 
-def render(result: dict[str, Any]) -> str:
-    """Markdown table: one row per (metric, k, variant)."""
-    ds = [d for d in result["dense"] if d != "mean"]
+def _qa_se(qa: dict[str, Any]) -> float:
+    """Standard error of the task-average accuracy (binomial per task, tasks independent)."""
+    var = sum(t["score"] * (1 - t["score"]) / max(t["n"], 1) for t in qa["tasks"].values())
+    return math.sqrt(var) / len(qa["tasks"])
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    """Markdown table: one row per (metric, k, variant), merged over result files of the same protocol."""
+    first = results[0]
+    ds = [d for d in first["dense"]["ppl"] if d != "mean"]
+    has_qa = "qa" in first["dense"]
     head = "| metric | k | variant | removed (original idx) | " + " | ".join(ds) + " | mean PPL |"
-    lines = [head, "|" + "---|" * (4 + len(ds) + 1)]
-    dense = result["dense"]
-    lines.append("| - | 0 | dense | - | " + " | ".join(f"{dense[d]:.2f}" for d in ds) + f" | {dense['mean']:.2f} |")
-    for metric, per in result["metrics"].items():
-        ks = sorted({int(k) for v in per.values() for k in v["results"]})
-        for k in ks:
-            for variant, v in per.items():
-                r = v["results"].get(k) or v["results"].get(str(k))
-                ppl = r["ppl"]
-                lines.append(f"| {metric} | {k} | {variant} | {sorted(r['removed'])} | "
-                             + " | ".join(f"{ppl[d]:.2f}" for d in ds) + f" | {ppl['mean']:.2f} |")
-    s = result["settings"]
+    head += " QA avg | QA retained |" if has_qa else ""
+    cols = 4 + len(ds) + 1 + (2 if has_qa else 0)
+    lines = [head, "|" + "---|" * cols]
+    dense = first["dense"]
+
+    def qa_cells(r: dict[str, Any]) -> str:
+        if not has_qa:
+            return ""
+        kept = retained(r["qa"], dense["qa"])["overall"]
+        return f" {100 * r['qa']['average']:.1f} | {kept:.1f}% |"
+
+    dp = dense["ppl"]
+    lines.append("| - | 0 | dense | - | " + " | ".join(f"{dp[d]:.2f}" for d in ds) + f" | {dp['mean']:.2f} |"
+                 + qa_cells(dense))
+    seconds = 0.0
+    for result in results:
+        seconds += result.get("seconds", 0.0)
+        for metric, per in result["metrics"].items():
+            ks = sorted({int(k) for v in per.values() for k in v["results"]})
+            for k in ks:
+                for variant, v in per.items():
+                    r = v["results"].get(k) or v["results"].get(str(k))
+                    if r is None:
+                        continue
+                    ppl = r["ppl"]
+                    lines.append(f"| {metric} | {k} | {variant} | {sorted(r['removed'])} | "
+                                 + " | ".join(f"{ppl[d]:.2f}" for d in ds) + f" | {ppl['mean']:.2f} |" + qa_cells(r))
+    s = first["settings"]
     lines.append("")
-    lines.append(f"Calibration: {s['calib_samples']} x {s['calib_seq_len']} tokens of {s['calib_source']}; "
-                 f"perplexity: first {s['eval_max_windows']} x {s['eval_seq_len']}-token windows per corpus; "
-                 f"total time {result['seconds']:.0f} s.")
+    note = (f"Calibration: {s['calib_samples']} x {s['calib_seq_len']} tokens of {s['calib_source']}; perplexity: "
+            f"first {s['eval_max_windows']} x {s['eval_seq_len']}-token windows per corpus")
+    if has_qa:
+        n = sum(t["n"] for t in dense["qa"]["tasks"].values())
+        note += (f"; QA: lm-eval zero-shot, {s['qa_limit']} seeded items per task ({n} items, "
+                 f"{', '.join(dense['qa']['tasks'])}; acc_norm for arc/hellaswag/piqa, acc otherwise; standard error "
+                 f"of the dense average {100 * _qa_se(dense['qa']):.1f} points)")
+    lines.append(note + f"; compute time {seconds:.0f} s over {len(results)} process(es).")
     return "\n".join(lines)
 
 

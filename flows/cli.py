@@ -86,7 +86,8 @@ def _build_config(kw: dict[str, Any]) -> Any:
         "prune": {"metric": kw["metric"], "n_layers": n_layers, "fraction": kw["fraction"],
                   "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
                   "selection_pool": kw["selection_pool"],
-                  "scoring": kw["scoring"]},
+                  "scoring": kw["scoring"], "refine": kw["refine"], "refine_steps": kw["refine_steps"],
+                  "refine_lr": kw["refine_lr"]},
         "calibration": cal, "evaluation": ev,
         "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
         if quick else None,
@@ -174,6 +175,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--selection-pool", type=int, default=4, show_default=True)
 @click.option("--scoring", type=click.Choice(["incremental", "exact"]), default="incremental", show_default=True,
               help="incremental re-runs only the layers after the gap within a step's scoring; exact all of them.")
+@click.option("--refine", type=click.Choice(["none", "norms", "norms+writers"]), default="none", show_default=True,
+              help="Distil the dense model into folded per-channel gains after the last removal (zero run-time cost).")
+@click.option("--refine-steps", type=int, default=64, show_default=True)
+@click.option("--refine-lr", type=float, default=5e-3, show_default=True)
 @click.option("--parallel-candidates", type=int, default=1, show_default=True,
               help="Split PPL-on-skip candidate scoring into N tasks run by --task-runner.")
 @click.option("--task-runner", default=None, help="threads (default), dask (local cluster of "

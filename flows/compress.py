@@ -24,10 +24,11 @@ from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
 from tasks.candidates import CandidateJob, score_candidates, split
 from tasks.evaluate import evaluate_checkpoint
-from tasks.jobs import CalibrationJob, EvalJob, ModelJob, StepJob
+from tasks.jobs import CalibrationJob, EvalJob, ModelJob, RefineJob, StepJob
 from tasks.keys import code_version
 from tasks.model_io import materialize_model, resolve_model
 from tasks.prune import prune_one_step
+from tasks.refine import refine_checkpoint
 from tasks.settings import Locations, configure_s3, locations
 from tasks.tracking import log_run_task, register_task
 
@@ -139,6 +140,21 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         parent, parent_ppl = meta, after
     kept = [s for s in steps if s["kept"]]
     final = parent
+    refined: dict[str, Any] | None = None
+    if config.prune.refine != "none" and kept:
+        p = config.prune
+        rjob = RefineJob(store=store, base_uri=base["uri"], base_hash=base["hash"], parent_uri=final["uri"],
+                         parent_hash=final["hash"], calibration_uri=cal["uri"], calibration_digest=cal["digest"],
+                         mode=p.refine, steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch,
+                         topk=p.refine_topk, batch_size=config.calibration.batch_size)
+        meta, cached = run_cached(refine_checkpoint, rjob)
+        after = quick(meta)
+        refined = {"uri": meta["uri"], "hash": meta["hash"], "report": meta["refine"], "reused": cached,
+                   "ppl_before": parent_ppl, "ppl_after": after}
+        log.info("refine (%s, %d steps): calibration KL %.4f -> %.4f, quick ppl %s -> %s%s", p.refine,
+                 p.refine_steps, meta["refine"]["loss_before"], meta["refine"]["loss_after"],
+                 _fmt(_mean(parent_ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
+        final = meta
 
     def full(meta: dict[str, Any]) -> dict[str, Any]:
         job = EvalJob(store=store, checkpoint_uri=meta["uri"], checkpoint_hash=meta["hash"],
@@ -158,6 +174,7 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         "run_id": run_id, "config": config.model_dump(mode="json"), "code_version": code, "source": source,
         "base": {"uri": base["uri"], "hash": base["hash"], "num_layers": n_src}, "calibration": cal,
         "steps": steps, "removed": [s["record"]["chosen"] for s in kept], "stop_reason": stop_reason,
+        "refine": refined,
         "final": {"uri": final["uri"], "hash": final["hash"]}, "perplexity": ppl, "qa": qa, "metrics": metrics,
         "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
         "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
@@ -200,7 +217,8 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
 
     prune = config.prune
     tags = {
-        "method": {"magnitude": "prune&comp", "lsq": "prune&comp+lsq"}.get(prune.compensation, "naive-depth-pruning"),
+        "method": {"magnitude": "prune&comp", "lsq": "prune&comp+lsq"}.get(prune.compensation, "naive-depth-pruning")
+        + ("" if prune.refine == "none" else f"+refine-{prune.refine}"),
         "metric": prune.metric, "compensation": prune.compensation,
         "layers_removed": str(summary["removed"]), "n_layers_removed": str(len(summary["removed"])),
         "source_model": summary["source"]["uri"], "source_hash": summary["source"]["content_hash"],

@@ -52,6 +52,10 @@ class PruneConfig(_Frozen):
     ``selection``: ``score`` removes the lowest-scoring layer; ``loss`` tries the ``selection_pool`` lowest-scoring
     ones with compensation applied and removes the one with the lowest calibration loss (iterative mode; see
     :mod:`prunecomp.selection`).
+    ``refine``: after the last removal, distil the dense model's predictions on the calibration windows into
+    per-channel gains folded into the norms (``norms``) and also the residual writers (``norms+writers``):
+    ``refine_steps`` Adam steps at ``refine_lr`` on ``refine_batch`` windows, teacher kept as top-``refine_topk``
+    log-probs (see :mod:`prunecomp.refine`). Still zero run-time cost. ``none`` is the paper's method.
     ``scoring``: ``incremental`` re-runs only the layers after each gap from cached activations (same choices,
     scores equal within float rounding; see :mod:`prunecomp.incremental`); ``exact`` recomputes everything.
     """
@@ -66,6 +70,11 @@ class PruneConfig(_Frozen):
     selection: Literal["score", "loss"] = "score"
     selection_pool: int = Field(4, ge=1)
     scoring: Literal["incremental", "exact"] = "incremental"
+    refine: Literal["none", "norms", "norms+writers"] = "none"
+    refine_steps: int = Field(64, ge=1)
+    refine_lr: float = Field(5e-3, gt=0.0)
+    refine_batch: int = Field(2, ge=1)
+    refine_topk: int = Field(64, ge=1)
 
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:

@@ -26,6 +26,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.incremental import INCREMENTAL_METRICS, PER_CANDIDATE_METRICS, IncrementalScanner, cache_bytes
 from prunecomp.lsq import apply_gap_map, fit_gap_map
 from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.refine import TeacherTargets, refine, teacher_targets
 from prunecomp.scoring import LayerScan, scan_layers
 from prunecomp.selection import select_by_loss
 
@@ -71,6 +72,7 @@ class PruneReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     scoring: str = "exact"
+    refine: dict[str, Any] | None = None
 
     @property
     def removed(self) -> list[int]:
@@ -271,6 +273,7 @@ def prune_and_compensate(
     on_batch: Callable[[], None] | None = None,
     calibration_config: CalibrationConfig | None = None,
     cache_budget_bytes: int | None = None,
+    teacher: TeacherTargets | nn.Module | None = None,
 ) -> PruneReport:
     """Remove layers from ``model`` in place until the configured count is gone; return the report.
 
@@ -280,6 +283,10 @@ def prune_and_compensate(
     ``config.scoring="incremental"`` (default) keeps the residual stream of every layer boundary between steps
     and re-runs only the layers after each gap (:mod:`prunecomp.incremental`), within ``cache_budget_bytes``
     (default: a quarter of physical memory; over it, exact scoring).
+    ``config.refine`` (not ``none``) fits folded per-channel gains after the last removal
+    (:func:`prunecomp.refine.refine`) against the dense model's predictions: computed here from ``model`` itself
+    when no layer is gone yet, otherwise from ``teacher`` (the dense model, or its :class:`TeacherTargets`).
+    ``on_step`` sees each removal before refinement.
     """
     t0 = time.perf_counter()
     get_adapter(model)
@@ -292,6 +299,7 @@ def prune_and_compensate(
     if calibration_config is not None:
         report.calibration["config"] = calibration_config.model_dump(mode="json")
     already = n_src - len(decoder_layers(model))
+    targets = _teacher(model, calibration, config, teacher, already, batch_size)
     scanner = make_scanner(model, calibration, config, batch_size=batch_size, on_batch=on_batch,
                            cache_budget_bytes=cache_budget_bytes)
     report.scoring = "incremental" if scanner is not None else "exact"
@@ -323,5 +331,26 @@ def prune_and_compensate(
             report.steps.append(record)
             if on_step is not None:
                 on_step(record, model)
+    if targets is not None:
+        done = refine(model, _windows(calibration), targets, mode=config.refine, steps=config.refine_steps,
+                      lr=config.refine_lr, batch_size=config.refine_batch)
+        report.refine = done.to_dict()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _teacher(model: nn.Module, calibration: TokenWindows | Tensor, config: PruneConfig,
+             teacher: TeacherTargets | nn.Module | None, already: int, batch_size: int) -> TeacherTargets | None:
+    """The dense model's top-k predictions on the calibration windows, when refinement is asked for."""
+    if config.refine == "none":
+        return None
+    ids = _windows(calibration)
+    if isinstance(teacher, TeacherTargets):
+        return teacher
+    if teacher is None:
+        if already:
+            raise PrunecompError(
+                f"refine={config.refine!r} needs the dense model's predictions, but this model already has "
+                f"{already} layers removed: pass teacher= (the dense model or its TeacherTargets)")
+        teacher = model
+    return teacher_targets(teacher, ids, topk=config.refine_topk, batch_size=batch_size)

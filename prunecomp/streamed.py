@@ -254,6 +254,9 @@ def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
     if config.mode != "iterative" or config.compensation not in ("magnitude", "none") or config.selection != "score":
         raise PrunecompError("layer streaming runs iterative BI/angular pruning with magnitude or no compensation "
                              "and score selection")
+    if config.refine != "none":
+        raise PrunecompError("layer streaming does not support --refine (it back-propagates through the whole "
+                             "model); prune without --stream-layers to refine")
     if config.metric not in STREAMED_METRICS:
         raise PrunecompError(f"layer streaming supports metrics {sorted(STREAMED_METRICS)}, got {config.metric!r}")
     _candidates(sm.model, config, config.layers_to_remove(sm.source_layers))

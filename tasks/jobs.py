@@ -13,7 +13,7 @@ environments explicitly).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -92,6 +92,32 @@ class StepJob(Job):
     step: int = Field(ge=0)
     batch_size: int = Field(gt=0)  # summation order of the scores: it can flip a near-tie
     candidate_scores: dict[int, float] | None = None
+
+    def key_payload(self) -> dict[str, object]:
+        payload = super().key_payload()
+        # Refinement runs after the last step (RefineJob): a refined run reuses the plain run's steps.
+        payload["prune"] = {k: v for k, v in dict(payload["prune"]).items() if not k.startswith("refine")}
+        return payload
+
+
+class RefineJob(Job):
+    """Distil the dense model (``base``) into folded gains of the last pruned checkpoint (``parent``)."""
+
+    kind: ClassVar[str] = "refined"
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parent_uri", "calibration_uri"})
+
+    base_uri: str
+    base_hash: str
+    parent_uri: str
+    parent_hash: str
+    calibration_uri: str
+    calibration_digest: str
+    mode: Literal["norms", "norms+writers"]
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
+    batch: int = Field(ge=1)
+    topk: int = Field(ge=1)
+    batch_size: int = Field(gt=0)
 
 
 class EvalJob(Job):

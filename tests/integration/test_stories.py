@@ -73,3 +73,26 @@ def test_pruned_checkpoint_reloads_with_plain_transformers(stories, tmp_path, co
     prompt = lm.tokenizer("Once upon a time", return_tensors="pt").input_ids
     gen = reloaded.generate(prompt, max_new_tokens=8, do_sample=False)
     assert gen.shape[1] == prompt.shape[1] + 8
+
+
+def test_refine_beats_prune_and_comp_and_saves_exactly(stories, tmp_path) -> None:
+    """On held-out TinyStories: refined < Prune&Comp perplexity; the saved, reloaded model (plain transformers) gives
+    the in-memory refined model's logits."""
+    lm, cal, ev = stories
+    ppl, models = {}, {}
+    for refine in ("none", "norms+writers"):
+        model = copy.deepcopy(lm.model)
+        report = prune_and_compensate(model, cal, PruneConfig(n_layers=2, refine=refine, refine_steps=24,
+                                                              refine_lr=2e-2))
+        ppl[refine], models[refine] = perplexity(model, ev.ids, batch_size=8), model
+        assert report.removed[0] == 2
+    assert ppl["norms+writers"] < 0.95 * ppl["none"]
+    refined = models["norms+writers"]
+    save_pruned(refined, lm.tokenizer, str(tmp_path / "refined"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "refined")
+    ids = ev.ids[:2]
+    with torch.no_grad():
+        expected = refined(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    assert reloaded.config.num_hidden_layers == 3
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -167,3 +167,25 @@ def test_unreachable_s3_is_a_clear_error_after_bounded_retries(harness, make_con
         compress(config=make_config("s3://prunecomp/nowhere", "sqlite:///unused.db"))
     assert time.perf_counter() - t < 20
     assert "never-print-this-secret" not in str(info.value)
+
+
+def test_refined_run_reuses_the_plain_runs_steps(harness, tracking_uri, make_config, tmp_path: Path) -> None:
+    """--refine adds one cached task after the last step: the pruning steps of the plain run are reused, the final
+    checkpoint is the refined one, and its quick perplexity is lower than the last step's."""
+    from flows.compress import compress
+
+    store = str(tmp_path / "store")
+    no_mlflow = {"log_and_register": False, "store": store, "tracking_uri": tracking_uri}
+    plain = compress(config=make_config(store, tracking_uri, tracking=no_mlflow))
+    cfg = make_config(store, tracking_uri, tracking=no_mlflow,
+                      prune={"refine": "norms+writers", "refine_steps": 12, "refine_lr": 2e-2})
+    refined = compress(config=cfg)
+    assert (refined["steps_reused"], refined["steps_computed"]) == (2, 0)
+    assert refined["removed"] == plain["removed"] and refined["refine"] is not None
+    assert refined["final"]["uri"] == refined["refine"]["uri"] != plain["final"]["uri"]
+    assert Path(refined["final"]["uri"], "_COMPLETE").is_file()
+    report = refined["refine"]["report"]
+    assert report["loss_after"] < report["loss_before"]
+    assert sum(refined["refine"]["ppl_after"].values()) < sum(refined["refine"]["ppl_before"].values())
+    again = compress(config=cfg)
+    assert again["refine"]["reused"] and again["final"]["hash"] == refined["final"]["hash"]

@@ -1,0 +1,121 @@
+"""Refinement (prunecomp.refine): the distillation loss against its formula, exact folding of the fitted gains on
+every family, reproducibility, and the loop / error wiring."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import FAMILIES, gemma2_model, tiny_model, tokens
+from torch.testing import assert_close
+
+from prunecomp.config import PruneConfig
+from prunecomp.errors import PrunecompError
+from prunecomp.loop import prune_and_compensate
+from prunecomp.pruning import remove_layer
+from prunecomp.refine import TeacherTargets, distill_loss, fold_gains, gains, gains_applied, refine, teacher_targets
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_distill_loss_matches_cross_entropy_formula() -> None:
+    torch.manual_seed(0)
+    t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    top = torch.log_softmax(t, -1).topk(11, -1)  # full support: the plain soft-label cross-entropy
+    expected = -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean()
+    assert_close(distill_loss(s, top.values, top.indices), expected)
+    # the teacher itself is the minimiser: KL = loss - entropy >= 0 with equality at the teacher
+    entropy = -(torch.softmax(t, -1) * torch.log_softmax(t, -1)).sum(-1).mean()
+    assert_close(distill_loss(t, top.values, top.indices), entropy)
+    assert distill_loss(s, top.values, top.indices) > entropy
+    # top-k: renormalised over the k most likely tokens
+    k3 = torch.log_softmax(t, -1).topk(3, -1)
+    p = torch.softmax(k3.values, -1)
+    manual = -(p * torch.log_softmax(s, -1).gather(-1, k3.indices)).sum(-1).mean()
+    assert_close(distill_loss(s, k3.values, k3.indices), manual)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gemma2"])
+@pytest.mark.parametrize("mode", ["norms", "norms+writers"])
+def test_folded_gains_equal_hooked_gains(family: str, mode: str) -> None:
+    model = gemma2_model() if family == "gemma2" else tiny_model(family)
+    remove_layer(model, 2)
+    items = gains(model, mode)
+    gen = torch.Generator().manual_seed(3)
+    for g in items:
+        with torch.no_grad():
+            g.value.copy_(1 + 0.3 * torch.randn(g.value.shape, generator=gen))
+    ids = tokens()
+    with gains_applied(items):
+        hooked = _logits(model, ids)
+    plain = _logits(model, ids)
+    assert (hooked - plain).abs().max() > 1e-3  # the gains do change the model
+    names = {n: p.shape for n, p in model.named_parameters()}
+    fold_gains(items)
+    assert {n: p.shape for n, p in model.named_parameters()} == names  # a plain model, nothing added
+    assert_close(_logits(model, ids), hooked, atol=1e-4, rtol=1e-4)  # float rounding of (1+w)*g-1
+
+
+def test_norms_writers_adds_writer_gains_only_for_pre_norm_families() -> None:
+    llama = gains(tiny_model("llama"), "norms+writers")
+    assert {g.kind for g in llama} == {"norm", "linear"}
+    gemma = gains(gemma2_model(), "norms+writers")
+    assert {g.kind for g in gemma} == {"norm"}  # sandwich-norm writers are norms, fitted already
+    assert len(gemma) == len(gains(gemma2_model(), "norms"))
+    with pytest.raises(PrunecompError, match="refine mode"):
+        gains(tiny_model("llama"), "everything")
+
+
+def test_refine_lowers_the_calibration_loss_and_is_reproducible() -> None:
+    dense = tiny_model("llama")
+    ids = tokens(n=4, t=16)
+    targets = teacher_targets(dense, ids, topk=16)
+    runs = []
+    for _ in range(2):
+        m = copy.deepcopy(dense)
+        remove_layer(m, 2)
+        rep = refine(m, ids, targets, mode="norms+writers", steps=20, lr=2e-2, batch_size=2, seed=5)
+        runs.append((m, rep))
+    (m1, r1), (m2, r2) = runs
+    assert r1.loss_after < r1.loss_before
+    assert r1.parameters == sum(g.value.numel() for g in gains(m1, "norms+writers"))
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert all(p.requires_grad for p in m1.parameters())  # the caller's flags are restored
+
+
+def test_refine_rejects_targets_of_other_windows() -> None:
+    model = tiny_model("llama")
+    targets = TeacherTargets(torch.zeros(2, 8, 4), torch.zeros(2, 8, 4, dtype=torch.long))
+    with pytest.raises(PrunecompError, match="do not match the calibration windows"):
+        refine(model, tokens(n=3, t=8), targets)
+
+
+def test_loop_refines_after_the_last_removal() -> None:
+    model = tiny_model("llama")
+    ids = tokens(n=4, t=16)
+    cfg = PruneConfig(n_layers=2, refine="norms", refine_steps=10, refine_lr=2e-2, refine_topk=8)
+    plain = copy.deepcopy(model)
+    base = prune_and_compensate(plain, ids, cfg.model_copy(update={"refine": "none"}), batch_size=2)
+    report = prune_and_compensate(model, ids, cfg, batch_size=2)
+    assert report.removed == base.removed  # refinement does not change the pruning decisions
+    assert report.refine is not None and report.refine["mode"] == "norms"
+    assert report.refine["loss_after"] < report.refine["loss_before"]
+    assert base.refine is None
+    assert "refine" in report.to_dict()
+
+
+def test_loop_needs_a_teacher_for_an_already_pruned_model() -> None:
+    dense = tiny_model("llama")
+    model = copy.deepcopy(dense)
+    remove_layer(model, 1)
+    ids = tokens(n=2, t=8)
+    cfg = PruneConfig(n_layers=2, refine="norms", refine_steps=2)
+    with pytest.raises(PrunecompError, match="pass teacher="):
+        prune_and_compensate(model, ids, cfg, batch_size=2)
+    report = prune_and_compensate(model, ids, cfg, batch_size=2, teacher=dense)
+    assert report.refine is not None and len(report.steps) == 1
