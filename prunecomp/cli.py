@@ -122,6 +122,11 @@ def _summary(result: JobResult) -> None:
         steps.add_row(str(s["step"] + 1), str(s["chosen"]), f"{score:.4g}" if score is not None else "-",
                       f"{s['applied_scale']:.4f}", str(s["layers_after"]), f"{s['seconds']:.1f}")
     out.print(steps)
+    refined = report.get("refine")
+    if refined:
+        out.print(f"Refined ({refined['mode']}, {refined['steps']} steps, {refined['parameters']} gains folded into "
+                  f"the weights): calibration KL to the dense model {refined['loss_before']:.4f} -> "
+                  f"{refined['loss_after']:.4f} in {refined['seconds']:.0f} s")
     if result.perplexity:
         table = Table(title="Perplexity")
         for col in ("dataset", "dense", "pruned", "ratio"):
