@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -54,35 +55,50 @@ def weights_hash(model: Any) -> str:
 
 
 class Evaluator:
-    """Perplexity on fixed windows plus lm-eval QA on a fixed seeded subset, cached by weights hash."""
+    """Perplexity on fixed windows, plus lm-eval QA on a fixed seeded subset where asked; each cached by weights
+    hash (and the settings that produced it) in one JSON file shared by concurrent runs."""
 
     def __init__(self, tokenizer: Any, windows: dict[str, Any], args: argparse.Namespace) -> None:
         self.tokenizer, self.windows, self.args = tokenizer, windows, args
         self.path = Path(args.cache)
-        self.cache: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.tag = json.dumps([args.eval_seq_len, args.eval_max_windows, args.datasets, args.qa_limit,
-                               args.qa_tasks, str(args.data_dir)])
+        self.ppl_tag = self._tag([args.eval_seq_len, args.eval_max_windows, args.datasets])
+        self.qa_tag = self._tag([args.qa_limit, args.qa_tasks, str(args.data_dir)])
 
-    def __call__(self, model: Any) -> dict[str, Any]:
-        key = weights_hash(model) + ":" + hashlib.sha256(self.tag.encode()).hexdigest()[:8]
-        if key in self.cache:  # another process may have added entries: re-read before deciding
-            return self.cache[key]
-        t = time.perf_counter()
-        ppl = {name: perplexity(model, w.ids, batch_size=4) for name, w in self.windows.items()}
-        ppl["mean"] = sum(ppl.values()) / len(ppl)
-        out: dict[str, Any] = {"ppl": ppl}
-        if self.args.qa_limit != 0:
-            qa = evaluate_qa(model, self.tokenizer, tuple(self.args.qa_tasks.split(",")), data_dir=self.args.data_dir,
-                             limit=self.args.qa_limit, batch_size=16)
-            out["qa"] = qa
-        out["seconds"] = time.perf_counter() - t
-        fresh = json.loads(self.path.read_text()) if self.path.exists() else {}
-        fresh[key] = out
-        self.cache = fresh
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(fresh))
+    @staticmethod
+    def _tag(parts: list[Any]) -> str:
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
+
+    def _cached(self, key: str, compute: Any) -> Any:
+        cache = json.loads(self.path.read_text()) if self.path.exists() else {}
+        if key in cache:
+            return cache[key]
+        value = compute()
+        cache = json.loads(self.path.read_text()) if self.path.exists() else {}  # others may have written meanwhile
+        cache[key] = value
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
         tmp.replace(self.path)
-        return out
+        return value
+
+    def __call__(self, model: Any, qa: bool = True) -> dict[str, Any]:
+        h = weights_hash(model)
+
+        def ppl() -> dict[str, float]:
+            out = {name: perplexity(model, w.ids, batch_size=4) for name, w in self.windows.items()}
+            out["mean"] = sum(out.values()) / len(out)
+            return out
+
+        result: dict[str, Any] = {"ppl": self._cached(f"ppl:{h}:{self.ppl_tag}", ppl)}
+        if qa and self.args.qa_limit != 0:
+            result["qa"] = self._cached(
+                f"qa:{h}:{self.qa_tag}",
+                lambda: evaluate_qa(model, self.tokenizer, tuple(self.args.qa_tasks.split(",")),
+                                    data_dir=self.args.data_dir, limit=self.args.qa_limit, batch_size=16))
+        return result
+
+    def at(self, k: int) -> bool:
+        """Whether QA is measured for models with ``k`` layers removed (``--qa-ks``)."""
+        return self.args.qa_ks == "all" or str(k) in self.args.qa_ks.split(",")
 
 
 def _record(removed: list[int], ev: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -98,7 +114,7 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evalua
         for k in ks:
             m = copy.deepcopy(model)
             report = prune_and_compensate(m, cal, cfg.model_copy(update={"n_layers": k}), batch_size=batch)
-            results[k] = _record(report.removed, evaluate(m))
+            results[k] = _record(report.removed, evaluate(m, evaluate.at(k)))
         return results
     scan = scan_layers(model, cal.ids, metric, batch_size=batch, candidates=cands)
     order = sorted(cands, key=lambda i: (scan.scores[i], i))
@@ -106,12 +122,12 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evalua
         m = copy.deepcopy(model)
         for i in sorted(order[:k], reverse=True):
             remove_layer(m, i)
-        results[k] = _record(order[:k], evaluate(m))
+        results[k] = _record(order[:k], evaluate(m, evaluate.at(k)))
     return results
 
 
 def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, evaluate: Evaluator, batch: int,
-               args: argparse.Namespace, teacher: Any) -> dict:
+               args: argparse.Namespace, teacher: Any, fit_on: Any) -> dict:
     comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq"}[variant]
     results: dict[int, Any] = {}
 
@@ -119,10 +135,10 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
         extra: dict[str, Any] = {"scales": scales}
         if variant == "refine":
             m = copy.deepcopy(m)
-            rep = refine(m, cal.ids, teacher, mode=args.refine, steps=args.refine_steps, lr=args.refine_lr,
+            rep = refine(m, fit_on.ids, teacher, mode=args.refine, steps=args.refine_steps, lr=args.refine_lr,
                          batch_size=args.refine_batch)
             extra["refine"] = {k2: v for k2, v in rep.to_dict().items() if k2 != "losses"}
-        results[k] = _record(report_removed, evaluate(m), **extra)
+        results[k] = _record(report_removed, evaluate(m, evaluate.at(k)), **extra)
         print(f"    [{metric}/{variant}] k={k}: {results[k]['ppl']}", file=sys.stderr, flush=True)
 
     if metric == "block":  # block size depends on k: one run per k
@@ -158,6 +174,7 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=512)
     ap.add_argument("--eval-max-windows", type=int, default=8)
     ap.add_argument("--qa-limit", type=int, default=30, help="items per QA task (seeded subset); 0 skips QA")
+    ap.add_argument("--qa-ks", default="5", help="k values whose models get QA (comma list or 'all'); dense always")
     ap.add_argument("--qa-tasks", default=",".join(DEFAULT_TASKS))
     ap.add_argument("--data-dir", default=str(DATA_DIR))
     ap.add_argument("--refine", default="norms+writers")
@@ -165,6 +182,7 @@ def main() -> None:
     ap.add_argument("--refine-lr", type=float, default=5e-3)
     ap.add_argument("--refine-batch", type=int, default=2)
     ap.add_argument("--refine-topk", type=int, default=64)
+    ap.add_argument("--refine-samples", type=int, default=None, help="windows refinement fits on (default: calib)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--cache", default="bench/results/quality_eval_cache.json")
     ap.add_argument("--out", default="bench/results/quality.json")
@@ -185,9 +203,12 @@ def main() -> None:
     windows = {d: evaluation_windows(lm.tokenizer, d, seq_len=args.eval_seq_len, max_windows=args.eval_max_windows)
                for d in args.datasets.split(",")}
     evaluate = Evaluator(lm.tokenizer, windows, args)
-    teacher = None
+    teacher, fit_on = None, cal
     if "refine" in args.variants.split(","):
-        teacher = teacher_targets(lm.model, cal.ids, topk=args.refine_topk, batch_size=args.batch_size)
+        if args.refine_samples:
+            fit_on = calibration_windows(lm.tokenizer, args.calib_source, n_samples=args.refine_samples,
+                                         seq_len=args.calib_seq_len, seed=0)
+        teacher = teacher_targets(lm.model, fit_on.ids, topk=args.refine_topk, batch_size=args.batch_size)
     result: dict[str, Any] = {
         "settings": {**vars(args), "model_hash": lm.content_hash, "calibration": cal.origin,
                      "eval_tokens": {d: int(w.ids.numel()) for d, w in windows.items()},
@@ -205,7 +226,8 @@ def main() -> None:
             if variant == "one-shot":
                 res = _one_shot(lm.model, cal, metric, ks, evaluate, args.batch_size)
             else:
-                res = _iterative(lm.model, cal, metric, ks, variant, evaluate, args.batch_size, args, teacher)
+                res = _iterative(lm.model, cal, metric, ks, variant, evaluate, args.batch_size, args, teacher,
+                                 fit_on)
             per[variant] = {"results": res, "seconds": time.perf_counter() - t}
         result["metrics"][metric] = per
         result["seconds"] = time.perf_counter() - t0
@@ -233,6 +255,8 @@ def render(results: list[dict[str, Any]]) -> str:
     def qa_cells(r: dict[str, Any]) -> str:
         if not has_qa:
             return ""
+        if "qa" not in r:
+            return " - | - |"
         kept = retained(r["qa"], dense["qa"])["overall"]
         return f" {100 * r['qa']['average']:.1f} | {kept:.1f}% |"
 
@@ -258,7 +282,8 @@ def render(results: list[dict[str, Any]]) -> str:
             f"first {s['eval_max_windows']} x {s['eval_seq_len']}-token windows per corpus")
     if has_qa:
         n = sum(t["n"] for t in dense["qa"]["tasks"].values())
-        note += (f"; QA: lm-eval zero-shot, {s['qa_limit']} seeded items per task ({n} items, "
+        note += (f"; QA (k in {s.get('qa_ks', 'all')} and dense): lm-eval zero-shot, {s['qa_limit']} seeded items "
+                 f"per task ({n} items, "
                  f"{', '.join(dense['qa']['tasks'])}; acc_norm for arc/hellaswag/piqa, acc otherwise; standard error "
                  f"of the dense average {100 * _qa_se(dense['qa']):.1f} points)")
     lines.append(note + f"; compute time {seconds:.0f} s over {len(results)} process(es).")

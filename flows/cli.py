@@ -87,7 +87,7 @@ def _build_config(kw: dict[str, Any]) -> Any:
                   "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
                   "selection_pool": kw["selection_pool"],
                   "scoring": kw["scoring"], "refine": kw["refine"], "refine_steps": kw["refine_steps"],
-                  "refine_lr": kw["refine_lr"]},
+                  "refine_lr": kw["refine_lr"], "refine_samples": kw["refine_samples"]},
         "calibration": cal, "evaluation": ev,
         "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
         if quick else None,
@@ -179,6 +179,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
               help="Distil the dense model into folded per-channel gains after the last removal (zero run-time cost).")
 @click.option("--refine-steps", type=int, default=64, show_default=True)
 @click.option("--refine-lr", type=float, default=5e-3, show_default=True)
+@click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on.")
 @click.option("--parallel-candidates", type=int, default=1, show_default=True,
               help="Split PPL-on-skip candidate scoring into N tasks run by --task-runner.")
 @click.option("--task-runner", default=None, help="threads (default), dask (local cluster of "

@@ -143,8 +143,14 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
     refined: dict[str, Any] | None = None
     if config.prune.refine != "none" and kept:
         p = config.prune
+        fit_on = cal
+        if p.refine_samples is not None:  # its own cached calibration set (a superset of the scoring windows)
+            fit_on, _ = run_cached(build_calibration, CalibrationJob(
+                store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
+                calibration=config.calibration.model_copy(update={"n_samples": p.refine_samples})))
         rjob = RefineJob(store=store, base_uri=base["uri"], base_hash=base["hash"], parent_uri=final["uri"],
-                         parent_hash=final["hash"], calibration_uri=cal["uri"], calibration_digest=cal["digest"],
+                         parent_hash=final["hash"], calibration_uri=fit_on["uri"],
+                         calibration_digest=fit_on["digest"],
                          mode=p.refine, steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch,
                          topk=p.refine_topk, batch_size=config.calibration.batch_size)
         meta, cached = run_cached(refine_checkpoint, rjob)

@@ -173,6 +173,8 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "a few minutes on CPU for 135M, still zero run-time cost. none = the paper's method."),
         click.option("--refine-steps", type=int, default=64, show_default=True, help="Adam steps of --refine."),
         click.option("--refine-lr", type=float, default=5e-3, show_default=True, help="Learning rate of --refine."),
+        click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on (same "
+                     "source, seed and length: a superset of the scoring windows). Default: the scoring windows."),
         click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1 "
                      "(default: the last layer; Taylor+/Mag+ also the first four and second-to-last)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
@@ -226,7 +228,7 @@ def _build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
                           compensation=kw["compensation"], protect=_csv_ints(kw["protect"]),
                           selection=kw["selection"], selection_pool=kw["selection_pool"],
                           scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
-                          refine_lr=kw["refine_lr"]),
+                          refine_lr=kw["refine_lr"], refine_samples=kw["refine_samples"]),
         calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
         data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],

@@ -55,7 +55,9 @@ class PruneConfig(_Frozen):
     ``refine``: after the last removal, distil the dense model's predictions on the calibration windows into
     per-channel gains folded into the norms (``norms``) and also the residual writers (``norms+writers``):
     ``refine_steps`` Adam steps at ``refine_lr`` on ``refine_batch`` windows, teacher kept as top-``refine_topk``
-    log-probs (see :mod:`prunecomp.refine`). Still zero run-time cost. ``none`` is the paper's method.
+    log-probs (see :mod:`prunecomp.refine`), on ``refine_samples`` windows of the calibration source (same seed
+    and length, so a superset of the scoring windows; None = the scoring windows themselves). Still zero run-time
+    cost. ``none`` is the paper's method.
     ``scoring``: ``incremental`` re-runs only the layers after each gap from cached activations (same choices,
     scores equal within float rounding; see :mod:`prunecomp.incremental`); ``exact`` recomputes everything.
     """
@@ -75,6 +77,7 @@ class PruneConfig(_Frozen):
     refine_lr: float = Field(5e-3, gt=0.0)
     refine_batch: int = Field(2, ge=1)
     refine_topk: int = Field(64, ge=1)
+    refine_samples: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:

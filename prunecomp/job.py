@@ -113,9 +113,15 @@ def run_job(config: JobConfig, progress: Progress | None = None,
         progress.start(f"step {record.step + 2}: scoring layers", batches)
 
     progress.start("step 1: scoring layers", batches)
+    refine_windows = None
+    if config.prune.refine != "none" and config.prune.refine_samples is not None:
+        refine_windows = calibration_windows(lm.tokenizer, config.calibration.source,
+                                             n_samples=config.prune.refine_samples,
+                                             seq_len=config.calibration.seq_len, seed=config.calibration.seed,
+                                             data_dir=config.data_dir)
     report = prune_and_compensate(lm.model, cal, config.prune, batch_size=config.calibration.batch_size,
                                   on_step=observe, on_batch=lambda: progress.advance(1),
-                                  calibration_config=config.calibration)
+                                  calibration_config=config.calibration, refine_windows=refine_windows)
     times["prune"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()

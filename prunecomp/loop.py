@@ -274,6 +274,7 @@ def prune_and_compensate(
     calibration_config: CalibrationConfig | None = None,
     cache_budget_bytes: int | None = None,
     teacher: TeacherTargets | nn.Module | None = None,
+    refine_windows: TokenWindows | Tensor | None = None,
 ) -> PruneReport:
     """Remove layers from ``model`` in place until the configured count is gone; return the report.
 
@@ -286,7 +287,8 @@ def prune_and_compensate(
     ``config.refine`` (not ``none``) fits folded per-channel gains after the last removal
     (:func:`prunecomp.refine.refine`) against the dense model's predictions: computed here from ``model`` itself
     when no layer is gone yet, otherwise from ``teacher`` (the dense model, or its :class:`TeacherTargets`).
-    ``on_step`` sees each removal before refinement.
+    ``on_step`` sees each removal before refinement. ``refine_windows`` (default: ``calibration``) are the windows
+    refinement fits on (see ``PruneConfig.refine_samples``).
     """
     t0 = time.perf_counter()
     get_adapter(model)
@@ -299,7 +301,8 @@ def prune_and_compensate(
     if calibration_config is not None:
         report.calibration["config"] = calibration_config.model_dump(mode="json")
     already = n_src - len(decoder_layers(model))
-    targets = _teacher(model, calibration, config, teacher, already, batch_size)
+    fit_on = calibration if refine_windows is None else refine_windows
+    targets = _teacher(model, fit_on, config, teacher, already, batch_size)
     scanner = make_scanner(model, calibration, config, batch_size=batch_size, on_batch=on_batch,
                            cache_budget_bytes=cache_budget_bytes)
     report.scoring = "incremental" if scanner is not None else "exact"
@@ -332,7 +335,7 @@ def prune_and_compensate(
             if on_step is not None:
                 on_step(record, model)
     if targets is not None:
-        done = refine(model, _windows(calibration), targets, mode=config.refine, steps=config.refine_steps,
+        done = refine(model, _windows(fit_on), targets, mode=config.refine, steps=config.refine_steps,
                       lr=config.refine_lr, batch_size=config.refine_batch)
         report.refine = done.to_dict()
     report.seconds = time.perf_counter() - t0

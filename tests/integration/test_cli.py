@@ -135,13 +135,14 @@ def test_prune_with_refine(stories_dir, tmp_path) -> None:
     --stream-layers it is refused up front."""
     out, js = tmp_path / "out", tmp_path / "result.json"
     code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--refine", "norms+writers",
-                         "--refine-steps", "6", "--refine-lr", "0.02", "--out", str(out), "--json", str(js))
+                         "--refine-steps", "6", "--refine-lr", "0.02", "--refine-samples", "6", "--out", str(out),
+                         "--json", str(js))
     assert code == 0, text
     assert "Refined (norms+writers, 6 steps" in text
     report = json.loads(js.read_text())
     assert report["refine"]["mode"] == "norms+writers" and report["refine"]["steps"] == 6
     assert report["refine"]["loss_after"] < report["refine"]["loss_before"]
-    assert report["config"]["refine"] == "norms+writers"
+    assert report["config"]["refine"] == "norms+writers" and report["config"]["refine_samples"] == 6
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
     code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--stream-layers",
                          "--refine", "norms", "--out", str(tmp_path / "streamed"))

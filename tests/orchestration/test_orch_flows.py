@@ -178,7 +178,7 @@ def test_refined_run_reuses_the_plain_runs_steps(harness, tracking_uri, make_con
     no_mlflow = {"log_and_register": False, "store": store, "tracking_uri": tracking_uri}
     plain = compress(config=make_config(store, tracking_uri, tracking=no_mlflow))
     cfg = make_config(store, tracking_uri, tracking=no_mlflow,
-                      prune={"refine": "norms+writers", "refine_steps": 12, "refine_lr": 2e-2})
+                      prune={"refine": "norms+writers", "refine_steps": 12, "refine_lr": 2e-2, "refine_samples": 12})
     refined = compress(config=cfg)
     assert (refined["steps_reused"], refined["steps_computed"]) == (2, 0)
     assert refined["removed"] == plain["removed"] and refined["refine"] is not None

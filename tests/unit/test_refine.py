@@ -109,6 +109,14 @@ def test_loop_refines_after_the_last_removal() -> None:
     assert "refine" in report.to_dict()
 
 
+def test_loop_refines_on_its_own_windows() -> None:
+    model = tiny_model("llama")
+    ids, more = tokens(n=2, t=16), tokens(n=6, t=16, seed=7)
+    cfg = PruneConfig(n_layers=1, refine="norms", refine_steps=4, refine_topk=8)
+    report = prune_and_compensate(model, ids, cfg, batch_size=2, refine_windows=more)
+    assert report.refine is not None and report.refine["loss_after"] < report.refine["loss_before"]
+
+
 def test_loop_needs_a_teacher_for_an_already_pruned_model() -> None:
     dense = tiny_model("llama")
     model = copy.deepcopy(dense)
