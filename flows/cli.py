@@ -175,7 +175,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--selection-pool", type=int, default=4, show_default=True)
 @click.option("--scoring", type=click.Choice(["incremental", "exact"]), default="incremental", show_default=True,
               help="incremental re-runs only the layers after the gap within a step's scoring; exact all of them.")
-@click.option("--refine", type=click.Choice(["none", "norms", "norms+writers"]), default="none", show_default=True,
+@click.option("--refine", type=click.Choice(["none", "norms", "norms+writers", "channels"]), default="none",
+              show_default=True,
               help="Distil the dense model into folded per-channel gains after the last removal (zero run-time cost).")
 @click.option("--refine-steps", type=int, default=64, show_default=True)
 @click.option("--refine-lr", type=float, default=5e-3, show_default=True)

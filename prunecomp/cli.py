@@ -167,7 +167,7 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="incremental keeps every layer boundary's activations and re-runs only "
                      "the layers after each gap (same choices, scores equal within float rounding); exact "
                      "recomputes the whole model every step."),
-        click.option("--refine", type=click.Choice(["none", "norms", "norms+writers"]), default="none",
+        click.option("--refine", type=click.Choice(["none", "norms", "norms+writers", "channels"]), default="none",
                      show_default=True, help="After the last removal, distil the dense model's predictions on the "
                      "calibration windows into per-channel gains folded into the norms (and the residual writers): "
                      "a few minutes on CPU for 135M, still zero run-time cost. none = the paper's method."),

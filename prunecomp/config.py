@@ -72,7 +72,7 @@ class PruneConfig(_Frozen):
     selection: Literal["score", "loss"] = "score"
     selection_pool: int = Field(4, ge=1)
     scoring: Literal["incremental", "exact"] = "incremental"
-    refine: Literal["none", "norms", "norms+writers"] = "none"
+    refine: Literal["none", "norms", "norms+writers", "channels"] = "none"
     refine_steps: int = Field(64, ge=1)
     refine_lr: float = Field(5e-3, gt=0.0)
     refine_batch: int = Field(2, ge=1)

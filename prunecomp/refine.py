@@ -45,8 +45,8 @@ __all__ = [
     "teacher_targets",
 ]
 
-RefineMode = Literal["none", "norms", "norms+writers"]
-REFINE_MODES: tuple[str, ...] = ("none", "norms", "norms+writers")
+RefineMode = Literal["none", "norms", "norms+writers", "channels"]
+REFINE_MODES: tuple[str, ...] = ("none", "norms", "norms+writers", "channels")
 
 
 @dataclass
@@ -109,7 +109,8 @@ def _is_norm(module: nn.Module) -> bool:
 
 def gains(model: nn.Module, mode: str) -> list[Gain]:
     """The gains a ``mode`` fits: every norm inside the decoder layers plus the final norm (``norms``), and the
-    residual writers' outputs for pre-norm families (``norms+writers``; sandwich-norm writers already are norms)."""
+    residual writers' outputs for pre-norm families (``norms+writers``; sandwich-norm writers already are norms),
+    and also the value and up projections' outputs (``channels``, see ``ArchAdapter.inner_linears``)."""
     if mode not in REFINE_MODES or mode == "none":
         raise PrunecompError(f"refine mode must be one of {', '.join(REFINE_MODES[1:])}, got {mode!r}")
     adapter = get_adapter(model)
@@ -129,8 +130,11 @@ def gains(model: nn.Module, mode: str) -> list[Gain]:
         for module in layer.modules():
             if _is_norm(module):
                 add(module, "norm")
-        if mode == "norms+writers" and not adapter.writers_are_norms:
+        if mode in ("norms+writers", "channels") and not adapter.writers_are_norms:
             for path in adapter.residual_writers:
+                add(resolve(layer, path), "linear")
+        if mode == "channels":
+            for path in adapter.inner_linears:
                 add(resolve(layer, path), "linear")
     add(resolve(model, adapter.final_norm), "norm")
     return out

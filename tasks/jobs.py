@@ -112,7 +112,7 @@ class RefineJob(Job):
     parent_hash: str
     calibration_uri: str
     calibration_digest: str
-    mode: Literal["norms", "norms+writers"]
+    mode: Literal["norms", "norms+writers", "channels"]
     steps: int = Field(ge=1)
     lr: float = Field(gt=0.0)
     batch: int = Field(ge=1)

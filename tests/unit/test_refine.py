@@ -40,7 +40,7 @@ def test_distill_loss_matches_cross_entropy_formula() -> None:
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "gemma2"])
-@pytest.mark.parametrize("mode", ["norms", "norms+writers"])
+@pytest.mark.parametrize("mode", ["norms", "norms+writers", "channels"])
 def test_folded_gains_equal_hooked_gains(family: str, mode: str) -> None:
     model = gemma2_model() if family == "gemma2" else tiny_model(family)
     remove_layer(model, 2)
