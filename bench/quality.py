@@ -8,6 +8,8 @@ Variants per metric (``--variants``):
   lsq         prune&comp + least-squares gap map (prunecomp's ``--compensation lsq``)
   refine      prune&comp + distillation of the dense model into folded per-channel gains
               (prunecomp's ``--refine``; one refinement per k, from the prune&comp state at that k)
+  select      prune&comp with compensation-aware selection (``--selection loss``)
+  refine+select  both
 Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
 does not depend on k), so each variant costs one pruning run. Evaluations are cached by a hash of the weights
 (``--cache``), so a model two variants share (e.g. one-shot = iterative) is evaluated once and a rerun resumes.
@@ -128,12 +130,14 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evalua
 
 def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, evaluate: Evaluator, batch: int,
                args: argparse.Namespace, teacher: Any, fit_on: Any) -> dict:
-    comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq"}[variant]
+    comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq", "select": "magnitude",
+            "refine+select": "magnitude"}[variant]
+    selection = "loss" if variant.endswith("select") else "score"
     results: dict[int, Any] = {}
 
     def finish(k: int, report_removed: list[int], scales: list[float], m: Any) -> None:
         extra: dict[str, Any] = {"scales": scales}
-        if variant == "refine":
+        if variant.startswith("refine"):
             m = copy.deepcopy(m)
             rep = refine(m, fit_on.ids, teacher, mode=args.refine, steps=args.refine_steps, lr=args.refine_lr,
                          batch_size=args.refine_batch)
@@ -144,7 +148,8 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
     if metric == "block":  # block size depends on k: one run per k
         for k in ks:
             m = copy.deepcopy(model)
-            report = prune_and_compensate(m, cal, PruneConfig(metric=metric, n_layers=k, compensation=comp),
+            report = prune_and_compensate(m, cal, PruneConfig(metric=metric, n_layers=k, compensation=comp,
+                                                                       selection=selection),
                                           batch_size=batch)
             finish(k, report.removed, [s.applied_scale for s in report.steps], m)
         return results
@@ -156,7 +161,7 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
         if len(done) in ks:
             finish(len(done), [r.chosen for r in done], [r.applied_scale for r in done], current)
 
-    prune_and_compensate(m, cal, PruneConfig(metric=metric, n_layers=max(ks), compensation=comp),
+    prune_and_compensate(m, cal, PruneConfig(metric=metric, n_layers=max(ks), compensation=comp, selection=selection),
                          batch_size=batch, on_step=on_step)
     return results
 
@@ -204,7 +209,7 @@ def main() -> None:
                for d in args.datasets.split(",")}
     evaluate = Evaluator(lm.tokenizer, windows, args)
     teacher, fit_on = None, cal
-    if "refine" in args.variants.split(","):
+    if any(v.startswith("refine") for v in args.variants.split(",")):
         if args.refine_samples:
             fit_on = calibration_windows(lm.tokenizer, args.calib_source, n_samples=args.refine_samples,
                                          seq_len=args.calib_seq_len, seed=0)
