@@ -178,8 +178,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--refine", type=click.Choice(["none", "norms", "norms+writers", "channels"]), default="none",
               show_default=True,
               help="Distil the dense model into folded per-channel gains after the last removal (zero run-time cost).")
-@click.option("--refine-steps", type=int, default=64, show_default=True)
-@click.option("--refine-lr", type=float, default=5e-3, show_default=True)
+@click.option("--refine-steps", type=int, default=80, show_default=True)
+@click.option("--refine-lr", type=float, default=3e-3, show_default=True)
 @click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on.")
 @click.option("--parallel-candidates", type=int, default=1, show_default=True,
               help="Split PPL-on-skip candidate scoring into N tasks run by --task-runner.")

@@ -41,10 +41,11 @@ class ArchAdapter:
     # The linear module (relative to a decoder layer) that writes last into the stream, where ``lsq`` folds its
     # gap map; ``None`` where the last write passes a norm (sandwich norms), so only magnitude compensation applies.
     lsq_writer: str | None = "mlp.down_proj"
-    # Linear modules (relative to a decoder layer) whose output rows can take a per-channel gain that folds exactly
-    # into their weight: the value projection (attention is linear in V) and the MLP's up projection
-    # (``act(gate) * up``). Used by ``--refine channels``.
-    inner_linears: tuple[str, ...] = ("self_attn.v_proj", "mlp.up_proj")
+    # The other linear modules of a decoder layer (relative paths). A per-channel gain on any linear's output folds
+    # exactly into its weight rows (and bias), whatever follows it (RoPE, q/k norms, the MLP's activation): the
+    # hooked and the folded model compute the same thing. Used by ``--refine channels``.
+    inner_linears: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                                      "mlp.up_proj")
 
 
 _PRE_NORM = ArchAdapter()

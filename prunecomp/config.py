@@ -73,10 +73,10 @@ class PruneConfig(_Frozen):
     selection_pool: int = Field(4, ge=1)
     scoring: Literal["incremental", "exact"] = "incremental"
     refine: Literal["none", "norms", "norms+writers", "channels"] = "none"
-    refine_steps: int = Field(64, ge=1)
-    refine_lr: float = Field(5e-3, gt=0.0)
+    refine_steps: int = Field(80, ge=1)
+    refine_lr: float = Field(3e-3, gt=0.0)
     refine_batch: int = Field(2, ge=1)
-    refine_topk: int = Field(64, ge=1)
+    refine_topk: int = Field(256, ge=1)
     refine_samples: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")

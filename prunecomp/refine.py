@@ -62,7 +62,7 @@ class TeacherTargets:
 
 
 @torch.no_grad()
-def teacher_targets(model: nn.Module, ids: Tensor, *, topk: int = 64, batch_size: int = 4) -> TeacherTargets:
+def teacher_targets(model: nn.Module, ids: Tensor, *, topk: int = 256, batch_size: int = 4) -> TeacherTargets:
     """Top-``topk`` next-token log-probs of ``model`` on ``ids`` (``[n, T]``), computed in float32."""
     if topk < 1:
         raise PrunecompError(f"refine_topk must be >= 1, got {topk}")
@@ -110,7 +110,8 @@ def _is_norm(module: nn.Module) -> bool:
 def gains(model: nn.Module, mode: str) -> list[Gain]:
     """The gains a ``mode`` fits: every norm inside the decoder layers plus the final norm (``norms``), and the
     residual writers' outputs for pre-norm families (``norms+writers``; sandwich-norm writers already are norms),
-    and also the value and up projections' outputs (``channels``, see ``ArchAdapter.inner_linears``)."""
+    and also every other linear's output in the layer (``channels``: q, k, v, gate, up; see
+    ``ArchAdapter.inner_linears``)."""
     if mode not in REFINE_MODES or mode == "none":
         raise PrunecompError(f"refine mode must be one of {', '.join(REFINE_MODES[1:])}, got {mode!r}")
     adapter = get_adapter(model)
@@ -204,8 +205,8 @@ def _eval_loss(model: nn.Module, ids: Tensor, targets: TeacherTargets, batch_siz
     return total / ids.shape[0]
 
 
-def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str = "norms", steps: int = 64,
-           lr: float = 5e-3, batch_size: int = 2, seed: int = 0) -> RefineReport:
+def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str = "channels", steps: int = 80,
+           lr: float = 3e-3, batch_size: int = 2, seed: int = 0) -> RefineReport:
     """Fit per-channel gains (see module doc) so ``model`` matches ``targets`` on ``ids``; fold them; report.
 
     Adam with a cosine decay to 10% of ``lr``; each step uses ``batch_size`` windows drawn without replacement
