@@ -87,7 +87,8 @@ class Evaluator:
 
         def ppl() -> dict[str, float]:
             out = {name: perplexity(model, w.ids, batch_size=4) for name, w in self.windows.items()}
-            out["mean"] = sum(out.values()) / len(out)
+            main = [v for k, v in out.items() if "@" not in k]
+            out["mean"] = sum(main) / len(main)
             return out
 
         result: dict[str, Any] = {"ppl": self._cached(f"ppl:{h}:{self.ppl_tag}", ppl)}
@@ -172,7 +173,8 @@ def main() -> None:
     ap.add_argument("--ks", default="3,5,8")
     ap.add_argument("--metrics", default="bi,angular,block,taylor,mag,ppl")
     ap.add_argument("--variants", default="one-shot,iterative,prune&comp")
-    ap.add_argument("--datasets", default="wikitext2,c4,ptb")
+    ap.add_argument("--datasets", default="wikitext2,c4,ptb",
+                    help="corpora; 'name@N' adds a column on the first N windows, left out of the mean")
     ap.add_argument("--calib-source", default="c4")
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seq-len", type=int, default=512)
@@ -205,8 +207,11 @@ def main() -> None:
     lm = load_model(args.model)
     cal = calibration_windows(lm.tokenizer, args.calib_source, n_samples=args.calib_samples,
                               seq_len=args.calib_seq_len, seed=0)
-    windows = {d: evaluation_windows(lm.tokenizer, d, seq_len=args.eval_seq_len, max_windows=args.eval_max_windows)
-               for d in args.datasets.split(",")}
+    windows = {}
+    for d in args.datasets.split(","):  # "name@N": the first N windows of that corpus, outside the mean
+        name, _, n = d.partition("@")
+        windows[d] = evaluation_windows(lm.tokenizer, name, seq_len=args.eval_seq_len,
+                                        max_windows=int(n) if n else args.eval_max_windows)
     evaluate = Evaluator(lm.tokenizer, windows, args)
     teacher, fit_on = None, cal
     if any(v.startswith("refine") for v in args.variants.split(",")):
