@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.loop import prune_and_compensate
-from prunecomp.refine import distill_loss, gains, gains_applied, teacher_targets
+from prunecomp.refine import refine, teacher_targets
 from prunecomp.sources import load_model
 
 
@@ -47,33 +46,18 @@ def main() -> None:
     targets = teacher_targets(lm.model, fit_on.ids, topk=args.topk)
     model = lm.model
     report = prune_and_compensate(model, cal, PruneConfig(metric="bi", n_layers=5, selection=args.selection))
-    items = gains(model, args.mode)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    opt = torch.optim.Adam([g.value for g in items], lr=args.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps)))
-    gen = torch.Generator().manual_seed(0)
-    order: list[int] = []
-    out: dict = {"args": vars(args), "removed": report.removed, "ppl": {}, "seconds": {}}
+    out: dict = {"args": vars(args), "removed": report.removed, "ppl": {0: perplexity(model, ev.ids, batch_size=4)},
+                 "seconds": {}}
     t = time.perf_counter()
-    with gains_applied(items):
-        out["ppl"][0] = perplexity(model, ev.ids, batch_size=4)
-        for it in range(1, args.steps + 1):
-            if len(order) < args.batch:
-                order += torch.randperm(fit_on.n, generator=gen).tolist()
-            batch, order = torch.tensor(order[: args.batch]), order[args.batch :]
-            logits = model(input_ids=fit_on.ids[batch], use_cache=False).logits
-            loss = distill_loss(logits, targets.logprobs[batch], targets.indices[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if it in evals:
-                out["ppl"][it] = perplexity(model, ev.ids, batch_size=4)
-                out["seconds"][it] = time.perf_counter() - t
-                print(it, out["ppl"][it], flush=True)
+
+    def on_step(i: int) -> None:  # the gains are still hooks here: this is the model folded at step i
+        if i in evals:
+            out["ppl"][i] = perplexity(model, ev.ids, batch_size=4)
+            out["seconds"][i] = time.perf_counter() - t
+            print(i, out["ppl"][i], flush=True)
+
+    refine(model, fit_on.ids, targets, mode=args.mode, steps=args.steps, lr=args.lr, batch_size=args.batch,
+           on_step=on_step)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(out) + "\n")

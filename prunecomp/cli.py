@@ -170,7 +170,7 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--refine", type=click.Choice(["none", "norms", "norms+writers", "channels"]), default="none",
                      show_default=True, help="After the last removal, distil the dense model's predictions on the "
                      "calibration windows into per-channel gains folded into the norms (and the residual writers): "
-                     "a few minutes on CPU for 135M, still zero run-time cost. none = the paper's method."),
+                     "about 15 minutes on one CPU core for 135M, still zero run-time cost. none = the paper's method."),
         click.option("--refine-steps", type=int, default=80, show_default=True, help="Adam steps of --refine."),
         click.option("--refine-lr", type=float, default=3e-3, show_default=True, help="Learning rate of --refine."),
         click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on (same "

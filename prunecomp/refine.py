@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -206,11 +206,13 @@ def _eval_loss(model: nn.Module, ids: Tensor, targets: TeacherTargets, batch_siz
 
 
 def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str = "channels", steps: int = 80,
-           lr: float = 3e-3, batch_size: int = 2, seed: int = 0) -> RefineReport:
+           lr: float = 3e-3, batch_size: int = 2, seed: int = 0,
+           on_step: Callable[[int], None] | None = None) -> RefineReport:
     """Fit per-channel gains (see module doc) so ``model`` matches ``targets`` on ``ids``; fold them; report.
 
     Adam with a cosine decay to 10% of ``lr``; each step uses ``batch_size`` windows drawn without replacement
-    from a seeded permutation (a new one each epoch), so the result is reproducible.
+    from a seeded permutation (a new one each epoch), so the result is reproducible. ``on_step(i)`` runs after
+    step ``i`` (from 1) with the gains applied as hooks, i.e. on the model as it would be folded at that point.
     """
     if ids.dim() != 2 or targets.logprobs.shape[:2] != ids.shape:
         raise PrunecompError(f"refine: teacher targets of shape {tuple(targets.logprobs.shape[:2])} do not match the "
@@ -246,6 +248,8 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
                 opt.step()
                 sched.step()
                 losses.append(float(loss.detach()))
+                if on_step is not None:
+                    on_step(len(losses))
         fold_gains(items)
         after = _eval_loss(model, ids, targets, batch_size)
     finally:

@@ -78,7 +78,10 @@ def test_refine_lowers_the_calibration_loss_and_is_reproducible() -> None:
     for _ in range(2):
         m = copy.deepcopy(dense)
         remove_layer(m, 2)
-        rep = refine(m, ids, targets, mode="norms+writers", steps=20, lr=2e-2, batch_size=2, seed=5)
+        seen: list[int] = []
+        rep = refine(m, ids, targets, mode="norms+writers", steps=20, lr=2e-2, batch_size=2, seed=5,
+                     on_step=seen.append)
+        assert seen == list(range(1, 21))
         runs.append((m, rep))
     (m1, r1), (m2, r2) = runs
     assert r1.loss_after < r1.loss_before and r2.losses == r1.losses
