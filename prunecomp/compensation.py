@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from prunecomp.adapters import ArchAdapter, decoder_layers, get_adapter, resolve
 from prunecomp.errors import PrunecompError
 
-__all__ = ["compensate", "is_tied", "scale_layer_writers", "scale_linear_weight", "scale_norm_weight"]
+__all__ = ["compensate", "folded_scales", "is_tied", "scale_layer_writers", "scale_linear_weight", "scale_norm_weight"]
 
 
 def scale_linear_weight(weight: Tensor, s: float) -> Tensor:
@@ -25,6 +25,23 @@ def scale_linear_weight(weight: Tensor, s: float) -> Tensor:
 def scale_norm_weight(weight: Tensor, s: float, offset: float = 0.0) -> Tensor:
     """The weight of a norm computing ``x_hat * (offset + w)`` whose output is ``s`` times larger."""
     return (weight.float() * s + offset * (s - 1.0)).to(weight.dtype)
+
+
+def folded_scales(model: nn.Module) -> list[float]:
+    """Per current decoder layer, the product of every compensation scale folded into its residual writers.
+
+    Recorded in ``config.prunecomp["folded_scale"]`` (it travels with saved checkpoints, so a resumed run knows
+    it too). Weight-magnitude scores divide it back out: compensation is a rescaling that keeps what each upstream
+    layer computes, so it must not make those layers look more important (see ``scoring.magnitude_scores``).
+    """
+    n = len(decoder_layers(model))
+    info = getattr(model.config, "prunecomp", None)
+    scales = info.get("folded_scale") if isinstance(info, dict) else None
+    if not scales:
+        return [1.0] * n
+    if len(scales) != n:
+        raise PrunecompError(f"config.prunecomp.folded_scale has {len(scales)} entries for {n} decoder layers")
+    return [float(v) for v in scales]
 
 
 def is_tied(model: nn.Module, adapter: ArchAdapter) -> bool:
@@ -69,3 +86,7 @@ def compensate(model: nn.Module, upstream: int, s: float, adapter: ArchAdapter |
     if tied:
         norm = resolve(model, adapter.final_norm)
         norm.weight.copy_(scale_norm_weight(norm.weight, 1.0 / s, adapter.norm_offset))
+    folded = folded_scales(model)
+    info = dict(getattr(model.config, "prunecomp", None) or {})
+    info["folded_scale"] = [v * s if i < upstream else v for i, v in enumerate(folded)]
+    model.config.prunecomp = info

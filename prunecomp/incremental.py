@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from prunecomp import metrics as M
 from prunecomp.adapters import decoder_layers, get_adapter
-from prunecomp.scoring import LayerScan
+from prunecomp.scoring import LayerScan, magnitude_scores
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 
 __all__ = ["INCREMENTAL_METRICS", "PER_CANDIDATE_METRICS", "IncrementalScanner", "cache_bytes", "candidate_scores"]
@@ -101,7 +101,7 @@ class IncrementalScanner:
         elif metric == "block":
             scores = [self._block_score(i, block_size) if i + block_size <= n else float("inf") for i in range(n)]
         elif metric == "mag":
-            scores = [M.magnitude_importance(p for p in layer.parameters() if p.ndim >= 2) for layer in layers]
+            scores = magnitude_scores(self.model)
         else:
             scores = self._skip_ppl(candidates if candidates is not None else range(n))
         return LayerScan(scores=scores, scales=scales, layer_forwards=self.layer_forwards - before)

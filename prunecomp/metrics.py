@@ -91,6 +91,11 @@ def taylor_importance(weights_and_grads: Iterable[tuple[Tensor, Tensor]]) -> flo
     return float(sum((w.detach().double() * g.detach().double()).abs().sum() for w, g in weights_and_grads))
 
 
-def magnitude_importance(weights: Iterable[Tensor]) -> float:
-    """Weight-magnitude importance of a block: ``sum |w|`` (L1) over its weights."""
-    return float(sum(w.detach().double().abs().sum() for w in weights))
+def magnitude_importance(weights: Iterable[Tensor], folded: Iterable[Tensor] = (), scale: float = 1.0) -> float:
+    """Weight-magnitude importance of a block: ``sum |w|`` (L1) over its weights.
+
+    ``folded`` weights had a compensation scale ``scale`` multiplied into them; they count as ``sum |w| / scale``,
+    i.e. as they were before the fold, so compensation never changes the ranking.
+    """
+    plain = sum(w.detach().double().abs().sum() for w in weights)
+    return float(plain + sum(w.detach().double().abs().sum() for w in folded) / scale)

@@ -67,6 +67,8 @@ def remove_layer(model: nn.Module, index: int) -> nn.Module:
     info["removed_layers"] = [*info.get("removed_layers", []), kept[index]]
     del kept[index]
     info["kept_layers"] = kept
+    if info.get("folded_scale"):  # per-layer record of compensation (see compensation.folded_scales)
+        info["folded_scale"] = [v for i, v in enumerate(info["folded_scale"]) if i != index]
     config.prunecomp = info
     return removed
 
@@ -84,6 +86,7 @@ def skip_layer(model: nn.Module, index: int) -> Iterator[None]:
     n = len(layers)
     saved = {key: getattr(config, key) for key in _per_layer_keys(config, n)}
     saved_n = config.num_hidden_layers
+    saved_info = getattr(config, "prunecomp", None)
     saved_idx = [(m, m.layer_idx) for layer in layers for m in layer.modules() if hasattr(m, "layer_idx")]
     removed = layers[index]
     del layers[index]
@@ -91,6 +94,9 @@ def skip_layer(model: nn.Module, index: int) -> Iterator[None]:
         for key, value in saved.items():
             setattr(config, key, [v for i, v in enumerate(value) if i != index])
         config.num_hidden_layers = n - 1
+        if isinstance(saved_info, dict) and saved_info.get("folded_scale"):
+            config.prunecomp = {**saved_info,
+                                "folded_scale": [v for i, v in enumerate(saved_info["folded_scale"]) if i != index]}
         for new_idx, layer in enumerate(layers):
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
@@ -103,3 +109,7 @@ def skip_layer(model: nn.Module, index: int) -> Iterator[None]:
         for key, value in saved.items():
             setattr(config, key, value)
         config.num_hidden_layers = saved_n
+        if saved_info is not None:  # compensate() inside the block records its folds there
+            config.prunecomp = saved_info
+        elif hasattr(config, "prunecomp"):
+            del config.prunecomp

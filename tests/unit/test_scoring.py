@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from tiny_models import gemma2_model, tiny_model, tokens
 from torch.testing import assert_close
@@ -11,6 +12,8 @@ from torch.testing import assert_close
 from prunecomp import metrics as M
 from prunecomp.adapters import decoder_layers
 from prunecomp.compensation import compensate
+from prunecomp.config import PruneConfig
+from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
 from prunecomp.scoring import scan_layers
 
@@ -80,3 +83,59 @@ def test_gemma2_is_supported_and_compensates_exactly() -> None:
         h_comp = comp(IDS, output_hidden_states=True).hidden_states
     for i in range(3):
         assert_close(h_comp[i], 1.5 * h_base[i], rtol=1e-5, atol=1e-5 * float(h_base[i].abs().max()))
+
+
+
+def test_mag_scores_ignore_compensation_folds() -> None:
+    """Compensation rescales upstream writers without changing what those layers compute: Mag+ divides the fold
+    back out, so its scores after remove + compensate are those of the same layers before."""
+    model = tiny_model("llama")
+    before = scan_layers(model, IDS, "mag").scores
+    remove_layer(model, 3)
+    compensate(model, 3, 1.9)
+    compensate(model, 2, 0.7)
+    n = len(decoder_layers(model))
+    expected = [1.9 * 0.7, 1.9 * 0.7, 1.9] + [1.0] * (n - 3)
+    assert model.config.prunecomp["folded_scale"] == pytest.approx(expected)
+    after = scan_layers(model, IDS, "mag").scores
+    assert after == pytest.approx(before[:3] + before[4:], rel=1e-6)
+    raw = [M.magnitude_importance(p for p in layer.parameters() if p.ndim >= 2) for layer in decoder_layers(model)]
+    assert raw[2] > after[2] * 1.05, "the folds must have changed the raw magnitudes this test relies on"
+    remove_layer(model, 0)
+    assert model.config.prunecomp["folded_scale"] == pytest.approx(expected[1:])
+    assert scan_layers(model, IDS, "mag").scores == pytest.approx(before[1:3] + before[4:], rel=1e-6)
+
+
+
+def test_mag_prune_and_comp_removes_what_uncompensated_mag_removes() -> None:
+    """Mag+ only looks at weights, so with folds divided out compensation cannot steer it to other layers."""
+    removed = {}
+    for comp in ("none", "magnitude"):
+        model = tiny_model("llama")
+        report = prune_and_compensate(model, IDS, PruneConfig(metric="mag", n_layers=4, compensation=comp, protect=()))
+        removed[comp] = report.removed
+        if comp == "magnitude":
+            assert all(abs(s.applied_scale - 1) > 0.05 for s in report.steps), "folds this test relies on"
+            assert len(model.config.prunecomp["folded_scale"]) == 2
+    assert removed["magnitude"] == removed["none"]
+
+
+def test_trial_removal_leaves_no_fold_record() -> None:
+    """Compensation-aware selection folds s on trial; the record of folds must be restored with the weights."""
+    from prunecomp.selection import trial_removal
+
+    model = tiny_model("llama")
+    compensate(model, 2, 1.3)
+    record = dict(model.config.prunecomp)
+    with trial_removal(model, 3, PruneConfig(metric="bi", n_layers=1), 1.7, IDS, 4):
+        assert model.config.prunecomp["folded_scale"][0] == pytest.approx(1.3 * 1.7)
+    assert model.config.prunecomp == record
+
+
+def test_trial_on_a_fresh_model_leaves_no_record() -> None:
+    from prunecomp.selection import trial_removal
+
+    model = tiny_model("llama")
+    with trial_removal(model, 3, PruneConfig(metric="bi", n_layers=1), 1.7, IDS, 4):
+        assert "folded_scale" in model.config.prunecomp
+    assert getattr(model.config, "prunecomp", None) is None
