@@ -239,9 +239,9 @@ def main() -> None:
                 res = _iterative(lm.model, cal, metric, ks, variant, evaluate, args.batch_size, args, teacher,
                                  fit_on)
             per[variant] = {"results": res, "seconds": time.perf_counter() - t}
-        result["metrics"][metric] = per
-        result["seconds"] = time.perf_counter() - t0
-        out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted run
+            result["metrics"][metric] = per
+            result["seconds"] = time.perf_counter() - t0
+            out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted run
     print(render([result]))
 
 
@@ -251,8 +251,23 @@ def _qa_se(qa: dict[str, Any]) -> float:
     return math.sqrt(var) / len(qa["tasks"])
 
 
+def _merged(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]]]:
+    """metric -> variant -> k -> record over several result files; a later file's record replaces an earlier one."""
+    merged: dict[str, dict[str, dict[int, Any]]] = {}
+    for result in results:
+        for metric, per in result["metrics"].items():
+            for variant, v in per.items():
+                for k, r in v["results"].items():
+                    merged.setdefault(metric, {}).setdefault(variant, {})[int(k)] = r
+    return merged
+
+
+VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "lsq", "select", "refine", "refine+select")
+
+
 def render(results: list[dict[str, Any]]) -> str:
-    """Markdown table: one row per (metric, k, variant), merged over result files of the same protocol."""
+    """Markdown table: one row per (metric, k, variant), merged over result files of the same protocol, then the
+    summary of what compensation (and refinement) changed against each metric's baseline."""
     first = results[0]
     ds = [d for d in first["dense"]["ppl"] if d != "mean"]
     has_qa = "qa" in first["dense"]
@@ -273,32 +288,66 @@ def render(results: list[dict[str, Any]]) -> str:
     dp = dense["ppl"]
     lines.append("| - | 0 | dense | - | " + " | ".join(f"{dp[d]:.2f}" for d in ds) + f" | {dp['mean']:.2f} |"
                  + qa_cells(dense))
-    seconds = 0.0
-    for result in results:
-        seconds += result.get("seconds", 0.0)
-        for metric, per in result["metrics"].items():
-            ks = sorted({int(k) for v in per.values() for k in v["results"]})
-            for k in ks:
-                for variant, v in per.items():
-                    r = v["results"].get(k) or v["results"].get(str(k))
-                    if r is None:
-                        continue
-                    ppl = r["ppl"]
-                    lines.append(f"| {metric} | {k} | {variant} | {sorted(r['removed'])} | "
-                                 + " | ".join(f"{ppl[d]:.2f}" for d in ds) + f" | {ppl['mean']:.2f} |" + qa_cells(r))
+    merged = _merged(results)
+    for metric, per in merged.items():
+        variants = sorted(per, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else len(VARIANT_ORDER))
+        for k in sorted({k for v in per.values() for k in v}):
+            for variant in variants:
+                r = per[variant].get(k)
+                if r is None:
+                    continue
+                ppl = r["ppl"]
+                lines.append(f"| {metric} | {k} | {variant} | {sorted(r['removed'])} | "
+                             + " | ".join(f"{ppl[d]:.2f}" for d in ds) + f" | {ppl['mean']:.2f} |" + qa_cells(r))
+    seconds = sum(result.get("seconds", 0.0) for result in results)
     s = first["settings"]
     lines.append("")
     note = (f"Calibration: {s['calib_samples']} x {s['calib_seq_len']} tokens of {s['calib_source']}; perplexity: "
             f"first {s['eval_max_windows']} x {s['eval_seq_len']}-token windows per corpus")
     if has_qa:
         n = sum(t["n"] for t in dense["qa"]["tasks"].values())
-        note += (f"; QA (k in {s.get('qa_ks', 'all')} and dense): lm-eval zero-shot, {s['qa_limit']} seeded items "
+        qa_ks = sorted({str(r.get("settings", {}).get("qa_ks", "?")) for r in results})
+        note += (f"; QA (k in {'/'.join(qa_ks)} and dense): lm-eval zero-shot, {s['qa_limit']} seeded items "
                  f"per task ({n} items, "
                  f"{', '.join(dense['qa']['tasks'])}; acc_norm for arc/hellaswag/piqa, acc otherwise; standard error "
                  f"of the dense average {100 * _qa_se(dense['qa']):.1f} points)")
     lines.append(note + f"; compute time {seconds:.0f} s over {len(results)} process(es).")
+    lines += ["", summary(merged, has_qa)]
     return "\n".join(lines)
 
+
+def _pct(new: float, old: float) -> str:
+    return f"{100 * (new / old - 1):+.0f}%"
+
+
+def summary(merged: dict[str, dict[str, dict[int, Any]]], has_qa: bool) -> str:
+    """Per (metric, k): mean PPL of each variant, Prune&Comp against the one-shot baseline and, where measured,
+    refinement against Prune&Comp; QA averages in brackets where measured."""
+    shown = [v for v in VARIANT_ORDER if any(v in per for per in merged.values())]
+    head = "| metric | k | " + " | ".join(shown) + " | P&C vs baseline |"
+    refined = [v for v in ("refine", "refine+select") if v in shown]
+    head += "".join(f" {v} vs P&C |" for v in refined)
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for metric, per in merged.items():
+        for k in sorted({k for v in per.values() for k in v}):
+            cells = []
+            for v in shown:
+                r = per.get(v, {}).get(k)
+                cell = "-" if r is None else f"{r['ppl']['mean']:.1f}"
+                if r is not None and has_qa and "qa" in r:
+                    cell += f" ({100 * r['qa']['average']:.1f}%)"
+                cells.append(cell)
+            base, pc = per.get("one-shot", {}).get(k), per.get("prune&comp", {}).get(k)
+            row = f"| {metric} | {k} | " + " | ".join(cells) + " | "
+            row += (_pct(pc["ppl"]["mean"], base["ppl"]["mean"]) if base and pc else "-") + " |"
+            for v in refined:
+                r = per.get(v, {}).get(k)
+                row += f" {_pct(r['ppl']['mean'], pc['ppl']['mean']) if r and pc else '-'} |"
+            lines.append(row)
+    lines.append("")
+    lines.append("Cells: mean perplexity of the three corpora (QA average where measured); percentages compare mean "
+                 "perplexity (negative = better).")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
