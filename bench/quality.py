@@ -347,6 +347,19 @@ def summary(merged: dict[str, dict[str, dict[int, Any]]], has_qa: bool) -> str:
     lines.append("")
     lines.append("Cells: mean perplexity of the three corpora (QA average where measured); percentages compare mean "
                  "perplexity (negative = better).")
+    if has_qa:
+        paired = []
+        for v in shown:
+            if v == "prune&comp":
+                continue
+            diffs = [100 * (per[v][k]["qa"]["average"] - per["prune&comp"][k]["qa"]["average"])
+                     for per in merged.values() for k in per.get(v, {})
+                     if "qa" in per[v][k] and "qa" in per.get("prune&comp", {}).get(k, {})]
+            if diffs:
+                paired.append(f"{v} {sum(diffs) / len(diffs):+.1f} points over {len(diffs)} rows")
+        if paired:
+            lines.append("QA average minus Prune&Comp's, mean over the (metric, k) rows where both were measured "
+                         "(same items for every model): " + "; ".join(paired) + ".")
     return "\n".join(lines)
 
 if __name__ == "__main__":
