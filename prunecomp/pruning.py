@@ -32,6 +32,11 @@ def original_indices(model: nn.Module) -> list[int]:
     return list(range(len(decoder_layers(model))))
 
 
+def _drop(values: Any, index: int) -> list[Any]:
+    """``values`` (one entry per decoder layer) without layer ``index``'s entry."""
+    return [v for i, v in enumerate(values) if i != index]
+
+
 def _per_layer_keys(config: Any, n: int) -> list[str]:
     keys = []
     for key, value in vars(config).items():
@@ -52,9 +57,7 @@ def remove_layer(model: nn.Module, index: int) -> nn.Module:
     kept = original_indices(model)
     config = model.config
     for key in _per_layer_keys(config, n):
-        value = list(getattr(config, key))
-        del value[index]
-        setattr(config, key, value)
+        setattr(config, key, _drop(getattr(config, key), index))
     removed = layers[index]
     del layers[index]
     for new_idx, layer in enumerate(layers):
@@ -68,7 +71,7 @@ def remove_layer(model: nn.Module, index: int) -> nn.Module:
     del kept[index]
     info["kept_layers"] = kept
     if info.get("folded_scale"):  # per-layer record of compensation (see compensation.folded_scales)
-        info["folded_scale"] = [v for i, v in enumerate(info["folded_scale"]) if i != index]
+        info["folded_scale"] = _drop(info["folded_scale"], index)
     config.prunecomp = info
     return removed
 
@@ -92,11 +95,10 @@ def skip_layer(model: nn.Module, index: int) -> Iterator[None]:
     del layers[index]
     try:
         for key, value in saved.items():
-            setattr(config, key, [v for i, v in enumerate(value) if i != index])
+            setattr(config, key, _drop(value, index))
         config.num_hidden_layers = n - 1
         if isinstance(saved_info, dict) and saved_info.get("folded_scale"):
-            config.prunecomp = {**saved_info,
-                                "folded_scale": [v for i, v in enumerate(saved_info["folded_scale"]) if i != index]}
+            config.prunecomp = {**saved_info, "folded_scale": _drop(saved_info["folded_scale"], index)}
         for new_idx, layer in enumerate(layers):
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):

@@ -85,7 +85,6 @@ def test_gemma2_is_supported_and_compensates_exactly() -> None:
         assert_close(h_comp[i], 1.5 * h_base[i], rtol=1e-5, atol=1e-5 * float(h_base[i].abs().max()))
 
 
-
 def test_mag_scores_ignore_compensation_folds() -> None:
     """Compensation rescales upstream writers without changing what those layers compute: Mag+ divides the fold
     back out, so its scores after remove + compensate are those of the same layers before."""
@@ -104,7 +103,6 @@ def test_mag_scores_ignore_compensation_folds() -> None:
     remove_layer(model, 0)
     assert model.config.prunecomp["folded_scale"] == pytest.approx(expected[1:])
     assert scan_layers(model, IDS, "mag").scores == pytest.approx(before[1:3] + before[4:], rel=1e-6)
-
 
 
 def test_mag_prune_and_comp_removes_what_uncompensated_mag_removes() -> None:
