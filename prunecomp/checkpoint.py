@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from prunecomp.recipe import Recipe, write_recipe_files
 from prunecomp.storage import write_dir
 
 __all__ = ["REPORT_FILE", "save_pruned"]
@@ -21,9 +22,11 @@ def save_pruned(
     uri: str,
     *,
     report: dict[str, Any] | None = None,
+    recipe: Recipe | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Write ``model`` + ``tokenizer`` (+ ``report``) to ``uri`` (local path or fsspec URL), atomically."""
+    """Write ``model`` + ``tokenizer`` (+ ``report``, + ``recipe``) to ``uri`` (local path or fsspec URL),
+    atomically."""
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -31,5 +34,7 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        if recipe is not None:
+            write_recipe_files(recipe, tmp)
 
     return write_dir(uri, fill, overwrite=overwrite)

@@ -285,6 +285,34 @@ def prune(out_dir: str, json_out: str | None, plots_dir: str | None, stream_laye
         _write_plots(result.report, plots_dir)
 
 
+@main.command("apply")
+@click.argument("recipe", type=click.Path(path_type=str))
+@click.option("--model", default=None, help="Source model: hub id, folder, .gguf file or s3:// URL (default: the "
+              "default model).")
+@click.option("--revision", default=None)
+@click.option("--out", "out_dir", required=True, help="Where to save the result (local path or fsspec URL).")
+@click.option("--stream-layers", is_flag=True, help="One decoder layer in memory at a time (safetensors sources; "
+              "recipes with removals and magnitude scales only).")
+@click.option("--other-source", is_flag=True, help="Apply a recipe made on another checkpoint of the same "
+              "architecture and depth (its scales are not re-measured).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--allow-pickle", is_flag=True)
+@click.option("--trust-remote-code", is_flag=True)
+@user_errors
+def apply_cmd(recipe: str, model: str | None, revision: str | None, out_dir: str, stream_layers: bool,
+              other_source: bool, overwrite: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Apply RECIPE (a recipe.json, or a pruned model / run folder holding one) to a source model: the same
+    layers removed and the same tensors folded, bit-identical to the run that made it."""
+    from prunecomp.replay import apply_to_source
+
+    done = apply_to_source(recipe, model, out_dir, revision=revision, stream_layers=stream_layers,
+                           other_source=other_source, overwrite=overwrite, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code)
+    note = "" if done["applied_recipe"]["same_source"] else " (to another checkpoint than the recipe's source)"
+    out.print(f"applied recipe {done['recipe_digest'][:12]}{note}: removed original layers {done['removed']}; "
+              f"saved to {out_dir} in {done['seconds']:.1f} s", highlight=False)
+
+
 def _read_report(path: Path) -> dict[str, Any]:
     """A report from any JSON prunecomp writes with pruning steps: ``prune --json`` (and a checkpoint's
     ``prunecomp_report.json``, the same dict), a pipeline run's ``report.json`` / ``run --json``, or a

@@ -137,7 +137,8 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     if config.out:
         t = time.perf_counter()
         progress.message(f"saving pruned model to {config.out}")
-        save_pruned(lm.model, lm.tokenizer, config.out, report=report_dict, overwrite=config.overwrite)
+        save_pruned(lm.model, lm.tokenizer, config.out, report=report_dict, recipe=report.recipe(lm.provenance()),
+                    overwrite=config.overwrite)
         times["save"] = time.perf_counter() - t
     return JobResult(provenance=lm.provenance(), report=report_dict, perplexity=ppl, out=config.out,
                      seconds=times)
@@ -205,6 +206,7 @@ def _run_streamed(config: JobConfig, progress: Progress,
     if config.out:
         t = time.perf_counter()
         progress.message(f"saving pruned model to {config.out} layer by layer")
-        sm.save(config.out, tokenizer=tokenizer, report=report_dict, overwrite=config.overwrite)
+        sm.save(config.out, tokenizer=tokenizer, report=report_dict, recipe=report.recipe(provenance),
+                overwrite=config.overwrite)
         times["save"] = time.perf_counter() - t
     return JobResult(provenance=provenance, report=report_dict, perplexity=ppl, out=config.out, seconds=times)

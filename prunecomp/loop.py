@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.incremental import INCREMENTAL_METRICS, PER_CANDIDATE_METRICS, IncrementalScanner, cache_bytes
 from prunecomp.lsq import apply_gap_map, fit_gap_map
 from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.recipe import Recipe, recipe_from_report
 from prunecomp.refine import TeacherTargets, refine, teacher_targets
 from prunecomp.scoring import LayerScan, scan_layers
 from prunecomp.selection import select_by_loss
@@ -60,6 +61,16 @@ class StepRecord:
     layer_forwards: int = 0
     gap_fit: dict[str, float] | None = None
     selection_losses: dict[int, float] | None = None
+    # The lsq map folded at this step (the recipe's sidecar tensor; not part of the JSON record).
+    gap_map: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: string layer keys, non-finite scores as ``None``, no tensors."""
+        out = {k: v for k, v in self.__dict__.items() if k != "gap_map"}
+        out["scores"] = {str(k): (v if math.isfinite(v) else None) for k, v in self.scores.items()}
+        if self.selection_losses is not None:
+            out["selection_losses"] = dict(self.selection_losses)
+        return out
 
 
 @dataclass
@@ -73,17 +84,23 @@ class PruneReport:
     seconds: float = 0.0
     scoring: str = "exact"
     refine: dict[str, Any] | None = None
+    # Refinement's folded gains by module path (the recipe's sidecar; not part of the JSON report).
+    refine_edit: dict[str, tuple[str, float, Tensor]] | None = field(default=None, repr=False)
 
     @property
     def removed(self) -> list[int]:
         return [s.chosen for s in self.steps]
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = {k: v for k, v in self.__dict__.items() if k not in ("steps", "refine_edit")}
+        out["config"], out["calibration"] = dict(self.config), dict(self.calibration)
+        out["steps"] = [s.to_dict() for s in self.steps]
         out["removed"] = self.removed
-        for step in out["steps"]:
-            step["scores"] = {str(k): (v if math.isfinite(v) else None) for k, v in step["scores"].items()}
         return out
+
+    def recipe(self, source: dict[str, Any]) -> Recipe:
+        """This run as a :class:`~prunecomp.recipe.Recipe` of ``source`` (a model's provenance dict)."""
+        return recipe_from_report(self, source)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -260,6 +277,7 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
         seconds=time.perf_counter() - t0,
         layer_forwards=scan.layer_forwards if forwards is None else forwards,
         gap_fit=None if fit is None else {"error_before": fit.error_before, "error_after": fit.error_after},
+        gap_map=None if fit is None else fit.t,
     )
 
 
@@ -338,6 +356,7 @@ def prune_and_compensate(
         done = refine(model, _windows(fit_on), targets, mode=config.refine, steps=config.refine_steps,
                       lr=config.refine_lr, batch_size=config.refine_batch)
         report.refine = done.to_dict()
+        report.refine_edit = done.folded
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -188,9 +188,11 @@ class RefineReport:
     loss_after: float
     seconds: float
     losses: list[float] = field(default_factory=list)
+    # What was folded, by module path: (kind, norm offset, gains); the recipe's sidecar, not the JSON report.
+    folded: dict[str, tuple[str, float, Tensor]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "folded"}
 
 
 @torch.no_grad()
@@ -251,6 +253,8 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
                 if on_step is not None:
                     on_step(len(losses))
         fold_gains(items)
+        names = {id(m): n for n, m in model.named_modules()}
+        folded = {names[id(g.module)]: (g.kind, g.offset, g.value.detach().cpu().clone()) for g in items}
         after = _eval_loss(model, ids, targets, batch_size)
     finally:
         for p, flag in frozen:
@@ -258,4 +262,4 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
         model.train(was_training)
     return RefineReport(mode=mode, steps=steps, lr=lr, batch_size=batch_size, topk=int(targets.indices.shape[-1]),
                         parameters=sum(g.value.numel() for g in items), loss_before=before, loss_after=after,
-                        seconds=time.perf_counter() - t0, losses=losses)
+                        seconds=time.perf_counter() - t0, losses=losses, folded=folded)

@@ -35,6 +35,7 @@ from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.loop import PruneReport, StepRecord, _candidates, _choose
 from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.recipe import Recipe, write_recipe_files
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.storage import write_dir
@@ -208,8 +209,23 @@ class StreamedModel:
             for o in orig[:current]:
                 self.pending[o] *= s
 
+    def apply(self, recipe: Recipe) -> None:
+        """Replay ``recipe``'s removals and magnitude folds (pending, like :meth:`remove`) on this model."""
+        from prunecomp.recipe import check_applicable
+
+        if recipe.refine is not None or any(s.gap_map is not None for s in recipe.steps):
+            raise PrunecompError("layer streaming replays removals and magnitude scales only; this recipe also folds "
+                                 "lsq maps or refinement gains: apply it without --stream-layers")
+        done = self.source_layers - len(decoder_layers(self.model, self.adapter))
+        check_applicable(recipe, architecture=type(self.model).__name__, num_layers=self.source_layers,
+                         kept=original_indices(self.model), start=done)
+        for i, s in enumerate(recipe.steps[done:], start=done):
+            if original_indices(self.model)[s.current] != s.removed:
+                raise PrunecompError(f"recipe step {i}: layer {s.removed} is not at index {s.current} of the model")
+            self.remove(s.current, 1.0 if s.scale is None else s.scale)
+
     def save(self, uri: str, *, tokenizer: Any = None, report: dict[str, Any] | None = None,
-             overwrite: bool = False) -> str:
+             recipe: Recipe | None = None, overwrite: bool = False) -> str:
         """Write the pruned, compensated model as sharded safetensors (one shard per layer), atomically."""
         from safetensors.torch import save_file
 
@@ -245,6 +261,8 @@ class StreamedModel:
                 tokenizer.save_pretrained(tmp)
             if report is not None:
                 (tmp / "prunecomp_report.json").write_text(json.dumps(report, indent=2, default=str))
+            if recipe is not None:
+                write_recipe_files(recipe, tmp)
 
         return write_dir(uri, fill, overwrite=overwrite)
 

@@ -8,8 +8,6 @@ tensors.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict
 from typing import Any
 
 from prefect import task
@@ -28,9 +26,7 @@ __all__ = ["prune_one_step", "record_dict"]
 
 def record_dict(record: StepRecord) -> dict[str, Any]:
     """A JSON-safe :class:`StepRecord` (string layer keys, non-finite scores as ``None``)."""
-    out = asdict(record)
-    out["scores"] = {str(k): (v if math.isfinite(v) else None) for k, v in record.scores.items()}
-    return out
+    return record.to_dict()
 
 
 @task(name="prune-step", cache_policy=JOB_KEY, persist_result=True)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
@@ -147,3 +148,42 @@ def test_prune_with_refine(stories_dir, tmp_path) -> None:
     code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--stream-layers",
                          "--refine", "norms", "--out", str(tmp_path / "streamed"))
     assert code == 2 and "--refine" in text and not (tmp_path / "streamed").exists()
+
+
+def test_apply_recipe_reproduces_the_pruned_model(stories_dir, tmp_path) -> None:
+    """``prune`` saves its recipe beside the weights; ``apply`` on the same source gives the same tensors, in
+    memory and layer by layer; another source needs --other-source; the source folder is never an output."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pruned"
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--compensation", "lsq",
+                         "--out", str(out))
+    assert code == 0, text
+    assert (out / "recipe.json").is_file() and (out / "recipe.safetensors").is_file()
+    ref = load_file(out / "model.safetensors")
+    code, text = _invoke("apply", str(out / "recipe.json"), "--model", str(stories_dir), "--out", str(tmp_path / "a"))
+    assert code == 0 and "removed original layers" in text, text
+    got = load_file(tmp_path / "a" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    code, text = _invoke("apply", str(out), "--model", str(stories_dir), "--out", str(tmp_path / "s"),
+                         "--stream-layers")
+    assert code == 2 and "lsq" in text and not (tmp_path / "s").exists()
+
+    mag = tmp_path / "mag"
+    assert _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--out", str(mag))[0] == 0
+    code, text = _invoke("apply", str(mag), "--model", str(stories_dir), "--out", str(tmp_path / "s"),
+                         "--stream-layers")
+    assert code == 0, text
+    a = load_file(mag / "model.safetensors")
+    b = {}
+    for f in (tmp_path / "s").glob("*.safetensors"):
+        b |= load_file(f)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=0) for k in a)
+
+    code, text = _invoke("apply", str(mag), "--model", str(out), "--out", str(tmp_path / "o"))
+    assert code == 2 and "--other-source" in text and not (tmp_path / "o").exists()
+    code, text = _invoke("apply", str(mag), "--model", str(stories_dir), "--out", str(stories_dir / "x"))
+    assert code == 2 and "inside the source" in text and not (stories_dir / "x").exists()
+    code, text = _invoke("apply", str(tmp_path / "missing.json"), "--model", str(stories_dir), "--out",
+                         str(tmp_path / "m"))
+    assert code == 2 and "not found" in text

@@ -1,0 +1,265 @@
+"""A recipe: everything a Prune&Comp run did to a source model, as a small document a person can review.
+
+A recipe says, relative to a source model's content hash, which ORIGINAL layers were removed in which order, what
+was folded where (the gap scale ``s`` of every step, ``lsq`` gap maps, refinement gains) and each step's record
+(all scores, chosen layer, ``s``, time). Replaying it on the source with :func:`apply_recipe` calls the very
+functions the loop called, in the same order, with the same numbers, so the tensors are bit-identical to the
+in-process run's. It is the pipeline's unit of state: steps exchange recipe deltas (kilobytes), not models, and
+every saved model carries its recipe.
+
+On disk a recipe is ``recipe.json`` (readable, diffable in a pull request) plus, only when a step folded a tensor
+(``lsq`` maps, refinement gains), ``recipe.safetensors`` beside it. Floats are written by ``json`` with Python's
+shortest round-trip ``repr``, so ``s`` comes back as exactly the same float.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunecomp.adapters import get_adapter, resolve
+from prunecomp.compensation import compensate
+from prunecomp.errors import PrunecompError
+from prunecomp.lsq import GapFit, apply_gap_map
+from prunecomp.pruning import original_indices, remove_layer
+
+__all__ = ["FORMAT", "RECIPE_FILE", "TENSORS_FILE", "Recipe", "RecipeStep", "RefineEdit", "apply_recipe",
+           "read_recipe", "recipe_from_report", "write_recipe_files"]
+
+FORMAT = "prunecomp.recipe/v1"
+RECIPE_FILE = "recipe.json"
+TENSORS_FILE = "recipe.safetensors"
+
+
+@dataclass(frozen=True)
+class RecipeStep:
+    """One removal: ORIGINAL layer ``removed``, at index ``current`` of the model as it was then.
+
+    ``scale`` is the magnitude scale folded upstream of the gap (``None``: no compensation); ``gap_map`` the
+    ``lsq`` map folded into the last writer before the gap. ``record`` is the step's audit record (scores, time);
+    it does not change the tensors and stays out of :meth:`Recipe.digest`.
+    """
+
+    removed: int
+    current: int
+    scale: float | None
+    gap_map: Tensor | None = field(default=None, repr=False, compare=False)
+    record: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def edit(self) -> dict[str, Any]:
+        """What this step does to the tensors, as JSON (``gap_map`` as its sha256)."""
+        return {"removed": self.removed, "current": self.current, "scale": self.scale,
+                "gap_map": None if self.gap_map is None else _tensor_digest(self.gap_map)}
+
+
+@dataclass(frozen=True)
+class RefineEdit:
+    """Refinement's folded per-channel gains: module path -> (kind ``norm``/``linear``, norm offset, gains)."""
+
+    gains: dict[str, tuple[str, float, Tensor]] = field(repr=False)
+    report: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def edit(self) -> dict[str, Any]:
+        return {path: [kind, offset, _tensor_digest(g)] for path, (kind, offset, g) in sorted(self.gains.items())}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What was done to ``source`` (``content_hash``, ``architecture``, ``num_layers``; ``uri`` for people)."""
+
+    source: dict[str, Any]
+    steps: tuple[RecipeStep, ...] = ()
+    refine: RefineEdit | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def removed(self) -> list[int]:
+        return [s.removed for s in self.steps]
+
+    def digest(self) -> str:
+        """sha256 of the source hash and every edit: two recipes with the same digest make the same tensors."""
+        payload = {"source": self.source.get("content_hash"), "steps": [s.edit() for s in self.steps],
+                   "refine": None if self.refine is None else self.refine.edit()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def prefix(self, n: int) -> Recipe:
+        """The first ``n`` steps (no refinement)."""
+        return replace(self, steps=self.steps[:n], refine=None)
+
+    def plus(self, step: RecipeStep) -> Recipe:
+        if self.refine is not None:
+            raise PrunecompError("a refined recipe is final: no step can follow refinement")
+        return replace(self, steps=(*self.steps, step))
+
+    def with_refine(self, edit: RefineEdit) -> Recipe:
+        return replace(self, refine=edit)
+
+    def to_json(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """The document and its tensors (names as referenced in the document)."""
+        tensors: dict[str, Tensor] = {}
+        steps = []
+        for i, s in enumerate(self.steps):
+            entry: dict[str, Any] = {"removed": s.removed, "current": s.current, "scale": s.scale}
+            if s.gap_map is not None:
+                name = f"steps.{i}.gap_map"
+                tensors[name] = s.gap_map
+                entry["gap_map"] = name
+            entry["record"] = s.record
+            steps.append(entry)
+        doc: dict[str, Any] = {"format": FORMAT, "source": self.source, "removed": self.removed,
+                               "digest": self.digest(), "config": self.config, "steps": steps, "refine": None}
+        if self.refine is not None:
+            gains = {}
+            for path, (kind, offset, g) in sorted(self.refine.gains.items()):
+                name = f"refine.{path}"
+                tensors[name] = g
+                gains[path] = {"kind": kind, "offset": offset, "tensor": name}
+            doc["refine"] = {"gains": gains, "report": self.refine.report}
+        return doc, tensors
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Recipe:
+        if doc.get("format") != FORMAT:
+            raise PrunecompError(f"not a prunecomp recipe (format {doc.get('format')!r}, expected {FORMAT!r})")
+        try:
+            steps = tuple(RecipeStep(removed=int(s["removed"]), current=int(s["current"]),
+                                     scale=None if s["scale"] is None else float(s["scale"]),
+                                     gap_map=tensors[s["gap_map"]] if s.get("gap_map") else None,
+                                     record=dict(s.get("record") or {})) for s in doc["steps"])
+            refine = None
+            if doc.get("refine"):
+                gains = {p: (str(g["kind"]), float(g["offset"]), tensors[g["tensor"]])
+                         for p, g in doc["refine"]["gains"].items()}
+                refine = RefineEdit(gains=gains, report=dict(doc["refine"].get("report") or {}))
+            recipe = cls(source=dict(doc["source"]), steps=steps, refine=refine, config=dict(doc.get("config") or {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PrunecompError(f"malformed recipe: {type(exc).__name__}: {exc}") from exc
+        if doc.get("digest") and doc["digest"] != recipe.digest():
+            raise PrunecompError("recipe digest does not match its content (edited by hand, or its tensors file "
+                                 "belongs to another recipe)")
+        return recipe
+
+
+def _tensor_digest(t: Tensor) -> str:
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_recipe_files(recipe: Recipe, folder: Path) -> None:
+    """Write ``recipe.json`` (and ``recipe.safetensors`` when it has tensors) into ``folder``."""
+    from safetensors.torch import save_file
+
+    doc, tensors = recipe.to_json()
+    (folder / RECIPE_FILE).write_text(json.dumps(doc, indent=1, default=str))
+    if tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / TENSORS_FILE))
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """A recipe from ``recipe.json`` or the folder holding it (a pruned model, a run's artifacts)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    doc_path = p / RECIPE_FILE if p.is_dir() else p
+    if not doc_path.is_file():
+        raise PrunecompError(f"recipe {str(path)!r} not found (expected {RECIPE_FILE} or a folder holding it)")
+    try:
+        doc = json.loads(doc_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PrunecompError(f"recipe {str(doc_path)!r} is not valid JSON: {exc}") from exc
+    tensors_path = doc_path.with_name(TENSORS_FILE)
+    tensors: dict[str, Tensor] = {}
+    if tensors_path.is_file():
+        try:
+            tensors = load_file(str(tensors_path))
+        except Exception as exc:
+            raise PrunecompError(f"recipe tensors {str(tensors_path)!r} are unreadable: {exc}") from exc
+    return Recipe.from_json(doc, tensors)
+
+
+def recipe_from_report(report: Any, source: dict[str, Any]) -> Recipe:
+    """The recipe of a :class:`~prunecomp.loop.PruneReport` (the loop keeps its folded tensors on it)."""
+    compensated = report.config.get("compensation") in ("magnitude", "lsq")
+    steps = tuple(RecipeStep(removed=r.chosen, current=r.chosen_current,
+                             scale=r.applied_scale if compensated else None, gap_map=r.gap_map,
+                             record=r.to_dict()) for r in report.steps)
+    refine = None
+    if report.refine_edit is not None:
+        refine = RefineEdit(gains=report.refine_edit, report=dict(report.refine or {}))
+    return Recipe(source=_source_doc(source, report.source_num_layers), steps=steps, refine=refine,
+                  config=dict(report.config))
+
+
+def _source_doc(source: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    keep = ("content_hash", "architecture", "uri", "revision", "kind")
+    return {k: source[k] for k in keep if source.get(k) is not None} | {"num_layers": int(num_layers)}
+
+
+def check_applicable(recipe: Recipe, *, architecture: str, num_layers: int, kept: list[int] | None = None,
+                     start: int = 0) -> None:
+    """Refuse a recipe for another architecture or depth, or one that does not continue from ``kept``."""
+    want_arch = recipe.source.get("architecture")
+    if want_arch and want_arch != architecture:
+        raise PrunecompError(f"recipe is for {want_arch}, the model is {architecture}")
+    if int(recipe.source.get("num_layers", num_layers)) != num_layers:
+        raise PrunecompError(f"recipe is for a model of {recipe.source['num_layers']} decoder layers, the source has "
+                             f"{num_layers}")
+    if kept is not None:
+        expect = list(range(num_layers))
+        for s in recipe.steps[:start]:
+            del expect[expect.index(s.removed)]
+        if expect != kept:
+            raise PrunecompError(f"the model's layers {kept} are not where the recipe's first {start} steps leave "
+                                 f"them ({expect})")
+
+
+@torch.no_grad()
+def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0) -> nn.Module:
+    """Replay ``recipe`` (from step ``start``; the model must already be at that point) on ``model`` in place.
+
+    Same calls, same order, same numbers as :func:`prunecomp.loop.prune_and_compensate`: the tensors come out
+    bit-identical to the run that made the recipe. The source's content hash is not checked here (the model may
+    have been loaded from anywhere); callers that know it compare it with ``recipe.source["content_hash"]``.
+    """
+    from prunecomp.loop import source_num_layers  # the loop imports this module's types
+
+    get_adapter(model)
+    check_applicable(recipe, architecture=type(model).__name__, num_layers=source_num_layers(model),
+                     kept=original_indices(model), start=start)
+    for i, s in enumerate(recipe.steps[start:], start=start):
+        orig = original_indices(model)
+        if not 0 <= s.current < len(orig) or orig[s.current] != s.removed:
+            raise PrunecompError(f"recipe step {i}: layer {s.removed} is not at index {s.current} of the model")
+        remove_layer(model, s.current)
+        if s.scale is not None:
+            compensate(model, s.current, s.scale)
+        if s.gap_map is not None:
+            apply_gap_map(model, s.current, GapFit(t=s.gap_map, error_before=0.0, error_after=0.0))
+    if recipe.refine is not None:
+        apply_refine(model, recipe.refine)
+    return model
+
+
+def apply_refine(model: nn.Module, edit: RefineEdit) -> None:
+    """Fold refinement gains by module path (exactly :func:`prunecomp.refine.fold_gains`)."""
+    from prunecomp.refine import Gain, fold_gains
+
+    items = []
+    for path, (kind, offset, g) in sorted(edit.gains.items()):
+        try:
+            module = resolve(model, path)
+        except AttributeError as exc:
+            raise PrunecompError(f"recipe refinement names module {path!r}, which the model does not have") from exc
+        if module.weight.shape[0] != g.shape[0]:
+            raise PrunecompError(f"recipe gains for {path!r} have {g.shape[0]} channels, the module "
+                                 f"{module.weight.shape[0]}")
+        items.append(Gain(module, nn.Parameter(g.clone(), requires_grad=False), kind, offset))  # type: ignore[arg-type]
+    fold_gains(items)
