@@ -35,7 +35,7 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _completed_steps(home: Path) -> int:
-    return len(list((home / "store" / "checkpoints").glob("*/_COMPLETE")))
+    return len(list((home / "store" / "steps").glob("*/_COMPLETE")))
 
 
 def _run(cmd: list[str], home: Path, log: Path) -> tuple[float, dict[str, Any]]:

@@ -73,6 +73,8 @@ def _build_config(kw: dict[str, Any]) -> Any:
         for key in ("data_dir", "run_name"):
             if kw[key]:
                 data[key] = kw[key]
+        if kw["stream_layers"] is not None:
+            data["stream_layers"] = kw["stream_layers"]
         return CompressConfig.model_validate(data)
     cal, ev = preset_settings(kw)
     quick = _csv(kw["quick_datasets"])
@@ -93,7 +95,7 @@ def _build_config(kw: dict[str, Any]) -> Any:
         if quick else None,
         "max_ppl_ratio": kw["max_ppl_ratio"], "qa_tasks": _csv(kw["qa_tasks"]), "qa_limit": kw["qa_limit"],
         "data_dir": kw["data_dir"], "run_name": kw["run_name"], "tracking": tracking,
-        "parallel_candidates": kw["parallel_candidates"],
+        "parallel_candidates": kw["parallel_candidates"], "stream_layers": kw["stream_layers"],
     })
 
 
@@ -185,6 +187,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
               help="Split PPL-on-skip candidate scoring into N tasks run by --task-runner.")
 @click.option("--task-runner", default=None, help="threads (default), dask (local cluster of "
               "--parallel-candidates worker processes) or dask:<scheduler address> (also $PRUNECOMP_TASK_RUNNER).")
+@click.option("--stream-layers/--no-stream-layers", default=None, help="One decoder layer in memory at a time "
+              "(models larger than memory; safetensors; BI/angular, magnitude or no compensation). Default: "
+              "automatic, when the weights do not fit the memory budget.")
 @click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="cpu (default here) or paper.")
 @click.option("--calib-source", default="c4", show_default=True)
@@ -271,7 +276,7 @@ def status_cmd(run: str | None, store: str | None, tracking_uri: str | None) -> 
     out.print(f"run {run}: {j['status']}" + (f" ({j['stop_reason']})" if j.get("stop_reason") else ""))
     k = j["config"]["prune"]["n_layers"] or f"fraction {j['config']['prune']['fraction']}"
     table = Table(title=f"Steps (of {k})")
-    for col in ("step", "removed layer", "scale s", "checkpoint (store/checkpoints/...)", "cached"):
+    for col in ("step", "removed layer", "scale s", "recipe part (store/steps/...)", "cached"):
         table.add_column(col)
     for s in j["steps"]:
         rec = s["record"]

@@ -1,9 +1,11 @@
-"""The ``compress`` flow: source model -> calibration cache -> k x (score -> prune -> compensate -> checkpoint ->
-quick eval) -> full evaluation -> MLflow run + registered model version.
+"""The ``compress`` flow: source model -> calibration cache -> k x (score -> prune -> compensate -> recipe part ->
+quick eval) -> [refine] -> final model, written once -> full evaluation -> MLflow run + registered model version.
 
-Every box is a cached task keyed by what determines its result (:mod:`tasks.jobs`), and every step writes its
-checkpoint to a deterministic place in the store, so a killed run re-run with the same parameters picks up after
-the last finished step. The flow itself only wires tasks, checks the quality floor and writes the audit trail.
+Every box is a cached task keyed by what determines its result (:mod:`tasks.jobs`). Steps exchange recipe parts
+(kilobytes), not models: one working copy of the model stays in the process from step to step
+(:mod:`tasks.working`), and a killed run re-run with the same parameters loads the source once, replays the
+finished steps and picks up after them. The flow itself only wires tasks, checks the quality floor and writes the
+audit trail.
 """
 
 from __future__ import annotations
@@ -18,18 +20,19 @@ from flows.runners import task_runner
 from prunecomp.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
 from prunecomp.incremental import PER_CANDIDATE_METRICS
-from prunecomp.storage import check_writable, is_complete, is_remote, write_json
+from prunecomp.recipe import Recipe
+from prunecomp.storage import check_writable, is_complete, write_json
 from tasks.artifacts import publish_step, publish_summary, summary_markdown
 from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
 from tasks.candidates import CandidateJob, score_candidates, split
 from tasks.evaluate import evaluate_checkpoint
-from tasks.jobs import CalibrationJob, EvalJob, ModelJob, RefineJob, StepJob
+from tasks.jobs import CalibrationJob, EvalJob, FinalJob, ModelJob, RefineJob, StepJob
 from tasks.keys import code_version
-from tasks.model_io import materialize_model, resolve_model
+from tasks.model_io import materialize_model, resolve_model, write_final
 from tasks.prune import prune_one_step
-from tasks.refine import refine_checkpoint
-from tasks.settings import Locations, configure_s3, locations
+from tasks.refine import refine_state
+from tasks.settings import Locations, configure_s3, locations, redact
 from tasks.tracking import log_run_task, register_task
 
 __all__ = ["compress", "journal_uri", "run_metrics"]
@@ -69,9 +72,51 @@ def _preflight(config: CompressConfig, loc: Locations) -> str | None:
     return str(data_dir) if data_dir is not None else None
 
 
+def _base(config: CompressConfig, source: dict[str, Any], store: str) -> tuple[dict[str, Any], bool]:
+    """The run's base model: the source itself when it is safetensors, else its one materialised copy."""
+    if source["safetensors"]:
+        return {"uri": source["load_uri"], "hash": source["content_hash"], "num_layers": source["num_layers"],
+                "materialized": False, "weight_bytes": source["weight_bytes"]}, False
+    meta, cached = run_cached(materialize_model, ModelJob(
+        store=store, source_uri=config.model, revision=config.revision, source_hash=source["content_hash"],
+        allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code))
+    return dict(meta) | {"materialized": True}, cached
+
+
+def _memory_budget() -> int:
+    """Bytes a whole model may take in memory: 60% of what is available (GPU memory on CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0] * 0.6)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return int(info.get("MemAvailable", 0) * 0.6)
+    except OSError:
+        return 1 << 62
+
+
+def _stream(config: CompressConfig, base: dict[str, Any], log: Any) -> bool:
+    """``config.stream_layers``, or (when unset) whether the model does not fit the memory budget."""
+    if config.stream_layers is not None:
+        return config.stream_layers
+    need, budget = int(base.get("weight_bytes") or 0), _memory_budget()
+    if need <= budget:
+        return False
+    if not base.get("materialized") and config.prune.refine == "none" and not config.qa_tasks:
+        log.warning("model weights %.1f GiB exceed the in-memory budget %.1f GiB: streaming layers "
+                    "(one decoder layer in memory at a time; set stream_layers: false to override)",
+                    need / 2**30, budget / 2**30)
+        return True
+    log.warning("model weights %.1f GiB exceed the in-memory budget %.1f GiB, but this run needs the whole model "
+                "(refinement or QA): loading it anyway", need / 2**30, budget / 2**30)
+    return False
+
+
 @flow(name="compress", validate_parameters=True, task_runner=task_runner())
 def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # noqa: B008 - frozen, immutable
-    """Prune ``config.prune`` layers from ``config.model`` one cached, checkpointed iteration at a time."""
+    """Prune ``config.prune`` layers from ``config.model`` one cached iteration (one recipe part) at a time."""
     t0 = time.perf_counter()
     log = get_run_logger()
     run_id = config.run_id()
@@ -84,44 +129,58 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
     log.info("run %s: store %s, code %s", run_id, store, code)
 
     source = resolve_model(config.model, config.revision, config.allow_pickle)
-    base, cached = run_cached(materialize_model, ModelJob(store=store, source_uri=config.model,
-                                                          revision=config.revision, source_hash=source["content_hash"],
-                                                          allow_pickle=config.allow_pickle,
-                                                          trust_remote_code=config.trust_remote_code))
+    base, cached = _base(config, source, store)
     n_src = int(base["num_layers"])
     k = config.prune.layers_to_remove(n_src)
     removable = n_src - len(config.prune.protected(n_src))
     if removable < k:
         raise PrunecompError(f"protected layers leave {removable} removable layers, but {k} must be removed")
-    log.info("model %s: %d layers, removing %d%s", source["uri"], n_src, k, " (cached)" if cached else "")
+    arch = source.get("architecture") or (base.get("source") or {}).get("architecture")
+    stream = _stream(config, base, log)
+    if stream:
+        _check_streamable(config, base)
+    log.info("model %s: %d layers, removing %d%s%s", source["uri"], n_src, k, " (cached)" if cached else "",
+             ", layer-streamed" if stream else "")
     cal, _ = run_cached(build_calibration, CalibrationJob(store=store, model_uri=base["uri"], model_hash=base["hash"],
                                                           calibration=config.calibration, data_dir=data_dir))
 
-    def quick(meta: dict[str, Any]) -> dict[str, float] | None:
+    def state(parts: list[str], digest: str) -> dict[str, Any]:
+        return {"store": store, "base_uri": base["uri"], "base_hash": base["hash"], "parts": tuple(parts),
+                "state_digest": digest, "stream": stream}
+
+    def evaluate(parts: list[str], digest: str, evaluation: Any, qa: bool = False) -> dict[str, Any]:
+        s = state(parts, digest)
+        job = EvalJob(store=store, checkpoint_hash=digest, base_uri=s["base_uri"], base_hash=s["base_hash"],
+                      parts=s["parts"], stream=stream, evaluation=evaluation, data_dir=data_dir,
+                      qa_tasks=config.qa_tasks if qa else (), qa_limit=config.qa_limit if qa else None)
+        return dict(run_cached(evaluate_checkpoint, job)[0])
+
+    def quick(parts: list[str], digest: str) -> dict[str, float] | None:
         if config.quick_eval is None or not config.quick_eval.datasets:
             return None
-        job = EvalJob(store=store, checkpoint_uri=meta["uri"], checkpoint_hash=meta["hash"],
-                      evaluation=config.quick_eval, data_dir=data_dir)
-        return dict(run_cached(evaluate_checkpoint, job)[0]["perplexity"])
+        return dict(evaluate(parts, digest, config.quick_eval)["perplexity"])
 
-    dense_quick = quick(base)
-    parent, parent_ppl = base, dense_quick
+    parts: list[str] = []
+    digest = Recipe(source={"content_hash": base["hash"]}).digest()
+    dense_quick = quick(parts, digest)
+    dense_eval = evaluate(parts, digest, config.evaluation, qa=True)  # now, while the working copy is dense
+    parent_ppl = dense_quick
     steps: list[dict[str, Any]] = []
     stop_reason = f"removed the {k} requested layers"
     for step in range(k):
-        job = StepJob(store=store, parent_uri=parent["uri"], parent_hash=parent["hash"], calibration_uri=cal["uri"],
-                      calibration_digest=cal["digest"], prune=config.prune, step=step,
-                      batch_size=config.calibration.batch_size)
+        job = StepJob(**state(parts, digest), calibration_uri=cal["uri"], calibration_digest=cal["digest"],
+                      prune=config.prune, step=step, batch_size=config.calibration.batch_size)
         workers: list[str] = []
-        if (config.parallel_candidates > 1 and config.prune.metric in PER_CANDIDATE_METRICS
+        if (config.parallel_candidates > 1 and config.prune.metric in PER_CANDIDATE_METRICS and not stream
                 and not is_complete(job.uri)):
             removed_so_far = [s["record"]["chosen"] for s in steps]
             scores, workers = _fan_out(config, job, n_src, removed_so_far)
             job = job.model_copy(update={"candidate_scores": scores})
         meta, cached = run_cached(prune_one_step, job)
-        after = quick(meta)
-        entry = {"step": step, "uri": meta["uri"], "hash": meta["hash"], "record": meta["record"], "reused": cached,
-                 "ppl_before": parent_ppl, "ppl_after": after, "kept": True, "candidate_workers": workers}
+        after = quick([*parts, meta["uri"]], meta["digest"])
+        entry = {"step": step, "uri": meta["uri"], "digest": meta["digest"], "record": meta["record"],
+                 "reused": cached, "ppl_before": parent_ppl, "ppl_after": after, "kept": True,
+                 "candidate_workers": workers}
         publish_step(run_id, entry)
         rec = meta["record"]
         log.info("step %d/%d: removed layer %d, s=%.4f, quick ppl %s -> %s%s", step + 1, k, rec["chosen"],
@@ -137,9 +196,8 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         steps.append(entry)
         journal["steps"] = steps
         write_json(journal_uri(loc, run_id), journal)
-        parent, parent_ppl = meta, after
+        parts, digest, parent_ppl = [*parts, meta["uri"]], meta["digest"], after
     kept = [s for s in steps if s["kept"]]
-    final = parent
     refined: dict[str, Any] | None = None
     if config.prune.refine != "none" and kept:
         p = config.prune
@@ -148,27 +206,25 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
             fit_on, _ = run_cached(build_calibration, CalibrationJob(
                 store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
                 calibration=config.calibration.model_copy(update={"n_samples": p.refine_samples})))
-        rjob = RefineJob(store=store, base_uri=base["uri"], base_hash=base["hash"], parent_uri=final["uri"],
-                         parent_hash=final["hash"], calibration_uri=fit_on["uri"],
-                         calibration_digest=fit_on["digest"],
+        rjob = RefineJob(**state(parts, digest), calibration_uri=fit_on["uri"], calibration_digest=fit_on["digest"],
                          mode=p.refine, steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch,
                          topk=p.refine_topk, batch_size=config.calibration.batch_size)
-        meta, cached = run_cached(refine_checkpoint, rjob)
-        after = quick(meta)
-        refined = {"uri": meta["uri"], "hash": meta["hash"], "report": meta["refine"], "reused": cached,
+        meta, cached = run_cached(refine_state, rjob)
+        after = quick([*parts, meta["uri"]], meta["digest"])
+        refined = {"uri": meta["uri"], "digest": meta["digest"], "report": meta["refine"], "reused": cached,
                    "ppl_before": parent_ppl, "ppl_after": after}
         log.info("refine (%s, %d steps): calibration KL %.4f -> %.4f, quick ppl %s -> %s%s", p.refine,
                  p.refine_steps, meta["refine"]["loss_before"], meta["refine"]["loss_after"],
                  _fmt(_mean(parent_ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
-        final = meta
+        parts, digest = [*parts, meta["uri"]], meta["digest"]
 
-    def full(meta: dict[str, Any]) -> dict[str, Any]:
-        job = EvalJob(store=store, checkpoint_uri=meta["uri"], checkpoint_hash=meta["hash"],
-                      evaluation=config.evaluation, data_dir=data_dir, qa_tasks=config.qa_tasks,
-                      qa_limit=config.qa_limit)
-        return dict(run_cached(evaluate_checkpoint, job)[0])
-
-    dense_eval, final_eval = full(base), full(final)
+    fjob = FinalJob(**state(parts, digest), source={"content_hash": base["hash"], "architecture": arch,
+                                                    "num_layers": n_src, "uri": source["uri"]},
+                    report={"run_id": run_id, "config": config.model_dump(mode="json"), "source": source})
+    final, final_cached = run_cached(write_final, fjob)
+    log.info("final model (%d layers removed) %s: %s", len(kept), "reused" if final_cached else "written",
+             final["uri"])
+    final_eval = evaluate(parts, digest, config.evaluation, qa=True)
     ppl = {name: {"dense": v, "pruned": final_eval["perplexity"][name]}
            for name, v in dense_eval["perplexity"].items()}
     qa = None
@@ -178,9 +234,11 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
     metrics = run_metrics(ppl, qa, len(kept))
     summary: dict[str, Any] = {
         "run_id": run_id, "config": config.model_dump(mode="json"), "code_version": code, "source": source,
-        "base": {"uri": base["uri"], "hash": base["hash"], "num_layers": n_src}, "calibration": cal,
+        "base": {"uri": redact(base["uri"]), "hash": base["hash"], "num_layers": n_src,
+                 "materialized": base["materialized"]},
+        "calibration": cal, "stream_layers": stream,
         "steps": steps, "removed": [s["record"]["chosen"] for s in kept], "stop_reason": stop_reason,
-        "refine": refined,
+        "refine": refined, "recipe": {"digest": digest, "parts": parts},
         "final": {"uri": final["uri"], "hash": final["hash"]}, "perplexity": ppl, "qa": qa, "metrics": metrics,
         "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
         "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
@@ -199,14 +257,27 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
     return summary
 
 
+def _check_streamable(config: CompressConfig, base: dict[str, Any]) -> None:
+    from prunecomp.streamed import STREAMED_METRICS
+
+    p = config.prune
+    if p.metric not in STREAMED_METRICS or p.compensation not in ("magnitude", "none") or p.selection != "score" \
+            or p.refine != "none":
+        raise PrunecompError("stream_layers runs BI/angular scoring with magnitude or no compensation, score "
+                             "selection and no refinement")
+    if config.qa_tasks:
+        raise PrunecompError("stream_layers cannot run QA tasks (they need the whole model in memory)")
+
+
 def _fan_out(config: CompressConfig, job: StepJob, n_src: int, removed: list[int]) -> tuple[dict[int, float],
                                                                                          list[str]]:
     """Score this step's candidates in ``config.parallel_candidates`` tasks on the flow's task runner."""
     protected = config.prune.protected(n_src)
     cands = [i for i in range(n_src) if i not in protected and i not in removed]
-    jobs = [CandidateJob(store=job.store, parent_uri=job.parent_uri, parent_hash=job.parent_hash,
-                         calibration_uri=job.calibration_uri, calibration_digest=job.calibration_digest,
-                         metric=config.prune.metric, candidates=chunk, batch_size=job.batch_size)
+    jobs = [CandidateJob(store=job.store, base_uri=job.base_uri, base_hash=job.base_hash, parts=job.parts,
+                         state_digest=job.state_digest, calibration_uri=job.calibration_uri,
+                         calibration_digest=job.calibration_digest, metric=config.prune.metric, candidates=chunk,
+                         batch_size=job.batch_size)
             for chunk in split(cands, config.parallel_candidates)]
     results = [f.result() for f in score_candidates.map(job=jobs)]
     scores = {int(k): float(v) for r in results for k, v in r["scores"].items()}
@@ -218,9 +289,9 @@ def _fmt(value: float | None) -> str:
 
 
 def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metrics: dict[str, float]) -> dict:
-    """Log the run to MLflow and register the final checkpoint as a new model version with lineage tags."""
-    from prunecomp.sources import resolve_source
-
+    """Log the run to MLflow (params, metrics, report, plots, the recipe) and register the final model as a new
+    model version with lineage tags. The weights are not copied: the version's source is the final model in the
+    store, so a run leaves one copy of them (see the README)."""
     prune = config.prune
     tags = {
         "method": {"magnitude": "prune&comp", "lsq": "prune&comp+lsq"}.get(prune.compensation, "naive-depth-pruning")
@@ -234,16 +305,16 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
         "prunecomp_run": summary["run_id"],
     }
     final_uri = summary["final"]["uri"]
-    model_dir = str(resolve_source(final_uri).local_dir) if is_remote(final_uri) else final_uri
     report = {k: v for k, v in summary.items() if k != "mlflow"}
     run_key = f"{summary['run_id']}-{summary['final']['hash'][:12]}"
     run = log_run_task(tracking_uri=loc.tracking_uri, artifact_root=loc.mlflow_artifacts,
                        experiment=config.tracking.experiment, run_key=run_key, run_name=summary["run_id"],
                        params=summary["config"] | {"code_version": summary["code_version"]},
                        steps=[s for s in summary["steps"] if s["kept"]], metrics=metrics, tags=tags, report=report,
-                       summary_md=summary_markdown(summary), model_dir=model_dir)
+                       summary_md=summary_markdown(summary), model_dir=None,
+                       recipe_uri=final_uri)
     version = register_task(tracking_uri=loc.tracking_uri, name=config.model_name(), run_id=run["run_id"],
-                            source=run["model_uri"], tags=tags,
+                            source=final_uri, tags=tags,
                             description=f"{summary['source']['uri']} minus layers {summary['removed']} "
                                         f"({tags['method']}, {prune.metric})")
     return {"run_id": run["run_id"], "model_uri": run["model_uri"], **version}

@@ -52,6 +52,9 @@ class CompressConfig(_Params):
     data_dir: str | None = None
     run_name: str | None = Field(None, pattern=_NAME, description="default: derived from the parameters")
     tracking: TrackingConfig = TrackingConfig()
+    stream_layers: bool | None = Field(None, description="score, compensate and write one decoder layer at a time "
+                                       "(models larger than memory); null: automatically when the weights do not "
+                                       "fit the memory budget")
     parallel_candidates: int = Field(1, ge=1, description="split a per-candidate metric's scoring (PPL-on-skip) "
                                      "into this many tasks, run by the flow's task runner (threads or Dask)")
 

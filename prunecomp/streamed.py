@@ -40,7 +40,8 @@ from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.storage import write_dir
 
-__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel", "check_streamed", "streamed_prune"]
+__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel", "check_streamed", "streamed_prune",
+           "streamed_step"]
 
 STREAMED_METRICS = frozenset({"bi", "angular"})
 
@@ -280,6 +281,27 @@ def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
     _candidates(sm.model, config, config.layers_to_remove(sm.source_layers))
 
 
+def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: int,
+                  batch_size: int = 4) -> StepRecord:
+    """One iteration on a layer-streamed model: score every layer, remove the lowest, fold its scale."""
+    ts = time.perf_counter()
+    k = config.layers_to_remove(sm.source_layers)
+    done = sm.source_layers - len(decoder_layers(sm.model, sm.adapter))
+    if k - done <= 0:
+        raise PrunecompError(f"the model already has {done} of {k} layers removed: nothing left to do")
+    cands = _candidates(sm.model, config, k - done)
+    scan = sm.scan(ids, config.metric, batch_size=batch_size)
+    current = _choose(scan, cands, config.metric, 1)
+    orig = original_indices(sm.model)
+    s = scan.scales[current]
+    applied = s if config.compensation == "magnitude" else 1.0
+    sm.remove(current, applied)
+    return StepRecord(step=step, metric=config.metric, scores={orig[i]: scan.scores[i] for i in range(len(orig))},
+                      candidates=[orig[i] for i in cands], chosen=orig[current], chosen_current=current,
+                      measured_scale=s, applied_scale=applied, layers_after=len(decoder_layers(sm.model, sm.adapter)),
+                      seconds=time.perf_counter() - ts, layer_forwards=scan.layer_forwards)
+
+
 def streamed_prune(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, batch_size: int = 4,
                    on_step: Callable[[StepRecord, StreamedModel], None] | None = None) -> PruneReport:
     """The iterative Prune&Comp loop on a layer-streamed model (magnitude or no compensation)."""
@@ -289,19 +311,7 @@ def streamed_prune(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, batch
     report = PruneReport(config=config.model_dump(mode="json"), source_num_layers=sm.source_layers,
                          scoring="streamed")
     for step in range(k):
-        ts = time.perf_counter()
-        cands = _candidates(sm.model, config, k - step)
-        scan = sm.scan(ids, config.metric, batch_size=batch_size)
-        current = _choose(scan, cands, config.metric, 1)
-        orig = original_indices(sm.model)
-        s = scan.scales[current]
-        applied = s if config.compensation == "magnitude" else 1.0
-        sm.remove(current, applied)
-        record = StepRecord(step=step, metric=config.metric, scores={orig[i]: scan.scores[i] for i in range(len(orig))},
-                            candidates=[orig[i] for i in cands], chosen=orig[current], chosen_current=current,
-                            measured_scale=s, applied_scale=applied,
-                            layers_after=len(decoder_layers(sm.model, sm.adapter)),
-                            seconds=time.perf_counter() - ts, layer_forwards=scan.layer_forwards)
+        record = streamed_step(sm, ids, config, step=step, batch_size=batch_size)
         report.steps.append(record)
         if on_step is not None:
             on_step(record, sm)

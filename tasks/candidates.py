@@ -1,7 +1,8 @@
 """Per-candidate scoring as tasks, so one step's PPL-on-skip candidates fan out over the flow's task runner.
 
-Each task loads the parent checkpoint and the calibration windows itself (URIs in, a small dict out), so it runs
-the same in a thread, in a local Dask worker process or on a remote Dask cluster that can read the store. The
+Each task loads the base model, replays the parent state's recipe and reads the calibration windows itself (URIs
+in, a small dict out), so it runs the same in a thread, in a local Dask worker process or on a remote Dask cluster
+that can read the store. It never touches the process's working copy: candidates run concurrently. The
 scores do not depend on how the candidates were split, so the step's cache key ignores the split.
 """
 
@@ -18,20 +19,18 @@ from prunecomp.incremental import candidate_scores
 from prunecomp.pruning import original_indices
 from tasks.caching import JOB_KEY
 from tasks.calibrate import load_windows
-from tasks.jobs import Job
-from tasks.model_io import load_checkpoint
+from tasks.jobs import StateJob
+from tasks.working import load_state, recipe_of
 
 __all__ = ["CandidateJob", "score_candidates", "split"]
 
 
-class CandidateJob(Job):
-    """Scores of some candidate layers (ORIGINAL indices) of one parent checkpoint."""
+class CandidateJob(StateJob):
+    """Scores of some candidate layers (ORIGINAL indices) of one model state."""
 
     kind: ClassVar[str] = "candidates"
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"parent_uri", "calibration_uri"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri"})
 
-    parent_uri: str
-    parent_hash: str
     calibration_uri: str
     calibration_digest: str
     metric: str
@@ -55,9 +54,9 @@ def split(items: list[int], parts: int) -> list[tuple[int, ...]]:
 @task(name="score-candidates", cache_policy=JOB_KEY, persist_result=True)
 def score_candidates(job: CandidateJob) -> dict[str, Any]:
     """``{"scores": {original index: score}, "worker": host:pid}`` for the job's candidates."""
-    lm = load_checkpoint(job.parent_uri, job.parent_hash)
+    state = load_state(job.base_uri, recipe_of(job.base_hash, job.parts, job.state_digest))
     windows = load_windows(job.calibration_uri, job.calibration_digest)
-    orig = original_indices(lm.model)
+    orig = original_indices(state.model)
     current = [orig.index(o) for o in job.candidates]
-    scores = candidate_scores(lm.model, windows.ids, job.metric, current, batch_size=job.batch_size)
+    scores = candidate_scores(state.model, windows.ids, job.metric, current, batch_size=job.batch_size)
     return {"scores": {str(orig[i]): v for i, v in scores.items()}, "worker": f"{socket.gethostname()}:{os.getpid()}"}

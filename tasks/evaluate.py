@@ -20,6 +20,7 @@ from tasks.caching import JOB_KEY
 from tasks.files import read_json
 from tasks.jobs import EvalJob
 from tasks.model_io import load_checkpoint
+from tasks.working import checkout, recipe_of
 
 __all__ = ["QA_MODULE", "evaluate_checkpoint", "qa_available"]
 
@@ -35,13 +36,19 @@ def qa_available() -> bool:
         return False
 
 
-@task(name="evaluate", cache_policy=JOB_KEY, persist_result=True)
-def evaluate_checkpoint(job: EvalJob) -> dict[str, Any]:
-    """``{"perplexity": {dataset: ppl}, "qa": {...} | None, "checkpoint_hash": ...}`` for ``job.checkpoint_uri``."""
-    if is_complete(job.uri):
-        return dict(read_json(f"{job.uri}/{_RESULT}"))
-    lm = load_checkpoint(job.checkpoint_uri)
-    ppl = evaluate_perplexities(lm.model, lm.tokenizer, job.evaluation, job.data_dir, Progress()) \
+def _evaluate(job: EvalJob, model: Any, tokenizer: Any, streamed: Any) -> tuple[dict[str, float], Any]:
+    if streamed is not None:
+        from prunecomp.calibration import evaluation_windows
+
+        if job.qa_tasks:
+            raise PrunecompError("QA tasks need the whole model in memory; they cannot run on a layer-streamed "
+                                 "model (drop qa_tasks, or run without stream_layers)")
+        ev = job.evaluation
+        return {name: streamed.perplexity(evaluation_windows(tokenizer, name, seq_len=ev.seq_len,
+                                                             max_windows=ev.max_windows, data_dir=job.data_dir).ids,
+                                          batch_size=ev.batch_size)
+                for name in ev.datasets}, None
+    ppl = evaluate_perplexities(model, tokenizer, job.evaluation, job.data_dir, Progress()) \
         if job.evaluation.datasets else {}
     qa = None
     if job.qa_tasks:
@@ -49,8 +56,26 @@ def evaluate_checkpoint(job: EvalJob) -> dict[str, Any]:
             raise PrunecompError(f"QA evaluation needs {QA_MODULE}, which this checkout does not have")
         from prunecomp.evaluation.harness import evaluate_qa  # type: ignore[import-not-found]
 
-        qa = evaluate_qa(lm.model, lm.tokenizer, list(job.qa_tasks), data_dir=job.data_dir, limit=job.qa_limit,
+        qa = evaluate_qa(model, tokenizer, list(job.qa_tasks), data_dir=job.data_dir, limit=job.qa_limit,
                          seed=job.seed)
+    return ppl, qa
+
+
+@task(name="evaluate", cache_policy=JOB_KEY, persist_result=True)
+def evaluate_checkpoint(job: EvalJob) -> dict[str, Any]:
+    """``{"perplexity": {dataset: ppl}, "qa": {...} | None, "checkpoint_hash": ...}`` of the job's model."""
+    if is_complete(job.uri):
+        return dict(read_json(f"{job.uri}/{_RESULT}"))
+    if job.base_uri is not None:  # a pipeline state: evaluated on the working copy, no checkpoint needed
+        assert job.base_hash is not None
+        with checkout(job.base_uri, recipe_of(job.base_hash, job.parts, job.checkpoint_hash),
+                      stream=job.stream) as wc:
+            ppl, qa = _evaluate(job, wc.model, wc.tokenizer, wc.streamed)
+    else:
+        if job.checkpoint_uri is None:
+            raise PrunecompError("an evaluation needs a checkpoint URI or a base model and recipe parts")
+        lm = load_checkpoint(job.checkpoint_uri)
+        ppl, qa = _evaluate(job, lm.model, lm.tokenizer, None)
     result = {"perplexity": ppl, "qa": qa, "checkpoint_hash": job.checkpoint_hash, "key": job.key}
 
     def fill(tmp: Path) -> None:

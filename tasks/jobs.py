@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from tasks.keys import code_version, stable_hash
 
-__all__ = ["CalibrationJob", "EvalJob", "Job", "ModelJob", "StepJob"]
+__all__ = ["CalibrationJob", "EvalJob", "FinalJob", "Job", "ModelJob", "RefineJob", "StateJob", "StepJob"]
 
 
 class Job(BaseModel):
@@ -77,15 +77,27 @@ class CalibrationJob(Job):
         return payload
 
 
-class StepJob(Job):
-    """One iteration (score -> remove -> compensate -> checkpoint) applied to a parent checkpoint."""
+class StateJob(Job):
+    """A job on one model state: the base model (``base_uri``/``base_hash``) plus recipe parts (URIs of step and
+    refinement parts, in order) whose recipe digest is ``state_digest``. Where things lie is not in the key; the
+    base hash and the digest, which say what the model is, are."""
 
-    kind: ClassVar[str] = "checkpoints"
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts"})
+
+    base_uri: str
+    base_hash: str
+    parts: tuple[str, ...] = ()
+    state_digest: str
+    stream: bool = False  # layer-streamed model (the pipeline's --stream-layers): other arithmetic, other results
+
+
+class StepJob(StateJob):
+    """One iteration (score -> remove -> compensate) on a model state; its artifact is the step's recipe part."""
+
+    kind: ClassVar[str] = "steps"
     # candidate_scores: computed by fanned-out tasks from exactly the inputs in the key (see tasks.candidates)
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"parent_uri", "calibration_uri", "candidate_scores"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri", "candidate_scores"})
 
-    parent_uri: str
-    parent_hash: str
     calibration_uri: str
     calibration_digest: str
     prune: PruneConfig
@@ -100,16 +112,12 @@ class StepJob(Job):
         return payload
 
 
-class RefineJob(Job):
-    """Distil the dense model (``base``) into folded gains of the last pruned checkpoint (``parent``)."""
+class RefineJob(StateJob):
+    """Distil the base model's predictions into folded gains of the last pruned state; artifact: the gains part."""
 
     kind: ClassVar[str] = "refined"
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parent_uri", "calibration_uri"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri"})
 
-    base_uri: str
-    base_hash: str
-    parent_uri: str
-    parent_hash: str
     calibration_uri: str
     calibration_digest: str
     mode: Literal["norms", "norms+writers", "channels"]
@@ -120,14 +128,37 @@ class RefineJob(Job):
     batch_size: int = Field(gt=0)
 
 
+class FinalJob(StateJob):
+    """Write the final model of a state once: a plain HF folder with its full recipe, at ``<store>/final/<key>``."""
+
+    kind: ClassVar[str] = "final"
+
+    source: dict[str, str | int | None]  # the recipe's source document (content hash, architecture, depth, uri)
+    report: dict[str, object] = Field(default_factory=dict)  # written beside it; the audit trail, not the key
+
+    def key_payload(self) -> dict[str, object]:
+        payload = super().key_payload()
+        payload.pop("report", None)
+        payload["source"] = {k: v for k, v in self.source.items() if k != "uri"}
+        return payload
+
+
 class EvalJob(Job):
-    """Perplexity (and optional QA) of one checkpoint."""
+    """Perplexity (and optional QA) of one model: a saved checkpoint (``checkpoint_uri``), or a pipeline state
+    (``base_uri`` + ``parts``, evaluated on the working copy). ``checkpoint_hash`` says which model it is: a
+    checkpoint's tensor hash or a state's recipe digest."""
 
     kind: ClassVar[str] = "evals"
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_uri"})
+    # a state's digest already covers its base hash: the same model evaluated from its saved checkpoint (the
+    # evaluate flow) or from the working copy (the compress flow) shares one result
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_uri", "base_uri", "base_hash", "parts"})
 
-    checkpoint_uri: str
+    checkpoint_uri: str | None = None
     checkpoint_hash: str
+    base_uri: str | None = None
+    base_hash: str | None = None
+    parts: tuple[str, ...] = ()
+    stream: bool = False
     evaluation: EvalConfig
     data_dir: str | None
     qa_tasks: tuple[str, ...] = ()

@@ -1,12 +1,15 @@
-"""Resolve the source model (where from, which revision, which bytes) and materialise it as a safetensors
-checkpoint in the store: the root of every run's checkpoint chain.
+"""The two ends of a run's chain of model states: the base (the source model, as a folder of safetensors) and
+the final model, written once.
 
-Materialising once pays the slow load (a GGUF file is dequantised in ~25 s for SmolLM2) a single time; every
-later task loads plain safetensors in about a second.
+A source that already is safetensors (a local folder, a hub snapshot, an s3:// folder) is the base as it is:
+its identity is the sha256 of its files, and nothing is copied. A GGUF or pickle source is materialised once as
+a safetensors checkpoint in the store (dequantising SmolLM2's GGUF takes ~25 s; a resumed run or a fanned-out
+worker then loads plain safetensors in about a second, and layer streaming needs safetensors anyway).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from prefect import task
@@ -19,11 +22,11 @@ from prunecomp.sources import content_hash, load_model, resolve_source
 from prunecomp.storage import is_complete
 from tasks.caching import JOB_KEY
 from tasks.files import read_json
-from tasks.jobs import ModelJob
+from tasks.jobs import FinalJob, ModelJob
 from tasks.keys import model_state_hash
 from tasks.settings import redact
 
-__all__ = ["load_checkpoint", "materialize_model", "read_meta", "resolve_model"]
+__all__ = ["load_checkpoint", "materialize_model", "read_meta", "resolve_model", "write_final"]
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -48,8 +51,56 @@ def load_checkpoint(uri: str, expected_hash: str | None = None) -> Any:
 def resolve_model(model: str | None, revision: str | None = None, allow_pickle: bool = False) -> dict[str, Any]:
     """Where the model comes from and the sha256 of its files (never cached: the bytes behind a name can move)."""
     source = resolve_source(model, revision, allow_pickle=allow_pickle)
+    safetensors = source.gguf_file is None and bool(source.weight_files) and all(
+        f.endswith(".safetensors") for f in source.weight_files)
+    local = source.kind in ("local", "hub", "default")
     return {"uri": redact(source.uri), "kind": source.kind, "revision": source.revision,
-            "gguf_file": source.gguf_file, "content_hash": content_hash(source)}
+            "gguf_file": source.gguf_file, "content_hash": content_hash(source), "safetensors": safetensors,
+            # where tasks load it from: the local folder, or the remote URL (each process downloads it once)
+            "load_uri": str(source.local_dir) if local else source.uri,
+            "weight_bytes": sum((source.local_dir / f).stat().st_size for f in source.weight_files),
+            "num_layers": _num_layers(source), "architecture": _architecture(source)}
+
+
+def _architecture(source: Any) -> str | None:
+    import json
+
+    path = source.local_dir / "config.json"
+    if source.gguf_file is not None or not path.is_file():
+        return None
+    return (json.loads(path.read_text()).get("architectures") or [None])[0]
+
+
+def _num_layers(source: Any) -> int | None:
+    """Decoder depth from config.json, without loading weights (``None`` for GGUF: known after loading)."""
+    import json
+
+    path = source.local_dir / "config.json"
+    if source.gguf_file is not None or not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    cfg = cfg.get("text_config", cfg)
+    return int(cfg["num_hidden_layers"]) if "num_hidden_layers" in cfg else None
+
+
+@task(name="write-final", cache_policy=JOB_KEY, persist_result=True)
+def write_final(job: FinalJob) -> dict[str, Any]:
+    """Write the model of the final state (the working copy) with its full recipe to ``job.uri``, atomically."""
+    if is_complete(job.uri):
+        return read_meta(job.uri)
+    from tasks.working import checkout, recipe_of
+
+    recipe = recipe_of(job.base_hash, job.parts, job.state_digest)
+    full = replace(recipe, source={**job.source, "content_hash": job.base_hash})
+    meta = {"uri": job.uri, "hash": job.state_digest, "digest": job.state_digest, "key": job.key, "code": job.code,
+            "removed": recipe.removed}
+    report = {"pipeline": meta, **job.report}
+    with checkout(job.base_uri, recipe, stream=job.stream) as wc:
+        if wc.streamed is not None:
+            wc.streamed.save(job.uri, tokenizer=wc.tokenizer, report=report, recipe=full, overwrite=True)
+        else:
+            save_pruned(wc.model, wc.tokenizer, job.uri, report=report, recipe=full, overwrite=True)
+    return meta
 
 
 @task(name="materialize-model", cache_policy=JOB_KEY, persist_result=True)

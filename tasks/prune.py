@@ -1,9 +1,10 @@
-"""One Prune&Comp iteration as a task: load the parent checkpoint, score + remove + compensate
-(:func:`prunecomp.loop.prune_step`), save the child checkpoint. URIs and hashes in, URI + hash + record out.
+"""One Prune&Comp iteration as a task: bring the working copy to the parent state, score + remove + compensate
+(:func:`prunecomp.loop.prune_step`, or :func:`prunecomp.streamed.streamed_step` layer by layer), and write the
+step's recipe part (kilobytes). Base hash + parent digest in, part URI + new digest + record out.
 
-Each step reloads its parent from the store, also when the previous step ran in the same process: an
-uninterrupted run and an interrupted-then-resumed one then follow exactly the same path and end in the same
-tensors.
+An uninterrupted run keeps one model in memory from step to step, with the incremental scanner's cached layer
+boundaries; a resumed one loads the source once and replays the finished steps, which gives the same tensors
+bit for bit (:mod:`tasks.working`).
 """
 
 from __future__ import annotations
@@ -12,33 +13,46 @@ from typing import Any
 
 from prefect import task
 
-from prunecomp.checkpoint import save_pruned
-from prunecomp.loop import StepRecord, prune_step
+from prunecomp.loop import make_scanner, prune_step
+from prunecomp.recipe import RecipeStep
 from prunecomp.storage import is_complete
 from tasks.caching import JOB_KEY
 from tasks.calibrate import load_windows
 from tasks.jobs import StepJob
-from tasks.keys import model_state_hash
-from tasks.model_io import load_checkpoint, read_meta
+from tasks.working import checkout, read_meta, recipe_of, write_part
 
-__all__ = ["prune_one_step", "record_dict"]
-
-
-def record_dict(record: StepRecord) -> dict[str, Any]:
-    """A JSON-safe :class:`StepRecord` (string layer keys, non-finite scores as ``None``)."""
-    return record.to_dict()
+__all__ = ["prune_one_step"]
 
 
 @task(name="prune-step", cache_policy=JOB_KEY, persist_result=True)
 def prune_one_step(job: StepJob) -> dict[str, Any]:
-    """Remove one layer from ``job.parent_uri``; the child checkpoint goes to ``job.uri``."""
+    """Remove one layer from the state ``job.parts``; the step's recipe part goes to ``job.uri``."""
     if is_complete(job.uri):
         return read_meta(job.uri)
-    lm = load_checkpoint(job.parent_uri, job.parent_hash)
+    parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
-    record = prune_step(lm.model, windows, job.prune, step=job.step, batch_size=job.batch_size,
-                        scores=job.candidate_scores)
-    meta = {"uri": job.uri, "hash": model_state_hash(lm.model), "parent_hash": job.parent_hash,
-            "step": job.step, "record": record_dict(record), "key": job.key, "code": job.code}
-    save_pruned(lm.model, lm.tokenizer, job.uri, report={"pipeline": meta}, overwrite=True)
+    with checkout(job.base_uri, parent, stream=job.stream) as wc:
+        if wc.streamed is not None:
+            from prunecomp.streamed import check_streamed, streamed_step
+
+            check_streamed(wc.streamed, job.prune)
+            record = streamed_step(wc.streamed, windows.ids, job.prune, step=job.step, batch_size=job.batch_size)
+        else:
+            for_key = f"{windows.digest}:{job.batch_size}"
+            scanner = wc.scanner if wc.scanner_for == for_key else None
+            if scanner is None and job.candidate_scores is None:
+                scanner = make_scanner(wc.model, windows, job.prune, batch_size=job.batch_size)
+            record = prune_step(wc.model, windows, job.prune, step=job.step, batch_size=job.batch_size,
+                                scanner=scanner, scores=job.candidate_scores)
+            # precomputed scores bypass the scanner, so it did not see this removal
+            keep = scanner is not None and job.candidate_scores is None
+            wc.scanner, wc.scanner_for = (scanner, for_key) if keep else (None, None)
+        compensated = job.prune.compensation in ("magnitude", "lsq")
+        part = RecipeStep(removed=record.chosen, current=record.chosen_current,
+                          scale=record.applied_scale if compensated else None, gap_map=record.gap_map,
+                          record=record.to_dict())
+        wc.recipe = parent.plus(part)
+        meta = {"uri": job.uri, "digest": wc.recipe.digest(), "parent_digest": job.state_digest, "step": job.step,
+                "record": part.record, "key": job.key, "code": job.code}
+        write_part(job.uri, part, meta)
     return meta

@@ -1,8 +1,9 @@
-"""Refinement as a task: load the dense base (the teacher) and the last pruned checkpoint, fit and fold the gains
-(:func:`prunecomp.refine.refine`), save the refined checkpoint. URIs and hashes in, URI + hash + report out.
+"""Refinement as a task: the dense base's predictions (teacher, loaded on its own and freed), then fit and fold
+the gains into the working copy at the last pruned state (:func:`prunecomp.refine.refine`); the artifact is the
+gains' recipe part.
 
-It runs once, after the last pruning step, so a refined run shares every step checkpoint with the plain
-Prune&Comp run of the same parameters (the refine options are not in the step keys).
+It runs once, after the last pruning step, so a refined run shares every step with the plain Prune&Comp run of
+the same parameters (the refine options are not in the step keys).
 """
 
 from __future__ import annotations
@@ -11,30 +12,35 @@ from typing import Any
 
 from prefect import task
 
-from prunecomp.checkpoint import save_pruned
+from prunecomp.recipe import RefineEdit
 from prunecomp.refine import refine, teacher_targets
+from prunecomp.sources import load_model
 from prunecomp.storage import is_complete
 from tasks.caching import JOB_KEY
 from tasks.calibrate import load_windows
 from tasks.jobs import RefineJob
-from tasks.keys import model_state_hash
-from tasks.model_io import load_checkpoint, read_meta
+from tasks.working import checkout, read_meta, recipe_of, write_part
 
-__all__ = ["refine_checkpoint"]
+__all__ = ["refine_state"]
 
 
 @task(name="refine", cache_policy=JOB_KEY, persist_result=True)
-def refine_checkpoint(job: RefineJob) -> dict[str, Any]:
-    """Refine ``job.parent_uri`` against ``job.base_uri``'s predictions; the result goes to ``job.uri``."""
+def refine_state(job: RefineJob) -> dict[str, Any]:
+    """Refine the state ``job.parts`` against the base's predictions; the gains part goes to ``job.uri``."""
     if is_complete(job.uri):
         return read_meta(job.uri)
+    parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
-    dense = load_checkpoint(job.base_uri, job.base_hash)
+    dense = load_model(job.base_uri)
     targets = teacher_targets(dense.model, windows.ids, topk=job.topk, batch_size=job.batch_size)
-    del dense  # one model in memory at a time
-    lm = load_checkpoint(job.parent_uri, job.parent_hash)
-    report = refine(lm.model, windows.ids, targets, mode=job.mode, steps=job.steps, lr=job.lr, batch_size=job.batch)
-    meta = {"uri": job.uri, "hash": model_state_hash(lm.model), "parent_hash": job.parent_hash,
-            "refine": report.to_dict(), "key": job.key, "code": job.code}
-    save_pruned(lm.model, lm.tokenizer, job.uri, report={"pipeline": meta}, overwrite=True)
+    del dense  # one model in memory besides the working copy, and only while the targets are computed
+    with checkout(job.base_uri, parent) as wc:
+        report = refine(wc.model, windows.ids, targets, mode=job.mode, steps=job.steps, lr=job.lr,
+                        batch_size=job.batch)
+        wc.scanner = wc.scanner_for = None
+        part = RefineEdit(gains=report.folded, report=report.to_dict())
+        wc.recipe = parent.with_refine(part)
+        meta = {"uri": job.uri, "digest": wc.recipe.digest(), "parent_digest": job.state_digest,
+                "refine": report.to_dict(), "key": job.key, "code": job.code}
+        write_part(job.uri, part, meta)
     return meta

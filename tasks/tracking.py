@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from prunecomp.errors import PrunecompError
@@ -50,7 +51,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, run_key: str, run_name: str,
                      params: Mapping[str, Any], steps: list[dict[str, Any]], metrics: Mapping[str, float],
                      tags: Mapping[str, str], report: Mapping[str, Any], summary_md: str,
-                     model_dir: str | None) -> dict[str, str]:
+                     model_dir: str | None, recipe_uri: str | None = None) -> dict[str, str]:
     """Log one finished compression run; returns ``run_id`` and the artifact URI of the logged model.
 
     Per-step metrics use MLflow's ``step`` (= layers removed so far; step 0 is the dense model).
@@ -99,6 +100,15 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
             c.log_artifacts(run_id, tmp, "plots")
     if model_dir is not None:
         c.log_artifacts(run_id, model_dir, "model")
+    if recipe_uri is not None:  # the recipe of the registered model (kilobytes), not its weights
+        from prunecomp.recipe import RECIPE_FILE, TENSORS_FILE
+        from tasks.files import exists, read_bytes
+
+        with tempfile.TemporaryDirectory(prefix="prunecomp-recipe-") as tmp:
+            for name in (RECIPE_FILE, TENSORS_FILE):
+                if exists(f"{recipe_uri.rstrip('/')}/{name}"):
+                    (Path(tmp) / name).write_bytes(read_bytes(f"{recipe_uri.rstrip('/')}/{name}"))
+            c.log_artifacts(run_id, tmp, "recipe")
     c.set_terminated(run_id)
     return {"run_id": run_id, "model_uri": f"{c.get_run(run_id).info.artifact_uri}/model", "reused": "false"}
 

@@ -1,7 +1,9 @@
-"""Subprocess of the kill-and-resume test: runs the compress flow with step ``N`` stalled mid-scoring (after its
-first calibration batch), and announces the stall in a file so the test can SIGKILL this process right there.
+"""Subprocess of the kill-and-resume tests: runs the compress flow and stalls at a chosen point, announcing the
+stall in a file so the test can SIGKILL this process right there.
 
-Usage: python resume_driver.py CONFIG_JSON SIGNAL_FILE N
+Usage: python resume_driver.py CONFIG_JSON SIGNAL_FILE WHERE
+WHERE is ``step:N`` (inside step N's task, with the working copy checked out at its parent state) or ``final``
+(inside the final model's atomic write, after the weights were written to the temporary folder).
 """
 
 from __future__ import annotations
@@ -11,26 +13,42 @@ import time
 from pathlib import Path
 from typing import Any
 
+import prunecomp.checkpoint as checkpoint
 import tasks.prune as prune_task
 from flows.compress import compress
 from flows.params import CompressConfig
 
 
 def main() -> None:
-    config_path, signal_path, stall_step = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    real = prune_task.prune_step
+    config_path, signal_path, where = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 
-    def stalled(*args: Any, step: int, **kwargs: Any) -> Any:
-        if step != stall_step:
-            return real(*args, step=step, **kwargs)
+    def stall(what: str) -> None:
+        signal_path.write_text(what)
+        time.sleep(600)
 
-        def stall() -> None:
-            signal_path.write_text(str(step))
-            time.sleep(600)
+    if where.startswith("step:"):
+        stall_step = int(where.split(":")[1])
+        real_step = prune_task.prune_step
 
-        return real(*args, step=step, **(kwargs | {"on_batch": stall}))
+        def stalled_step(*args: Any, step: int, **kwargs: Any) -> Any:
+            if step == stall_step:
+                stall(where)
+            return real_step(*args, step=step, **kwargs)
 
-    prune_task.prune_step = stalled
+        prune_task.prune_step = stalled_step
+    elif where == "final":
+        real_write = checkpoint.write_dir
+
+        def stalled_write(uri: str, fill: Any, **kwargs: Any) -> Any:
+            def fill_then_stall(tmp: Path) -> None:
+                fill(tmp)
+                stall(where)
+
+            return real_write(uri, fill_then_stall, **kwargs)
+
+        checkpoint.write_dir = stalled_write
+    else:
+        raise SystemExit(f"unknown stall point {where!r}")
     compress(config=CompressConfig.model_validate_json(Path(config_path).read_text()))
 
 

@@ -37,10 +37,13 @@ def test_two_step_run_on_s3_end_to_end(harness, s3, tracking_uri, make_config, t
     assert mv.tags["calibration_digest"] == summary["calibration"]["digest"]
     assert mv.tags["metric"] == "bi" and mv.tags["layers_removed"] == "[2, 1]"
     assert mv.tags["code_version"] == summary["code_version"] and mv.tags["checkpoint_hash"] == summary["final"]["hash"]
-    assert mv.source.startswith("s3://prunecomp/store/mlflow/") and fs.exists(
-        f"{mv.source.removeprefix('s3://')}/model.safetensors")
+    # one copy of the weights: the version's source is the final model in the store, MLflow holds its recipe
+    assert mv.source == summary["final"]["uri"] and fs.exists(f"{final}/recipe.json")
     names = {f.path for f in c.list_artifacts(m["run_id"])}
-    assert {"report.json", "summary.md", "plots", "model"} <= names
+    assert {"report.json", "summary.md", "plots", "recipe"} <= names and "model" not in names
+    assert {f.path for f in c.list_artifacts(m["run_id"], "recipe")} == {"recipe/recipe.json"}
+    weights = [p for p in fs.find("prunecomp/store") if p.endswith(".safetensors") and "/calibration/" not in p]
+    assert weights == [f"{final}/model.safetensors"], weights
     plots = {f.path for f in c.list_artifacts(m["run_id"], "plots")}
     assert {"plots/layer_scores.png", "plots/gap_scales.png"} <= plots
     history = c.get_metric_history(m["run_id"], "step_removed_layer")
@@ -82,7 +85,7 @@ def test_quality_floor_stops_and_keeps_the_last_good_step(harness, tracking_uri,
                       tracking={"log_and_register": False})
     summary = compress(config=cfg)
     assert summary["removed"] == [2] and [s["kept"] for s in summary["steps"]] == [True, False]
-    assert summary["final"]["uri"] == summary["steps"][0]["uri"] and "quality floor" in summary["stop_reason"]
+    assert summary["final"]["hash"] == summary["steps"][0]["digest"] and "quality floor" in summary["stop_reason"]
 
 
 def test_cache_invalidation(harness, tracking_uri, make_config, tmp_path: Path) -> None:
@@ -105,10 +108,13 @@ def test_cache_invalidation(harness, tracking_uri, make_config, tmp_path: Path) 
                                                prune={"n_layers": 1, "metric": "angular"}))
     assert other_metric["steps_computed"] == 1
     assert other_metric["calibration"]["digest"] == first["calibration"]["digest"]  # calibration still cached
-    shutil.rmtree(first["final"]["uri"])
+    shutil.rmtree(first["final"]["uri"])  # the final model is rewritten from the recipe; no step is recomputed
     redo = compress(config=base)
-    assert redo["steps_computed"] == 1 and Path(redo["final"]["uri"], "_COMPLETE").is_file()
+    assert redo["steps_computed"] == 0 and Path(redo["final"]["uri"], "_COMPLETE").is_file()
     assert redo["final"]["hash"] == first["final"]["hash"]
+    shutil.rmtree(first["steps"][0]["uri"])  # a deleted recipe part is recomputed, not a dangling URI
+    redo = compress(config=base)
+    assert redo["steps_computed"] == 1 and redo["final"]["hash"] == first["final"]["hash"]
 
 
 def test_gate_failure_leaves_the_champion_alone(harness, tracking_uri) -> None:
@@ -182,7 +188,8 @@ def test_refined_run_reuses_the_plain_runs_steps(harness, tracking_uri, make_con
     refined = compress(config=cfg)
     assert (refined["steps_reused"], refined["steps_computed"]) == (2, 0)
     assert refined["removed"] == plain["removed"] and refined["refine"] is not None
-    assert refined["final"]["uri"] == refined["refine"]["uri"] != plain["final"]["uri"]
+    assert refined["final"]["hash"] == refined["refine"]["digest"] != plain["final"]["hash"]
+    assert refined["final"]["uri"] != plain["final"]["uri"]
     assert Path(refined["final"]["uri"], "_COMPLETE").is_file()
     report = refined["refine"]["report"]
     assert report["loss_after"] < report["loss_before"]

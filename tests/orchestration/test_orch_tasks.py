@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from prunecomp.config import CalibrationConfig, PruneConfig
@@ -16,20 +17,25 @@ pytestmark = pytest.mark.orchestration
 
 
 def _step(**kw: object) -> StepJob:
-    base = dict(store="/s", parent_uri="/s/a", parent_hash="p" * 64, calibration_uri="/s/c", calibration_digest="d",
-                prune=PruneConfig(n_layers=2), step=0, batch_size=4, code="v1")
+    base = dict(store="/s", base_uri="/m", base_hash="p" * 64, parts=("/s/steps/a",), state_digest="x" * 64,
+                calibration_uri="/s/c", calibration_digest="d", prune=PruneConfig(n_layers=2), step=0, batch_size=4,
+                code="v1")
     return StepJob(**(base | kw))
 
 
 def test_step_key_covers_what_determines_the_result() -> None:
     ref = _step()
-    assert _step(parent_uri="/elsewhere").key == ref.key  # where the parent lies is not what it is
+    # where the base and the parts lie is not what they are (the hash and the digest are)
+    assert _step(base_uri="/elsewhere").key == ref.key
+    assert _step(parts=("/other/steps/a",)).key == ref.key
     assert _step(calibration_uri="/other").key == ref.key
-    for change in ({"parent_hash": "q" * 64}, {"calibration_digest": "e"}, {"step": 1}, {"batch_size": 2},
-                   {"code": "v2"}, {"store": "s3://b/p"}, {"prune": PruneConfig(n_layers=2, metric="angular")},
+    assert _step(prune=PruneConfig(n_layers=2, refine="norms")).key == ref.key  # refinement is its own task
+    for change in ({"base_hash": "q" * 64}, {"state_digest": "y" * 64}, {"calibration_digest": "e"}, {"step": 1},
+                   {"batch_size": 2}, {"stream": True}, {"code": "v2"}, {"store": "s3://b/p"},
+                   {"prune": PruneConfig(n_layers=2, metric="angular")},
                    {"prune": PruneConfig(n_layers=2, compensation="none")}):
         assert _step(**change).key != ref.key, change
-    assert ref.uri == f"/s/checkpoints/{ref.key}"
+    assert ref.uri == f"/s/steps/{ref.key}"
 
 
 def test_calibration_key_ignores_batch_size_only() -> None:
@@ -69,27 +75,58 @@ def test_compress_parameters_are_validated(make_config, tmp_path: Path) -> None:
             make_config(str(tmp_path), "sqlite:///x.db", **bad)
 
 
-def test_tasks_via_fn_write_reusable_checkpoints(make_config, tmp_path: Path) -> None:
-    """materialize -> calibrate -> one step through ``.fn()``; a second call reuses the artifact, and the
-    checkpoint reloads to exactly the recorded tensors."""
+def test_tasks_via_fn_exchange_recipe_parts(make_config, tmp_path: Path) -> None:
+    """resolve -> calibrate -> two steps -> final write through ``.fn()``: steps write kilobyte recipe parts,
+    the second reuses the first's working copy, a fresh process state replays them bit-identically, and a second
+    call reuses the artifact."""
+    from safetensors.torch import load_file
+
+    from prunecomp.config import PruneConfig as PC
+    from prunecomp.loop import prune_and_compensate
+    from prunecomp.recipe import Recipe
+    from prunecomp.sources import load_model
+    from tasks import working
     from tasks.calibrate import build_calibration, load_windows
-    from tasks.jobs import ModelJob
-    from tasks.keys import model_state_hash
-    from tasks.model_io import load_checkpoint, materialize_model, resolve_model
+    from tasks.jobs import FinalJob
+    from tasks.model_io import resolve_model, write_final
     from tasks.prune import prune_one_step
 
     cfg = make_config(str(tmp_path), "sqlite:///x.db")
     src = resolve_model.fn(cfg.model)
-    base = materialize_model.fn(ModelJob(store=str(tmp_path), source_uri=cfg.model, source_hash=src["content_hash"]))
-    assert base["num_layers"] == 5 and is_complete(base["uri"])
-    cal = build_calibration.fn(CalibrationJob(store=str(tmp_path), model_uri=base["uri"], model_hash=base["hash"],
-                                              calibration=cfg.calibration, data_dir=cfg.data_dir))
-    assert load_windows(cal["uri"], cal["digest"]).ids.shape == (8, 128)
-    job = StepJob(store=str(tmp_path), parent_uri=base["uri"], parent_hash=base["hash"], calibration_uri=cal["uri"],
-                  calibration_digest=cal["digest"], prune=cfg.prune, step=0, batch_size=8)
-    meta = prune_one_step.fn(job)
-    assert meta["record"]["chosen"] == 2 and meta["record"]["layers_after"] == 4
-    assert prune_one_step.fn(job) == meta  # idempotent: read back, not recomputed
-    assert model_state_hash(load_checkpoint(meta["uri"]).model) == meta["hash"]
-    with pytest.raises(Exception, match="changed since it was recorded"):
-        prune_one_step.fn(job.model_copy(update={"parent_hash": "0" * 64}))
+    assert src["safetensors"] and src["num_layers"] == 5 and src["architecture"] == "LlamaForCausalLM"
+    cal = build_calibration.fn(CalibrationJob(store=str(tmp_path), model_uri=src["load_uri"],
+                                              model_hash=src["content_hash"], calibration=cfg.calibration,
+                                              data_dir=cfg.data_dir))
+    windows = load_windows(cal["uri"], cal["digest"])
+    assert windows.ids.shape == (8, 128)
+    working.drop()
+    before = working.stats()
+    parts: list[str] = []
+    digest = Recipe(source={"content_hash": src["content_hash"]}).digest()
+    prune = PC(n_layers=2, metric="bi", compensation="lsq")
+    for step in range(2):
+        job = StepJob(store=str(tmp_path), base_uri=src["load_uri"], base_hash=src["content_hash"], parts=tuple(parts),
+                      state_digest=digest, calibration_uri=cal["uri"], calibration_digest=cal["digest"], prune=prune,
+                      step=step, batch_size=8)
+        meta = prune_one_step.fn(job)
+        assert is_complete(job.uri) and prune_one_step.fn(job) == meta  # idempotent: read back, not recomputed
+        size = sum(f.stat().st_size for f in Path(job.uri).iterdir())
+        assert size < 64 * 1024, size  # a recipe part, not a model
+        parts, digest = [*parts, meta["uri"]], meta["digest"]
+    after = working.stats()
+    assert after["loads"] - before["loads"] == 1 and after["replayed_steps"] == before["replayed_steps"]
+
+    ref = load_model(str(cfg.model)).model  # the library loop on the same windows
+    report = prune_and_compensate(ref, windows, prune, batch_size=8)
+    source = {"content_hash": src["content_hash"], "architecture": "LlamaForCausalLM", "num_layers": 5}
+    working.drop()  # a fresh process: load once, replay both steps
+    final = write_final.fn(FinalJob(store=str(tmp_path), base_uri=src["load_uri"], base_hash=src["content_hash"],
+                                    parts=tuple(parts), state_digest=digest, source=source))
+    assert working.stats()["replayed_steps"] - after["replayed_steps"] == 2
+    got = load_file(Path(final["uri"]) / "model.safetensors")
+    want = ref.state_dict()
+    assert report.removed == final["removed"]
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert (Path(final["uri"]) / "recipe.json").is_file() and (Path(final["uri"]) / "recipe.safetensors").is_file()
+    with pytest.raises(Exception, match="no longer make the recorded state"):
+        prune_one_step.fn(job.model_copy(update={"state_digest": "0" * 64}))

@@ -1,0 +1,191 @@
+"""The pipeline's model state: a source model plus a recipe, and the one process-local working copy of it.
+
+Step tasks exchange recipe parts (kilobytes: a step's edit and record, plus an ``lsq`` map or refinement gains),
+never models. A part lives at ``<store>/steps/<key>`` (or ``<store>/refined/<key>``) as ``part.json`` with an
+optional ``tensors.safetensors``; a model state is ``(base, [part URIs])`` and its identity is the recipe digest
+(:meth:`prunecomp.recipe.Recipe.digest`: source content hash + every edit).
+
+Getting the model of a state (:func:`checkout`): when this process's working copy is at a prefix of the wanted
+recipe, the missing steps are applied to it (none, when the previous step ran here: an uninterrupted run loads
+the source once and keeps the incremental scanner's cached layer boundaries from step to step); otherwise the
+source is loaded once and the recipe replayed, which is bit-identical to having run the steps here. A task that
+fails while holding the copy drops it (it may be half-edited). One copy per process, behind a lock: tasks that
+need their own model at the same time (fanned-out candidates) use :func:`load_state`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prunecomp.errors import PrunecompError
+from prunecomp.recipe import Recipe, RecipeStep, RefineEdit, apply_recipe
+from prunecomp.storage import write_dir
+from tasks.files import exists, read_bytes, read_json
+
+__all__ = ["PART_FILE", "Working", "checkout", "load_state", "read_part", "recipe_of", "stats", "write_part"]
+
+PART_FILE = "part.json"
+_TENSORS = "tensors.safetensors"
+
+
+def write_part(uri: str, part: RecipeStep | RefineEdit, meta: dict[str, Any]) -> None:
+    """Write one recipe part (a step's edit + record, or refinement gains) with ``meta``, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    if isinstance(part, RecipeStep):
+        doc = {"type": "step", "removed": part.removed, "current": part.current, "scale": part.scale,
+               "record": part.record}
+        if part.gap_map is not None:
+            tensors["gap_map"] = part.gap_map
+    else:
+        doc = {"type": "refine", "report": part.report,
+               "gains": {p: {"kind": k, "offset": o} for p, (k, o, _g) in sorted(part.gains.items())}}
+        tensors = {p: g for p, (_k, _o, g) in part.gains.items()}
+
+    def fill(tmp: Path) -> None:
+        (tmp / PART_FILE).write_text(json.dumps(meta | {"part": doc}, indent=1, default=str))
+        if tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / _TENSORS))
+
+    write_dir(uri, fill, overwrite=True)
+
+
+def read_meta(uri: str) -> dict[str, Any]:
+    """The metadata a part was written with (without the part itself)."""
+    doc = dict(read_json(f"{uri.rstrip('/')}/{PART_FILE}"))
+    doc.pop("part", None)
+    return doc
+
+
+def read_part(uri: str) -> RecipeStep | RefineEdit:
+    from safetensors.torch import load as load_safetensors
+
+    doc = read_json(f"{uri.rstrip('/')}/{PART_FILE}")["part"]
+    tensor_uri = f"{uri.rstrip('/')}/{_TENSORS}"
+    tensors = load_safetensors(read_bytes(tensor_uri)) if exists(tensor_uri) else {}
+    if doc["type"] == "step":
+        return RecipeStep(removed=int(doc["removed"]), current=int(doc["current"]),
+                          scale=None if doc["scale"] is None else float(doc["scale"]),
+                          gap_map=tensors.get("gap_map"), record=dict(doc.get("record") or {}))
+    gains = {p: (str(g["kind"]), float(g["offset"]), tensors[p]) for p, g in doc["gains"].items()}
+    return RefineEdit(gains=gains, report=dict(doc.get("report") or {}))
+
+
+def recipe_of(base_hash: str, parts: tuple[str, ...] | list[str], expected_digest: str | None = None) -> Recipe:
+    """The recipe of a state: ``base_hash`` plus the parts, in order; checked against ``expected_digest``."""
+    recipe = Recipe(source={"content_hash": base_hash})
+    for uri in parts:
+        part = read_part(uri)
+        recipe = recipe.plus(part) if isinstance(part, RecipeStep) else recipe.with_refine(part)
+    if expected_digest is not None and recipe.digest() != expected_digest:
+        raise PrunecompError(f"the recipe parts in the store ({', '.join(parts) or 'none'}) no longer make the "
+                             f"recorded state {expected_digest[:12]}; delete them to have them recomputed")
+    return recipe
+
+
+@dataclass
+class Working:
+    """A model at some recipe: in memory (``model``) or layer-streamed (``streamed``), with what rides along."""
+
+    base_hash: str
+    stream: bool
+    model: Any
+    tokenizer: Any
+    recipe: Recipe
+    streamed: Any = None
+    scanner: Any = None  # prunecomp.incremental.IncrementalScanner of ``model`` at ``recipe``
+    scanner_for: str | None = None  # calibration digest + batch size it was built on
+
+
+_LOCK = threading.RLock()
+_COPY: Working | None = None
+_STATS = {"loads": 0, "replayed_steps": 0, "reused": 0}
+
+
+def stats() -> dict[str, int]:
+    """How often this process loaded a source, replayed steps, or reused its working copy (for tests, benches)."""
+    return dict(_STATS)
+
+
+def _is_prefix(have: Recipe, want: Recipe) -> bool:
+    if have.source.get("content_hash") != want.source.get("content_hash") or len(have.steps) > len(want.steps):
+        return False
+    if have.refine is not None:
+        return have.digest() == want.digest()
+    return all(a.edit() == b.edit() for a, b in zip(have.steps, want.steps, strict=False))
+
+
+def _load(base_uri: str, base_hash: str, stream: bool) -> Working:
+    from prunecomp.sources import load_model, resolve_source
+
+    _STATS["loads"] += 1
+    empty = Recipe(source={"content_hash": base_hash})
+    if stream:
+        from transformers import AutoTokenizer
+
+        from prunecomp.streamed import StreamedModel
+
+        folder = resolve_source(base_uri).local_dir
+        sm = StreamedModel(folder)
+        return Working(base_hash, True, sm.model, AutoTokenizer.from_pretrained(folder), empty, streamed=sm)
+    lm = load_model(base_uri)
+    return Working(base_hash, False, lm.model, lm.tokenizer, empty)
+
+
+def _advance(wc: Working, recipe: Recipe) -> None:
+    """Apply the steps (and refinement) of ``recipe`` that ``wc`` lacks."""
+    start = len(wc.recipe.steps)
+    if start == len(recipe.steps) and (recipe.refine is None or wc.recipe.refine is not None):
+        return
+    wc.scanner = wc.scanner_for = None  # replayed edits do not tell the scanner
+    _STATS["replayed_steps"] += len(recipe.steps) - start
+    if wc.streamed is not None:
+        wc.streamed.apply(recipe)
+    else:
+        apply_recipe(wc.model, recipe, start=start)
+    wc.recipe = recipe
+
+
+def load_state(base_uri: str, recipe: Recipe, *, stream: bool = False) -> Working:
+    """A private copy of the model at ``recipe`` (source loaded, recipe replayed)."""
+    wc = _load(base_uri, str(recipe.source["content_hash"]), stream)
+    _advance(wc, recipe)
+    return wc
+
+
+@contextmanager
+def checkout(base_uri: str, recipe: Recipe, *, stream: bool = False) -> Iterator[Working]:
+    """This process's working copy, brought to ``recipe``; the caller may edit it (and must set ``.recipe``)."""
+    global _COPY
+    base_hash = str(recipe.source["content_hash"])
+    with _LOCK:
+        wc = _COPY
+        if wc is None or wc.base_hash != base_hash or wc.stream != stream or not _is_prefix(wc.recipe, recipe):
+            _COPY = wc = None
+            gc.collect()
+            wc = _load(base_uri, base_hash, stream)
+        else:
+            _STATS["reused"] += 1
+        try:
+            _advance(wc, recipe)
+            yield wc
+        except BaseException:
+            _COPY = None  # possibly half-edited
+            raise
+        _COPY = wc
+
+
+def drop() -> None:
+    """Forget the working copy (tests; or to free memory)."""
+    global _COPY
+    with _LOCK:
+        _COPY = None
+        gc.collect()
