@@ -9,8 +9,9 @@ Rows (each in a fresh process; peak RSS from ``/usr/bin/time``, the largest proc
   pipeline resumed   prunecomp run killed (SIGKILL) inside step 2, then the same command again (the rerun is measured)
 Columns: wall time, peak RSS, bytes written (the output folder; for the pipeline the store + MLflow, calibration
 windows and evaluation results included), layer-forwards (calibration windows x decoder layers run for scoring).
-Pipeline rows talk to one local Prefect server started here (as a deployment's worker does), so the temporary
-server's start-up is not counted; MLflow is sqlite under each row's home.
+Pipeline rows talk to one local Prefect server and one MLflow sqlite store set up here beforehand (as a
+deployment's worker does), so neither the temporary server's start-up nor MLflow's first-use migrations are
+counted; what the rows write to MLflow is.
 
     .venv/bin/python bench/pipeline_scale.py                  # ~0.9B model, ~15 min on 2 cores, 4 GB in --work
     .venv/bin/python bench/pipeline_scale.py --quick          # a tiny model, ~3 min
@@ -101,6 +102,9 @@ class Bench:
                               "PRUNECOMP_CACHE_DIR": str(self.work / "cache")}
         if self.api:
             env["PREFECT_API_URL"] = self.api
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{self.work / 'mlflow' / 'mlflow.db'}"
+        env["PRUNECOMP_MLFLOW_ARTIFACTS"] = str(self.work / "mlflow" / "artifacts")
+        (home / "prunecomp" / "prefect").mkdir(parents=True, exist_ok=True)
         return env
 
     def library(self, name: str, extra: list[str]) -> dict[str, Any]:
@@ -121,12 +125,13 @@ class Bench:
         killed = None
         if kill_in_step is not None:
             killed = self._kill(cmd, home, kill_in_step)
-        before = du(home / "prunecomp")
+        before = du(home / "prunecomp"), du(self.work / "mlflow")
         wall, rss = timed(cmd, self.env(home), home / "log.txt")
         summary = json.loads((home / "summary.json").read_text())
         p = home / "prunecomp"
-        return {"row": name, "wall_s": wall, "peak_rss_mb": rss, "bytes_written": du(p) - before,
-                "store_bytes": du(p / "store"), "mlflow_bytes": du(p / "mlartifacts", p / "mlflow.db"),
+        mlflow = du(self.work / "mlflow") - before[1]
+        return {"row": name, "wall_s": wall, "peak_rss_mb": rss, "bytes_written": du(p) - before[0] + mlflow,
+                "store_bytes": du(p / "store"), "mlflow_bytes": mlflow,
                 "prefect_bytes": du(p / "prefect"),
                 "layer_forwards": forwards(summary, computed_only=True), "removed": summary["removed"],
                 "steps_reused": summary["steps_reused"], "steps_computed": summary["steps_computed"],
@@ -224,6 +229,10 @@ def main() -> None:
     model_bytes = du(*model.glob("*.safetensors"))
     print(f"model {model}: {params / 1e9:.2f} B parameters, {model_bytes / 2**30:.2f} GiB of weights", flush=True)
     server, api = prefect_server(work)
+    (work / "mlflow").mkdir(exist_ok=True)
+    subprocess.run([sys.executable, "-c", "import sys; from mlflow.tracking import MlflowClient; "
+                    "MlflowClient(sys.argv[1]).search_experiments()", f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"],
+                   env=os.environ | QUIET, check=True, capture_output=True)
     rows: list[dict[str, Any]] = []
     try:
         b = Bench(args, model, work, api)

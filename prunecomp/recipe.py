@@ -164,24 +164,45 @@ def write_recipe_files(recipe: Recipe, folder: Path) -> None:
 
 
 def read_recipe(path: str | Path) -> Recipe:
-    """A recipe from ``recipe.json`` or the folder holding it (a pruned model, a run's artifacts)."""
-    from safetensors.torch import load_file
+    """A recipe from ``recipe.json`` or the folder holding it (a pruned model, a run's artifacts); local or fsspec."""
+    from safetensors.torch import load as load_safetensors
 
-    p = Path(path)
-    doc_path = p / RECIPE_FILE if p.is_dir() else p
-    if not doc_path.is_file():
-        raise PrunecompError(f"recipe {str(path)!r} not found (expected {RECIPE_FILE} or a folder holding it)")
-    try:
-        doc = json.loads(doc_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PrunecompError(f"recipe {str(doc_path)!r} is not valid JSON: {exc}") from exc
-    tensors_path = doc_path.with_name(TENSORS_FILE)
-    tensors: dict[str, Tensor] = {}
-    if tensors_path.is_file():
+    from prunecomp.storage import is_remote
+
+    text = str(path)
+    doc_uri = text if text.endswith(".json") else f"{text.rstrip('/')}/{RECIPE_FILE}"
+    tensors_uri = f"{doc_uri.rsplit('/', 1)[0]}/{TENSORS_FILE}" if "/" in doc_uri else TENSORS_FILE
+
+    def read(uri: str) -> bytes | None:
+        if not is_remote(uri):
+            p = Path(uri.removeprefix("file://")).expanduser()
+            return p.read_bytes() if p.is_file() else None
+        import fsspec
+
+        fs, inner = fsspec.core.url_to_fs(uri)
         try:
-            tensors = load_file(str(tensors_path))
+            return bytes(fs.cat_file(inner))
+        except FileNotFoundError:
+            return None
         except Exception as exc:
-            raise PrunecompError(f"recipe tensors {str(tensors_path)!r} are unreadable: {exc}") from exc
+            raise PrunecompError(f"cannot read recipe {uri!r}: {type(exc).__name__}: {exc}") from exc
+
+    raw = read(doc_uri)
+    if raw is None:
+        raise PrunecompError(f"recipe {text!r} not found (expected {RECIPE_FILE} or a folder holding it)")
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PrunecompError(f"recipe {doc_uri!r} is not valid JSON: {exc}") from exc
+    tensors: dict[str, Tensor] = {}
+    blob = read(tensors_uri)
+    if blob is not None:
+        try:
+            tensors = load_safetensors(blob)
+        except Exception as exc:
+            raise PrunecompError(f"recipe tensors {tensors_uri!r} are unreadable: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PrunecompError(f"recipe {doc_uri!r} is not a JSON object")
     return Recipe.from_json(doc, tensors)
 
 

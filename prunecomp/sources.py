@@ -205,14 +205,19 @@ def load_model(
     trust_remote_code: bool = False,
     dtype: Any = None,
     device: str | None = None,
+    known_hash: str | None = None,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from any supported source (see module docstring)."""
+    """Load a causal LM and its tokenizer from any supported source (see module docstring).
+
+    ``known_hash``: the content hash the caller computed for these files moments ago (the pipeline hashes its
+    source once per run); reading every weight byte a second time is then skipped.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_source(model, revision, allow_pickle=allow_pickle)
     _check_config(source, trust_remote_code)
-    digest = content_hash(source)
+    digest = known_hash or content_hash(source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -31,7 +31,7 @@ def refine_state(job: RefineJob) -> dict[str, Any]:
         return read_meta(job.uri)
     parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
-    dense = load_model(job.base_uri)
+    dense = load_model(job.base_uri, known_hash=job.base_hash)
     targets = teacher_targets(dense.model, windows.ids, topk=job.topk, batch_size=job.batch_size)
     del dense  # one model in memory besides the working copy, and only while the targets are computed
     with checkout(job.base_uri, parent) as wc:

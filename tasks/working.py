@@ -136,7 +136,7 @@ def _load(base_uri: str, base_hash: str, stream: bool) -> Working:
         folder = resolve_source(base_uri).local_dir
         sm = StreamedModel(folder)
         return Working(base_hash, True, sm.model, AutoTokenizer.from_pretrained(folder), empty, streamed=sm)
-    lm = load_model(base_uri)
+    lm = load_model(base_uri, known_hash=base_hash)  # hashed by the flow at the start of this run
     return Working(base_hash, False, lm.model, lm.tokenizer, empty)
 
 

@@ -39,6 +39,11 @@ def test_two_step_run_on_s3_end_to_end(harness, s3, tracking_uri, make_config, t
     assert mv.tags["code_version"] == summary["code_version"] and mv.tags["checkpoint_hash"] == summary["final"]["hash"]
     # one copy of the weights: the version's source is the final model in the store, MLflow holds its recipe
     assert mv.source == summary["final"]["uri"] and fs.exists(f"{final}/recipe.json")
+    from prunecomp.recipe import read_recipe
+
+    recipe = read_recipe(summary["final"]["uri"])  # straight from S3
+    assert recipe.removed == [2, 1] and recipe.digest() == summary["final"]["hash"]
+    assert recipe.source["architecture"] == "LlamaForCausalLM" and recipe.source["num_layers"] == 5
     names = {f.path for f in c.list_artifacts(m["run_id"])}
     assert {"report.json", "summary.md", "plots", "recipe"} <= names and "model" not in names
     assert {f.path for f in c.list_artifacts(m["run_id"], "recipe")} == {"recipe/recipe.json"}

@@ -1,0 +1,152 @@
+"""GPU smoke test: the library's in-memory and layer-streamed Prune&Comp paths, with lsq and refinement, on CUDA
+(bf16 weights, fp32 statistics), on a synthetic ~1B Llama written here on the spot; timed.
+
+Needs only torch, transformers, safetensors (and pydantic, which ``bench/gpu_smoke.sh`` unpacks from wheels carried
+beside it when the machine has no package registry). Random token ids, no tokenizer, no data files.
+
+    bash bench/gpu_smoke.sh                     # on the GPU machine (unpacks bench/wheels/ when pydantic is missing)
+    python bench/gpu_smoke.py --device cpu --small   # the same checks on this machine, on a tiny model, ~1 min
+
+Checks, each a row of the table (and a non-zero exit when any fails):
+  in-memory lsq           prune k layers, lsq compensation; the recipe replayed on a fresh copy gives the same
+                          tensors bit for bit (on CUDA too)
+  in-memory refine        magnitude compensation + refinement (channels); calibration KL lowered
+  streamed magnitude      layer-streamed, one decoder layer on the GPU at a time; same layers as in-memory
+  weight dtype            the in-memory model kept bf16 weights on CUDA; statistics (scales) finite
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+SPECS = {"1B": dict(hidden=2048, inter=5632, n_layers=16, vocab=32000, heads=16, kv_heads=4),
+         "small": dict(hidden=128, inter=344, n_layers=6, vocab=512, heads=4, kv_heads=2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--small", action="store_true", help="a tiny model (for a CPU check of the script)")
+    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--refine-steps", type=int, default=20)
+    ap.add_argument("--work", default=None, help="where the synthetic model is written (default: a temp dir)")
+    ap.add_argument("--json", default=None, help="write the results here too")
+    args = ap.parse_args()
+
+    import torch
+    from memory import write_synthetic
+    from transformers import AutoModelForCausalLM
+
+    from prunecomp.config import PruneConfig
+    from prunecomp.loop import prune_and_compensate
+    from prunecomp.recipe import apply_recipe
+    from prunecomp.streamed import StreamedModel, streamed_prune
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    spec = SPECS["small" if args.small else "1B"]
+    work = Path(args.work or tempfile.mkdtemp(prefix="prunecomp-gpu-smoke-"))
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    t = time.perf_counter()
+    folder = work / ("synthetic-small" if args.small else "synthetic-1b")
+    params = write_synthetic(folder, **spec)
+    rows.append({"check": "write synthetic model", "ok": True, "seconds": time.perf_counter() - t,
+                 "detail": f"{params / 1e9:.2f} B params"})
+    ids = torch.randint(0, spec["vocab"], (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+
+    def load() -> Any:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(name: str, fn: Any) -> Any:
+        sync()
+        t = time.perf_counter()
+        try:
+            ok, detail, out = fn()
+        except Exception as exc:  # a smoke test reports every check, then fails
+            ok, detail, out = False, f"{type(exc).__name__}: {exc}", None
+        sync()
+        rows.append({"check": name, "ok": bool(ok), "seconds": time.perf_counter() - t, "detail": detail})
+        print(f"{'ok  ' if ok else 'FAIL'} {name:<22} {rows[-1]['seconds']:8.1f} s  {detail}", flush=True)
+        return out
+
+    source = {"content_hash": "synthetic", "architecture": "LlamaForCausalLM"}
+
+    def lsq() -> tuple[bool, str, Any]:
+        model = load()
+        report = prune_and_compensate(model, ids, PruneConfig(n_layers=args.k, metric="bi", compensation="lsq"),
+                                      batch_size=4)
+        replay = apply_recipe(load(), report.recipe(source))
+        a, b = model.state_dict(), replay.state_dict()
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        bf16 = all(p.dtype == dtype for p in model.parameters())
+        finite = all(s.measured_scale == s.measured_scale and 0 < s.measured_scale < 1e3 for s in report.steps)
+        del model, replay
+        return same and bf16 and finite, (f"removed {report.removed}, recipe replay bit-identical: {same}, "
+                                          f"weights {dtype}: {bf16}, scales finite: {finite}"), report.removed
+
+    def refine() -> tuple[bool, str, Any]:
+        model = load()
+        cfg = PruneConfig(n_layers=args.k, metric="bi", compensation="magnitude", refine="channels",
+                          refine_steps=args.refine_steps, refine_batch=2, refine_topk=64)
+        report = prune_and_compensate(model, ids, cfg, batch_size=4)
+        r = report.refine or {}
+        del model
+        return r.get("loss_after", 1e9) < r.get("loss_before", 0), (
+            f"removed {report.removed}, KL {r.get('loss_before', float('nan')):.4f} -> "
+            f"{r.get('loss_after', float('nan')):.4f} in {r.get('seconds', 0):.1f} s"), report.removed
+
+    def magnitude() -> tuple[bool, str, Any]:
+        model = load()
+        report = prune_and_compensate(model, ids, PruneConfig(n_layers=args.k, metric="bi"), batch_size=4)
+        del model
+        return True, f"removed {report.removed}", report.removed
+
+    def streamed(expected: Any) -> Any:
+        def run() -> tuple[bool, str, Any]:
+            sm = StreamedModel(folder, device=device, dtype=dtype)
+            report = streamed_prune(sm, ids, PruneConfig(n_layers=args.k, metric="bi"), batch_size=4)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            return report.removed == expected, (f"removed {report.removed} (in-memory {expected}), "
+                                                f"{sm.layer_loads} layer loads, peak GPU {peak:.2f} GiB"), None
+        return run
+
+    timed("in-memory lsq", lsq)
+    timed("in-memory refine", refine)
+    removed = timed("in-memory magnitude", magnitude)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timed("streamed magnitude", streamed(removed))
+    ok = all(r["ok"] for r in rows)
+    info = {"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype),
+            "spec": spec, "k": args.k, "calibration": [args.samples, args.seq_len], "rows": rows,
+            "seconds": time.perf_counter() - t0, "ok": ok}
+    print(json.dumps({k: v for k, v in info.items() if k != "rows"}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(info, indent=2))
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
