@@ -211,14 +211,14 @@ def main() -> None:
     ap.add_argument("--eval-seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=2)
     ap.add_argument("--kill-delay", type=float, default=None, help="seconds into step 2 before the SIGKILL "
-                    "(default 3, 0 with --quick, whose steps take a fraction of a second)")
+                    "(default 0.5: step 2 runs on a warm working copy and takes a few seconds; 0 with --quick)")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data")
                     if (ROOT.parent / "shared" / "data").is_dir() else None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     size = "quick" if args.quick else "7B" if args.big_only else "0.9B"
     if args.kill_delay is None:
-        args.kill_delay = 0.0 if args.quick else 3.0
+        args.kill_delay = 0.0 if args.quick else 0.5
     out = Path(args.out or ROOT / "bench" / "results" / f"pipeline_scale{'_' + size if size != '0.9B' else ''}.json")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
