@@ -97,21 +97,19 @@ def _memory_budget() -> int:
         return 1 << 62
 
 
-def _stream(config: CompressConfig, base: dict[str, Any], log: Any) -> bool:
-    """``config.stream_layers``, or (when unset) whether the model does not fit the memory budget."""
+def _stream(config: CompressConfig, base: dict[str, Any]) -> tuple[bool, str]:
+    """``config.stream_layers``, or (when unset) whether the model does not fit the memory budget; and why."""
     if config.stream_layers is not None:
-        return config.stream_layers
+        return config.stream_layers, "stream_layers set in the run's parameters"
     need, budget = int(base.get("weight_bytes") or 0), _memory_budget()
     if need <= budget:
-        return False
+        return False, f"weights {need / 2**30:.2f} GiB fit the in-memory budget {budget / 2**30:.1f} GiB"
     if not base.get("materialized") and config.prune.refine == "none" and not config.qa_tasks:
-        log.warning("model weights %.1f GiB exceed the in-memory budget %.1f GiB: streaming layers "
-                    "(one decoder layer in memory at a time; set stream_layers: false to override)",
-                    need / 2**30, budget / 2**30)
-        return True
-    log.warning("model weights %.1f GiB exceed the in-memory budget %.1f GiB, but this run needs the whole model "
-                "(refinement or QA): loading it anyway", need / 2**30, budget / 2**30)
-    return False
+        return True, (f"automatic: weights {need / 2**30:.2f} GiB exceed the in-memory budget {budget / 2**30:.2f} "
+                      "GiB, so streaming layers (one decoder layer in memory at a time; stream_layers: false to "
+                      "override)")
+    return False, (f"weights {need / 2**30:.2f} GiB exceed the in-memory budget {budget / 2**30:.2f} GiB, but "
+                   "this run needs the whole model (refinement, QA or a non-safetensors source): loading it anyway")
 
 
 @flow(name="compress", validate_parameters=True, task_runner=task_runner())
@@ -136,7 +134,9 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
     if removable < k:
         raise PrunecompError(f"protected layers leave {removable} removable layers, but {k} must be removed")
     arch = source.get("architecture") or (base.get("source") or {}).get("architecture")
-    stream = _stream(config, base, log)
+    stream, stream_reason = _stream(config, base)
+    if config.stream_layers is None and "exceed" in stream_reason:
+        log.warning(stream_reason)
     if stream:
         _check_streamable(config, base)
     log.info("model %s: %d layers, removing %d%s%s", source["uri"], n_src, k, " (cached)" if cached else "",
@@ -236,7 +236,7 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         "run_id": run_id, "config": config.model_dump(mode="json"), "code_version": code, "source": source,
         "base": {"uri": redact(base["uri"]), "hash": base["hash"], "num_layers": n_src,
                  "materialized": base["materialized"]},
-        "calibration": cal, "stream_layers": stream,
+        "calibration": cal, "stream_layers": stream, "stream_reason": stream_reason,
         "steps": steps, "removed": [s["record"]["chosen"] for s in kept], "stop_reason": stop_reason,
         "refine": refined, "recipe": {"digest": digest, "parts": parts},
         "final": {"uri": final["uri"], "hash": final["hash"]}, "perplexity": ppl, "qa": qa, "metrics": metrics,

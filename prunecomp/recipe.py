@@ -206,8 +206,15 @@ def read_recipe(path: str | Path) -> Recipe:
     return Recipe.from_json(doc, tensors)
 
 
-def recipe_from_report(report: Any, source: dict[str, Any]) -> Recipe:
-    """The recipe of a :class:`~prunecomp.loop.PruneReport` (the loop keeps its folded tensors on it)."""
+def recipe_from_report(report: Any, source: dict[str, Any] | None = None) -> Recipe:
+    """The recipe of a run from its report: a :class:`~prunecomp.loop.PruneReport` (which keeps its folded tensors),
+    or a JSON report (``prune --json``, a model's ``prunecomp_report.json``, a pipeline ``report.json``).
+
+    A JSON report holds every removal and scale (floats round-trip exactly through JSON) but not the tensors of
+    ``lsq`` maps or refinement gains: for those runs, use the recipe saved beside the model.
+    """
+    if isinstance(report, dict):
+        return _from_report_dict(report, source)
     compensated = report.config.get("compensation") in ("magnitude", "lsq")
     steps = tuple(RecipeStep(removed=r.chosen, current=r.chosen_current,
                              scale=r.applied_scale if compensated else None, gap_map=r.gap_map,
@@ -215,8 +222,30 @@ def recipe_from_report(report: Any, source: dict[str, Any]) -> Recipe:
     refine = None
     if report.refine_edit is not None:
         refine = RefineEdit(gains=report.refine_edit, report=dict(report.refine or {}))
-    return Recipe(source=_source_doc(source, report.source_num_layers), steps=steps, refine=refine,
+    return Recipe(source=_source_doc(source or {}, report.source_num_layers), steps=steps, refine=refine,
                   config=dict(report.config))
+
+
+def _from_report_dict(report: dict[str, Any], source: dict[str, Any] | None) -> Recipe:
+    config = dict(report.get("config") or {})
+    config = dict(config.get("prune", config))  # a pipeline report nests the prune config
+    if config.get("compensation") == "lsq" or config.get("refine") not in (None, "none"):
+        raise PrunecompError("this report's run folded lsq maps or refinement gains, which a JSON report does not "
+                             "hold: use the recipe.json (+ recipe.safetensors) saved beside its model")
+    compensated = config.get("compensation", "magnitude") == "magnitude"
+    steps = []
+    try:
+        for entry in report["steps"]:
+            if entry.get("kept") is False:
+                continue
+            rec = entry.get("record", entry)
+            steps.append(RecipeStep(removed=int(rec["chosen"]), current=int(rec["chosen_current"]),
+                                    scale=float(rec["applied_scale"]) if compensated else None, record=dict(rec)))
+        src = dict(source or report.get("source") or {})
+        n = int(report.get("source_num_layers") or src.get("num_layers") or (report.get("base") or {})["num_layers"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PrunecompError(f"not a prunecomp report with pruning steps ({type(exc).__name__}: {exc})") from exc
+    return Recipe(source=_source_doc(src, n), steps=tuple(steps), config=config)
 
 
 def _source_doc(source: dict[str, Any], num_layers: int) -> dict[str, Any]:

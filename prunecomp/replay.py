@@ -16,7 +16,7 @@ from typing import Any
 
 from prunecomp.checkpoint import save_pruned
 from prunecomp.errors import PrunecompError
-from prunecomp.recipe import apply_recipe, read_recipe
+from prunecomp.recipe import RECIPE_FILE, Recipe, apply_recipe, read_recipe, recipe_from_report
 from prunecomp.sources import content_hash, load_model, resolve_source
 from prunecomp.storage import check_writable, is_remote
 
@@ -33,12 +33,26 @@ def check_not_inside(out: str, source_dir: Path) -> None:
         raise PrunecompError(f"output {out!r} is inside the source model folder {str(src)!r}; write elsewhere")
 
 
+def _recipe_or_report(path: str) -> Recipe:
+    """A recipe file (or folder), or a JSON report of a run without folded tensors (see ``recipe_from_report``)."""
+    if path.endswith(".json") and not path.endswith(RECIPE_FILE) and Path(path).is_file():
+        import json
+
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PrunecompError(f"{path!r} is not valid JSON: {exc}") from exc
+        if isinstance(doc, dict) and "format" not in doc:
+            return recipe_from_report(doc)
+    return read_recipe(path)
+
+
 def apply_to_source(recipe_path: str, model: str | None, out: str, *, revision: str | None = None,
                     stream_layers: bool = False, other_source: bool = False, overwrite: bool = False,
                     allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """Read ``recipe_path``, apply it to ``model`` and save the result (with its recipe) to ``out``."""
     t0 = time.perf_counter()
-    recipe = read_recipe(recipe_path)
+    recipe = _recipe_or_report(recipe_path)
     check_writable(out, overwrite=overwrite)
     source = resolve_source(model, revision, allow_pickle=allow_pickle)
     check_not_inside(out, source.local_dir)

@@ -170,7 +170,14 @@ def test_apply_recipe_reproduces_the_pruned_model(stories_dir, tmp_path) -> None
     assert code == 2 and "lsq" in text and not (tmp_path / "s").exists()
 
     mag = tmp_path / "mag"
-    assert _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--out", str(mag))[0] == 0
+    assert _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--out", str(mag), "--json",
+                   str(tmp_path / "mag.json"))[0] == 0
+    code, text = _invoke("apply", str(tmp_path / "mag.json"), "--model", str(stories_dir), "--out",
+                         str(tmp_path / "from-report"))  # a plain JSON report of a magnitude run is enough
+    assert code == 0, text
+    got = load_file(tmp_path / "from-report" / "model.safetensors")
+    want = load_file(mag / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
     code, text = _invoke("apply", str(mag), "--model", str(stories_dir), "--out", str(tmp_path / "s"),
                          "--stream-layers")
     assert code == 0, text

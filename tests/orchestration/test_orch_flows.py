@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunecomp.errors import PrunecompError
 
@@ -201,3 +202,42 @@ def test_refined_run_reuses_the_plain_runs_steps(harness, tracking_uri, make_con
     assert sum(refined["refine"]["ppl_after"].values()) < sum(refined["refine"]["ppl_before"].values())
     again = compress(config=cfg)
     assert again["refine"]["reused"] and again["final"]["hash"] == refined["final"]["hash"]
+
+
+def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config, tmp_path: Path,
+                                             monkeypatch) -> None:
+    """stream_layers runs the same flow one decoder layer at a time: same layers removed, same final tensors up to
+    float rounding, a final model with its recipe. Unset, it is chosen automatically (with a log line) when the
+    weights exceed the memory budget."""
+    from safetensors.torch import load_file
+
+    import flows.compress as compress_module
+    from prunecomp.recipe import read_recipe
+
+    def no_mlflow(name: str) -> dict:
+        return {"log_and_register": False, "store": str(tmp_path / name), "tracking_uri": tracking_uri}
+
+    ref = compress_module.compress(config=make_config(str(tmp_path / "mem"), tracking_uri, tracking=no_mlflow("mem")))
+    streamed = compress_module.compress(config=make_config(str(tmp_path / "st"), tracking_uri,
+                                                           tracking=no_mlflow("st"), stream_layers=True))
+    assert streamed["stream_layers"] and not ref["stream_layers"]
+    assert streamed["removed"] == ref["removed"]
+    a = load_file(Path(ref["final"]["uri"]) / "model.safetensors")
+    b: dict = {}
+    for f in Path(streamed["final"]["uri"]).glob("*.safetensors"):
+        b |= load_file(f)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    for name, v in ref["perplexity"].items():
+        assert abs(streamed["perplexity"][name]["pruned"] - v["pruned"]) < 1e-3 * v["pruned"]
+    assert read_recipe(streamed["final"]["uri"]).removed == ref["removed"]
+
+    monkeypatch.setattr(compress_module, "_memory_budget", lambda: 1024)  # nothing fits: stream by itself
+    auto = compress_module.compress(config=make_config(str(tmp_path / "auto"), tracking_uri,
+                                                       tracking=no_mlflow("auto")))
+    assert auto["stream_layers"] and auto["removed"] == ref["removed"]
+    assert auto["stream_reason"].startswith("automatic: weights") and "streaming layers" in auto["stream_reason"]
+    with pytest.raises(Exception, match="stream_layers runs BI/angular"):
+        compress_module.compress(config=make_config(str(tmp_path / "bad"), tracking_uri, tracking=no_mlflow("bad"),
+                                                    stream_layers=True, prune={"compensation": "lsq"}))

@@ -11,7 +11,14 @@ import torch
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.loop import prune_and_compensate
-from prunecomp.recipe import RECIPE_FILE, TENSORS_FILE, apply_recipe, read_recipe, write_recipe_files
+from prunecomp.recipe import (
+    RECIPE_FILE,
+    TENSORS_FILE,
+    apply_recipe,
+    read_recipe,
+    recipe_from_report,
+    write_recipe_files,
+)
 from tests.tiny_models import FAMILIES, gemma2_model, tiny_model, tokens
 
 
@@ -86,3 +93,17 @@ def test_bad_recipes_are_refused(tmp_path: Path) -> None:
         read_recipe(tmp_path)
     with pytest.raises(PrunecompError, match="not found"):
         read_recipe(tmp_path / "nope")
+
+
+def test_recipe_from_a_json_report_replays_exactly() -> None:
+    """A JSON report (floats round-trip) rebuilds the recipe of a magnitude or uncompensated run; lsq is refused."""
+    for comp in ("magnitude", "none"):
+        ran = tiny_model("llama-tied")
+        report = prune_and_compensate(ran, tokens(4, 16), PruneConfig(n_layers=3, metric="bi", compensation=comp),
+                                      batch_size=2)
+        doc = json.loads(json.dumps(report.to_dict() | {"source": {"content_hash": "h"}}))
+        _same(apply_recipe(tiny_model("llama-tied"), recipe_from_report(doc)), ran)
+    lsq = prune_and_compensate(tiny_model("llama"), tokens(4, 16), PruneConfig(n_layers=2, compensation="lsq"),
+                               batch_size=2).to_dict()
+    with pytest.raises(PrunecompError, match="JSON report does not hold"):
+        recipe_from_report(json.loads(json.dumps(lsq)))
