@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from prunecomp.evaluation import harness
+from prunecomp.evaluation.lm_eval_run import check_limit
 from prunecomp.storage import write_json
 
 __all__ = ["CACHE_VERSION", "Cached", "ResultCache", "cached_mmlu", "cached_qa", "data_origin", "mmlu_key", "qa_key"]
@@ -177,8 +178,8 @@ def cached_qa(model_hash: str, load: Loader, tasks: Sequence[str], *, data_dir: 
     Only the tasks missing from the cache are evaluated (in one lm-eval call); ``refresh`` recomputes all and
     overwrites their entries. ``cache=None`` uses the default location.
     """
-    names = harness._check_tasks(tasks)
-    harness._check_limit(limit)
+    names = harness.check_tasks(tasks)
+    check_limit(limit)
     cache = cache or ResultCache()
     keys = {t: qa_key(model_hash, t, data_dir=data_dir, limit=limit, seed=seed, dtype=dtype) for t in names}
     rows: dict[str, dict[str, Any]] = {}
@@ -203,7 +204,7 @@ def cached_mmlu(model_hash: str, load: Loader, *, data_dir: str | Path | None, n
                 limit: int | None = None, seed: int = 1234, dtype: str, cache: ResultCache | None = None,
                 refresh: bool = False) -> Cached:
     """:func:`~prunecomp.evaluation.harness.evaluate_mmlu` of the model behind ``load``, cached as one entry."""
-    harness._check_limit(limit)
+    check_limit(limit)
     cache = cache or ResultCache()
     key = mmlu_key(model_hash, data_dir=data_dir, n_shot=n_shot, limit=limit, seed=seed, dtype=dtype)
     hit = None if refresh else cache.get(key)

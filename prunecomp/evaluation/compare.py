@@ -21,6 +21,7 @@ from prunecomp.checkpoint import REPORT_FILE
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation import harness
 from prunecomp.evaluation.cache import Cached, ResultCache, cached_mmlu, cached_qa, data_origin
+from prunecomp.evaluation.lm_eval_run import check_limit
 from prunecomp.sources import content_hash, load_model, resolve_source
 
 __all__ = ["ModelRef", "compare_models", "recorded_dense", "resolve_ref"]
@@ -116,10 +117,10 @@ def compare_models(model: str | None, *, revision: str | None = None, dense: str
     "seed", "subset" (True when ``limit`` left items out), "data", "dtype"}``; ``cached`` lists what came from the
     cache ("mmlu" for MMLU).
     """
-    names = harness._check_tasks(tasks) if tasks else []
+    names = harness.check_tasks(tasks) if tasks else []
     if not names and not mmlu:
         raise PrunecompError(f"nothing to evaluate: give --tasks (known: {', '.join(harness.KNOWN_TASKS)}) or --mmlu")
-    harness._check_limit(limit)
+    check_limit(limit)
     cache = cache or ResultCache()
     device, torch_dtype = precision()
     dtype = str(torch_dtype).removeprefix("torch.")

@@ -28,17 +28,24 @@ lm-eval, datasets and transformers are imported inside the functions: importing 
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prunecomp.errors import PrunecompError
+from prunecomp.errors import EvaluationError
+from prunecomp.evaluation import qa_data
+from prunecomp.evaluation.lm_eval_run import (
+    TASKS_DIR,
+    check_limit,
+    load_tasks,
+    load_yaml,
+    run_lm_eval,
+    subset_indices,
+)
+from prunecomp.evaluation.mmlu import run_mmlu
 
 if TYPE_CHECKING:
-    from lm_eval.api.task import Task
+    pass
 
 __all__ = [
     "AVERAGE_METRIC",
@@ -46,6 +53,7 @@ __all__ = [
     "KNOWN_TASKS",
     "TASKS_DIR",
     "EvaluationError",
+    "check_tasks",
     "evaluate_mmlu",
     "evaluate_qa",
     "evaluate_qa_samples",
@@ -67,18 +75,7 @@ AVERAGE_METRIC: dict[str, str] = {
 }
 """The metric each task contributes to the average (the paper's choice)."""
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-
-
-class EvaluationError(PrunecompError):
-    """A bad evaluation request (unknown task, bad limit, missing or corrupt data file), with what was expected.
-
-    A :class:`PrunecompError` (hence still a ``ValueError``) so the CLI reports it as one ``error: ...`` line with
-    exit code 2 instead of a traceback.
-    """
-
-
-def _check_tasks(tasks: Sequence[str]) -> list[str]:
+def check_tasks(tasks: Sequence[str]) -> list[str]:
     names = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
     if not names:
         raise EvaluationError(f"no tasks given; known tasks: {', '.join(KNOWN_TASKS)}")
@@ -86,45 +83,6 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
     if unknown:
         raise EvaluationError(f"unknown task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(KNOWN_TASKS)}")
     return names
-
-
-def _check_limit(limit: int | None) -> int | None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise EvaluationError(f"limit must be a positive integer or None (all items), got {limit!r}")
-    return limit
-
-
-def subset_indices(task: str, n_total: int, limit: int | None, seed: int) -> list[int]:
-    """Indices (ascending) of the fixed ``limit``-item subset of ``task``'s ``n_total`` documents for ``seed``.
-
-    All indices when ``limit`` is None or not smaller than ``n_total``.
-    """
-    _check_limit(limit)
-    if limit is None or limit >= n_total:
-        return list(range(n_total))
-
-    def key(i: int) -> bytes:
-        return hashlib.sha256(f"{task}:{seed}:{i}".encode()).digest()
-
-    return sorted(sorted(range(n_total), key=key)[:limit])
-
-
-def _load_yaml(path: Path) -> dict[str, Any]:
-    """A task YAML as a dict, ``!function a.b.f`` imported as ``a.b.f`` (what lm-eval does for importable names)."""
-    import importlib
-
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    def _function(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-        module, _, name = str(loader.construct_scalar(node)).rpartition(".")  # type: ignore[arg-type]
-        return getattr(importlib.import_module(module), name)
-
-    _Loader.add_constructor("!function", _function)
-    with path.open(encoding="utf-8") as fh:
-        return yaml.load(fh, Loader=_Loader)  # a SafeLoader plus the one constructor
 
 
 def task_config(task: str, data_dir: str | Path | None = None) -> dict[str, Any]:
@@ -135,12 +93,10 @@ def task_config(task: str, data_dir: str | Path | None = None) -> dict[str, Any]
     copy lacks (train, the other eval split) are set to None. Without one nothing is downloaded until lm-eval builds
     the task.
     """
-    (task,) = _check_tasks([task])
-    cfg = _load_yaml(TASKS_DIR / f"{task}.yaml")
+    (task,) = check_tasks([task])
+    cfg = load_yaml(TASKS_DIR / f"{task}.yaml")
     if data_dir is None:
         return cfg
-    from prunecomp.evaluation import qa_data
-
     source = qa_data.LOCAL_SETS[task]
     docs = qa_data.read_local(task, data_dir)
     for key in ("training_split", "validation_split", "test_split"):
@@ -171,64 +127,15 @@ class _LocalDataset:
         return datasets.DatasetDict({self.split: ds})
 
 
-def _drop_custom_dataset_hint(record: logging.LogRecord) -> bool:
-    """lm-eval warns, per task with a ``custom_dataset``, about a CLI flag that does not apply here (57x for MMLU)."""
-    return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
-
-
-def _load_tasks(specs: Sequence[str | dict[str, Any]], *, hub: bool) -> dict[str, Task]:
-    """Build lm-eval Task objects (this loads the data) through a TaskManager that indexes only ``tasks/``."""
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    task_logger = logging.getLogger("lm_eval.api.task")
-    task_logger.addFilter(_drop_custom_dataset_hint)
-    try:
-        return dict(manager.load(list(specs))["tasks"])
-    except Exception as err:
-        if not hub:
-            raise
-        raise EvaluationError(f"could not load the Hub datasets for {', '.join(map(str, specs))} ({err}); "
-                              "pass a data dir (--data-dir / PRUNECOMP_DATA_DIR) to use local copies") from err
-    finally:
-        task_logger.removeFilter(_drop_custom_dataset_hint)
-
-
-def _run_lm_eval(model: Any, tokenizer: Any, tasks: Mapping[str, Task], samples: dict[str, list[int]], *,
-                 batch_size: int, num_fewshot: int, seed: int, log_samples: bool) -> dict[str, Any]:
-    """lm-eval's ``evaluate`` on already-built tasks and the given doc indices; the model's train/eval mode is kept.
-
-    ``evaluate`` rather than ``simple_evaluate``: the latter also reseeds the global RNGs and records the git hash
-    and environment, none of which we want from a library call. HFLM gets a copy of the tokenizer because it sets a
-    pad token on it; it does call ``model.eval()`` and ``model.tie_weights()`` on the model itself.
-    """
-    from lm_eval.evaluator import evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    for task in tasks.values():
-        task.set_config(key="num_fewshot", value=num_fewshot)
-        task.set_fewshot_seed(seed=seed)
-    was_training = model.training
-    try:
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-        out = evaluate(lm=lm, task_dict={"tasks": dict(tasks), "groups": {}, "group_map": {}}, samples=samples,
-                       bootstrap_iters=0, log_samples=log_samples)
-    finally:
-        model.train(was_training)
-    if out is None:  # only on non-zero ranks of a distributed run, which this in-process call never is
-        raise EvaluationError("lm-eval returned no results")
-    return out
-
-
 def _qa(model: Any, tokenizer: Any, tasks: Sequence[str], *, data_dir: str | Path | None, limit: int | None,
         seed: int, batch_size: int, log_samples: bool) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    names = _check_tasks(tasks)
-    _check_limit(limit)
+    names = check_tasks(tasks)
+    check_limit(limit)
     specs = [task_config(t, data_dir) for t in names] if data_dir is not None else names
-    built = _load_tasks(specs, hub=data_dir is None)
+    built = load_tasks(specs, hub=data_dir is None)
     n_total = {name: len(built[name].eval_docs) for name in names}
     samples = {name: subset_indices(name, n_total[name], limit, seed) for name in names}
-    out = _run_lm_eval(model, tokenizer, {n: built[n] for n in names}, samples, batch_size=batch_size,
+    out = run_lm_eval(model, tokenizer, {n: built[n] for n in names}, samples, batch_size=batch_size,
                        num_fewshot=0, seed=seed, log_samples=log_samples)
     per_task: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -311,8 +218,6 @@ def evaluate_mmlu(model: Any, tokenizer: Any, *, data_dir: str | Path | None = N
         ``{"accuracy": correct / questions over all subjects, "n": questions, "subjects": {subject: {"accuracy",
         "n"}}, "macro_accuracy": mean over subjects, "n_shot", "limit", "seed", "data"}``.
     """
-    from prunecomp.evaluation.mmlu import run_mmlu
-
     return run_mmlu(model, tokenizer, data_dir=data_dir, n_shot=n_shot, limit=limit, seed=seed)
 
 

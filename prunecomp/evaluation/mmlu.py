@@ -12,15 +12,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from prunecomp.evaluation.harness import (
-    TASKS_DIR,
-    EvaluationError,
-    _check_limit,
-    _load_tasks,
-    _load_yaml,
-    _run_lm_eval,
-    subset_indices,
-)
+from prunecomp.errors import EvaluationError
+from prunecomp.evaluation.lm_eval_run import TASKS_DIR, check_limit, load_tasks, load_yaml, run_lm_eval, subset_indices
 
 __all__ = ["MMLU_DIR", "MMLU_SUBJECTS", "mmlu_config", "read_subject", "run_mmlu"]
 
@@ -88,7 +81,7 @@ def mmlu_config(subject: str, data_dir: str | Path | None = None) -> dict[str, A
     """lm-eval config dict of ``mmlu_<subject>``: Hub ``cais/mmlu`` or, with a data dir, its CSVs (read here)."""
     if subject not in MMLU_SUBJECTS:
         raise EvaluationError(f"unknown MMLU subject {subject!r}; known: {', '.join(MMLU_SUBJECTS)}")
-    cfg = _load_yaml(TASKS_DIR / "_mmlu_template.yaml")
+    cfg = load_yaml(TASKS_DIR / "_mmlu_template.yaml")
     cfg.update(task=f"mmlu_{subject}", task_alias=subject, dataset_name=subject,
                description=f"The following are multiple choice questions (with answers) about "
                            f"{subject.replace('_', ' ')}.\n\n")
@@ -102,16 +95,16 @@ def mmlu_config(subject: str, data_dir: str | Path | None = None) -> dict[str, A
 def run_mmlu(model: Any, tokenizer: Any, *, data_dir: str | Path | None = None, n_shot: int = 5,
              limit: int | None = None, seed: int = 1234, batch_size: int = 8) -> dict[str, Any]:
     """See :func:`prunecomp.evaluation.harness.evaluate_mmlu` (``limit`` is per subject)."""
-    _check_limit(limit)
+    check_limit(limit)
     if isinstance(n_shot, bool) or not isinstance(n_shot, int) or not 0 <= n_shot <= 5:
         raise EvaluationError(f"n_shot must be an integer 0-5 (MMLU has 5 dev questions per subject), got {n_shot!r}")
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         raise EvaluationError(f"data directory not found: {data_dir}")
     configs = [mmlu_config(s, data_dir) for s in MMLU_SUBJECTS]
-    tasks = _load_tasks(configs, hub=data_dir is None)
+    tasks = load_tasks(configs, hub=data_dir is None)
     samples = {f"mmlu_{s}": subset_indices(f"mmlu_{s}", len(tasks[f"mmlu_{s}"].eval_docs), limit, seed)
                for s in MMLU_SUBJECTS}
-    out = _run_lm_eval(model, tokenizer, tasks, samples, batch_size=batch_size, num_fewshot=n_shot, seed=seed,
+    out = run_lm_eval(model, tokenizer, tasks, samples, batch_size=batch_size, num_fewshot=n_shot, seed=seed,
                        log_samples=False)
     subjects: dict[str, dict[str, Any]] = {}
     for s in MMLU_SUBJECTS:

@@ -5,7 +5,7 @@ MosaicML llm-foundry ``{query, choices, gold}`` jsonl, PIQA's official files, ll
 config, hence one prompt, serve both sources, so a local score is comparable with a published lm-eval score.
 
 Every record is checked while reading: a missing file, a line that is not JSON, a missing field or an out-of-range
-label raises :class:`~prunecomp.evaluation.harness.EvaluationError` naming the file, the line and the expected format,
+label raises :class:`~prunecomp.errors.EvaluationError` naming the file, the line and the expected format,
 rather than a ``KeyError`` deep inside lm-eval.
 
 Known difference from the Hub data: HellaSwag's llama.cpp text keeps ``ctx`` (``ctx_a + " " + ctx_b``) where lm-eval
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunecomp.evaluation.harness import EvaluationError
+from prunecomp.errors import EvaluationError
 
 __all__ = ["LOCAL_SETS", "LocalSet", "read_local"]
 
