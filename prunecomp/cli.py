@@ -35,7 +35,7 @@ from prunecomp.evaluation.harness import DEFAULT_TASKS as DEFAULT_QA_TASKS
 from prunecomp.evaluation.harness import KNOWN_TASKS as KNOWN_QA_TASKS
 from prunecomp.job import JobConfig, JobResult
 from prunecomp.job import Progress as JobProgress
-from prunecomp.loop import StepRecord
+from prunecomp.report import StepRecord
 from prunecomp.scoring import METRICS
 
 __all__ = ["main", "preset_settings", "user_errors"]

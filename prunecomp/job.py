@@ -16,7 +16,9 @@ from prunecomp.checkpoint import save_pruned
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
-from prunecomp.loop import StepRecord, check_plan, prune_and_compensate
+from prunecomp.loop import prune_and_compensate
+from prunecomp.planning import check_plan
+from prunecomp.report import StepRecord
 from prunecomp.sources import content_hash, load_model, resolve_source
 from prunecomp.storage import check_writable
 

@@ -7,14 +7,10 @@ knows about Prefect, MLflow or files.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 from torch import Tensor, nn
 
@@ -25,9 +21,10 @@ from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.incremental import INCREMENTAL_METRICS, PER_CANDIDATE_METRICS, IncrementalScanner, cache_bytes
 from prunecomp.lsq import apply_gap_map, fit_gap_map
+from prunecomp.planning import candidates, check_plan, choose, source_num_layers
 from prunecomp.pruning import original_indices, remove_layer
-from prunecomp.recipe import Recipe, recipe_from_report
 from prunecomp.refine import TeacherTargets, refine, teacher_targets
+from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scoring import LayerScan, scan_layers
 from prunecomp.selection import select_by_loss
 
@@ -42,111 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepRecord:
-    """One removal. Layer indices are ORIGINAL indices unless named ``*_current``."""
-
-    step: int
-    metric: str
-    scores: dict[int, float]
-    candidates: list[int]
-    chosen: int
-    chosen_current: int
-    measured_scale: float
-    applied_scale: float
-    layers_after: int
-    seconds: float
-    layer_forwards: int = 0
-    gap_fit: dict[str, float] | None = None
-    selection_losses: dict[int, float] | None = None
-    # The lsq map folded at this step (the recipe's sidecar tensor; not part of the JSON record).
-    gap_map: Tensor | None = field(default=None, repr=False, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe: string layer keys, non-finite scores as ``None``, no tensors."""
-        out = {k: v for k, v in self.__dict__.items() if k != "gap_map"}
-        out["scores"] = {str(k): (v if math.isfinite(v) else None) for k, v in self.scores.items()}
-        if self.selection_losses is not None:
-            out["selection_losses"] = dict(self.selection_losses)
-        return out
-
-
-@dataclass
-class PruneReport:
-    """Everything a run decided, in JSON-able form."""
-
-    config: dict[str, Any]
-    source_num_layers: int
-    steps: list[StepRecord] = field(default_factory=list)
-    calibration: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    scoring: str = "exact"
-    refine: dict[str, Any] | None = None
-    # Refinement's folded gains by module path (the recipe's sidecar; not part of the JSON report).
-    refine_edit: dict[str, tuple[str, float, Tensor]] | None = field(default=None, repr=False)
-
-    @property
-    def removed(self) -> list[int]:
-        return [s.chosen for s in self.steps]
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("steps", "refine_edit")}
-        out["config"], out["calibration"] = dict(self.config), dict(self.calibration)
-        out["steps"] = [s.to_dict() for s in self.steps]
-        out["removed"] = self.removed
-        return out
-
-    def recipe(self, source: dict[str, Any]) -> Recipe:
-        """This run as a :class:`~prunecomp.recipe.Recipe` of ``source`` (a model's provenance dict)."""
-        return recipe_from_report(self, source)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-
-def source_num_layers(model: nn.Module) -> int:
-    """Number of decoder layers the model had before prunecomp touched it."""
-    info = getattr(model.config, "prunecomp", None)
-    if isinstance(info, dict) and "source_num_layers" in info:
-        return int(info["source_num_layers"])
-    return len(decoder_layers(model))
-
-
-def _candidates(model: nn.Module, config: PruneConfig, remaining: int) -> list[int]:
-    """Current indices that may be removed now; errors early when protection leaves too few."""
-    n_src = source_num_layers(model)
-    protected = config.protected(n_src)
-    orig = original_indices(model)
-    cands = [i for i, o in enumerate(orig) if o not in protected]
-    if len(cands) < remaining:
-        raise PrunecompError(
-            f"protected layers {sorted(protected)} leave {len(cands)} removable layers, but {remaining} must be "
-            "removed: protect fewer layers or remove fewer"
-        )
-    return cands
-
-
-def check_plan(model: nn.Module, config: PruneConfig) -> int:
-    """Validate ``config`` against ``model`` (layer count, protection) before any compute; returns k."""
-    get_adapter(model)
-    k = config.layers_to_remove(source_num_layers(model))
-    remaining = k - (source_num_layers(model) - len(decoder_layers(model)))
-    if remaining > 0:
-        _candidates(model, config, remaining)
-    return k
-
-
-def _choose(scan: LayerScan, cands: list[int], metric: str, block: int) -> int:
-    if metric == "block":
-        allowed = set(cands)
-        starts = [i for i in cands if all(j in allowed for j in range(i, i + block))]
-        starts = [i for i in starts if math.isfinite(scan.scores[i])]
-        if not starts:
-            raise PrunecompError(f"no contiguous block of {block} removable layers is left")
-        return min(starts, key=lambda i: (scan.scores[i], i))
-    return min(cands, key=lambda i: (scan.scores[i], i))
 
 
 def _windows(calibration: TokenWindows | Tensor) -> Tensor:
@@ -226,14 +118,14 @@ def prune_step(
     remaining = k - already
     if remaining <= 0:
         raise PrunecompError(f"the model already has {already} of {k} layers removed: nothing left to do")
-    cands = _candidates(model, config, remaining)
+    cands = candidates(model, config, remaining)
     block = remaining if config.metric == "block" else 1
     if scores is None:
         scan = _scan(model, _windows(calibration), config, scanner, batch_size=batch_size, block=block, cands=cands,
                      on_batch=on_batch)
     else:
         scan = _with_scores(model, _windows(calibration), config, scores, cands, batch_size=batch_size)
-    current = _choose(scan, cands, config.metric, block)
+    current = choose(scan, cands, config.metric, block)
     trials: dict[int, float] | None = None
     if config.selection == "loss" and config.metric != "block":
         current, trials = select_by_loss(model, _windows(calibration), config, scan.scores, scan.scales, cands,
@@ -333,13 +225,13 @@ def prune_and_compensate(
                 on_step(record, model)
     else:
         remaining = k - already
-        cands = _candidates(model, config, remaining)
+        cands = candidates(model, config, remaining)
         block = remaining if config.metric == "block" else 1
         scan = _scan(model, _windows(calibration), config, scanner, batch_size=batch_size, block=block,
                      cands=cands, on_batch=on_batch)
         scanner = None  # one-shot removes several layers from one scan: the cache is not needed again
         if config.metric == "block":
-            start = _choose(scan, cands, "block", block)
+            start = choose(scan, cands, "block", block)
             chosen = list(range(start, start + block))
         else:
             chosen = sorted(cands, key=lambda i: (scan.scores[i], i))[:remaining]

@@ -207,7 +207,7 @@ def read_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_from_report(report: Any, source: dict[str, Any] | None = None) -> Recipe:
-    """The recipe of a run from its report: a :class:`~prunecomp.loop.PruneReport` (which keeps its folded tensors),
+    """The recipe of a run from its report: a :class:`~prunecomp.report.PruneReport` (which keeps its folded tensors),
     or a JSON report (``prune --json``, a model's ``prunecomp_report.json``, a pipeline ``report.json``).
 
     A JSON report holds every removal and scale (floats round-trip exactly through JSON) but not the tensors of
@@ -279,7 +279,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0) -> nn.Modu
     bit-identical to the run that made the recipe. The source's content hash is not checked here (the model may
     have been loaded from anywhere); callers that know it compare it with ``recipe.source["content_hash"]``.
     """
-    from prunecomp.loop import source_num_layers  # the loop imports this module's types
+    from prunecomp.planning import source_num_layers
 
     get_adapter(model)
     check_applicable(recipe, architecture=type(model).__name__, num_layers=source_num_layers(model),

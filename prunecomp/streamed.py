@@ -33,9 +33,10 @@ from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.compensation import compensate, is_tied, scale_layer_writers
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
-from prunecomp.loop import PruneReport, StepRecord, _candidates, _choose
+from prunecomp.planning import candidates, choose
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.recipe import Recipe, write_recipe_files
+from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.storage import write_dir
@@ -278,7 +279,7 @@ def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
                              "model); prune without --stream-layers to refine")
     if config.metric not in STREAMED_METRICS:
         raise PrunecompError(f"layer streaming supports metrics {sorted(STREAMED_METRICS)}, got {config.metric!r}")
-    _candidates(sm.model, config, config.layers_to_remove(sm.source_layers))
+    candidates(sm.model, config, config.layers_to_remove(sm.source_layers))
 
 
 def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: int,
@@ -289,9 +290,9 @@ def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: 
     done = sm.source_layers - len(decoder_layers(sm.model, sm.adapter))
     if k - done <= 0:
         raise PrunecompError(f"the model already has {done} of {k} layers removed: nothing left to do")
-    cands = _candidates(sm.model, config, k - done)
+    cands = candidates(sm.model, config, k - done)
     scan = sm.scan(ids, config.metric, batch_size=batch_size)
-    current = _choose(scan, cands, config.metric, 1)
+    current = choose(scan, cands, config.metric, 1)
     orig = original_indices(sm.model)
     s = scan.scales[current]
     applied = s if config.compensation == "magnitude" else 1.0

@@ -1,0 +1,80 @@
+"""What a run decided, as data: one :class:`StepRecord` per removal and the :class:`PruneReport` of a run.
+
+Plain dataclasses, JSON-able through ``to_dict``; the tensors a run folded (``lsq`` maps, refinement gains) ride
+along outside the JSON and end up in the run's recipe (:meth:`PruneReport.recipe`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from prunecomp.recipe import Recipe, recipe_from_report
+
+__all__ = ["PruneReport", "StepRecord"]
+
+
+@dataclass
+class StepRecord:
+    """One removal. Layer indices are ORIGINAL indices unless named ``*_current``."""
+
+    step: int
+    metric: str
+    scores: dict[int, float]
+    candidates: list[int]
+    chosen: int
+    chosen_current: int
+    measured_scale: float
+    applied_scale: float
+    layers_after: int
+    seconds: float
+    layer_forwards: int = 0
+    gap_fit: dict[str, float] | None = None
+    selection_losses: dict[int, float] | None = None
+    # The lsq map folded at this step (the recipe's sidecar tensor; not part of the JSON record).
+    gap_map: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe: string layer keys, non-finite scores as ``None``, no tensors."""
+        out = {k: v for k, v in self.__dict__.items() if k != "gap_map"}
+        out["scores"] = {str(k): (v if math.isfinite(v) else None) for k, v in self.scores.items()}
+        if self.selection_losses is not None:
+            out["selection_losses"] = dict(self.selection_losses)
+        return out
+
+
+@dataclass
+class PruneReport:
+    """Everything a run decided, in JSON-able form."""
+
+    config: dict[str, Any]
+    source_num_layers: int
+    steps: list[StepRecord] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    scoring: str = "exact"
+    refine: dict[str, Any] | None = None
+    # Refinement's folded gains by module path (the recipe's sidecar; not part of the JSON report).
+    refine_edit: dict[str, tuple[str, float, Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def removed(self) -> list[int]:
+        return [s.chosen for s in self.steps]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in ("steps", "refine_edit")}
+        out["config"], out["calibration"] = dict(self.config), dict(self.calibration)
+        out["steps"] = [s.to_dict() for s in self.steps]
+        out["removed"] = self.removed
+        return out
+
+    def recipe(self, source: dict[str, Any]) -> Recipe:
+        """This run as a :class:`~prunecomp.recipe.Recipe` of ``source`` (a model's provenance dict)."""
+        return recipe_from_report(self, source)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
