@@ -10,6 +10,8 @@ audit trail.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from typing import Any
 
@@ -112,6 +114,24 @@ def _stream(config: CompressConfig, base: dict[str, Any]) -> tuple[bool, str]:
                    "this run needs the whole model (refinement, QA or a non-safetensors source): loading it anyway")
 
 
+def _prewarm_tracking(tracking_uri: str) -> threading.Thread:
+    """Import MLflow and matplotlib and open the tracking store in a background thread while the model loads and
+    scores: a few seconds of start-up that would otherwise be added at the end of every run. Failures are ignored
+    here; the real call reports them."""
+
+    def warm() -> None:
+        with contextlib.suppress(Exception):
+            import matplotlib.figure  # noqa: F401  (the run's plots)
+
+            from tasks.tracking import client
+
+            client(tracking_uri).search_experiments(max_results=1)
+
+    thread = threading.Thread(target=warm, name="prunecomp-prewarm-mlflow", daemon=True)
+    thread.start()
+    return thread
+
+
 @flow(name="compress", validate_parameters=True, task_runner=task_runner())
 def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # noqa: B008 - frozen, immutable
     """Prune ``config.prune`` layers from ``config.model`` one cached iteration (one recipe part) at a time."""
@@ -125,6 +145,7 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
                                "store": store, "code_version": code, "steps": []}
     write_json(journal_uri(loc, run_id), journal)
     log.info("run %s: store %s, code %s", run_id, store, code)
+    warm = _prewarm_tracking(loc.tracking_uri) if config.tracking.log_and_register else None
 
     source = resolve_model(config.model, config.revision, config.allow_pickle)
     base, cached = _base(config, source, store)
@@ -243,6 +264,8 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
         "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
     }
+    if warm is not None:
+        warm.join(timeout=300)  # never two first-time initialisations of the tracking store at once
     if config.tracking.log_and_register and kept:
         summary["mlflow"] = _track(config, loc, summary, metrics)
     summary["seconds"] = time.perf_counter() - t0
