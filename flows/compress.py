@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import CompressConfig
 from flows.runners import task_runner
+from prunecomp.calibration import check_context
 from prunecomp.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
 from prunecomp.incremental import PER_CANDIDATE_METRICS
@@ -155,6 +156,12 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
     if removable < k:
         raise PrunecompError(f"protected layers leave {removable} removable layers, but {k} must be removed")
     arch = source.get("architecture") or (base.get("source") or {}).get("architecture")
+    if source.get("max_positions"):  # windows longer than the model's context are refused, not silently used
+        limits = {"max_position_embeddings": source["max_positions"]}
+        check_context(limits, config.calibration.seq_len, "calibration.seq_len")
+        check_context(limits, config.evaluation.seq_len, "evaluation.seq_len")
+        if config.quick_eval is not None:
+            check_context(limits, config.quick_eval.seq_len, "quick_eval.seq_len")
     stream, stream_reason = _stream(config, base)
     if config.stream_layers is None and "exceed" in stream_reason:
         log.warning(stream_reason)

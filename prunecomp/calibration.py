@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,6 +89,18 @@ def tokenize_windows(
     if bos is not None:
         ids = torch.cat([torch.full((ids.shape[0], 1), int(bos), dtype=torch.int64), ids], dim=1)
     return TokenWindows(ids=ids, origin=origin, digest=_digest(ids, origin))
+
+
+def check_context(model_config: Any, seq_len: int, option: str) -> None:
+    """Refuse windows longer than the model's context: positions it never saw make scores and perplexities
+    meaningless (and cost quadratic attention time for nothing)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(model_config, dict):
+        limit = model_config.get("max_position_embeddings", model_config.get("text_config", {}).get(
+            "max_position_embeddings"))
+    if isinstance(limit, int) and limit > 0 and seq_len > limit:
+        raise PrunecompError(f"{option} {seq_len} is longer than the model's context (max_position_embeddings "
+                             f"{limit}); use at most {limit}")
 
 
 def calibration_windows(

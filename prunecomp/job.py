@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from prunecomp.calibration import calibration_windows, evaluation_windows
+from prunecomp.calibration import calibration_windows, check_context, evaluation_windows
 from prunecomp.checkpoint import save_pruned
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from prunecomp.errors import PrunecompError
@@ -20,7 +20,7 @@ from prunecomp.loop import prune_and_compensate
 from prunecomp.planning import check_plan
 from prunecomp.report import StepRecord
 from prunecomp.sources import content_hash, load_model, resolve_source
-from prunecomp.storage import check_writable
+from prunecomp.storage import check_not_inside, check_writable
 
 __all__ = ["JobConfig", "JobResult", "Progress", "evaluate_perplexities", "run_job"]
 
@@ -74,6 +74,14 @@ def evaluate_perplexities(model: Any, tokenizer: Any, evaluation: EvalConfig, da
     return out
 
 
+def _check_windows(model_config: Any, config: JobConfig) -> None:
+    check_context(model_config, config.calibration.seq_len, "--calib-seq-len")
+    if config.evaluation is not None and config.evaluation.datasets:
+        check_context(model_config, config.evaluation.seq_len, "--eval-seq-len")
+    if config.prune.refine != "none":
+        check_context(model_config, config.calibration.seq_len, "--calib-seq-len (refinement windows)")
+
+
 def run_job(config: JobConfig, progress: Progress | None = None,
             on_step: Callable[[StepRecord, Any], None] | None = None) -> JobResult:
     """Run the job end to end; nothing is written unless every step succeeded.
@@ -84,6 +92,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     progress = progress or Progress()
     if config.out:
         check_writable(config.out, overwrite=config.overwrite)
+        check_not_inside(config.out, config.model)
     if config.stream_layers:
         return _run_streamed(config, progress, on_step)
     times: dict[str, float] = {}
@@ -92,6 +101,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
                     trust_remote_code=config.trust_remote_code)
     check_plan(lm.model, config.prune)  # --layers / --protect against the real depth, before any compute
+    _check_windows(lm.model.config, config)
     times["load"] = time.perf_counter() - t
     t = time.perf_counter()
     cal = calibration_windows(lm.tokenizer, config.calibration.source, n_samples=config.calibration.n_samples,
@@ -162,6 +172,7 @@ def _run_streamed(config: JobConfig, progress: Progress,
     progress.message(f"opening {source.uri} layer by layer")
     sm = StreamedModel(source.local_dir)
     check_streamed(sm, config.prune)
+    _check_windows(sm.model.config, config)
     tokenizer = AutoTokenizer.from_pretrained(source.local_dir)
     provenance = {"uri": source.uri, "kind": source.kind, "revision": source.revision,
                   "content_hash": content_hash(source), "gguf_file": None,

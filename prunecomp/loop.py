@@ -21,7 +21,7 @@ from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.incremental import INCREMENTAL_METRICS, PER_CANDIDATE_METRICS, IncrementalScanner, cache_bytes
 from prunecomp.lsq import apply_gap_map, fit_gap_map
-from prunecomp.planning import candidates, check_plan, choose, source_num_layers
+from prunecomp.planning import candidates, check_finite, check_plan, choose, source_num_layers
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.refine import TeacherTargets, refine, teacher_targets
 from prunecomp.report import PruneReport, StepRecord
@@ -125,6 +125,7 @@ def prune_step(
                      on_batch=on_batch)
     else:
         scan = _with_scores(model, _windows(calibration), config, scores, cands, batch_size=batch_size)
+    check_finite(scan, cands, original_indices(model))
     current = choose(scan, cands, config.metric, block)
     trials: dict[int, float] | None = None
     if config.selection == "loss" and config.metric != "block":
@@ -230,6 +231,7 @@ def prune_and_compensate(
         scan = _scan(model, _windows(calibration), config, scanner, batch_size=batch_size, block=block,
                      cands=cands, on_batch=on_batch)
         scanner = None  # one-shot removes several layers from one scan: the cache is not needed again
+        check_finite(scan, cands, original_indices(model))
         if config.metric == "block":
             start = choose(scan, cands, "block", block)
             chosen = list(range(start, start + block))

@@ -16,7 +16,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.pruning import original_indices
 from prunecomp.scoring import LayerScan
 
-__all__ = ["candidates", "check_plan", "choose", "source_num_layers"]
+__all__ = ["candidates", "check_finite", "check_plan", "choose", "source_num_layers"]
 
 
 def source_num_layers(model: nn.Module) -> int:
@@ -49,6 +49,15 @@ def check_plan(model: nn.Module, config: PruneConfig) -> int:
     if remaining > 0:
         candidates(model, config, remaining)
     return k
+
+
+def check_finite(scan: LayerScan, cands: list[int], orig: list[int]) -> None:
+    """Stop on a NaN score or gap scale: non-finite weights or activations, named by original layer index."""
+    for i in cands:
+        score, scale = scan.scores[i], scan.scales[i]
+        if math.isnan(score) or not math.isfinite(scale):
+            raise PrunecompError(f"layer {orig[i]} scored {score} with gap scale {scale}: non-finite activations or "
+                                 "weights (check the model's weights for NaN/inf, or use float32)")
 
 
 def choose(scan: LayerScan, cands: list[int], metric: str, block: int) -> int:

@@ -18,19 +18,9 @@ from prunecomp.checkpoint import save_pruned
 from prunecomp.errors import PrunecompError
 from prunecomp.recipe import RECIPE_FILE, Recipe, apply_recipe, read_recipe, recipe_from_report
 from prunecomp.sources import content_hash, load_model, resolve_source
-from prunecomp.storage import check_writable, is_remote
+from prunecomp.storage import check_not_inside, check_writable
 
-__all__ = ["apply_to_source", "check_not_inside"]
-
-
-def check_not_inside(out: str, source_dir: Path) -> None:
-    """Refuse an output equal to or inside the source folder (an overwrite would destroy the source)."""
-    if is_remote(out):
-        return
-    target = Path(out.removeprefix("file://")).expanduser().resolve()
-    src = source_dir.resolve()
-    if target == src or src in target.parents:
-        raise PrunecompError(f"output {out!r} is inside the source model folder {str(src)!r}; write elsewhere")
+__all__ = ["apply_to_source"]
 
 
 def _recipe_or_report(path: str) -> Recipe:

@@ -77,6 +77,39 @@ def _default_source() -> ModelSource:
     return ModelSource("default", DEFAULT_MODEL, folder, gguf_file=_DEFAULT_GGUF, weight_files=(_DEFAULT_GGUF,))
 
 
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and where its data starts; a clear error when the file is truncated
+    or not safetensors (checked from the header alone: no tensor is read)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PrunecompError(f"weights file {str(path)!r} is not a readable safetensors file ({exc}); expected a "
+                             "complete safetensors file (re-download or re-save it)") from exc
+    if 8 + n + end > size:
+        raise PrunecompError(f"weights file {str(path)!r} is truncated: {size} bytes, its header describes "
+                             f"{8 + n + end}; re-download or re-save it")
+    return header, 8 + n
+
+
+def _read_config(path: Path, uri: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PrunecompError(f"config.json of model {uri!r} is not valid JSON ({exc}); expected the model's HF "
+                             "config") from exc
+    if not isinstance(config, dict):
+        raise PrunecompError(f"config.json of model {uri!r} is not a JSON object; expected the model's HF config")
+    return config
+
+
 def _inspect_dir(folder: Path, uri: str, kind: Any, revision: str | None, allow_pickle: bool) -> ModelSource:
     """Check a local model folder: which weights it has, whether they may be loaded."""
     if not folder.is_dir():
@@ -88,6 +121,9 @@ def _inspect_dir(folder: Path, uri: str, kind: Any, revision: str | None, allow_
     if safetensors:
         if not (folder / "config.json").is_file():
             raise PrunecompError(f"model folder {uri!r} has weights but no config.json")
+        _read_config(folder / "config.json", uri)
+        for name in safetensors:
+            read_safetensors_header(folder / name)
         return ModelSource(kind, uri, folder, revision=revision, weight_files=tuple(safetensors))
     if ggufs:
         if len(ggufs) > 1:
@@ -186,7 +222,7 @@ def _check_config(source: ModelSource, trust_remote_code: bool) -> None:
     """Fail on an unsupported architecture before spending time on the weights."""
     if source.gguf_file is not None:
         return
-    config = json.loads((source.local_dir / "config.json").read_text())
+    config = _read_config(source.local_dir / "config.json", source.uri)
     if config.get("auto_map") and not trust_remote_code:
         raise PrunecompError(f"model {source.uri!r} needs custom code (auto_map); opt in with --trust-remote-code")
     archs = config.get("architectures") or []

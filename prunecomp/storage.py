@@ -20,7 +20,7 @@ from typing import Any
 
 from prunecomp.errors import PrunecompError
 
-__all__ = ["MARKER", "check_writable", "is_complete", "is_remote", "write_dir", "write_json"]
+__all__ = ["MARKER", "check_not_inside", "check_writable", "is_complete", "is_remote", "write_dir", "write_json"]
 
 MARKER = "_COMPLETE"
 
@@ -65,6 +65,22 @@ def check_writable(uri: str, *, overwrite: bool = False) -> None:
         raise
     except Exception as exc:
         raise PrunecompError(f"output {uri!r} is not writable: {type(exc).__name__}: {exc}") from exc
+
+
+def check_not_inside(out: str, source: str | Path | None) -> None:
+    """Refuse an output equal to or inside a local source folder: writing (or ``--overwrite``) there would destroy
+    the model being read."""
+    if source is None or is_remote(out) or is_remote(str(source)):
+        return
+    src = _local(str(source)).resolve()
+    if src.is_file():
+        src = src.parent
+    if not src.is_dir():
+        return
+    target = _local(out).resolve()
+    if target == src or src in target.parents:
+        raise PrunecompError(f"output {out!r} is inside the source model folder {str(src)!r}; write it elsewhere "
+                             "(the source is never modified)")
 
 
 def is_complete(uri: str) -> bool:

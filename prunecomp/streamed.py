@@ -33,12 +33,13 @@ from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.compensation import compensate, is_tied, scale_layer_writers
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
-from prunecomp.planning import candidates, choose
+from prunecomp.planning import candidates, check_finite, choose
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.recipe import Recipe, write_recipe_files
 from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
+from prunecomp.sources import read_safetensors_header
 from prunecomp.storage import write_dir
 
 __all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel", "check_streamed", "streamed_prune",
@@ -67,16 +68,14 @@ class SafetensorsWeights:
                                  "checkpoints with save_pretrained first)")
         self.where: dict[str, tuple[Path, str, list[int], int, int]] = {}
         for f in files:
-            with f.open("rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
+            header, data_start = read_safetensors_header(f)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 if info["dtype"] not in _DTYPES:
                     raise PrunecompError(f"{f.name}: tensor {name!r} has unsupported dtype {info['dtype']}")
                 start, end = info["data_offsets"]
-                self.where[name] = (f, info["dtype"], info["shape"], 8 + size + start, end - start)
+                self.where[name] = (f, info["dtype"], info["shape"], data_start + start, end - start)
 
     def get(self, name: str) -> Tensor:
         path, dtype, shape, offset, length = self.where[name]
@@ -292,8 +291,9 @@ def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: 
         raise PrunecompError(f"the model already has {done} of {k} layers removed: nothing left to do")
     cands = candidates(sm.model, config, k - done)
     scan = sm.scan(ids, config.metric, batch_size=batch_size)
-    current = choose(scan, cands, config.metric, 1)
     orig = original_indices(sm.model)
+    check_finite(scan, cands, orig)
+    current = choose(scan, cands, config.metric, 1)
     s = scan.scales[current]
     applied = s if config.compensation == "magnitude" else 1.0
     sm.remove(current, applied)

@@ -59,7 +59,19 @@ def resolve_model(model: str | None, revision: str | None = None, allow_pickle: 
             # where tasks load it from: the local folder, or the remote URL (each process downloads it once)
             "load_uri": str(source.local_dir) if local else source.uri,
             "weight_bytes": sum((source.local_dir / f).stat().st_size for f in source.weight_files),
-            "num_layers": _num_layers(source), "architecture": _architecture(source)}
+            "num_layers": _num_layers(source), "architecture": _architecture(source),
+            "max_positions": _max_positions(source)}
+
+
+def _max_positions(source: Any) -> int | None:
+    import json
+
+    path = source.local_dir / "config.json"
+    if source.gguf_file is not None or not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    value = cfg.get("max_position_embeddings", cfg.get("text_config", {}).get("max_position_embeddings"))
+    return int(value) if isinstance(value, int) else None
 
 
 def _architecture(source: Any) -> str | None:

@@ -194,3 +194,74 @@ def test_apply_recipe_reproduces_the_pruned_model(stories_dir, tmp_path) -> None
     code, text = _invoke("apply", str(tmp_path / "missing.json"), "--model", str(stories_dir), "--out",
                          str(tmp_path / "m"))
     assert code == 2 and "not found" in text
+
+
+def _copy_model(src: Path, tmp: Path) -> Path:
+    import shutil
+
+    d = tmp / "model-copy"
+    shutil.copytree(src, d)
+    return d
+
+
+def _truncated(src: Path, tmp: Path) -> Path:
+    d = _copy_model(src, tmp)
+    f = d / "model.safetensors"
+    with f.open("r+b") as fh:
+        fh.truncate(f.stat().st_size // 2)
+    return d
+
+
+def _bad_config(src: Path, tmp: Path) -> Path:
+    d = _copy_model(src, tmp)
+    (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    return d
+
+
+def _nan_weight(src: Path, tmp: Path) -> Path:
+    from safetensors.torch import load_file
+
+    d = _copy_model(src, tmp)
+    state = load_file(d / "model.safetensors")
+    state["model.layers.2.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+FAULTS = {
+    "truncated safetensors": (lambda t, s: ["--model", str(_truncated(s, t))], "is truncated"),
+    "malformed config.json": (lambda t, s: ["--model", str(_bad_config(s, t))], "config.json of model"),
+    "calibration longer than the context": (lambda t, s: ["--model", str(s), "--calib-seq-len", "100000"],
+                                            "longer than the model's context"),
+    "evaluation longer than the context": (lambda t, s: ["--model", str(s), "--eval-datasets", "tinystories",
+                                                         "--eval-seq-len", "4096"], "--eval-seq-len 4096"),
+    "NaN in a weight": (lambda t, s: ["--model", str(_nan_weight(s, t))], "layer 2 scored nan"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAULTS))
+def test_faulty_model_or_window_gets_one_clear_error(case: str, stories_dir, tmp_path) -> None:
+    """Issue #12's probe: each of these used to give a traceback, or ran (and saved) silently."""
+    build, message = FAULTS[case]
+    out = tmp_path / "out"
+    base = ["--layers", "1", "--calib-source", "tinystories", "--calib-samples", "2", "--calib-seq-len", "64",
+            "--eval-datasets", ""]
+    code, text = _invoke("prune", *base, *build(tmp_path, stories_dir), "--out", str(out))
+    assert code == 2, text
+    assert "error:" in text and message in " ".join(text.split()), text
+    assert "Traceback" not in text and not out.exists()
+
+
+def test_output_inside_the_source_is_refused_even_with_overwrite(stories_dir, tmp_path) -> None:
+    import hashlib
+
+    src = _copy_model(stories_dir, tmp_path)
+
+    def digest() -> str:
+        return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(src.rglob("*")) if f.is_file())).hexdigest()
+
+    before = digest()
+    for out in (src, src / "pruned"):
+        code, text = _invoke("prune", "--model", str(src), "--layers", "1", *FAST, "--out", str(out), "--overwrite")
+        assert code == 2 and "inside the source model folder" in text, text
+    assert digest() == before and not (src / "pruned").exists()
