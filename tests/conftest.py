@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs_shared import missing
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 ROOT = Path(__file__).resolve().parents[1]
+
 SHARED = ROOT.parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
 DATA = SHARED / "data"
@@ -21,12 +24,12 @@ DATA = SHARED / "data"
 @pytest.fixture(scope="session")
 def stories_dir() -> Path:
     if not (STORIES / "config.json").is_file():
-        pytest.skip(f"real test model missing: {STORIES}")
+        missing(f"real test model missing: {STORIES}")
     return STORIES
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA / "README.md").is_file():
-        pytest.skip(f"shared data missing: {DATA}")
+        missing(f"shared data missing: {DATA}")
     return DATA

@@ -24,6 +24,7 @@ from prunecomp.evaluation.harness import (
     subset_indices,
 )
 from prunecomp.evaluation.mmlu import MMLU_DIR, MMLU_SUBJECTS
+from tests.needs_shared import missing
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ LIMIT, SEED, TIE = 20, 1234, 1e-3
 def lm():
     """One thread: on 2 shared cores torch's 2 threads made this 260K-parameter model ~60x slower (measured)."""
     if not (STORIES / "config.json").is_file() or not (DATA / "README.md").is_file():
-        pytest.skip(f"real test model or data missing under {SHARED}")
+        missing(f"real test model or data missing under {SHARED}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(STORIES).eval()

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.needs_shared import missing
+
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "true",
                "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -35,7 +37,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def stories() -> Path:
     if not (STORIES / "config.json").is_file() or not (DATA / "README.md").is_file():
-        pytest.skip(f"stories260K or shared data missing beside the checkout ({SHARED})")
+        missing(f"stories260K or shared data missing beside the checkout ({SHARED})")
     return STORIES
 
 

@@ -164,7 +164,7 @@ def test_bad_parameters_are_rejected_before_any_work(harness, make_config, tmp_p
     assert not store.exists()  # nothing was written: the flow body never ran
     with pytest.raises(PrunecompError, match="between 1 and 4"):  # needs the model's depth: first thing checked
         compress(config=make_config(str(store), "sqlite:///unused.db", prune={"n_layers": 5}))
-    with pytest.raises(PrunecompError, match="calibration.seq_len 100000 is longer than the model's context"):
+    with pytest.raises(PrunecompError, match=r"calibration\.seq_len 100000 is longer than the model's context"):
         compress(config=make_config(str(store), "sqlite:///unused.db", calibration={"seq_len": 100000}))
     assert not (store / "steps").exists() and not (store / "calibration").exists()
 

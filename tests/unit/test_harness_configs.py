@@ -18,6 +18,8 @@ from prunecomp.evaluation.qa_data import read_local
 lm_eval_tasks = pytest.importorskip("lm_eval.tasks")
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
+from tests.needs_shared import missing  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 BUILTIN = Path(lm_eval_tasks.__file__).parent
 BUILTIN_YAML = {
@@ -33,7 +35,7 @@ SAME = ("task", "dataset_path", "dataset_name", "output_type", "training_split",
 @pytest.fixture(scope="module")
 def data() -> Path:
     if not (DATA / "README.md").is_file():
-        pytest.skip(f"shared data missing: {DATA}")
+        missing(f"shared data missing: {DATA}")
     return DATA
 
 

@@ -23,6 +23,7 @@ from prunecomp.evaluation.harness import (
 )
 from prunecomp.evaluation.mmlu import MMLU_DIR, read_subject
 from prunecomp.evaluation.qa_data import LOCAL_SETS, read_local
+from tests.needs_shared import missing
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -30,7 +31,7 @@ DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 @pytest.fixture(scope="module")
 def data() -> Path:
     if not (DATA / "README.md").is_file():
-        pytest.skip(f"shared data missing: {DATA}")
+        missing(f"shared data missing: {DATA}")
     return DATA
 
 
