@@ -206,10 +206,16 @@ def resolve_source(model: str | None, revision: str | None = None, *, allow_pick
     raise PrunecompError(f"model {model!r} is neither an existing path, a URL, nor a hub id like 'org/name'")
 
 
+# Tokenizer files: a different tokenizer is a different model for every cached result (calibration ids included).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+
+
 def content_hash(source: ModelSource) -> str:
-    """sha256 over config.json and every weight file (names and bytes)."""
+    """sha256 over config.json, the tokenizer files present and every weight file (names and bytes)."""
     h = hashlib.sha256()
-    names = sorted({*source.weight_files, *(["config.json"] if source.gguf_file is None else [])})
+    tokenizer = [n for n in TOKENIZER_FILES if (source.local_dir / n).is_file()] if source.gguf_file is None else []
+    names = sorted({*source.weight_files, *(["config.json"] if source.gguf_file is None else []), *tokenizer})
     for name in names:
         h.update(name.encode())
         with open(source.local_dir / name, "rb") as f:

@@ -19,7 +19,7 @@ from prunecomp.storage import is_complete, write_dir
 from tasks.caching import JOB_KEY
 from tasks.files import read_json
 from tasks.jobs import EvalJob
-from tasks.model_io import load_checkpoint
+from tasks.model_io import load_verified
 from tasks.working import checkout, recipe_of
 
 __all__ = ["QA_MODULE", "evaluate_checkpoint", "qa_available"]
@@ -74,7 +74,7 @@ def evaluate_checkpoint(job: EvalJob) -> dict[str, Any]:
     else:
         if job.checkpoint_uri is None:
             raise PrunecompError("an evaluation needs a checkpoint URI or a base model and recipe parts")
-        lm = load_checkpoint(job.checkpoint_uri)
+        lm = load_verified(job.checkpoint_uri, job.checkpoint_hash)
         ppl, qa = _evaluate(job, lm.model, lm.tokenizer, None)
     result = {"perplexity": ppl, "qa": qa, "checkpoint_hash": job.checkpoint_hash, "key": job.key}
 

@@ -6,9 +6,10 @@ another URI is the same input. The artifact of a job lives at ``<store>/<kind>/<
 the checkpoint an interrupted run wrote, and a changed input can never pick up a stale one.
 
 Left out of every key on purpose: the *contents* of the data files behind ``data_dir`` (treated as immutable;
-``shared/data`` ships SHA256SUMS; the calibration digest, which covers the token ids, does enter the step keys),
-the torch version and the device (CPU runs are deterministic here; set ``PRUNECOMP_CODE_VERSION`` to separate
-environments explicitly).
+``shared/data`` ships SHA256SUMS; the calibration digest, which covers the token ids, does enter the step keys)
+and the device (CPU runs are deterministic here; set ``PRUNECOMP_CODE_VERSION`` to separate environments
+explicitly). The code version (:func:`tasks.keys.code_version`) covers the sources, the shipped QA task configs and
+the versions of the libraries that change numbers.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CODE_VERSION_ENV", "code_version", "model_state_hash", "stable_hash"]
+__all__ = ["CODE_VERSION_ENV", "NUMERIC_LIBRARIES", "code_files", "code_version", "library_versions",
+           "model_state_hash", "source_digest", "stable_hash"]
 
 CODE_VERSION_ENV = "PRUNECOMP_CODE_VERSION"
 # The CLI and the report writer do not change numbers; everything else in prunecomp/ may.
@@ -41,33 +42,72 @@ def stable_hash(*parts: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+# Libraries whose version can change a cached number (kernels, loading, lm-eval's scoring).
+NUMERIC_LIBRARIES = ("torch", "transformers", "safetensors", "accelerate", "gguf", "lm-eval", "datasets")
+
+
+def code_files() -> list[tuple[str, Path]]:
+    """Every file whose content can change a cached result: the library's Python and its shipped task configs
+    (QA YAMLs), and the task modules that compute what they cache. Names relative to the repository root."""
+    import prunecomp
+    import tasks
+
+    out: list[tuple[str, Path]] = []
+    for package in (prunecomp, tasks):
+        root = Path(package.__file__).resolve().parent
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.yaml"), *root.rglob("*.json")]):
+            if path.name in _NOT_NUMERIC or "__pycache__" in path.parts:
+                continue
+            out.append((f"{root.name}/{path.relative_to(root).as_posix()}", path))
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in NUMERIC_LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def source_digest(files: list[tuple[str, Path]], versions: dict[str, str]) -> str:
+    """sha256 over the files (names and bytes) and the library versions."""
+    h = hashlib.sha256()
+    for name, path in files:
+        h.update(name.encode())
+        h.update(path.read_bytes())
+    h.update(json.dumps(versions, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 @cache
 def code_version() -> str:
-    """``<package version>+<12 hex of the prunecomp sources>``, or ``$PRUNECOMP_CODE_VERSION`` when set.
+    """``<package version>+<12 hex>`` over everything that computes a cached result, or ``$PRUNECOMP_CODE_VERSION``.
 
-    A source hash rather than the version string alone: during development the version does not move while the
-    scoring code does, and a cached step computed by older code must not be reused. ``cli.py`` is left out (it
-    changes no numbers). Pin it with the environment variable to share caches across trivial edits on purpose.
+    Covered: every ``prunecomp/`` source and shipped config (QA task YAMLs), every ``tasks/`` module, and the
+    versions of the libraries that change numbers (:data:`NUMERIC_LIBRARIES`). A source hash rather than the version
+    string alone: during development the version does not move while the scoring code does, and a cached step
+    computed by older code must not be reused. Left out, on purpose: ``cli.py`` (prints, changes no number),
+    ``flows/`` (wiring: every number it keeps comes from a task, keyed here), the device and CUDA/driver version
+    (CPU runs are deterministic; a cache shared between a CPU and a GPU machine should set the variable per
+    machine), and the contents of the data files behind ``data_dir`` (immutable by convention: ``shared/data``
+    ships SHA256SUMS; the calibration digest, which covers the token ids, enters every step key). Pin it with
+    the environment variable to share caches across trivial edits on purpose.
     """
     pinned = os.environ.get(CODE_VERSION_ENV)
     if pinned:
         return pinned
-    import prunecomp
-
-    root = Path(prunecomp.__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        if path.name in _NOT_NUMERIC or "__pycache__" in path.parts:
-            continue
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
     try:
         from importlib.metadata import version
 
         pkg = version("prunecomp")
     except Exception:  # not installed (e.g. a bare checkout on PYTHONPATH)
         pkg = "0"
-    return f"{pkg}+{h.hexdigest()[:12]}"
+    return f"{pkg}+{source_digest(code_files(), library_versions())[:12]}"
 
 
 def model_state_hash(model: Any) -> str:

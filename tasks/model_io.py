@@ -26,7 +26,7 @@ from tasks.jobs import FinalJob, ModelJob
 from tasks.keys import model_state_hash
 from tasks.settings import redact
 
-__all__ = ["load_checkpoint", "materialize_model", "read_meta", "resolve_model", "write_final"]
+__all__ = ["load_checkpoint", "load_verified", "materialize_model", "read_meta", "resolve_model", "write_final"]
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -45,6 +45,21 @@ def load_checkpoint(uri: str, expected_hash: str | None = None) -> Any:
                 f"{expected_hash[:12]}); delete it to have it recomputed"
             )
     return lm
+
+
+def load_verified(uri: str, expected_hash: str) -> Any:
+    """Load a checkpoint for a job keyed by ``expected_hash``: a pipeline output's recorded identity (its recipe
+    digest, from ``prunecomp_report.json``) or, for any other checkpoint, its tensor hash must match."""
+    try:
+        recorded = str(read_meta(uri)["hash"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError):
+        recorded = None
+    if recorded is not None:
+        if recorded != expected_hash:
+            raise PrunecompError(f"checkpoint {redact(uri)!r} is model {recorded[:12]}, not the {expected_hash[:12]} "
+                                 "this evaluation was keyed by; evaluate it again to key it correctly")
+        return load_model(uri)
+    return load_checkpoint(uri, expected_hash)
 
 
 @task(name="resolve-model", cache_policy=NO_CACHE)

@@ -130,3 +130,46 @@ def test_tasks_via_fn_exchange_recipe_parts(make_config, tmp_path: Path) -> None
     assert (Path(final["uri"]) / "recipe.json").is_file() and (Path(final["uri"]) / "recipe.safetensors").is_file()
     with pytest.raises(Exception, match="no longer make the recorded state"):
         prune_one_step.fn(job.model_copy(update={"state_digest": "0" * 64}))
+    from prunecomp.config import EvalConfig
+    from tasks.evaluate import evaluate_checkpoint
+    from tasks.jobs import EvalJob
+
+    with pytest.raises(Exception, match="not the 000000000000 this evaluation was keyed by"):
+        evaluate_checkpoint.fn(EvalJob(store=str(tmp_path), checkpoint_uri=final["uri"], checkpoint_hash="0" * 64,
+                                       evaluation=EvalConfig(datasets=("tinystories",), seq_len=64, max_windows=1),
+                                       data_dir=cfg.data_dir))
+
+
+def test_code_version_covers_what_computes_cached_results(tmp_path: Path) -> None:
+    """Sources of prunecomp/ and tasks/, the shipped QA task YAMLs and the numeric libraries' versions all enter
+    the code version; an edit to any of them changes it. cli.py does not."""
+    from tasks.keys import NUMERIC_LIBRARIES, code_files, library_versions, source_digest
+
+    names = {name for name, _ in code_files()}
+    assert {"prunecomp/loop.py", "tasks/prune.py", "tasks/evaluate.py",
+            "prunecomp/evaluation/tasks/piqa.yaml"} <= names
+    assert "prunecomp/cli.py" not in names
+    assert set(library_versions()) == set(NUMERIC_LIBRARIES) and library_versions()["torch"].startswith("2.")
+    a, b = tmp_path / "a.py", tmp_path / "b.yaml"
+    a.write_text("x = 1\n")
+    b.write_text("task: piqa\n")
+    files, versions = [("a.py", a), ("b.yaml", b)], {"torch": "2.13.0"}
+    ref = source_digest(files, versions)
+    b.write_text("task: piqa\nnum_fewshot: 1\n")
+    assert source_digest(files, versions) != ref
+    b.write_text("task: piqa\n")
+    assert source_digest(files, versions) == ref
+    assert source_digest(files, {"torch": "2.14.0"}) != ref
+
+
+def test_content_hash_covers_the_tokenizer(stories, tmp_path: Path) -> None:
+    import shutil
+
+    from prunecomp.sources import content_hash, resolve_source
+
+    copy = tmp_path / "m"
+    shutil.copytree(stories, copy)
+    ref = content_hash(resolve_source(str(copy)))
+    cfg = copy / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace("}", ', "model_max_length": 7}', 1))
+    assert content_hash(resolve_source(str(copy))) != ref
