@@ -239,13 +239,22 @@ def _journal(run: str, store: str | None) -> dict[str, Any]:
 @_errors
 def resume_cmd(run: str, store: str | None, tracking_uri: str | None, json_out: str | None) -> None:
     """Finish RUN with the parameters it was started with: finished steps come from the cache."""
+    _run_flow(resume_config(_journal(run, store), tracking_uri), json_out)
+
+
+def resume_config(journal: dict[str, Any], tracking_uri: str | None = None) -> Any:
+    """The parameters a run was started with, pinned to the store its journal was found in (a run started with
+    ``$PRUNECOMP_STORE`` has no store in its parameters: resumed from another shell it must not start over in the
+    default store)."""
     from flows.params import CompressConfig
 
-    config = CompressConfig.model_validate(_journal(run, store)["config"])
+    config = CompressConfig.model_validate(journal["config"])
+    update: dict[str, Any] = {}
+    if config.tracking.store is None and journal.get("store"):
+        update["store"] = journal["store"]
     if tracking_uri:
-        config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tracking_uri":
-                                                                                          tracking_uri})})
-    _run_flow(config, json_out)
+        update["tracking_uri"] = tracking_uri
+    return config.model_copy(update={"tracking": config.tracking.model_copy(update=update)}) if update else config
 
 
 @main.command("status")

@@ -81,8 +81,9 @@ class CompressConfig(_Params):
         if self.run_name:
             return self.run_name
         k = self.prune.n_layers if self.prune.n_layers is not None else f"f{self.prune.fraction}"
-        # how the work is spread does not change the result: not part of the run's identity
-        digest = stable_hash(self.model_dump(mode="json", exclude={"run_name", "parallel_candidates"}))[:8]
+        # how the work is spread, and where results are kept, do not change the result: not the run's identity
+        digest = stable_hash(self.model_dump(mode="json", exclude={
+            "run_name": True, "parallel_candidates": True, "tracking": {"store", "tracking_uri"}}))[:8]
         return f"{self.model_slug()}-{self.prune.metric}-k{k}-{digest}"
 
     def model_name(self) -> str:

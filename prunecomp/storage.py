@@ -92,25 +92,81 @@ def is_complete(uri: str) -> bool:
     return bool(fs.exists(f"{path}/{MARKER}"))
 
 
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with path.open("rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temps(target: Path, *, max_age_s: float = 3600.0) -> list[Path]:
+    """Remove the temp folders a crashed (or SIGKILLed) writer left beside ``target``: ``.<name>.tmp-<pid>-*`` and
+    ``.<name>.old-<pid>-*`` whose process is gone (same host), or, without a pid, older than ``max_age_s``."""
+    import time
+
+    removed = []
+    for path in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, rest = path.name[len(target.name) + 2:].partition("-")
+        if kind not in ("tmp", "old"):
+            continue
+        pid_text = rest.split("-", 1)[0]
+        if "-" in rest and pid_text.isdigit():
+            stale = int(pid_text) != os.getpid() and not _alive(int(pid_text))
+        else:
+            stale = time.time() - path.stat().st_mtime > max_age_s
+        if stale:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def write_dir(uri: str, fill: Callable[[Path], None], *, overwrite: bool = False) -> str:
     """Create folder ``uri`` with the files ``fill(tmp_dir)`` writes, atomically; returns ``uri``."""
     if not is_remote(uri):
         target = _local(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        clean_stale_temps(target)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             fill(tmp)
             (tmp / MARKER).write_text("")
+            _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
             if target.exists():
                 if not overwrite and any(target.iterdir()):
                     raise PrunecompError(f"output {uri!r} appeared while writing; not replacing it")
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+                old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 os.replace(target, old)
                 os.replace(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, target)
+            _fsync_dir(target.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return uri
@@ -140,7 +196,11 @@ def write_json(uri: str, data: Any) -> str:
         return uri
     path = _local(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(payload)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    with tmp.open("wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     return uri

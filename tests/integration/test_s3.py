@@ -75,3 +75,30 @@ def test_missing_s3_model_is_a_clear_error(s3) -> None:
         load_model("s3://models/no-such-model")
     with pytest.raises(PrunecompError, match="not writable"):
         check_writable("s3://no-such-bucket/out")
+
+
+def test_stale_temp_folders_of_dead_writers_are_cleaned(tmp_path) -> None:
+    """A SIGKILLed writer leaves ``.<name>.tmp-<pid>-*``; the next write of that target removes it when the pid
+    is gone, and leaves a live writer's alone."""
+    import os
+    import subprocess
+
+    from prunecomp.storage import write_dir
+
+    target = tmp_path / "result"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        stale = tmp_path / f".result.tmp-{dead.pid}-deadbeef"
+        busy = tmp_path / f".result.tmp-{live.pid}-cafecafe"
+        for d in (stale, busy):
+            d.mkdir()
+            (d / "model.safetensors").write_bytes(b"partial")
+        write_dir(str(target), lambda p: (p / "x.json").write_text("{}"))
+        assert (target / "x.json").is_file() and not stale.exists() and busy.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".result.") and p != busy]
+        assert os.getpid() != dead.pid
+    finally:
+        live.kill()
+        live.wait()

@@ -100,10 +100,13 @@ def test_kill_during_final_write_then_resume(harness, tracking_uri, make_config,
     cfg = make_config(str(store), tracking_uri, prune={"n_layers": 2}, tracking={"log_and_register": False})
     _run_and_kill(harness, cfg, tmp_path, "final")
     assert _complete(store) == 2 and _complete(store, "final") == 0
+    left = list((store / "final").glob(".*.tmp-*"))
+    assert len(left) == 1 and (left[0] / "model.safetensors").is_file()  # the killed writer's temp folder
     working.drop()
     resumed = compress(config=cfg)
     assert (resumed["steps_reused"], resumed["steps_computed"]) == (2, 0)
     assert Path(resumed["final"]["uri"], "_COMPLETE").is_file()
+    assert not list((store / "final").glob(".*"))  # its temp folder was cleaned up, not left forever
     reference = compress(config=make_config(str(tmp_path / "reference"), tracking_uri, prune={"n_layers": 2},
                                             tracking={"log_and_register": False}))
     _same_final(resumed, reference)

@@ -173,3 +173,17 @@ def test_content_hash_covers_the_tokenizer(stories, tmp_path: Path) -> None:
     cfg = copy / "tokenizer_config.json"
     cfg.write_text(cfg.read_text().replace("}", ', "model_max_length": 7}', 1))
     assert content_hash(resolve_source(str(copy))) != ref
+
+
+def test_resume_runs_in_the_store_its_journal_was_found_in(make_config, tmp_path: Path) -> None:
+    """A run started with $PRUNECOMP_STORE has no store in its parameters; resuming it must stay in that store."""
+    from flows.cli import resume_config
+
+    cfg = make_config(None, "sqlite:///x.db")
+    journal = {"config": cfg.model_dump(mode="json"), "store": str(tmp_path / "elsewhere")}
+    assert resume_config(journal).tracking.store == str(tmp_path / "elsewhere")
+    assert resume_config(journal).run_id() == cfg.run_id()  # the run id ignores where results are kept
+    assert resume_config(journal, "sqlite:///y.db").tracking.tracking_uri == "sqlite:///y.db"
+    explicit = make_config(str(tmp_path / "s"), "sqlite:///x.db")
+    assert resume_config({"config": explicit.model_dump(mode="json"),
+                          "store": "/other"}).tracking.store == str(tmp_path / "s")
