@@ -20,17 +20,26 @@ from rich.console import Console
 from rich.table import Table
 
 from prunecomp.cli import main as _lib
-from prunecomp.cli import preset_settings
+from prunecomp.cli import preset_settings, pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
-from prunecomp.config import PRESETS
 from prunecomp.errors import PrunecompError
-from prunecomp.scoring import METRICS
 
 __all__ = ["main"]
 
-main = _lib
 err = Console(stderr=True)
 out = Console(soft_wrap=True)  # paths and URIs stay copyable on one line
+
+
+@click.group(context_settings=dict(_lib.context_settings), help=_lib.help)
+def main() -> None:
+    """The library's commands (``prune``, ``apply``, ``eval``...) and the pipeline's (``run``, ``status``...)."""
+    quiet_environment()
+    if _lib.callback is not None:
+        _lib.callback()
+
+
+for _name, _command in _lib.commands.items():  # a group of its own: the library's group is left as it is
+    main.add_command(_command, _name)
 
 
 def _embedded_defaults() -> None:
@@ -84,7 +93,8 @@ def _build_config(kw: dict[str, Any]) -> Any:
     if kw["registered_model"]:
         tracking["registered_model"] = kw["registered_model"]
     return CompressConfig.model_validate({
-        "model": kw["model"], "revision": kw["revision"],
+        "model": kw["model"], "revision": kw["revision"], "allow_pickle": kw["allow_pickle"],
+        "trust_remote_code": kw["trust_remote_code"],
         "prune": {"metric": kw["metric"], "n_layers": n_layers, "fraction": kw["fraction"],
                   "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
                   "selection_pool": kw["selection_pool"],
@@ -166,23 +176,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @main.command("run")
 @click.option("--config", default=None, help="YAML/JSON file of compress parameters (deployments/configs/*.yaml); "
               "replaces the pruning options below.")
-@click.option("--model", default=None, help="Hub id, local folder, .gguf or s3:// URL; default SmolLM2-135M-Instruct.")
-@click.option("--revision", default=None)
-@click.option("--layers", "n_layers", type=int, default=None, help="Layers to remove (default 5).")
-@click.option("--fraction", type=float, default=None, help="Or: fraction of the layers to remove.")
-@click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True)
-@click.option("--compensation", type=click.Choice(["magnitude", "none", "lsq"]), default="magnitude", show_default=True)
-@click.option("--selection", type=click.Choice(["score", "loss"]), default="score", show_default=True,
-              help="loss: try the --selection-pool lowest-scoring layers compensated, keep the cheapest.")
-@click.option("--selection-pool", type=int, default=4, show_default=True)
-@click.option("--scoring", type=click.Choice(["incremental", "exact"]), default="incremental", show_default=True,
-              help="incremental re-runs only the layers after the gap within a step's scoring; exact all of them.")
-@click.option("--refine", type=click.Choice(["none", "norms", "norms+writers", "channels"]), default="none",
-              show_default=True,
-              help="Distil the dense model into folded per-channel gains after the last removal (zero run-time cost).")
-@click.option("--refine-steps", type=int, default=80, show_default=True)
-@click.option("--refine-lr", type=float, default=3e-3, show_default=True)
-@click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on.")
+@pruning_options
 @click.option("--parallel-candidates", type=int, default=1, show_default=True,
               help="Split PPL-on-skip candidate scoring into N tasks run by --task-runner.")
 @click.option("--task-runner", default=None, help="threads (default), dask (local cluster of "
@@ -190,27 +184,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--stream-layers/--no-stream-layers", default=None, help="One decoder layer in memory at a time "
               "(models larger than memory; safetensors; BI/angular, magnitude or no compensation). Default: "
               "automatic, when the weights do not fit the memory budget.")
-@click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="cpu (default here) or paper.")
-@click.option("--calib-source", default="c4", show_default=True)
-@click.option("--calib-samples", type=int, default=None)
-@click.option("--calib-seq-len", type=int, default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--eval-datasets", default="wikitext2,c4,ptb", show_default=True, help="Final perplexity corpora.")
-@click.option("--eval-seq-len", type=int, default=None)
-@click.option("--eval-max-windows", type=int, default=None)
 @click.option("--quick-datasets", default="wikitext2", show_default=True, help="Per-step perplexity ('' = off).")
 @click.option("--quick-max-windows", type=int, default=8, show_default=True)
 @click.option("--max-ppl-ratio", type=float, default=None, help="Quality floor: stop when the quick perplexity "
               "exceeds this multiple of the dense one.")
 @click.option("--qa-tasks", default=None, help="lm-eval tasks for the final evaluation (comma-separated).")
 @click.option("--qa-limit", type=int, default=None)
-@click.option("--data-dir", default=None)
 @click.option("--registered-model", default=None, help="MLflow registered model (default prunecomp-<model>).")
 @click.option("--register/--no-register", default=True, show_default=True)
 @click.option("--run-name", default=None, help="Run id (default: derived from the parameters).")
-@click.option("--json", "json_out", default=None, help="Also write the run summary as JSON here.")
 @_where_options
 @_errors
 def run_cmd(json_out: str | None, task_runner: str | None, **kw: Any) -> None:

@@ -25,6 +25,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.incremental import PER_CANDIDATE_METRICS
 from prunecomp.recipe import Recipe
 from prunecomp.storage import check_writable, is_complete, write_json
+from tasks import working
 from tasks.artifacts import publish_step, publish_summary, summary_markdown
 from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
@@ -32,6 +33,7 @@ from tasks.candidates import CandidateJob, score_candidates, split
 from tasks.evaluate import evaluate_checkpoint
 from tasks.jobs import CalibrationJob, EvalJob, FinalJob, ModelJob, RefineJob, StepJob
 from tasks.keys import code_version
+from tasks.locks import RunLock, run_lock
 from tasks.model_io import materialize_model, resolve_model, write_final
 from tasks.prune import prune_one_step
 from tasks.refine import refine_state
@@ -135,18 +137,24 @@ def _prewarm_tracking(tracking_uri: str) -> threading.Thread:
 
 @flow(name="compress", validate_parameters=True, task_runner=task_runner())
 def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # noqa: B008 - frozen, immutable
-    """Prune ``config.prune`` layers from ``config.model`` one cached iteration (one recipe part) at a time."""
-    t0 = time.perf_counter()
+    """Prune ``config.prune`` layers from ``config.model`` one cached iteration (one recipe part) at a time.
+
+    One run per run id and store at a time (:mod:`tasks.locks`): a second one fails at once, naming the first."""
     log = get_run_logger()
-    run_id = config.run_id()
     loc = locations(config.tracking.store, config.tracking.tracking_uri)
     data_dir = _preflight(config, loc)
+    with run_lock(loc.child("runs", config.run_id(), "lock.json"), config.run_id(), log) as lock:
+        return _compress(config, loc, data_dir, lock, log)
+
+
+def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock: RunLock, log: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    run_id = config.run_id()
     store, code = loc.store, code_version()
     journal: dict[str, Any] = {"run_id": run_id, "status": "running", "config": config.model_dump(mode="json"),
                                "store": store, "code_version": code, "steps": []}
     write_json(journal_uri(loc, run_id), journal)
     log.info("run %s: store %s, code %s", run_id, store, code)
-    warm = _prewarm_tracking(loc.tracking_uri) if config.tracking.log_and_register else None
 
     source = resolve_model(config.model, config.revision, config.allow_pickle)
     base, cached = _base(config, source, store)
@@ -169,6 +177,8 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         _check_streamable(config, base)
     log.info("model %s: %d layers, removing %d%s%s", source["uri"], n_src, k, " (cached)" if cached else "",
              ", layer-streamed" if stream else "")
+    # time for memory: not when streaming, where memory is what the run is short of
+    warm = _prewarm_tracking(loc.tracking_uri) if config.tracking.log_and_register and not stream else None
     cal, _ = run_cached(build_calibration, CalibrationJob(store=store, model_uri=base["uri"], model_hash=base["hash"],
                                                           calibration=config.calibration, data_dir=data_dir))
 
@@ -224,6 +234,7 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         steps.append(entry)
         journal["steps"] = steps
         write_json(journal_uri(loc, run_id), journal)
+        lock.beat()
         parts, digest, parent_ppl = [*parts, meta["uri"]], meta["digest"], after
     kept = [s for s in steps if s["kept"]]
     refined: dict[str, Any] | None = None
@@ -271,6 +282,7 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
         "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
         "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
     }
+    working.drop()  # the final model is written and evaluated: free it before MLflow's share of the run
     if warm is not None:
         warm.join(timeout=300)  # never two first-time initialisations of the tracking store at once
     if config.tracking.log_and_register and kept:

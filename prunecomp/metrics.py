@@ -13,17 +13,21 @@ et al. 2024); magnitude gap (Prune&Comp, arXiv 2507.18212).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "LayerStats",
     "Running",
     "accumulate",
+    "accumulate_layer",
     "angular_distance_sum",
     "block_influence_sum",
     "gap_scale",
+    "layer_scale",
+    "layer_score",
     "magnitude_importance",
     "magnitude_ratio",
     "mean",
@@ -99,3 +103,31 @@ def magnitude_importance(weights: Iterable[Tensor], folded: Iterable[Tensor] = (
     """
     plain = sum(w.detach().double().abs().sum() for w in weights)
     return float(plain + sum(w.detach().double().abs().sum() for w in folded) / scale)
+
+
+LayerStats = dict[str, Running]
+"""One layer's streamed statistics: ``"ratio"`` (per-channel magnitude-ratio sums, for the gap scale) and the
+token distances asked for (``"bi"``, ``"angular"``)."""
+
+
+def accumulate_layer(state: LayerStats | None, x_in: Tensor, x_out: Tensor,
+                     distances: Sequence[str] = ()) -> LayerStats:
+    """State in, state out: one batch of a layer's input/output added to its statistics. Every scanner (exact,
+    incremental, layer-streamed) accumulates through this one function, so they agree by construction."""
+    out = dict(state or {})
+    r = magnitude_ratio(x_in, x_out)
+    out["ratio"] = accumulate(out.get("ratio"), r.sum(dim=0), r.shape[0])
+    for name in distances:
+        fn = block_influence_sum if name == "bi" else angular_distance_sum
+        out[name] = accumulate(out.get(name), *fn(x_in, x_out))
+    return out
+
+
+def layer_scale(state: LayerStats) -> float:
+    """The gap scale ``s`` of a layer from its statistics."""
+    return gap_scale(*state["ratio"])
+
+
+def layer_score(state: LayerStats, distance: str) -> float:
+    """A layer's mean token distance (``"bi"`` or ``"angular"``) from its statistics."""
+    return float(mean(state[distance]))

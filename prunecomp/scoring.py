@@ -59,20 +59,16 @@ def scan_layers(
     layers = decoder_layers(model, adapter)
     n_layers = len(layers)
     device = next(model.parameters()).device
-    ratio: list[M.Running | None] = [None] * n_layers
-    dist: list[M.Running | None] = [None] * n_layers
+    stats: list[M.LayerStats | None] = [None] * n_layers
+    dist: list[M.Running | None] = [None] * n_layers  # contiguous-block distances (start layer -> state)
     block_inputs: dict[int, Tensor] = {}
     want_grad = metric == "taylor"
+    distances = (metric,) if metric in ("bi", "angular") else ()
 
     def on_layer(i: int, x_in: Tensor, x_out: Tensor) -> None:
         x_in, x_out = x_in.detach(), x_out.detach()
-        r = M.magnitude_ratio(x_in, x_out)
-        ratio[i] = M.accumulate(ratio[i], r.sum(dim=0), r.shape[0])
-        if metric in ("bi", "angular"):
-            fn = M.block_influence_sum if metric == "bi" else M.angular_distance_sum
-            total, count = fn(x_in, x_out)
-            dist[i] = M.accumulate(dist[i], total, count)
-        elif metric == "block":
+        stats[i] = M.accumulate_layer(stats[i], x_in, x_out, distances)
+        if metric == "block":
             block_inputs[i] = x_in
             start = i - block_size + 1
             if start >= 0:
@@ -99,8 +95,10 @@ def scan_layers(
                 if on_batch is not None:
                     on_batch()
         forwards = n_layers * ids.shape[0]
-        scales = [M.gap_scale(*r) if r is not None else float("nan") for r in ratio]
-        if metric in ("bi", "angular", "block"):
+        scales = [M.layer_scale(st) if st is not None else float("nan") for st in stats]
+        if metric in ("bi", "angular"):
+            scores = [M.layer_score(st, metric) if st is not None else float("inf") for st in stats]
+        elif metric == "block":
             scores = [float(M.mean(d)) if d is not None else float("inf") for d in dist]
         elif metric == "taylor":
             scores = [

@@ -21,7 +21,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,8 @@ from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.sources import read_safetensors_header
 from prunecomp.storage import write_dir
 
-__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel", "check_streamed", "streamed_prune",
-           "streamed_step"]
+__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel", "StreamedScanner", "check_streamed",
+           "streamed_prune", "streamed_step"]
 
 STREAMED_METRICS = frozenset({"bi", "angular"})
 
@@ -168,19 +168,16 @@ class StreamedModel:
         caught = catch_layer_inputs(self.model, ids, batch_size)
         xs = caught.hidden
         scores, scales = [], []
-        fn = M.block_influence_sum if metric == "bi" else M.angular_distance_sum
         for j in range(len(decoder_layers(self.model, self.adapter))):
             layer = self.load_layer(j)
             out = run_layer(layer, xs, [kw[j] for kw in caught.kwargs])
             self.free(layer)
-            ratio = dist = None
+            stats: M.LayerStats | None = None
             for x_in, x_out in zip(xs, out, strict=True):
-                r = M.magnitude_ratio(x_in, x_out)
-                ratio = M.accumulate(ratio, r.sum(dim=0), r.shape[0])
-                dist = M.accumulate(dist, *fn(x_in, x_out))
-            assert ratio is not None and dist is not None
-            scores.append(float(M.mean(dist)))
-            scales.append(M.gap_scale(*ratio))
+                stats = M.accumulate_layer(stats, x_in, x_out, (metric,))
+            assert stats is not None
+            scores.append(M.layer_score(stats, metric))
+            scales.append(M.layer_scale(stats))
             xs = out
             if on_layer is not None:
                 on_layer(j)
@@ -268,6 +265,26 @@ class StreamedModel:
         return write_dir(uri, fill, overwrite=overwrite)
 
 
+class StreamedScanner:
+    """The :class:`~prunecomp.scanners.Scanner` of a layer-streamed model: every scan is one layer-by-layer pass
+    (nothing is cached between scans, so removals and folds need no invalidation)."""
+
+    def __init__(self, sm: StreamedModel, ids: Tensor, *, batch_size: int) -> None:
+        self.sm, self.ids, self.batch_size = sm, ids, batch_size
+        self.layer_forwards = 0
+
+    def scan(self, metric: str, *, block_size: int = 1, candidates: Sequence[int] | None = None) -> LayerScan:
+        out = self.sm.scan(self.ids, metric, batch_size=self.batch_size)
+        self.layer_forwards += out.layer_forwards
+        return out
+
+    def removed(self, current: int, scale: float) -> None:
+        return None
+
+    def invalidate(self, first_layer: int | None) -> None:
+        return None
+
+
 def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
     """Everything :func:`streamed_prune` would reject, before any compute."""
     if config.mode != "iterative" or config.compensation not in ("magnitude", "none") or config.selection != "score":
@@ -290,7 +307,7 @@ def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: 
     if k - done <= 0:
         raise PrunecompError(f"the model already has {done} of {k} layers removed: nothing left to do")
     cands = candidates(sm.model, config, k - done)
-    scan = sm.scan(ids, config.metric, batch_size=batch_size)
+    scan = StreamedScanner(sm, ids, batch_size=batch_size).scan(config.metric)
     orig = original_indices(sm.model)
     check_finite(scan, cands, orig)
     current = choose(scan, cands, config.metric, 1)

@@ -13,8 +13,9 @@ from typing import Any
 
 from prefect import task
 
-from prunecomp.loop import make_scanner, prune_step
+from prunecomp.loop import prune_step
 from prunecomp.recipe import RecipeStep
+from prunecomp.scanners import make_scanner
 from prunecomp.storage import is_complete
 from tasks.caching import JOB_KEY
 from tasks.calibrate import load_windows
@@ -39,14 +40,11 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
             record = streamed_step(wc.streamed, windows.ids, job.prune, step=job.step, batch_size=job.batch_size)
         else:
             for_key = f"{windows.digest}:{job.batch_size}"
-            scanner = wc.scanner if wc.scanner_for == for_key else None
-            if scanner is None and job.candidate_scores is None:
-                scanner = make_scanner(wc.model, windows, job.prune, batch_size=job.batch_size)
+            scanner = wc.scanner if wc.scanner_for == for_key else make_scanner(
+                wc.model, windows, job.prune, batch_size=job.batch_size)
             record = prune_step(wc.model, windows, job.prune, step=job.step, batch_size=job.batch_size,
                                 scanner=scanner, scores=job.candidate_scores)
-            # precomputed scores bypass the scanner, so it did not see this removal
-            keep = scanner is not None and job.candidate_scores is None
-            wc.scanner, wc.scanner_for = (scanner, for_key) if keep else (None, None)
+            wc.scanner, wc.scanner_for = scanner, for_key  # told about this removal by prune_step
         compensated = job.prune.compensation in ("magnitude", "lsq")
         part = RecipeStep(removed=record.chosen, current=record.chosen_current,
                           scale=record.applied_scale if compensated else None, gap_map=record.gap_map,

@@ -120,3 +120,39 @@ def test_cli_rejects_bad_options_before_work(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["resume", "no-such-run", "--store", str(tmp_path / "s")])
     assert result.exit_code == 2 and "no run 'no-such-run'" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_a_second_run_of_the_same_parameters_waits_its_turn(harness, tracking_uri, make_config,
+                                                            tmp_path: Path) -> None:
+    """Two real processes, same parameters, same store: the second fails at once naming the first, which is not
+    disturbed; once the first is gone (SIGKILL), the next run takes the stale lock over and finishes."""
+    from flows.compress import compress
+
+    store = tmp_path / "store"
+    cfg = make_config(str(store), tracking_uri, prune={"n_layers": 2}, tracking={"log_and_register": False})
+    (tmp_path / "config.json").write_text(cfg.model_dump_json())
+    stalled, log = tmp_path / "stalled", tmp_path / "first.log"
+    env = os.environ | harness | {"PYTHONPATH": str(ROOT)}
+    driver = str(ROOT / "tests" / "orchestration" / "resume_driver.py")
+    with log.open("w") as out:
+        first = subprocess.Popen([sys.executable, driver, str(tmp_path / "config.json"), str(stalled), "step:0"],
+                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not stalled.exists():
+                assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            second = subprocess.run([sys.executable, driver, str(tmp_path / "config.json"), str(tmp_path / "x"),
+                                     "none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert second.returncode != 0
+            assert "is already running" in second.stdout + second.stderr and f"pid {first.pid}" in (
+                second.stdout + second.stderr)
+            assert first.poll() is None  # the first run was not disturbed
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    lock = store / "runs" / cfg.run_id() / "lock.json"
+    assert lock.is_file()  # a SIGKILLed run cannot release it...
+    done = compress(config=cfg)  # ...but its process is gone: the lock is taken over
+    assert done["removed"] and not lock.exists()

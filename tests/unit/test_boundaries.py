@@ -17,3 +17,30 @@ def test_library_imports_no_orchestration() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_modules_change_no_environment_at_import_and_share_options() -> None:
+    """Importing the CLIs sets no variable (only running the command does); the pipeline's group is its own (the
+    library's is not mutated); ``run`` and ``prune`` share one declaration of their common options."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; before = dict(os.environ); import prunecomp.cli, flows.cli; "
+            "print(sorted(k for k in os.environ if os.environ.get(k) != before.get(k)))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "TRANSFORMERS_VERBOSITY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+    import flows.cli
+    import flows.entry
+    import prunecomp.cli
+
+    assert flows.entry._QUIET == prunecomp.cli.QUIET_ENV
+    assert flows.cli.main is not prunecomp.cli.main and "run" not in prunecomp.cli.main.commands
+    assert set(prunecomp.cli.main.commands) <= set(flows.cli.main.commands)
+    prune = {p.name for p in prunecomp.cli.main.commands["prune"].params}
+    run = {p.name for p in flows.cli.main.commands["run"].params}
+    assert {"metric", "compensation", "refine", "calib_seq_len", "allow_pickle"} <= prune & run
+    choice = next(p for p in flows.cli.main.commands["run"].params if p.name == "compensation")
+    assert list(choice.type.choices) == prunecomp.cli.choices("compensation") == ["magnitude", "none", "lsq"]

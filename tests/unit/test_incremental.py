@@ -120,3 +120,39 @@ def test_half_precision_weights_keep_float32_statistics() -> None:
     for a, b in zip(r32.steps, r16.steps, strict=True):
         assert isinstance(b.measured_scale, float) and math.isfinite(b.measured_scale)
         assert b.measured_scale == pytest.approx(a.measured_scale, rel=0.05)
+
+
+def test_lsq_fold_into_the_embedding_invalidates_the_whole_cache() -> None:
+    """Removing layer 0 with ``lsq`` on an untied model folds the gap map into the embedding: every cached
+    stream changed, so the next incremental scan must equal a fresh exact one (it used to keep a stale stream)."""
+    from prunecomp.incremental import IncrementalScanner
+    from prunecomp.loop import _apply
+    from prunecomp.pruning import original_indices
+    from prunecomp.scoring import scan_layers
+
+    model = tiny_model("llama")  # untied embeddings: the embedding is the linear writer before layer 0
+    cfg = PruneConfig(n_layers=1, metric="bi", compensation="lsq", protect=[])
+    scanner = IncrementalScanner(model, CAL, batch_size=4)
+    scan = scanner.scan("bi")
+    record = _apply(model, cfg, scan, original_indices(model), list(range(6)), 0, 0, 0.0, ids=CAL, batch_size=4,
+                    scanner=scanner)
+    assert record.gap_map is not None  # the map was fitted and folded into the embedding
+    warm, fresh = scanner.scan("bi"), scan_layers(model, CAL, "bi", batch_size=4)
+    for a, b in zip(warm.scores, fresh.scores, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+    for a, b in zip(warm.scales, fresh.scales, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-5)
+
+
+def test_every_scanner_follows_one_protocol() -> None:
+    """Exact, incremental and layer-streamed scanners expose the same calls (scan, removed, invalidate)."""
+    from prunecomp.incremental import IncrementalScanner
+    from prunecomp.scanners import ExactScanner, make_scanner
+    from prunecomp.streamed import StreamedScanner
+
+    for cls in (ExactScanner, IncrementalScanner, StreamedScanner):
+        assert all(callable(getattr(cls, name, None)) for name in ("scan", "removed", "invalidate"))
+    model = tiny_model("llama")
+    assert isinstance(make_scanner(model, CAL, PruneConfig(n_layers=1), batch_size=4), IncrementalScanner)
+    assert isinstance(make_scanner(model, CAL, PruneConfig(n_layers=1, scoring="exact"), batch_size=4), ExactScanner)
+    assert isinstance(make_scanner(model, CAL, PruneConfig(n_layers=1, metric="taylor"), batch_size=4), ExactScanner)

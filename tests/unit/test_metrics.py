@@ -101,3 +101,20 @@ def test_gap_scale_rejects_empty() -> None:
         assert "at least one" in str(exc)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_layer_statistics_accumulate_as_state_in_state_out() -> None:
+    """Two batches through ``accumulate_layer`` equal the hand-written formulas over all tokens at once."""
+    from prunecomp.metrics import accumulate_layer, layer_scale, layer_score
+
+    g = torch.Generator().manual_seed(0)
+    x_in = torch.randn(3, 5, 4, generator=g)
+    x_out = x_in + 0.3 * torch.randn(3, 5, 4, generator=g)
+    state = accumulate_layer(None, x_in[:2], x_out[:2], ("bi", "angular"))
+    again = accumulate_layer(state, x_in[2:], x_out[2:], ("bi", "angular"))
+    assert state["ratio"][1] == 2 and again["ratio"][1] == 3  # the first state was not mutated
+    cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
+    torch.testing.assert_close(layer_score(again, "bi"), float((1 - cos).mean()))
+    torch.testing.assert_close(layer_score(again, "angular"), float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean()))
+    per_window = x_out.abs().double().mean(dim=1) / x_in.abs().double().mean(dim=1)  # [n, C]
+    torch.testing.assert_close(layer_scale(again), float(per_window.mean()), rtol=1e-6, atol=1e-9)

@@ -1,0 +1,95 @@
+"""One interface for scoring the layers of a model as it is pruned: :class:`Scanner`.
+
+Three implementations, one contract (same scores and gap scales up to float rounding, tested against each other):
+
+* :class:`ExactScanner`: every scan runs the whole model (:func:`prunecomp.scoring.scan_layers`); stateless.
+* :class:`~prunecomp.incremental.IncrementalScanner`: caches the residual stream at every layer boundary and
+  re-runs only what a removal or a fold changed.
+* :class:`~prunecomp.streamed.StreamedScanner`: the layer-streamed model, one decoder layer in memory at a time.
+
+The caller tells a scanner what changed, explicitly, after every edit of the model: :meth:`Scanner.removed` after
+a removal and its uniform upstream rescale, :meth:`Scanner.invalidate` after a fold that changes some layers'
+outputs beyond a rescale (an ``lsq`` gap map: the layer it is folded into; into the embedding: everything).
+:func:`make_scanner` holds the memory policy (incremental within a budget, else exact).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from torch import Tensor, nn
+
+from prunecomp.calibration import TokenWindows
+from prunecomp.config import PruneConfig
+from prunecomp.incremental import INCREMENTAL_METRICS, IncrementalScanner, cache_bytes
+from prunecomp.scoring import LayerScan, scan_layers
+
+__all__ = ["ExactScanner", "Scanner", "make_scanner", "memory_budget"]
+
+log = logging.getLogger(__name__)
+
+
+class Scanner(Protocol):
+    """Scores and gap scales of the current layers of one model, told about every edit of it."""
+
+    layer_forwards: int
+
+    def scan(self, metric: str, *, block_size: int = 1, candidates: Sequence[int] | None = None) -> LayerScan:
+        """Every current layer's score (lower goes first) and gap scale; ``candidates`` bounds per-candidate
+        metrics."""
+        ...
+
+    def removed(self, current: int, scale: float) -> None:
+        """Layer ``current`` was removed and ``scale`` folded into everything upstream of the gap."""
+        ...
+
+    def invalidate(self, first_layer: int | None) -> None:
+        """Outputs of layers ``first_layer`` and later changed beyond a rescale; ``None``: the embedding too."""
+        ...
+
+
+class ExactScanner:
+    """Runs the whole model on every scan: nothing cached, nothing to invalidate."""
+
+    def __init__(self, model: nn.Module, ids: Tensor, *, batch_size: int,
+                 on_batch: Callable[[], None] | None = None) -> None:
+        self.model, self.ids, self.batch_size, self.on_batch = model, ids, batch_size, on_batch
+        self.layer_forwards = 0
+
+    def scan(self, metric: str, *, block_size: int = 1, candidates: Sequence[int] | None = None) -> LayerScan:
+        out = scan_layers(self.model, self.ids, metric, batch_size=self.batch_size, block_size=block_size,  # type: ignore[arg-type]
+                          candidates=candidates, on_batch=self.on_batch)
+        self.layer_forwards += out.layer_forwards
+        return out
+
+    def removed(self, current: int, scale: float) -> None:
+        return None
+
+    def invalidate(self, first_layer: int | None) -> None:
+        return None
+
+
+def memory_budget() -> int:
+    """Default ceiling for the incremental boundary cache: a quarter of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+def make_scanner(model: nn.Module, calibration: TokenWindows | Tensor, config: PruneConfig, *, batch_size: int,
+                 on_batch: Callable[[], None] | None = None, cache_budget_bytes: int | None = None) -> Scanner:
+    """An incremental scanner when the config asks for one, the metric has an incremental form and the boundary
+    cache fits the budget; an exact one otherwise."""
+    ids = calibration.ids if isinstance(calibration, TokenWindows) else calibration
+    if config.scoring != "incremental" or config.metric not in INCREMENTAL_METRICS:
+        return ExactScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
+    need = cache_bytes(model, ids.shape[0], ids.shape[1])
+    if need > (cache_budget_bytes if cache_budget_bytes is not None else memory_budget()):
+        log.warning("incremental scoring needs %.1f GiB of cached activations, over budget: scoring exactly",
+                    need / 2**30)
+        return ExactScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
+    return IncrementalScanner(model, ids, batch_size=batch_size, on_batch=on_batch)

@@ -1,0 +1,127 @@
+"""One run at a time per run id and store: a lock file beside the run's journal.
+
+Two ``prunecomp run`` with the same parameters on the same store would compute the same steps into the same
+places; the second one fails at once with a message saying who holds the run, instead of racing the first.
+
+The lock (``<store>/runs/<run>/lock.json``) records host, pid and a heartbeat the flow refreshes after every
+step. It is stale, and taken over with a log line, when its process is gone (same host) or its heartbeat is
+older than ``$PRUNECOMP_LOCK_STALE_S`` (default 6 h: a run killed on another machine cannot be probed). Local
+stores create it atomically (``O_EXCL``); on S3 the check-then-write leaves a window of one round trip, which
+scheduled deployments (one run per schedule) do not hit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prunecomp.errors import PrunecompError
+from prunecomp.storage import is_remote, write_json
+from tasks.files import exists, read_json
+
+__all__ = ["RunLock", "run_lock"]
+
+STALE_ENV = "PRUNECOMP_LOCK_STALE_S"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """A held lock; :meth:`beat` refreshes its heartbeat."""
+
+    def __init__(self, uri: str, owner: dict[str, Any]) -> None:
+        self.uri, self.owner = uri, owner
+
+    def beat(self) -> None:
+        self.owner["heartbeat"] = time.time()
+        write_json(self.uri, self.owner)
+
+    def release(self) -> None:
+        try:
+            current = read_json(self.uri)
+        except (FileNotFoundError, PrunecompError, ValueError):
+            return
+        if current.get("token") != self.owner["token"]:
+            return  # taken over meanwhile: not ours to remove
+        if is_remote(self.uri):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(self.uri)
+            fs.rm(path)
+        else:
+            Path(self.uri).unlink(missing_ok=True)
+
+
+def _stale(owner: dict[str, Any]) -> str | None:
+    """Why ``owner`` no longer holds the run, or ``None`` when it may still be running."""
+    limit = float(os.environ.get(STALE_ENV) or 6 * 3600)
+    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0))):
+        return f"process {owner.get('pid')} on this host is gone"
+    age = time.time() - float(owner.get("heartbeat", 0))
+    if age > limit:
+        return f"no heartbeat for {age / 3600:.1f} h (over ${STALE_ENV}={limit:.0f} s)"
+    return None
+
+
+def _create_local(uri: str, owner: dict[str, Any]) -> bool:
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump(owner, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+@contextmanager
+def run_lock(uri: str, run_id: str, log: Any = None) -> Iterator[RunLock]:
+    """Hold the lock of ``run_id`` at ``uri`` for the block; a clear error when a live run holds it."""
+    owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+             "heartbeat": time.time(), "token": os.urandom(8).hex()}
+    for _ in range(3):
+        if not is_remote(uri) and _create_local(uri, owner):
+            break
+        if is_remote(uri) and not exists(uri):
+            write_json(uri, owner)
+            break
+        try:
+            held = dict(read_json(uri))
+        except (FileNotFoundError, ValueError):
+            continue  # released (or half-written) meanwhile: try again
+        why = _stale(held)
+        if why is None:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(held.get("started", 0))))
+            raise PrunecompError(
+                f"run {run_id!r} is already running (pid {held.get('pid')} on {held.get('host')}, since {since} "
+                f"UTC); wait for it to finish, or, if that process is gone, delete {uri}")
+        if log is not None:
+            log.warning("taking over the lock of run %s: %s", run_id, why)
+        if is_remote(uri):
+            write_json(uri, owner)
+            break
+        Path(uri).unlink(missing_ok=True)
+    else:
+        raise PrunecompError(f"could not take the lock of run {run_id!r} at {uri}")
+    lock = RunLock(uri, owner)
+    try:
+        yield lock
+    finally:
+        lock.release()
