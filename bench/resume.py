@@ -1,7 +1,7 @@
 """Resume benchmark: a fresh ``prunecomp run`` vs the same run SIGKILLed after N steps and run again.
 
 Prints a table and writes JSON: wall time of each run, steps reused / recomputed by the resumed run, and whether
-the final checkpoints are identical (tensor hash). Each scenario gets its own ``PRUNECOMP_HOME`` (so nothing is
+the final models are identical (recipe digest; and the largest relative tensor difference). Each scenario gets its own ``PRUNECOMP_HOME`` (so nothing is
 shared between them, including Prefect's temporary server and MLflow's sqlite DB) and is launched exactly as a
 user would: ``prunecomp run``. Default: SmolLM2-135M, k=5, killed during step 4 (3 steps done).
 
@@ -48,7 +48,7 @@ def _run(cmd: list[str], home: Path, log: Path) -> tuple[float, dict[str, Any]]:
 
 def _run_and_kill(cmd: list[str], home: Path, log: Path, after: int) -> tuple[float, int]:
     """Start the run, SIGKILL its whole process group (the CLI and Prefect's temporary server) once ``after``
-    step checkpoints are complete and the next step has had a moment to start; returns (seconds, steps done)."""
+    step recipe parts are complete and the next step has had a moment to start; returns (seconds, steps done)."""
     t = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, env=_env(home), cwd=home, stdout=f, stderr=subprocess.STDOUT,
@@ -64,6 +64,18 @@ def _run_and_kill(cmd: list[str], home: Path, log: Path, after: int) -> tuple[fl
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return time.perf_counter() - t, _completed_steps(home)
+
+
+def _max_rel_diff(a: Path, b: Path) -> float:
+    """Largest |x - y| / max|x| over the tensors of two saved models (0.0 when bit-identical)."""
+    from safetensors.torch import load_file
+
+    x = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(f).items()}
+    y = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
+    if x.keys() != y.keys():
+        return float("inf")
+    return max(float((x[k].float() - y[k].float()).abs().max() / x[k].float().abs().max().clamp_min(1e-30))
+               for k in x)
 
 
 def main() -> None:
@@ -85,13 +97,14 @@ def main() -> None:
     t_killed, done = _run_and_kill(cmd, resumed, work / "killed.log", args.kill_after)
     t_resume, s_resume = _run(cmd, resumed, work / "resume.log")
     identical = s_fresh["final"]["hash"] == s_resume["final"]["hash"]
+    max_rel = _max_rel_diff(Path(s_fresh["final"]["uri"]), Path(s_resume["final"]["uri"]))
     result = {
         "model": args.model or "SmolLM2-135M-Instruct", "layers": args.layers, "command": cmd,
         "fresh_seconds": round(t_fresh, 1), "killed_after_seconds": round(t_killed, 1),
         "steps_checkpointed_when_killed": done, "resumed_seconds": round(t_resume, 1),
         "resumed_steps_reused": s_resume["steps_reused"], "resumed_steps_recomputed": s_resume["steps_computed"],
         "fresh_steps_per_step_seconds": [round(s["record"]["seconds"], 1) for s in s_fresh["steps"]],
-        "final_identical": identical, "final_hash": s_resume["final"]["hash"],
+        "final_identical": identical, "final_hash": s_resume["final"]["hash"], "max_rel_tensor_diff": max_rel,
         "removed_fresh": s_fresh["removed"], "removed_resumed": s_resume["removed"],
         "perplexity": s_resume["perplexity"], "machine": f"{os.cpu_count()} CPU cores",
     }
@@ -103,7 +116,8 @@ def main() -> None:
     print(f"{'scenario':<26} {'wall s':>8} {'reused':>7} {'computed':>9}")
     for r in rows:
         print(f"{r[0]:<26} {r[1]:>8} {r[2]:>7} {r[3]:>9}")
-    print(f"final model identical to the uninterrupted run: {identical} ({s_resume['final']['hash'][:16]})")
+    print(f"final model identical to the uninterrupted run: {identical} ({s_resume['final']['hash'][:16]}); "
+          f"largest relative tensor difference {max_rel:.2e}")
     print(f"removed layers: fresh {s_fresh['removed']}, resumed {s_resume['removed']}; JSON: {args.json}")
 
 
