@@ -3,7 +3,8 @@
 Prints a table and writes JSON: wall time of each run, steps reused / recomputed by the resumed run, and whether
 the final models are identical (recipe digest; and the largest relative tensor difference). Each scenario gets its
 own ``PRUNECOMP_HOME`` (so nothing is shared between them, including Prefect's temporary server and MLflow's sqlite
-DB) and is launched exactly as a user would: ``prunecomp run``. Default: SmolLM2-135M, k=5, killed during step 4 (3 steps done).
+DB) and is launched exactly as a user would: ``prunecomp run``. Default: SmolLM2-135M, k=5, killed during step
+4 (3 steps done).
 
     .venv/bin/python bench/resume.py                       # SmolLM2, ~15-20 min on 2 CPU cores
     .venv/bin/python bench/resume.py --model /work/shared/models/stories260K --layers 3 --kill-after 1 -- \\
