@@ -37,7 +37,7 @@ from tasks.locks import RunLock, run_lock
 from tasks.model_io import materialize_model, resolve_model, write_final
 from tasks.prune import prune_one_step
 from tasks.refine import refine_state
-from tasks.settings import Locations, configure_s3, locations, redact
+from tasks.settings import Locations, configure_s3, locations, redact, redact_all
 from tasks.tracking import log_run_task, register_task
 
 __all__ = ["compress", "journal_uri", "run_metrics"]
@@ -153,8 +153,8 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     store, code = loc.store, code_version()
     journal: dict[str, Any] = {"run_id": run_id, "status": "running", "config": config.model_dump(mode="json"),
                                "store": store, "code_version": code, "steps": []}
-    write_json(journal_uri(loc, run_id), journal)
-    log.info("run %s: store %s, code %s", run_id, store, code)
+    write_json(journal_uri(loc, run_id), redact_all(journal))
+    log.info("run %s: store %s, code %s", run_id, redact(store), code)
 
     source = resolve_model(config.model, config.revision, config.allow_pickle)
     base, cached = _base(config, source, store)
@@ -233,7 +233,7 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
             break
         steps.append(entry)
         journal["steps"] = steps
-        write_json(journal_uri(loc, run_id), journal)
+        write_json(journal_uri(loc, run_id), redact_all(journal))
         lock.beat()
         parts, digest, parent_ppl = [*parts, meta["uri"]], meta["digest"], after
     kept = [s for s in steps if s["kept"]]
@@ -259,10 +259,10 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
 
     fjob = FinalJob(**state(parts, digest), source={"content_hash": base["hash"], "architecture": arch,
                                                     "num_layers": n_src, "uri": source["uri"]},
-                    report={"run_id": run_id, "config": config.model_dump(mode="json"), "source": source})
+                    report=redact_all({"run_id": run_id, "config": config.model_dump(mode="json"), "source": source}))
     final, final_cached = run_cached(write_final, fjob)
     log.info("final model (%d layers removed) %s: %s", len(kept), "reused" if final_cached else "written",
-             final["uri"])
+             redact(final["uri"]))
     final_eval = evaluate(parts, digest, config.evaluation, qa=True)
     ppl = {name: {"dense": v, "pruned": final_eval["perplexity"][name]}
            for name, v in dense_eval["perplexity"].items()}
@@ -285,15 +285,16 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     working.drop()  # the final model is written and evaluated: free it before MLflow's share of the run
     if warm is not None:
         warm.join(timeout=300)  # never two first-time initialisations of the tracking store at once
+    summary = redact_all(summary)  # what is written, logged, returned and sent to MLflow carries no credentials
     if config.tracking.log_and_register and kept:
-        summary["mlflow"] = _track(config, loc, summary, metrics)
+        summary["mlflow"] = _track(config, loc, summary, metrics, final_uri=final["uri"])
     summary["seconds"] = time.perf_counter() - t0
     markdown = summary_markdown(summary)
     write_json(loc.child("runs", run_id, "report.json"), summary)
     publish_summary(run_id, markdown)
     journal.update(status="completed", steps=steps, final=summary["final"], mlflow=summary.get("mlflow"),
                    stop_reason=stop_reason)
-    write_json(journal_uri(loc, run_id), journal)
+    write_json(journal_uri(loc, run_id), redact_all(journal))
     log.info("run %s done in %.1f s: %d steps reused, %d computed", run_id, summary["seconds"],
              summary["steps_reused"], summary["steps_computed"])
     return summary
@@ -330,7 +331,8 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metrics: dict[str, float]) -> dict:
+def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metrics: dict[str, float], *,
+           final_uri: str) -> dict:
     """Log the run to MLflow (params, metrics, report, plots, the recipe) and register the final model as a new
     model version with lineage tags. The weights are not copied: the version's source is the final model in the
     store, so a run leaves one copy of them (see the README)."""
@@ -346,7 +348,6 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
         "checkpoint_uri": summary["final"]["uri"], "checkpoint_hash": summary["final"]["hash"],
         "prunecomp_run": summary["run_id"],
     }
-    final_uri = summary["final"]["uri"]
     report = {k: v for k, v in summary.items() if k != "mlflow"}
     run_key = f"{summary['run_id']}-{summary['final']['hash'][:12]}"
     run = log_run_task(tracking_uri=loc.tracking_uri, artifact_root=loc.mlflow_artifacts,
@@ -354,9 +355,9 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
                        params=summary["config"] | {"code_version": summary["code_version"]},
                        steps=[s for s in summary["steps"] if s["kept"]], metrics=metrics, tags=tags, report=report,
                        summary_md=summary_markdown(summary), model_dir=None,
-                       recipe_uri=final_uri)
+                       recipe_uri=final_uri)  # read with the real URI; everything sent is redacted
     version = register_task(tracking_uri=loc.tracking_uri, name=config.model_name(), run_id=run["run_id"],
-                            source=final_uri, tags=tags,
+                            source=summary["final"]["uri"], tags=tags,
                             description=f"{summary['source']['uri']} minus layers {summary['removed']} "
                                         f"({tags['method']}, {prune.metric})")
     return {"run_id": run["run_id"], "model_uri": run["model_uri"], **version}

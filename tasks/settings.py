@@ -18,11 +18,12 @@ credentials from the AWS chain; neither is ever logged. Nothing here imports Pre
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENDPOINT_VARS", "Locations", "configure_s3", "locations", "redact", "s3_endpoint"]
+__all__ = ["ENDPOINT_VARS", "Locations", "configure_s3", "locations", "redact", "redact_all", "s3_endpoint"]
 
 ENDPOINT_VARS = ("FSSPEC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 
@@ -102,6 +103,21 @@ def configure_s3() -> None:
         s3fs.S3FileSystem.clear_instance_cache()  # instances built before this call kept the old options
     except ImportError:  # pragma: no cover - s3fs is a core dependency
         pass
+
+
+_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_all(obj: Any) -> Any:
+    """``obj`` (dicts, lists, strings, pydantic dumps) with every ``scheme://user:password@`` reduced to
+    ``scheme://***@``: what a run writes to its journal, report, logs, console and MLflow."""
+    if isinstance(obj, str):
+        return _CREDENTIALS.sub(r"\1***@", obj)
+    if isinstance(obj, dict):
+        return {k: redact_all(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(redact_all(v) for v in obj)
+    return obj
 
 
 def redact(uri: str) -> str:

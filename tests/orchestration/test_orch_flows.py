@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -243,3 +244,34 @@ def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config,
     with pytest.raises(Exception, match="stream_layers runs BI/angular"):
         compress_module.compress(config=make_config(str(tmp_path / "bad"), tracking_uri, tracking=no_mlflow("bad"),
                                                     stream_layers=True, prune={"compensation": "lsq"}))
+
+
+def test_no_planted_password_in_anything_a_run_writes(harness, make_config, tmp_path: Path, capsys) -> None:
+    """A tracking URI with a user and password: every file the run leaves in the store, the summary it returns
+    and what it prints carry ``***`` instead of the password."""
+    from flows.compress import compress
+
+    secret = "PLANTED-s3cr3t"
+    store = tmp_path / "store"
+    cfg = make_config(str(store), f"postgresql://alice:{secret}@db.internal:5432/mlflow",
+                      tracking={"log_and_register": False})
+    summary = compress(config=cfg)
+    assert secret not in json.dumps(summary, default=str)
+    assert summary["tracking_uri"].startswith("postgresql://***@db.internal")
+    leaked = [str(p) for p in store.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == []
+    assert secret not in capsys.readouterr().out
+
+
+def test_redaction_covers_nested_documents_and_mlflow_params() -> None:
+    from tasks.settings import redact_all
+    from tasks.tracking import _flatten
+
+    doc = {"tracking": {"tracking_uri": "postgresql://u:pw@h/db", "store": "s3://key:secret@bucket/p"},
+           "list": ["https://x:y@host/a", "no creds here: s3://bucket/x"], "n": 3}
+    out = redact_all(doc)
+    assert out["tracking"] == {"tracking_uri": "postgresql://***@h/db", "store": "s3://***@bucket/p"}
+    assert out["list"] == ["https://***@host/a", "no creds here: s3://bucket/x"] and out["n"] == 3
+    flat: dict[str, str] = {}
+    _flatten("", out, flat)
+    assert not any("pw" in v or "secret" in v for v in flat.values())
