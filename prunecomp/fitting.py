@@ -58,7 +58,7 @@ def solve_ridge(state: NormalEquations, ridge: float = 1e-3) -> Tensor:
     compensation instead of being zeroed.
     """
     mtm, mty = state[0], state[1]
-    eye = torch.eye(mtm.shape[0], dtype=mtm.dtype)
+    eye = torch.eye(mtm.shape[0], dtype=mtm.dtype, device=mtm.device)
     lam = ridge * float(mtm.diagonal().mean())
     return torch.linalg.solve(mtm + lam * eye, mty + lam * eye)
 

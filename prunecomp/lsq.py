@@ -78,7 +78,7 @@ def fit_gap_map(model: nn.Module, ids: Tensor, current: int, s: float, *, ridge:
         handle.remove()
     assert state is not None
     t = F.solve_ridge(state, ridge)
-    eye = torch.eye(t.shape[0], dtype=t.dtype)
+    eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
     return GapFit(t=t, error_before=F.lsq_error(state, eye), error_after=F.lsq_error(state, t))
 
 

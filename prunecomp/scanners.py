@@ -72,8 +72,13 @@ class ExactScanner:
         return None
 
 
-def memory_budget() -> int:
-    """Default ceiling for the incremental boundary cache: a quarter of physical memory."""
+def memory_budget(device: object = None) -> int:
+    """Default ceiling for the incremental boundary cache, on the device the cached activations live on (the
+    model's): a quarter of the free GPU memory on CUDA, a quarter of physical memory otherwise."""
+    import torch
+
+    if getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(device)[0]) // 4
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
@@ -88,7 +93,8 @@ def make_scanner(model: nn.Module, calibration: TokenWindows | Tensor, config: P
     if config.scoring != "incremental" or config.metric not in INCREMENTAL_METRICS:
         return ExactScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
     need = cache_bytes(model, ids.shape[0], ids.shape[1])
-    if need > (cache_budget_bytes if cache_budget_bytes is not None else memory_budget()):
+    device = next(model.parameters()).device
+    if need > (cache_budget_bytes if cache_budget_bytes is not None else memory_budget(device)):
         log.warning("incremental scoring needs %.1f GiB of cached activations, over budget: scoring exactly",
                     need / 2**30)
         return ExactScanner(model, ids, batch_size=batch_size, on_batch=on_batch)

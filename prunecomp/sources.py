@@ -140,18 +140,44 @@ def _inspect_dir(folder: Path, uri: str, kind: Any, revision: str | None, allow_
     raise PrunecompError(f"model folder {uri!r} contains no weights (*.safetensors, *.gguf)")
 
 
+_DOWNLOADED: dict[tuple[str, bool], Path] = {}
+_DOWNLOAD_LOCK = threading.Lock()
+
+
+def _clean_dead_downloads(parent: Path) -> None:
+    """Remove the download folders (and partial ones) of processes that are gone."""
+    if not parent.is_dir():
+        return
+    for folder in parent.iterdir():
+        pid = folder.name.split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def _download_remote(url: str, allow_pickle: bool) -> Path:
     """Copy a model folder (or one GGUF file) behind an fsspec URL into the local cache, atomically."""
     import fsspec
 
+    with _DOWNLOAD_LOCK:
+        done = _DOWNLOADED.get((url, allow_pickle))
+        if done is not None and done.is_dir():
+            return done  # this process has it already (the flow's hash, the calibration's tokenizer, the model)
     try:
         fs, path = fsspec.core.url_to_fs(url)
         if not fs.exists(path):
             raise PrunecompError(f"model URL {url!r} does not exist")
-        target = cache_dir() / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
-        if target.is_dir():
-            shutil.rmtree(target)
-        tmp = target.with_name(target.name + f".tmp-{uuid.uuid4().hex[:8]}")
+        # One folder per download (<url hash>/<pid>-<random>): tasks of one run that read the same URL at once
+        # (fanned-out candidates) never delete each other's copy; copies of finished processes are cleaned here.
+        parent = cache_dir() / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
+        _clean_dead_downloads(parent)
+        target = parent / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = target.with_name(target.name + ".partial")
         tmp.mkdir(parents=True)
         if fs.isdir(path):
             for remote in fs.ls(path, detail=False):
@@ -163,6 +189,8 @@ def _download_remote(url: str, allow_pickle: bool) -> Path:
         else:
             fs.get(path, str(tmp / path.rsplit("/", 1)[-1]))
         os.replace(tmp, target)
+        with _DOWNLOAD_LOCK:
+            _DOWNLOADED[(url, allow_pickle)] = target
         return target
     except PrunecompError:
         raise

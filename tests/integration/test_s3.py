@@ -102,3 +102,32 @@ def test_stale_temp_folders_of_dead_writers_are_cleaned(tmp_path) -> None:
     finally:
         live.kill()
         live.wait()
+
+
+def test_each_process_downloads_into_its_own_folder(s3, stories_dir, tmp_path) -> None:
+    """Fanned-out tasks in other processes reading the same model URL never delete each other's copy; one process
+    downloads a URL once; a finished process's copy is cleaned by the next download."""
+    import os
+    import subprocess
+    import sys
+
+    from prunecomp.sources import resolve_source
+
+    for f in stories_dir.iterdir():
+        if f.is_file():
+            s3.put_file(str(f), f"models/dl/{f.name}")
+    code = ("import sys, time; from prunecomp.sources import resolve_source; "
+            "print(resolve_source('s3://models/dl').local_dir, flush=True); time.sleep(float(sys.argv[1]))")
+    env = dict(os.environ)
+    alive = subprocess.Popen([sys.executable, "-c", code, "60"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        other = alive.stdout.readline().strip()  # type: ignore[union-attr]
+        done = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True, env=env,
+                              timeout=120).stdout.strip()
+        mine = resolve_source("s3://models/dl").local_dir
+        assert resolve_source("s3://models/dl").local_dir == mine  # downloaded once in this process
+        assert os.path.isdir(other) and (mine / "model.safetensors").is_file()  # the live process's copy stays
+        assert not os.path.exists(done)  # the finished process's copy was cleaned
+    finally:
+        alive.kill()
+        alive.wait()
