@@ -24,7 +24,7 @@ from prunecomp.planning import candidates, check_finite, check_plan, choose, sou
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.refine import TeacherTargets, refine, teacher_targets
 from prunecomp.report import PruneReport, StepRecord
-from prunecomp.scanners import ExactScanner, Scanner, make_scanner
+from prunecomp.scanners import Scanner, exact_scanner, make_scanner
 from prunecomp.scoring import LayerScan, scan_layers
 from prunecomp.selection import select_by_loss
 
@@ -47,7 +47,7 @@ def _windows(calibration: TokenWindows | Tensor) -> Tensor:
 
 def _scan(model: nn.Module, ids: Tensor, config: PruneConfig, scanner: Scanner | None, *,
           batch_size: int, block: int, cands: list[int], on_batch: Callable[[], None] | None) -> LayerScan:
-    scanner = scanner or ExactScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
+    scanner = scanner or exact_scanner(model, ids, batch_size=batch_size, on_batch=on_batch)
     return scanner.scan(config.metric, block_size=block, candidates=cands)
 
 

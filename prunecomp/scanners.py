@@ -2,10 +2,10 @@
 
 Three implementations, one contract (same scores and gap scales up to float rounding, tested against each other):
 
-* :class:`ExactScanner`: every scan runs the whole model (:func:`prunecomp.scoring.scan_layers`); stateless.
+* :func:`exact_scanner`: every scan runs the whole model (:func:`prunecomp.scoring.scan_layers`); stateless.
 * :class:`~prunecomp.incremental.IncrementalScanner`: caches the residual stream at every layer boundary and
   re-runs only what a removal or a fold changed.
-* :class:`~prunecomp.streamed.StreamedScanner`: the layer-streamed model, one decoder layer in memory at a time.
+* :func:`~prunecomp.streamed.streamed_scanner`: the layer-streamed model, one decoder layer in memory at a time.
 
 The caller tells a scanner what changed, explicitly, after every edit of the model: :meth:`Scanner.removed` after
 a removal and its uniform upstream rescale, :meth:`Scanner.invalidate` after a fold that changes some layers'
@@ -27,7 +27,7 @@ from prunecomp.config import PruneConfig
 from prunecomp.incremental import INCREMENTAL_METRICS, IncrementalScanner, cache_bytes
 from prunecomp.scoring import LayerScan, scan_layers
 
-__all__ = ["ExactScanner", "Scanner", "make_scanner", "memory_budget"]
+__all__ = ["Scanner", "StatelessScanner", "exact_scanner", "make_scanner", "memory_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,16 @@ class Scanner(Protocol):
         ...
 
 
-class ExactScanner:
-    """Runs the whole model on every scan: nothing cached, nothing to invalidate."""
+class StatelessScanner:
+    """A scanner that runs its whole pass on every scan (exact, or layer-streamed): nothing is cached between
+    scans, so removals and folds need no invalidation."""
 
-    def __init__(self, model: nn.Module, ids: Tensor, *, batch_size: int,
-                 on_batch: Callable[[], None] | None = None) -> None:
-        self.model, self.ids, self.batch_size, self.on_batch = model, ids, batch_size, on_batch
+    def __init__(self, run: Callable[[str, int, Sequence[int] | None], LayerScan], kind: str) -> None:
+        self._run, self.kind = run, kind
         self.layer_forwards = 0
 
     def scan(self, metric: str, *, block_size: int = 1, candidates: Sequence[int] | None = None) -> LayerScan:
-        out = scan_layers(self.model, self.ids, metric, batch_size=self.batch_size, block_size=block_size,  # type: ignore[arg-type]
-                          candidates=candidates, on_batch=self.on_batch)
+        out = self._run(metric, block_size, candidates)
         self.layer_forwards += out.layer_forwards
         return out
 
@@ -70,6 +69,17 @@ class ExactScanner:
 
     def invalidate(self, first_layer: int | None) -> None:
         return None
+
+
+def exact_scanner(model: nn.Module, ids: Tensor, *, batch_size: int,
+                  on_batch: Callable[[], None] | None = None) -> StatelessScanner:
+    """Every scan runs the whole model (:func:`prunecomp.scoring.scan_layers`)."""
+
+    def run(metric: str, block_size: int, candidates: Sequence[int] | None) -> LayerScan:
+        return scan_layers(model, ids, metric, batch_size=batch_size, block_size=block_size,  # type: ignore[arg-type]
+                           candidates=candidates, on_batch=on_batch)
+
+    return StatelessScanner(run, "exact")
 
 
 def memory_budget(device: object = None) -> int:
@@ -91,11 +101,11 @@ def make_scanner(model: nn.Module, calibration: TokenWindows | Tensor, config: P
     cache fits the budget; an exact one otherwise."""
     ids = calibration.ids if isinstance(calibration, TokenWindows) else calibration
     if config.scoring != "incremental" or config.metric not in INCREMENTAL_METRICS:
-        return ExactScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
+        return exact_scanner(model, ids, batch_size=batch_size, on_batch=on_batch)
     need = cache_bytes(model, ids.shape[0], ids.shape[1])
     device = next(model.parameters()).device
     if need > (cache_budget_bytes if cache_budget_bytes is not None else memory_budget(device)):
         log.warning("incremental scoring needs %.1f GiB of cached activations, over budget: scoring exactly",
                     need / 2**30)
-        return ExactScanner(model, ids, batch_size=batch_size, on_batch=on_batch)
+        return exact_scanner(model, ids, batch_size=batch_size, on_batch=on_batch)
     return IncrementalScanner(model, ids, batch_size=batch_size, on_batch=on_batch)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from prunecomp.adapters import REGISTRY, get_adapter
 from prunecomp.errors import PrunecompError
+from prunecomp.storage import pid_alive
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelSource", "content_hash", "load_model", "resolve_source"]
 
@@ -150,14 +151,8 @@ def _clean_dead_downloads(parent: Path) -> None:
         return
     for folder in parent.iterdir():
         pid = folder.name.split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            pass
 
 
 def _download_remote(url: str, allow_pickle: bool) -> Path:

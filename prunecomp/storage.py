@@ -20,7 +20,8 @@ from typing import Any
 
 from prunecomp.errors import PrunecompError
 
-__all__ = ["MARKER", "check_not_inside", "check_writable", "is_complete", "is_remote", "write_dir", "write_json"]
+__all__ = ["MARKER", "check_not_inside", "check_writable", "is_complete", "is_remote", "pid_alive", "write_dir",
+           "write_json"]
 
 MARKER = "_COMPLETE"
 
@@ -111,7 +112,8 @@ def _fsync_tree(root: Path) -> None:
     _fsync_dir(root)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (stale-writer and stale-lock detection)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -133,7 +135,7 @@ def clean_stale_temps(target: Path, *, max_age_s: float = 3600.0) -> list[Path]:
             continue
         pid_text = rest.split("-", 1)[0]
         if "-" in rest and pid_text.isdigit():
-            stale = int(pid_text) != os.getpid() and not _alive(int(pid_text))
+            stale = int(pid_text) != os.getpid() and not pid_alive(int(pid_text))
         else:
             stale = time.time() - path.stat().st_mtime > max_age_s
         if stale:

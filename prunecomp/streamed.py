@@ -21,7 +21,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,21 @@ from prunecomp.planning import candidates, check_finite, choose
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.recipe import Recipe, write_recipe_files
 from prunecomp.report import PruneReport, StepRecord
+from prunecomp.scanners import StatelessScanner
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.sources import read_safetensors_header
 from prunecomp.storage import write_dir
 
-__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel", "StreamedScanner", "check_streamed",
-           "streamed_prune", "streamed_step"]
+__all__ = [
+    "STREAMED_METRICS",
+    "SafetensorsWeights",
+    "StreamedModel",
+    "check_streamed",
+    "streamed_prune",
+    "streamed_scanner",
+    "streamed_step",
+]
 
 STREAMED_METRICS = frozenset({"bi", "angular"})
 
@@ -265,24 +273,9 @@ class StreamedModel:
         return write_dir(uri, fill, overwrite=overwrite)
 
 
-class StreamedScanner:
-    """The :class:`~prunecomp.scanners.Scanner` of a layer-streamed model: every scan is one layer-by-layer pass
-    (nothing is cached between scans, so removals and folds need no invalidation)."""
-
-    def __init__(self, sm: StreamedModel, ids: Tensor, *, batch_size: int) -> None:
-        self.sm, self.ids, self.batch_size = sm, ids, batch_size
-        self.layer_forwards = 0
-
-    def scan(self, metric: str, *, block_size: int = 1, candidates: Sequence[int] | None = None) -> LayerScan:
-        out = self.sm.scan(self.ids, metric, batch_size=self.batch_size)
-        self.layer_forwards += out.layer_forwards
-        return out
-
-    def removed(self, current: int, scale: float) -> None:
-        return None
-
-    def invalidate(self, first_layer: int | None) -> None:
-        return None
+def streamed_scanner(sm: StreamedModel, ids: Tensor, *, batch_size: int) -> StatelessScanner:
+    """The :class:`~prunecomp.scanners.Scanner` of a layer-streamed model: every scan is one layer-by-layer pass."""
+    return StatelessScanner(lambda metric, _block, _cands: sm.scan(ids, metric, batch_size=batch_size), "streamed")
 
 
 def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
@@ -307,7 +300,7 @@ def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: 
     if k - done <= 0:
         raise PrunecompError(f"the model already has {done} of {k} layers removed: nothing left to do")
     cands = candidates(sm.model, config, k - done)
-    scan = StreamedScanner(sm, ids, batch_size=batch_size).scan(config.metric)
+    scan = streamed_scanner(sm, ids, batch_size=batch_size).scan(config.metric)
     orig = original_indices(sm.model)
     check_finite(scan, cands, orig)
     current = choose(scan, cands, config.metric, 1)

@@ -22,22 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from prunecomp.errors import PrunecompError
-from prunecomp.storage import is_remote, write_json
+from prunecomp.storage import is_remote, pid_alive, write_json
 from tasks.files import exists, read_json
 
 __all__ = ["RunLock", "run_lock"]
 
 STALE_ENV = "PRUNECOMP_LOCK_STALE_S"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RunLock:
@@ -69,7 +59,7 @@ class RunLock:
 def _stale(owner: dict[str, Any]) -> str | None:
     """Why ``owner`` no longer holds the run, or ``None`` when it may still be running."""
     limit = float(os.environ.get(STALE_ENV) or 6 * 3600)
-    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", 0))):
+    if owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid", 0))):
         return f"process {owner.get('pid')} on this host is gone"
     age = time.time() - float(owner.get("heartbeat", 0))
     if age > limit:

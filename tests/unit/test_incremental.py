@@ -147,12 +147,12 @@ def test_lsq_fold_into_the_embedding_invalidates_the_whole_cache() -> None:
 def test_every_scanner_follows_one_protocol() -> None:
     """Exact, incremental and layer-streamed scanners expose the same calls (scan, removed, invalidate)."""
     from prunecomp.incremental import IncrementalScanner
-    from prunecomp.scanners import ExactScanner, make_scanner
-    from prunecomp.streamed import StreamedScanner
+    from prunecomp.scanners import StatelessScanner, make_scanner
 
-    for cls in (ExactScanner, IncrementalScanner, StreamedScanner):
+    for cls in (StatelessScanner, IncrementalScanner):
         assert all(callable(getattr(cls, name, None)) for name in ("scan", "removed", "invalidate"))
     model = tiny_model("llama")
     assert isinstance(make_scanner(model, CAL, PruneConfig(n_layers=1), batch_size=4), IncrementalScanner)
-    assert isinstance(make_scanner(model, CAL, PruneConfig(n_layers=1, scoring="exact"), batch_size=4), ExactScanner)
-    assert isinstance(make_scanner(model, CAL, PruneConfig(n_layers=1, metric="taylor"), batch_size=4), ExactScanner)
+    for cfg in (PruneConfig(n_layers=1, scoring="exact"), PruneConfig(n_layers=1, metric="taylor")):
+        scanner = make_scanner(model, CAL, cfg, batch_size=4)
+        assert isinstance(scanner, StatelessScanner) and scanner.kind == "exact"
