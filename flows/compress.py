@@ -282,7 +282,8 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
         "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
     }
-    working.drop()  # the final model is written and evaluated: free it before MLflow's share of the run
+    if stream:  # streaming is short of memory: free the model's shell before MLflow's share of the run
+        working.drop()
     if warm is not None:
         warm.join(timeout=300)  # never two first-time initialisations of the tracking store at once
     summary = redact_all(summary)  # what is written, logged, returned and sent to MLflow carries no credentials
