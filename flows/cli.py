@@ -162,7 +162,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         out.print(table)
     out.print(f"stopped: {summary['stop_reason']}; steps reused {summary['steps_reused']}, computed "
               f"{summary['steps_computed']}; {summary['seconds']:.1f} s")
-    out.print(f"pruned checkpoint: {summary['final']['uri']}")
+    out.print(f"final model (with its recipe.json): {summary['final']['uri']}")
     out.print(f"run dir (report.json, run.json): {summary['run_dir']}")
     tracking = summary["tracking_uri"]
     if summary.get("mlflow"):
