@@ -109,12 +109,13 @@ def _stream(config: CompressConfig, base: dict[str, Any]) -> tuple[bool, str]:
     need, budget = int(base.get("weight_bytes") or 0), _memory_budget()
     if need <= budget:
         return False, f"weights {need / 2**30:.2f} GiB fit the in-memory budget {budget / 2**30:.1f} GiB"
-    if not base.get("materialized") and config.prune.refine == "none" and not config.qa_tasks:
+    why_not = _not_streamable(config, base)
+    if why_not is None:
         return True, (f"automatic: weights {need / 2**30:.2f} GiB exceed the in-memory budget {budget / 2**30:.2f} "
                       "GiB, so streaming layers (one decoder layer in memory at a time; stream_layers: false to "
                       "override)")
     return False, (f"weights {need / 2**30:.2f} GiB exceed the in-memory budget {budget / 2**30:.2f} GiB, but "
-                   "this run needs the whole model (refinement, QA or a non-safetensors source): loading it anyway")
+                   f"the run cannot stream ({why_not}): loading it anyway")
 
 
 def _prewarm_tracking(tracking_uri: str) -> threading.Thread:
@@ -173,8 +174,8 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     stream, stream_reason = _stream(config, base)
     if config.stream_layers is None and "exceed" in stream_reason:
         log.warning(stream_reason)
-    if stream:
-        _check_streamable(config, base)
+    if stream and (why_not := _not_streamable(config, base)) is not None:
+        raise PrunecompError(why_not)
     log.info("model %s: %d layers, removing %d%s%s", source["uri"], n_src, k, " (cached)" if cached else "",
              ", layer-streamed" if stream else "")
     # time for memory: not when streaming, where memory is what the run is short of
@@ -301,16 +302,20 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     return summary
 
 
-def _check_streamable(config: CompressConfig, base: dict[str, Any]) -> None:
+def _not_streamable(config: CompressConfig, base: dict[str, Any]) -> str | None:
+    """Why this run cannot be layer-streamed, or ``None`` when it can."""
     from prunecomp.streamed import STREAMED_METRICS
 
     p = config.prune
     if p.metric not in STREAMED_METRICS or p.compensation not in ("magnitude", "none") or p.selection != "score" \
             or p.refine != "none":
-        raise PrunecompError("stream_layers runs BI/angular scoring with magnitude or no compensation, score "
-                             "selection and no refinement")
+        return ("stream_layers runs BI/angular scoring with magnitude or no compensation, score selection and no "
+                "refinement")
     if config.qa_tasks:
-        raise PrunecompError("stream_layers cannot run QA tasks (they need the whole model in memory)")
+        return "stream_layers cannot run QA tasks (they need the whole model in memory)"
+    if base.get("materialized"):
+        return "stream_layers reads safetensors sources; this one (GGUF or pickle) is materialised in memory first"
+    return None
 
 
 def _fan_out(config: CompressConfig, job: StepJob, n_src: int, removed: list[int]) -> tuple[dict[int, float],

@@ -57,6 +57,22 @@ class RecipeStep:
         return {"removed": self.removed, "current": self.current, "scale": self.scale,
                 "gap_map": None if self.gap_map is None else _tensor_digest(self.gap_map)}
 
+    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """JSON of this step and its tensor (named ``<prefix>gap_map`` in the document)."""
+        doc: dict[str, Any] = {"removed": self.removed, "current": self.current, "scale": self.scale}
+        tensors = {}
+        if self.gap_map is not None:
+            doc["gap_map"] = f"{prefix}gap_map"
+            tensors[doc["gap_map"]] = self.gap_map
+        return doc | {"record": self.record}, tensors
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> RecipeStep:
+        return cls(removed=int(doc["removed"]), current=int(doc["current"]),
+                   scale=None if doc["scale"] is None else float(doc["scale"]),
+                   gap_map=tensors[doc["gap_map"]] if doc.get("gap_map") else None,
+                   record=dict(doc.get("record") or {}))
+
 
 @dataclass(frozen=True)
 class RefineEdit:
@@ -67,6 +83,19 @@ class RefineEdit:
 
     def edit(self) -> dict[str, Any]:
         return {path: [kind, offset, _tensor_digest(g)] for path, (kind, offset, g) in sorted(self.gains.items())}
+
+    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """JSON of the gains (each tensor named ``<prefix><module path>``) and the tensors."""
+        gains, tensors = {}, {}
+        for path, (kind, offset, g) in sorted(self.gains.items()):
+            gains[path] = {"kind": kind, "offset": offset, "tensor": f"{prefix}{path}"}
+            tensors[f"{prefix}{path}"] = g
+        return {"gains": gains, "report": self.report}, tensors
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> RefineEdit:
+        gains = {p: (str(g["kind"]), float(g["offset"]), tensors[g["tensor"]]) for p, g in doc["gains"].items()}
+        return cls(gains=gains, report=dict(doc.get("report") or {}))
 
 
 @dataclass(frozen=True)
@@ -104,23 +133,15 @@ class Recipe:
         """The document and its tensors (names as referenced in the document)."""
         tensors: dict[str, Tensor] = {}
         steps = []
-        for i, s in enumerate(self.steps):
-            entry: dict[str, Any] = {"removed": s.removed, "current": s.current, "scale": s.scale}
-            if s.gap_map is not None:
-                name = f"steps.{i}.gap_map"
-                tensors[name] = s.gap_map
-                entry["gap_map"] = name
-            entry["record"] = s.record
+        for i, step in enumerate(self.steps):
+            entry, named = step.to_doc(f"steps.{i}.")
             steps.append(entry)
+            tensors |= named
         doc: dict[str, Any] = {"format": FORMAT, "source": self.source, "removed": self.removed,
                                "digest": self.digest(), "config": self.config, "steps": steps, "refine": None}
         if self.refine is not None:
-            gains = {}
-            for path, (kind, offset, g) in sorted(self.refine.gains.items()):
-                name = f"refine.{path}"
-                tensors[name] = g
-                gains[path] = {"kind": kind, "offset": offset, "tensor": name}
-            doc["refine"] = {"gains": gains, "report": self.refine.report}
+            doc["refine"], named = self.refine.to_doc("refine.")
+            tensors |= named
         return doc, tensors
 
     @classmethod
@@ -128,15 +149,8 @@ class Recipe:
         if doc.get("format") != FORMAT:
             raise PrunecompError(f"not a prunecomp recipe (format {doc.get('format')!r}, expected {FORMAT!r})")
         try:
-            steps = tuple(RecipeStep(removed=int(s["removed"]), current=int(s["current"]),
-                                     scale=None if s["scale"] is None else float(s["scale"]),
-                                     gap_map=tensors[s["gap_map"]] if s.get("gap_map") else None,
-                                     record=dict(s.get("record") or {})) for s in doc["steps"])
-            refine = None
-            if doc.get("refine"):
-                gains = {p: (str(g["kind"]), float(g["offset"]), tensors[g["tensor"]])
-                         for p, g in doc["refine"]["gains"].items()}
-                refine = RefineEdit(gains=gains, report=dict(doc["refine"].get("report") or {}))
+            steps = tuple(RecipeStep.from_doc(entry, tensors) for entry in doc["steps"])
+            refine = RefineEdit.from_doc(doc["refine"], tensors) if doc.get("refine") else None
             recipe = cls(source=dict(doc["source"]), steps=steps, refine=refine, config=dict(doc.get("config") or {}))
         except (KeyError, TypeError, ValueError) as exc:
             raise PrunecompError(f"malformed recipe: {type(exc).__name__}: {exc}") from exc

@@ -74,40 +74,23 @@ def resolve_model(model: str | None, revision: str | None = None, allow_pickle: 
             # where tasks load it from: the local folder, or the remote URL (each process downloads it once)
             "load_uri": str(source.local_dir) if local else source.uri,
             "weight_bytes": sum((source.local_dir / f).stat().st_size for f in source.weight_files),
-            "num_layers": _num_layers(source), "architecture": _architecture(source),
-            "max_positions": _max_positions(source)}
+            **_config_facts(source)}
 
 
-def _max_positions(source: Any) -> int | None:
+def _config_facts(source: Any) -> dict[str, Any]:
+    """Depth, architecture and context length from config.json, without loading weights (``None`` for GGUF:
+    known after loading)."""
     import json
 
     path = source.local_dir / "config.json"
     if source.gguf_file is not None or not path.is_file():
-        return None
+        return {"num_layers": None, "architecture": None, "max_positions": None}
     cfg = json.loads(path.read_text())
-    value = cfg.get("max_position_embeddings", cfg.get("text_config", {}).get("max_position_embeddings"))
-    return int(value) if isinstance(value, int) else None
-
-
-def _architecture(source: Any) -> str | None:
-    import json
-
-    path = source.local_dir / "config.json"
-    if source.gguf_file is not None or not path.is_file():
-        return None
-    return (json.loads(path.read_text()).get("architectures") or [None])[0]
-
-
-def _num_layers(source: Any) -> int | None:
-    """Decoder depth from config.json, without loading weights (``None`` for GGUF: known after loading)."""
-    import json
-
-    path = source.local_dir / "config.json"
-    if source.gguf_file is not None or not path.is_file():
-        return None
-    cfg = json.loads(path.read_text())
-    cfg = cfg.get("text_config", cfg)
-    return int(cfg["num_hidden_layers"]) if "num_hidden_layers" in cfg else None
+    text = cfg.get("text_config", cfg)
+    positions = text.get("max_position_embeddings")
+    return {"num_layers": int(text["num_hidden_layers"]) if "num_hidden_layers" in text else None,
+            "architecture": (cfg.get("architectures") or [None])[0],
+            "max_positions": int(positions) if isinstance(positions, int) else None}
 
 
 @task(name="write-final", cache_policy=JOB_KEY, persist_result=True)

@@ -3,8 +3,9 @@
 step's recipe part (kilobytes). Base hash + parent digest in, part URI + new digest + record out.
 
 An uninterrupted run keeps one model in memory from step to step, with the incremental scanner's cached layer
-boundaries; a resumed one loads the source once and replays the finished steps, which gives the same tensors
-bit for bit (:mod:`tasks.working`).
+boundaries; a resumed one loads the source once and replays the finished steps bit for bit (:mod:`tasks.working`),
+then scores from a fresh pass (equal to the carried-over cache up to float rounding; bit for bit with exact
+scoring).
 """
 
 from __future__ import annotations

@@ -39,16 +39,8 @@ def write_part(uri: str, part: RecipeStep | RefineEdit, meta: dict[str, Any]) ->
     """Write one recipe part (a step's edit + record, or refinement gains) with ``meta``, atomically."""
     from safetensors.torch import save_file
 
-    tensors = {}
-    if isinstance(part, RecipeStep):
-        doc = {"type": "step", "removed": part.removed, "current": part.current, "scale": part.scale,
-               "record": part.record}
-        if part.gap_map is not None:
-            tensors["gap_map"] = part.gap_map
-    else:
-        doc = {"type": "refine", "report": part.report,
-               "gains": {p: {"kind": k, "offset": o} for p, (k, o, _g) in sorted(part.gains.items())}}
-        tensors = {p: g for p, (_k, _o, g) in part.gains.items()}
+    doc, tensors = part.to_doc()
+    doc["type"] = "step" if isinstance(part, RecipeStep) else "refine"
 
     def fill(tmp: Path) -> None:
         (tmp / PART_FILE).write_text(json.dumps(meta | {"part": doc}, indent=1, default=str))
@@ -71,12 +63,7 @@ def read_part(uri: str) -> RecipeStep | RefineEdit:
     doc = read_json(f"{uri.rstrip('/')}/{PART_FILE}")["part"]
     tensor_uri = f"{uri.rstrip('/')}/{_TENSORS}"
     tensors = load_safetensors(read_bytes(tensor_uri)) if exists(tensor_uri) else {}
-    if doc["type"] == "step":
-        return RecipeStep(removed=int(doc["removed"]), current=int(doc["current"]),
-                          scale=None if doc["scale"] is None else float(doc["scale"]),
-                          gap_map=tensors.get("gap_map"), record=dict(doc.get("record") or {}))
-    gains = {p: (str(g["kind"]), float(g["offset"]), tensors[p]) for p, g in doc["gains"].items()}
-    return RefineEdit(gains=gains, report=dict(doc.get("report") or {}))
+    return (RecipeStep if doc["type"] == "step" else RefineEdit).from_doc(doc, tensors)
 
 
 def recipe_of(base_hash: str, parts: tuple[str, ...] | list[str], expected_digest: str | None = None) -> Recipe:
