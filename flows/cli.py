@@ -23,6 +23,7 @@ from prunecomp.cli import main as _lib
 from prunecomp.cli import preset_settings, pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
 from prunecomp.errors import PrunecompError
+from prunecomp.guard import guard_cell
 
 __all__ = ["main"]
 
@@ -143,13 +144,15 @@ def _mean(d: dict[str, float] | None) -> str:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     steps = Table(title=f"Run {summary['run_id']}: removed layers (original indices)")
-    for col in ("step", "layer", "score", "scale s", "quick ppl before", "quick ppl after", "time (s)", "cached"):
+    for col in ("step", "layer", "score", "measured s", "folded", "guard", "quick ppl before", "quick ppl after",
+                "time (s)", "cached"):
         steps.add_column(col, justify="right")
     for s in summary["steps"]:
         rec = s["record"]
         score = rec["scores"].get(str(rec["chosen"]))
         steps.add_row(str(rec["step"] + 1), str(rec["chosen"]) + ("" if s["kept"] else " (not kept)"),
-                      "-" if score is None else f"{score:.4g}", f"{rec['applied_scale']:.4f}",
+                      "-" if score is None else f"{score:.4g}", f"{rec['measured_scale']:.4f}",
+                      f"{rec['applied_scale']:.4f}", guard_cell(rec.get("guard")),
                       _mean(s["ppl_before"]), _mean(s["ppl_after"]), f"{rec['seconds']:.1f}",
                       "yes" if s["reused"] else "")
     out.print(steps)

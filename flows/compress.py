@@ -307,10 +307,9 @@ def _not_streamable(config: CompressConfig, base: dict[str, Any]) -> str | None:
     from prunecomp.streamed import STREAMED_METRICS
 
     p = config.prune
-    if p.metric not in STREAMED_METRICS or p.compensation not in ("magnitude", "none") or p.selection != "score" \
-            or p.refine != "none":
-        return ("stream_layers runs BI/angular scoring with magnitude or no compensation, score selection and no "
-                "refinement")
+    if p.metric not in STREAMED_METRICS or p.compensation == "lsq" or p.selection != "score" or p.refine != "none":
+        return ("stream_layers runs BI/angular scoring with guarded, magnitude or no compensation, score selection "
+                "and no refinement")
     if config.qa_tasks:
         return "stream_layers cannot run QA tasks (they need the whole model in memory)"
     if base.get("materialized"):
@@ -344,7 +343,8 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
     store, so a run leaves one copy of them (see the README)."""
     prune = config.prune
     tags = {
-        "method": {"magnitude": "prune&comp", "lsq": "prune&comp+lsq"}.get(prune.compensation, "naive-depth-pruning")
+        "method": {"magnitude": "prune&comp", "guarded": "prune&comp-guarded", "lsq": "prune&comp+lsq"}.get(
+            prune.compensation, "naive-depth-pruning")
         + ("" if prune.refine == "none" else f"+refine-{prune.refine}"),
         "metric": prune.metric, "compensation": prune.compensation,
         "layers_removed": str(summary["removed"]), "n_layers_removed": str(len(summary["removed"])),

@@ -27,6 +27,7 @@ from prunecomp.data import DATA_DIR_ENV
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.harness import DEFAULT_TASKS as DEFAULT_QA_TASKS
 from prunecomp.evaluation.harness import KNOWN_TASKS as KNOWN_QA_TASKS
+from prunecomp.guard import guard_cell, guard_line
 from prunecomp.job import JobConfig, JobResult
 from prunecomp.job import Progress as JobProgress
 from prunecomp.report import StepRecord
@@ -109,9 +110,13 @@ class RichProgress(JobProgress):
 
     def step(self, record: StepRecord) -> None:
         applied = "" if record.applied_scale != 1.0 else ", not applied"
+        if record.guard is not None and record.guard["decision"] == "adjusted":
+            applied = f", folded {record.applied_scale:.4f}"
         console.print(f"step {record.step + 1}: removed layer {record.chosen} (score "
                       f"{record.scores[record.chosen]:.4g}, s = {record.measured_scale:.4f}{applied}) in "
                       f"{record.seconds:.1f}s; {record.layers_after} layers left", highlight=False)
+        if record.guard is not None and record.guard["decision"] != "paper":
+            console.print(f"  guard: {guard_line(record.guard)}", highlight=False)
 
     def message(self, text: str) -> None:
         console.print(text, highlight=False)
@@ -129,12 +134,13 @@ def _csv_ints(value: str | None) -> tuple[int, ...] | None:
 def _summary(result: JobResult) -> None:
     report = result.report
     steps = Table(title="Removed layers (original indices)")
-    for col in ("step", "layer", "score", "scale s", "layers left", "time (s)"):
+    for col in ("step", "layer", "score", "measured s", "folded", "guard", "layers left", "time (s)"):
         steps.add_column(col, justify="right")
     for s in report["steps"]:
         score = s["scores"].get(str(s["chosen"]))
         steps.add_row(str(s["step"] + 1), str(s["chosen"]), f"{score:.4g}" if score is not None else "-",
-                      f"{s['applied_scale']:.4f}", str(s["layers_after"]), f"{s['seconds']:.1f}")
+                      f"{s['measured_scale']:.4f}", f"{s['applied_scale']:.4f}", guard_cell(s.get("guard")),
+                      str(s["layers_after"]), f"{s['seconds']:.1f}")
     out.print(steps)
     refined = report.get("refine")
     if refined:
@@ -168,10 +174,12 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True,
                      help="Layer importance: bi (Block Influence, 1-cos), angular, block (contiguous-block cosine), "
                      "taylor (Taylor+), mag (Mag+), ppl (perplexity with the layer skipped)."),
-        click.option("--compensation", type=click.Choice(choices("compensation")), default="magnitude",
-                     show_default=True, help="magnitude folds the gap scale s into upstream weights (the paper); "
-                     "none is the naive baseline; lsq adds a least-squares gap map folded into the last writer "
-                     "before the gap (still zero run-time cost)."),
+        click.option("--compensation", type=click.Choice(choices("compensation")), default="guarded",
+                     show_default=True, help="guarded folds the gap scale s (the paper's) only as far as it lowers "
+                     "the calibration loss: it measures s**a for a in 0 (none) .. 1 (paper) .. 1.25 from the cached "
+                     "stream at the gap and folds the best; magnitude is the paper's method exactly; none is the "
+                     "naive baseline; lsq adds a least-squares gap map folded into the last writer before the gap, "
+                     "kept only when it lowers the loss (all zero run-time cost)."),
         click.option("--selection", type=click.Choice(choices("selection")), default="score", show_default=True,
                      help="score removes the lowest-scoring layer; loss tries the --selection-pool lowest-scoring "
                      "layers with compensation applied and removes the one costing the least calibration loss."),

@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp.errors import PrunecompError
+from prunecomp.guard import DEFAULT_EXPONENTS
 from prunecomp.scoring import Metric
 
 __all__ = ["PRESETS", "CalibrationConfig", "EvalConfig", "Preset", "PruneConfig", "default_preset_name"]
@@ -47,8 +48,11 @@ class PruneConfig(_Frozen):
     layer indices that are never removed (negative = from the end); ``None`` means the metric's default: the last
     layer, plus the first four and last two for Taylor+ / Mag+ (the "+" of Shortened LLaMA).
 
-    ``compensation``: ``magnitude`` (the paper), ``none`` (naive), or ``lsq`` (magnitude plus a least-squares gap
-    map folded into the last linear writer before the gap, ridge ``lsq_ridge``; see :mod:`prunecomp.fitting`).
+    ``compensation``: ``guarded`` (the default: the paper's scale ``s`` folded only as far as it lowers the
+    calibration loss; ``s ** a`` for the best ``a`` of ``guard_exponents``, which always include 0 = no compensation
+    and 1 = the paper's; see :mod:`prunecomp.guard`), ``magnitude`` (the paper, bit for bit), ``none`` (naive), or
+    ``lsq`` (the guarded scale plus a least-squares gap map folded into the last linear writer before the gap,
+    ridge ``lsq_ridge``, kept only when it lowers the calibration loss; see :mod:`prunecomp.fitting`).
     ``selection``: ``score`` removes the lowest-scoring layer; ``loss`` tries the ``selection_pool`` lowest-scoring
     ones with compensation applied and removes the one with the lowest calibration loss (iterative mode; see
     :mod:`prunecomp.selection`).
@@ -66,7 +70,8 @@ class PruneConfig(_Frozen):
     n_layers: int | None = Field(None, gt=0)
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
     mode: Literal["iterative", "one-shot"] = "iterative"
-    compensation: Literal["magnitude", "none", "lsq"] = "magnitude"
+    compensation: Literal["guarded", "magnitude", "none", "lsq"] = "guarded"
+    guard_exponents: tuple[float, ...] = DEFAULT_EXPONENTS
     protect: tuple[int, ...] | None = None
     lsq_ridge: float = Field(1e-3, ge=0.0)
     selection: Literal["score", "loss"] = "score"
@@ -83,7 +88,21 @@ class PruneConfig(_Frozen):
     def _count(self) -> PruneConfig:
         if self.n_layers is not None and self.fraction is not None:
             raise ValueError("give n_layers or fraction, not both")
+        if 0.0 not in self.guard_exponents or 1.0 not in self.guard_exponents:
+            raise ValueError("guard_exponents must include 0 (no compensation) and 1 (the paper's scale)")
+        if any(not -4.0 <= a <= 4.0 for a in self.guard_exponents):
+            raise ValueError("guard_exponents must lie in [-4, 4]")
         return self
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the scale folded at each step is chosen by the guard (``guarded`` and ``lsq``)."""
+        return self.compensation in ("guarded", "lsq")
+
+    @property
+    def compensates(self) -> bool:
+        """Whether any scale is folded (everything but ``none``)."""
+        return self.compensation != "none"
 
     def layers_to_remove(self, source_num_layers: int) -> int:
         """How many layers go from a model that had ``source_num_layers`` originally."""

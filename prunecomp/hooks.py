@@ -1,13 +1,15 @@
-"""Scoped forward hooks: registered inside a context manager that always removes them."""
+"""Scoped edits of a model: forward hooks registered inside a context manager that always removes them, and
+tentative in-place edits that are undone unless kept."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["capture_layer_io"]
+__all__ = ["capture_layer_io", "restored"]
 
 LayerCallback = Callable[[int, Tensor, Tensor], None]
 
@@ -47,3 +49,25 @@ def capture_layer_io(layers: nn.ModuleList, callback: LayerCallback) -> Iterator
         for handle in handles:
             handle.remove()
         inputs.clear()
+
+
+@contextmanager
+def restored(tensors: Sequence[Tensor]) -> Iterator[Callable[[bool], None]]:
+    """Edit ``tensors`` in place inside the block; they get their exact values back on exit (also on error)
+    unless the block calls the yielded ``keep(True)``. Clones only these tensors, not the model."""
+    saved = [(t, t.detach().clone()) for t in tensors]
+    kept = [False]
+
+    def keep(flag: bool) -> None:
+        kept[0] = flag
+
+    try:
+        yield keep
+    except BaseException:
+        kept[0] = False
+        raise
+    finally:
+        if not kept[0]:
+            with torch.no_grad():
+                for t, value in saved:
+                    t.copy_(value)

@@ -145,6 +145,12 @@ class IncrementalScanner:
                     x.mul_(scale)
         self.invalidate(current)
 
+    def boundary(self, current: int) -> tuple[list[Tensor], list[list[dict]]] | None:
+        """The cached stream entering layer ``current`` and the per-batch layer kwargs, when up to date."""
+        if not self.streams or self._dirty_from < len(decoder_layers(self.model)) or current >= len(self.streams):
+            return None
+        return self.streams[current], self._kwargs
+
     def invalidate(self, first_layer: int | None) -> None:
         """The outputs of layers ``first_layer`` and later changed beyond a uniform rescale (a fold into their
         weights): re-run them at the next scan. ``None``: the embedding changed too, so the stream entering the

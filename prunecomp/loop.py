@@ -18,15 +18,18 @@ from prunecomp.calibration import TokenWindows
 from prunecomp.compensation import compensate
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
+from prunecomp.evaluation.perplexity import mean_nll
+from prunecomp.guard import GuardResult, guard_in_memory
+from prunecomp.hooks import restored
 from prunecomp.incremental import PER_CANDIDATE_METRICS, IncrementalScanner
-from prunecomp.lsq import apply_gap_map, fit_gap_map
+from prunecomp.lsq import GapFit, apply_gap_map, fit_gap_map, gap_map_tensors
 from prunecomp.planning import candidates, check_finite, check_plan, choose, source_num_layers
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.refine import TeacherTargets, refine, teacher_targets
 from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scanners import Scanner, exact_scanner, make_scanner
 from prunecomp.scoring import LayerScan, scan_layers
-from prunecomp.selection import select_by_loss
+from prunecomp.selection import select_by_guard, select_by_loss
 
 __all__ = [
     "PruneReport",
@@ -102,12 +105,18 @@ def prune_step(
     check_finite(scan, cands, original_indices(model))
     current = choose(scan, cands, config.metric, block)
     trials: dict[int, float] | None = None
+    guard: GuardResult | None = None
     if config.selection == "loss" and config.metric != "block":
-        current, trials = select_by_loss(model, _windows(calibration), config, scan.scores, scan.scales, cands,
-                                         batch_size)
+        if config.compensation == "guarded":
+            current, trials, guard = select_by_guard(
+                model, _windows(calibration), config, scan.scores, scan.scales, cands, batch_size,
+                lambda i: scanner.boundary(i) if scanner is not None else None)
+        else:
+            current, trials = select_by_loss(model, _windows(calibration), config, scan.scores, scan.scales, cands,
+                                             batch_size)
     orig = original_indices(model)
     record = _apply(model, config, scan, orig, cands, current, step, t0, ids=_windows(calibration),
-                    batch_size=batch_size, scanner=scanner)
+                    batch_size=batch_size, scanner=scanner, guard=guard)
     if trials is not None:  # compensated calibration NLL of every trial, by original index, for the audit trail
         record.selection_losses = {orig[i]: v for i, v in trials.items()}
     return record
@@ -115,20 +124,27 @@ def prune_step(
 
 def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[int], cands: list[int],
            current: int, step: int, t0: float, *, ids: Tensor, batch_size: int,
-           forwards: int | None = None, scanner: Scanner | None = None) -> StepRecord:
-    """Remove scan-index ``current`` (also its current index: layers above it may be gone, none below)."""
+           forwards: int | None = None, scanner: Scanner | None = None, guard: GuardResult | None = None) -> StepRecord:
+    """Remove scan-index ``current`` (also its current index: layers above it may be gone, none below).
+
+    ``guard``: the guard's measurement for this layer when selection already made it."""
     chosen = orig[current]
     s = scan.scales[current]
+    if config.guarded and guard is None:  # measured while the layer is still there, from the cached gap stream
+        guard = guard_in_memory(model, ids, current, s, config.guard_exponents, batch_size=batch_size,
+                                cached=scanner.boundary(current) if scanner is not None else None)
+    applied = guard.scale if guard is not None else (s if config.compensation == "magnitude" else 1.0)
     fit = None
     if config.compensation == "lsq":  # fitted while the layer is still there: its output is the target
-        fit = fit_gap_map(model, ids, current, s, ridge=config.lsq_ridge, batch_size=batch_size)
+        fit = fit_gap_map(model, ids, current, applied, ridge=config.lsq_ridge, batch_size=batch_size)
     remove_layer(model, current)
-    applied = 1.0
-    if config.compensation in ("magnitude", "lsq"):
-        compensate(model, current, s)
-        applied = s
+    if config.compensation == "magnitude" or applied != 1.0:
+        compensate(model, current, applied)
     if fit is not None:
-        apply_gap_map(model, current, fit)
+        assert guard is not None
+        fit = _keep_if_better(model, ids, current, fit, guard, batch_size)
+    if guard is not None:
+        log.info("layer %d: %s", chosen, guard.summary())
     if scanner is not None:
         scanner.removed(current, applied)
         if fit is not None:  # a gap map changes the output of the layer it is folded into (or the embedding's)
@@ -147,7 +163,21 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
         layer_forwards=scan.layer_forwards if forwards is None else forwards,
         gap_fit=None if fit is None else {"error_before": fit.error_before, "error_after": fit.error_after},
         gap_map=None if fit is None else fit.t,
+        guard=None if guard is None else guard.to_dict(),
     )
+
+
+def _keep_if_better(model: nn.Module, ids: Tensor, current: int, fit: GapFit, guard: GuardResult,
+                    batch_size: int) -> GapFit | None:
+    """Fold the lsq map (layer already removed and the guarded scale folded) only when it lowers the calibration
+    NLL; both sides measured by the same full forward. Records the comparison on ``guard``."""
+    without = mean_nll(model, ids, batch_size=batch_size)
+    with restored(gap_map_tensors(model, current)) as keep:
+        apply_gap_map(model, current, fit)
+        guard.map_loss = mean_nll(model, ids, batch_size=batch_size)
+        guard.map_kept = guard.map_loss < without
+        keep(guard.map_kept)
+    return fit if guard.map_kept else None
 
 
 def prune_and_compensate(

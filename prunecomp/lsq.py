@@ -17,7 +17,7 @@ from prunecomp.adapters import ArchAdapter, decoder_layers, get_adapter, resolve
 from prunecomp.compensation import is_tied
 from prunecomp.hooks import capture_layer_io
 
-__all__ = ["GapFit", "apply_gap_map", "fit_gap_map"]
+__all__ = ["GapFit", "apply_gap_map", "fit_gap_map", "gap_map_tensors"]
 
 
 class _Stop(Exception):
@@ -80,6 +80,12 @@ def fit_gap_map(model: nn.Module, ids: Tensor, current: int, s: float, *, ridge:
     t = F.solve_ridge(state, ridge)
     eye = torch.eye(t.shape[0], dtype=t.dtype, device=t.device)
     return GapFit(t=t, error_before=F.lsq_error(state, eye), error_after=F.lsq_error(state, t))
+
+
+def gap_map_tensors(model: nn.Module, current: int) -> list[Tensor]:
+    """The tensors :func:`apply_gap_map` writes for a gap at ``current`` (layer already removed)."""
+    writer = _writer(model, get_adapter(model), current)
+    return [] if writer is None else list(writer.parameters(recurse=False))
 
 
 @torch.no_grad()

@@ -229,7 +229,7 @@ def recipe_from_report(report: Any, source: dict[str, Any] | None = None) -> Rec
     """
     if isinstance(report, dict):
         return _from_report_dict(report, source)
-    compensated = report.config.get("compensation") in ("magnitude", "lsq")
+    compensated = report.config.get("compensation") != "none"
     steps = tuple(RecipeStep(removed=r.chosen, current=r.chosen_current,
                              scale=r.applied_scale if compensated else None, gap_map=r.gap_map,
                              record=r.to_dict()) for r in report.steps)
@@ -246,7 +246,7 @@ def _from_report_dict(report: dict[str, Any], source: dict[str, Any] | None) -> 
     if config.get("compensation") == "lsq" or config.get("refine") not in (None, "none"):
         raise PrunecompError("this report's run folded lsq maps or refinement gains, which a JSON report does not "
                              "hold: use the recipe.json (+ recipe.safetensors) saved beside its model")
-    compensated = config.get("compensation", "magnitude") == "magnitude"
+    compensated = config.get("compensation", "magnitude") != "none"
     steps = []
     try:
         for entry in report["steps"]:

@@ -35,6 +35,8 @@ class StepRecord:
     layer_forwards: int = 0
     gap_fit: dict[str, float] | None = None
     selection_losses: dict[int, float] | None = None
+    # Guarded compensation: what was measured and folded (see prunecomp.guard.GuardResult.to_dict).
+    guard: dict[str, Any] | None = None
     # The lsq map folded at this step (the recipe's sidecar tensor; not part of the JSON record).
     gap_map: Tensor | None = field(default=None, repr=False, compare=False)
 

@@ -50,6 +50,11 @@ class Scanner(Protocol):
         """Outputs of layers ``first_layer`` and later changed beyond a rescale; ``None``: the embedding too."""
         ...
 
+    def boundary(self, current: int) -> tuple[list[Tensor], list[list[dict]]] | None:
+        """The cached stream entering layer ``current`` (per batch) and every layer's kwargs per batch, when the
+        cache is up to date with the model; ``None`` otherwise (the caller recomputes it)."""
+        ...
+
 
 class StatelessScanner:
     """A scanner that runs its whole pass on every scan (exact, or layer-streamed): nothing is cached between
@@ -68,6 +73,9 @@ class StatelessScanner:
         return None
 
     def invalidate(self, first_layer: int | None) -> None:
+        return None
+
+    def boundary(self, current: int) -> tuple[list[Tensor], list[list[dict]]] | None:
         return None
 
 

@@ -8,7 +8,7 @@ restores every touched tensor exactly (clones of the tensors that compensation w
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -18,10 +18,11 @@ from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.compensation import compensate
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import mean_nll
+from prunecomp.guard import GuardResult, guard_in_memory
 from prunecomp.lsq import apply_gap_map, fit_gap_map
 from prunecomp.pruning import skip_layer
 
-__all__ = ["select_by_loss", "trial_removal"]
+__all__ = ["select_by_guard", "select_by_loss", "trial_removal"]
 
 
 def _touched(model: nn.Module, current: int) -> list[Tensor]:
@@ -65,3 +66,18 @@ def select_by_loss(model: nn.Module, ids: Tensor, config: PruneConfig, scores: l
         with trial_removal(model, i, config, scales[i], ids, batch_size):
             losses[i] = mean_nll(model, ids, batch_size=batch_size)
     return min(pool, key=lambda i: (losses[i], i)), losses
+
+
+def select_by_guard(model: nn.Module, ids: Tensor, config: PruneConfig, scores: list[float], scales: list[float],
+                    cands: list[int], batch_size: int,
+                    cached: Callable[[int], tuple[list[Tensor], list[list[dict]]] | None]
+                    ) -> tuple[int, dict[int, float], GuardResult]:
+    """Selection by loss under guarded compensation: the guard's grid for each of the ``config.selection_pool``
+    lowest-scoring candidates (from the cached stream at each gap, so only the layers after it run); the candidate
+    whose best compensated calibration NLL is lowest, every trial's NLL, and the winner's guard measurement."""
+    pool = sorted(cands, key=lambda i: (scores[i], i))[: config.selection_pool]
+    results = {i: guard_in_memory(model, ids, i, scales[i], config.guard_exponents, batch_size=batch_size,
+                                  cached=cached(i)) for i in pool}
+    losses = {i: r.loss for i, r in results.items()}
+    best = min(pool, key=lambda i: (losses[i], i))
+    return best, losses, results[best]

@@ -4,7 +4,8 @@ The model is a skeleton whose decoder layers live on the ``meta`` device (no sto
 final norm, output head and rotary tables are real. Each pass captures the stream entering layer 0 with the
 catch forward of :mod:`prunecomp.sequential`, then reads every kept layer from the safetensors files,
 runs it over all calibration batches, folds in its pending compensation scale, and frees it again. Peak memory:
-one layer + two boundaries of calibration activations + embedding/head.
+one layer + two boundaries of calibration activations + embedding/head (the guard of guarded compensation runs
+as many of its (scale, batch) items per pass over the layers after the gap as half the memory budget holds).
 
 Compensation is bookkeeping until the model is written: removing layer ``l`` with scale ``s`` multiplies the
 in-memory embedding (and, when tied, divides the final norm) right away and records ``s`` as a pending factor
@@ -21,7 +22,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.compensation import compensate, is_tied, scale_layer_writers
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
+from prunecomp.guard import GuardResult, candidate_scales, pick, tail_losses
 from prunecomp.planning import candidates, check_finite, choose
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.recipe import Recipe, write_recipe_files
 from prunecomp.report import PruneReport, StepRecord
-from prunecomp.scanners import StatelessScanner
+from prunecomp.scanners import StatelessScanner, memory_budget
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.sources import read_safetensors_header
@@ -206,6 +208,29 @@ class StreamedModel:
             total, count = total + nll, count + n
         return math.exp(total / count)
 
+    @torch.no_grad()
+    def guard(self, ids: Tensor, current: int, s: float, exponents: Sequence[float], *, batch_size: int,
+              memory_bytes: int | None = None) -> GuardResult:
+        """The guard's grid for removing current layer ``current``: one pass through the layers before it for the
+        stream at the gap, then the layers after it for every (scale, batch) item, as many items per pass over the
+        tail as fit ``memory_bytes`` (default: half of :func:`~prunecomp.scanners.memory_budget`)."""
+        caught = catch_layer_inputs(self.model, ids, batch_size)
+        xs = caught.hidden
+        for j in range(current):
+            layer = self.load_layer(j)
+            xs = run_layer(layer, xs, [kw[j] for kw in caught.kwargs])
+            self.free(layer)
+        scales = candidate_scales(s, exponents)
+        per_item = max(x.numel() * x.element_size() for x in xs) * 2  # the item and its layer output
+        budget = memory_bytes if memory_bytes is not None else memory_budget(self.device) // 2
+        group = max(1, budget // max(per_item, 1))
+        batches = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+        losses = tail_losses(self.load_layer, current + 1, len(decoder_layers(self.model, self.adapter)), xs,
+                             caught.kwargs, batches, scales, lambda x, b: head_nll(self.model, x, b, self.adapter),
+                             group=group, release=self.free)
+        return GuardResult(measured_scale=s, exponents=list(exponents), scales=scales, losses=losses,
+                           chosen=pick(exponents, losses))
+
     def remove(self, current: int, s: float) -> None:
         """Drop current layer ``current`` and fold ``s`` upstream (embedding now, writers when loaded)."""
         orig = original_indices(self.model)
@@ -280,9 +305,9 @@ def streamed_scanner(sm: StreamedModel, ids: Tensor, *, batch_size: int) -> Stat
 
 def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
     """Everything :func:`streamed_prune` would reject, before any compute."""
-    if config.mode != "iterative" or config.compensation not in ("magnitude", "none") or config.selection != "score":
-        raise PrunecompError("layer streaming runs iterative BI/angular pruning with magnitude or no compensation "
-                             "and score selection")
+    if config.mode != "iterative" or config.compensation == "lsq" or config.selection != "score":
+        raise PrunecompError("layer streaming runs iterative BI/angular pruning with guarded, magnitude or no "
+                             "compensation and score selection")
     if config.refine != "none":
         raise PrunecompError("layer streaming does not support --refine (it back-propagates through the whole "
                              "model); prune without --stream-layers to refine")
@@ -305,17 +330,19 @@ def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: 
     check_finite(scan, cands, orig)
     current = choose(scan, cands, config.metric, 1)
     s = scan.scales[current]
-    applied = s if config.compensation == "magnitude" else 1.0
+    guard = sm.guard(ids, current, s, config.guard_exponents, batch_size=batch_size) if config.guarded else None
+    applied = guard.scale if guard is not None else (s if config.compensation == "magnitude" else 1.0)
     sm.remove(current, applied)
     return StepRecord(step=step, metric=config.metric, scores={orig[i]: scan.scores[i] for i in range(len(orig))},
                       candidates=[orig[i] for i in cands], chosen=orig[current], chosen_current=current,
                       measured_scale=s, applied_scale=applied, layers_after=len(decoder_layers(sm.model, sm.adapter)),
-                      seconds=time.perf_counter() - ts, layer_forwards=scan.layer_forwards)
+                      seconds=time.perf_counter() - ts, layer_forwards=scan.layer_forwards,
+                      guard=None if guard is None else guard.to_dict())
 
 
 def streamed_prune(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, batch_size: int = 4,
                    on_step: Callable[[StepRecord, StreamedModel], None] | None = None) -> PruneReport:
-    """The iterative Prune&Comp loop on a layer-streamed model (magnitude or no compensation)."""
+    """The iterative Prune&Comp loop on a layer-streamed model (guarded, magnitude or no compensation)."""
     check_streamed(sm, config)
     t0 = time.perf_counter()
     k = config.layers_to_remove(sm.source_layers)

@@ -46,7 +46,7 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
             record = prune_step(wc.model, windows, job.prune, step=job.step, batch_size=job.batch_size,
                                 scanner=scanner, scores=job.candidate_scores)
             wc.scanner, wc.scanner_for = scanner, for_key  # told about this removal by prune_step
-        compensated = job.prune.compensation in ("magnitude", "lsq")
+        compensated = job.prune.compensates
         part = RecipeStep(removed=record.chosen, current=record.chosen_current,
                           scale=record.applied_scale if compensated else None, gap_map=record.gap_map,
                           record=record.to_dict())

@@ -43,4 +43,4 @@ def test_cli_modules_change_no_environment_at_import_and_share_options() -> None
     run = {p.name for p in flows.cli.main.commands["run"].params}
     assert {"metric", "compensation", "refine", "calib_seq_len", "allow_pickle"} <= prune & run
     choice = next(p for p in flows.cli.main.commands["run"].params if p.name == "compensation")
-    assert list(choice.type.choices) == prunecomp.cli.choices("compensation") == ["magnitude", "none", "lsq"]
+    assert list(choice.type.choices) == prunecomp.cli.choices("compensation") == ["guarded", "magnitude", "none", "lsq"]

@@ -48,7 +48,9 @@ def test_every_metric_and_mode_removes_k_layers(metric: str, mode: str) -> None:
     assert sorted(original_indices(model) + report.removed) == list(range(6))
     for step in report.steps:
         assert step.chosen in step.candidates
-        assert step.applied_scale == step.measured_scale > 0
+        assert step.measured_scale > 0 and step.guard is not None  # guarded: the default
+        assert step.guard["scales"][step.guard["exponents"].index(1.0)] == step.measured_scale
+        assert step.applied_scale == step.guard["scale"] in step.guard["scales"]
     first = report.steps[0]
     if mode == "iterative" and metric != "block":
         for step in report.steps:

@@ -125,7 +125,7 @@ def test_trial_removal_leaves_no_fold_record() -> None:
     model = tiny_model("llama")
     compensate(model, 2, 1.3)
     record = dict(model.config.prunecomp)
-    with trial_removal(model, 3, PruneConfig(metric="bi", n_layers=1), 1.7, IDS, 4):
+    with trial_removal(model, 3, PruneConfig(metric="bi", n_layers=1, compensation="magnitude"), 1.7, IDS, 4):
         assert model.config.prunecomp["folded_scale"][0] == pytest.approx(1.3 * 1.7)
     assert model.config.prunecomp == record
 
@@ -134,6 +134,6 @@ def test_trial_on_a_fresh_model_leaves_no_record() -> None:
     from prunecomp.selection import trial_removal
 
     model = tiny_model("llama")
-    with trial_removal(model, 3, PruneConfig(metric="bi", n_layers=1), 1.7, IDS, 4):
+    with trial_removal(model, 3, PruneConfig(metric="bi", n_layers=1, compensation="magnitude"), 1.7, IDS, 4):
         assert "folded_scale" in model.config.prunecomp
     assert getattr(model.config, "prunecomp", None) is None
