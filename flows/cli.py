@@ -23,6 +23,7 @@ from prunecomp.cli import main as _lib
 from prunecomp.cli import preset_settings, pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
 from prunecomp.errors import PrunecompError
+from prunecomp.final_check import line as final_line
 from prunecomp.guard import guard_cell
 
 __all__ = ["main"]
@@ -156,6 +157,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
                       _mean(s["ppl_before"]), _mean(s["ppl_after"]), f"{rec['seconds']:.1f}",
                       "yes" if s["reused"] else "")
     out.print(steps)
+    check = summary.get("final_check")
+    if check:
+        out.print(("[bold red]" if check["verdict"] == "worse" else "") + final_line(check), highlight=False)
     if summary["perplexity"]:
         table = Table(title="Perplexity before/after")
         for col in ("dataset", "dense", "pruned", "ratio"):
@@ -289,7 +293,8 @@ def status_cmd(run: str | None, store: str | None, tracking_uri: str | None) -> 
 @click.option("--version", default=None, help="Version to promote (default: the newest).")
 @click.option("--alias", default="champion", show_default=True)
 @click.option("--gates", "gates_file", default=None, help="YAML file with a `gates:` list (default gates: mean "
-              "perplexity ratio <= 3, QA retained >= 0.9 when measured, beats the champion's mean perplexity).")
+              "perplexity ratio <= 3, QA retained >= 0.9 when measured, beats the champion's mean perplexity, the run's folds "
+              "not worse than plain removal on held-out calibration windows).")
 @click.option("--tracking-uri", default=None)
 @_errors
 def promote_cmd(registered_model: str, version: str | None, alias: str, gates_file: str | None,

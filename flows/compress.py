@@ -22,6 +22,7 @@ from flows.runners import task_runner
 from prunecomp.calibration import check_context
 from prunecomp.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
+from prunecomp.final_check import line as final_line
 from prunecomp.incremental import PER_CANDIDATE_METRICS
 from prunecomp.recipe import Recipe
 from prunecomp.storage import check_writable, is_complete, write_json
@@ -52,9 +53,13 @@ def _mean(d: dict[str, float] | None) -> float | None:
     return sum(d.values()) / len(d) if d else None
 
 
-def run_metrics(ppl: dict[str, dict[str, float]], qa: dict[str, Any] | None, n_removed: int) -> dict[str, float]:
-    """The final metrics promotion gates read: per-corpus and mean perplexity, ratios, QA retention."""
+def run_metrics(ppl: dict[str, dict[str, float]], qa: dict[str, Any] | None, n_removed: int,
+                check: dict[str, Any] | None = None) -> dict[str, float]:
+    """The final metrics promotion gates read: per-corpus and mean perplexity, ratios, QA retention, and the final
+    check's ``fold_loss_ratio`` (held-out NLL with what was folded / without it: above 1, the folds hurt)."""
     out: dict[str, float] = {"layers_removed": float(n_removed)}
+    if check is not None:
+        out["fold_loss_ratio"] = check["loss"] / check["uncompensated_loss"]
     for name, v in ppl.items():
         out[f"ppl_{name}_dense"], out[f"ppl_{name}_pruned"] = v["dense"], v["pruned"]
         out[f"ppl_{name}_ratio"] = v["pruned"] / v["dense"]
@@ -187,11 +192,13 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         return {"store": store, "base_uri": base["uri"], "base_hash": base["hash"], "parts": tuple(parts),
                 "state_digest": digest, "stream": stream}
 
-    def evaluate(parts: list[str], digest: str, evaluation: Any, qa: bool = False) -> dict[str, Any]:
+    def evaluate(parts: list[str], digest: str, evaluation: Any, qa: bool = False,
+                 check: bool = False) -> dict[str, Any]:
         s = state(parts, digest)
         job = EvalJob(store=store, checkpoint_hash=digest, base_uri=s["base_uri"], base_hash=s["base_hash"],
                       parts=s["parts"], stream=stream, evaluation=evaluation, data_dir=data_dir,
-                      qa_tasks=config.qa_tasks if qa else (), qa_limit=config.qa_limit if qa else None)
+                      qa_tasks=config.qa_tasks if qa else (), qa_limit=config.qa_limit if qa else None,
+                      final_check=config.calibration if check else None)
         return dict(run_cached(evaluate_checkpoint, job)[0])
 
     def quick(parts: list[str], digest: str) -> dict[str, float] | None:
@@ -264,21 +271,24 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     final, final_cached = run_cached(write_final, fjob)
     log.info("final model (%d layers removed) %s: %s", len(kept), "reused" if final_cached else "written",
              redact(final["uri"]))
-    final_eval = evaluate(parts, digest, config.evaluation, qa=True)
+    final_eval = evaluate(parts, digest, config.evaluation, qa=True, check=True)
+    check = final_eval.get("final_check")
+    if check is not None:
+        (log.warning if check["verdict"] == "worse" else log.info)(final_line(check))
     ppl = {name: {"dense": v, "pruned": final_eval["perplexity"][name]}
            for name, v in dense_eval["perplexity"].items()}
     qa = None
     if dense_eval.get("qa") and final_eval.get("qa"):
         qa = {"dense": dense_eval["qa"].get("average"), "pruned": final_eval["qa"].get("average"),
               "tasks": {"dense": dense_eval["qa"].get("tasks"), "pruned": final_eval["qa"].get("tasks")}}
-    metrics = run_metrics(ppl, qa, len(kept))
+    metrics = run_metrics(ppl, qa, len(kept), check)
     summary: dict[str, Any] = {
         "run_id": run_id, "config": config.model_dump(mode="json"), "code_version": code, "source": source,
         "base": {"uri": redact(base["uri"]), "hash": base["hash"], "num_layers": n_src,
                  "materialized": base["materialized"]},
         "calibration": cal, "stream_layers": stream, "stream_reason": stream_reason,
         "steps": steps, "removed": [s["record"]["chosen"] for s in kept], "stop_reason": stop_reason,
-        "refine": refined, "recipe": {"digest": digest, "parts": parts},
+        "refine": refined, "recipe": {"digest": digest, "parts": parts}, "final_check": check,
         "final": {"uri": final["uri"], "hash": final["hash"]}, "perplexity": ppl, "qa": qa, "metrics": metrics,
         "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
         "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
@@ -347,6 +357,9 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
             prune.compensation, "naive-depth-pruning")
         + ("" if prune.refine == "none" else f"+refine-{prune.refine}"),
         "metric": prune.metric, "compensation": prune.compensation,
+        "final_check": (summary.get("final_check") or {}).get("verdict", "not run"),
+        "guard_decisions": ",".join((s["record"].get("guard") or {}).get("decision", "-")
+                                    for s in summary["steps"] if s["kept"]),
         "layers_removed": str(summary["removed"]), "n_layers_removed": str(len(summary["removed"])),
         "source_model": summary["source"]["uri"], "source_hash": summary["source"]["content_hash"],
         "calibration_digest": summary["calibration"]["digest"],

@@ -18,7 +18,12 @@ from torch import Tensor
 from prunecomp.data import Split, load_text
 from prunecomp.errors import PrunecompError
 
-__all__ = ["TokenWindows", "calibration_windows", "evaluation_windows", "tokenize_windows"]
+__all__ = ["HELD_OUT_SEED", "TokenWindows", "calibration_windows", "evaluation_windows", "held_out_windows",
+           "tokenize_windows"]
+
+HELD_OUT_SEED = 7919
+"""Added to the calibration seed to draw held-out windows (which are then kept disjoint from the calibration
+ones)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +87,16 @@ def tokenize_windows(
         starts = [i * body for i in range(count)]
     else:
         assert n_windows is not None
-        gen = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, tokens.numel() - body + 1, (n_windows,), generator=gen).tolist()
+        starts = _random_starts(tokens.numel(), body, n_windows, seed)
+    return _cut(tokens, starts, body, bos, origin)
+
+
+def _random_starts(n_tokens: int, body: int, n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_tokens - body + 1, (n,), generator=gen).tolist()
+
+
+def _cut(tokens: Tensor, starts: list[int], body: int, bos: int | None, origin: str) -> TokenWindows:
     rows = [tokens[s : s + body] for s in starts]
     ids = torch.stack(rows)
     if bos is not None:
@@ -129,3 +142,38 @@ def evaluation_windows(
     """Contiguous non-overlapping windows over the evaluation split of ``source`` (all, or the first N)."""
     text, origin = load_text(source, split, data_dir)
     return tokenize_windows(tokenizer, text, origin, seq_len=seq_len, n_windows=max_windows, seed=None)
+
+
+def held_out_windows(
+    tokenizer: object,
+    source: str = "c4",
+    *,
+    n_windows: int,
+    seq_len: int,
+    calibration_samples: int,
+    seed: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> TokenWindows:
+    """``n_windows`` random windows of the calibration split of ``source`` that share no token position with the
+    ``calibration_samples`` calibration windows of the same ``seed`` and ``seq_len`` (nor with each other): what
+    the final check measures on, so that a run's own fit cannot flatter it."""
+    text, origin = load_text(source, "calibration", data_dir)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = seq_len - 1 if bos is not None else seq_len
+    tokens = _tokens(tokenizer, text)
+    if tokens.numel() < body:
+        raise PrunecompError(f"text from {origin} is too short for one window of {seq_len} tokens")
+    taken = _random_starts(tokens.numel(), body, calibration_samples, seed)
+    gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED)
+    starts: list[int] = []
+    for _ in range(200 * n_windows):
+        if len(starts) == n_windows:
+            break
+        start = int(torch.randint(0, tokens.numel() - body + 1, (1,), generator=gen))
+        if all(abs(start - other) >= body for other in taken):
+            starts.append(start)
+            taken.append(start)
+    if len(starts) < n_windows:
+        raise PrunecompError(f"text from {origin} ({tokens.numel()} tokens) leaves no room for {n_windows} held-out "
+                             f"windows of {seq_len} tokens beside the {calibration_samples} calibration windows")
+    return _cut(tokens, starts, body, bos, f"{origin} held-out({seed})")

@@ -27,6 +27,7 @@ from prunecomp.data import DATA_DIR_ENV
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.harness import DEFAULT_TASKS as DEFAULT_QA_TASKS
 from prunecomp.evaluation.harness import KNOWN_TASKS as KNOWN_QA_TASKS
+from prunecomp.final_check import line as final_line
 from prunecomp.guard import guard_cell, guard_line
 from prunecomp.job import JobConfig, JobResult
 from prunecomp.job import Progress as JobProgress
@@ -142,6 +143,9 @@ def _summary(result: JobResult) -> None:
                       f"{s['measured_scale']:.4f}", f"{s['applied_scale']:.4f}", guard_cell(s.get("guard")),
                       str(s["layers_after"]), f"{s['seconds']:.1f}")
     out.print(steps)
+    check = report.get("final_check")
+    if check:
+        out.print(("[bold red]" if check["verdict"] == "worse" else "") + escape(final_line(check)))
     refined = report.get("refine")
     if refined:
         out.print(f"Refined ({refined['mode']}, {refined['steps']} steps, {refined['parameters']} gains folded into "

@@ -23,13 +23,17 @@ class _Frozen(BaseModel):
 
 
 class CalibrationConfig(_Frozen):
-    """Calibration windows: ``n_samples`` random windows of ``seq_len`` tokens of ``source``, seeded."""
+    """Calibration windows: ``n_samples`` random windows of ``seq_len`` tokens of ``source``, seeded.
+
+    ``held_out`` more windows of the same source, disjoint from those, are the final check's (did what the run
+    folded beat plain removal of the same layers? see :mod:`prunecomp.final_check`); 0 skips the check."""
 
     source: str = "c4"
     n_samples: int = Field(32, gt=0)
     seq_len: int = Field(512, ge=2)
     seed: int = 0
     batch_size: int = Field(4, gt=0)
+    held_out: int = Field(8, ge=0)
 
 
 class EvalConfig(_Frozen):

@@ -4,6 +4,7 @@ save. The CLI's ``prune`` and ``run`` call it; orchestrators that checkpoint per
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from prunecomp.checkpoint import save_pruned
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
+from prunecomp.final_check import run_final_check
 from prunecomp.loop import prune_and_compensate
 from prunecomp.planning import check_plan
 from prunecomp.report import StepRecord
@@ -87,7 +89,9 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     """Run the job end to end; nothing is written unless every step succeeded.
 
     ``stream_layers`` keeps one decoder layer in memory at a time (:mod:`prunecomp.streamed`), for models larger
-    than memory; it needs safetensors weights and supports BI/angular with magnitude or no compensation.
+    than memory; it needs safetensors weights and supports BI/angular with guarded, magnitude or no compensation.
+    After pruning, the final check (:mod:`prunecomp.final_check`) compares held-out calibration loss with and
+    without what the run folded; the report's ``final_check`` says which was better.
     """
     progress = progress or Progress()
     if config.out:
@@ -135,6 +139,11 @@ def run_job(config: JobConfig, progress: Progress | None = None,
                                   on_step=observe, on_batch=lambda: progress.advance(1),
                                   calibration_config=config.calibration, refine_windows=refine_windows)
     times["prune"] = time.perf_counter() - t
+    t = time.perf_counter()
+    progress.message("final check: held-out calibration loss with and without what was folded")
+    check = run_final_check(lm.model, lm.tokenizer, report.recipe(lm.provenance()), config.calibration,
+                            config.data_dir)
+    times["final_check"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()
         for name, value in evaluate_perplexities(lm.model, lm.tokenizer, config.evaluation, config.data_dir,
@@ -142,6 +151,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
             ppl[name]["pruned"] = value
         times["eval_pruned"] = time.perf_counter() - t
     report_dict = report.to_dict()
+    report_dict["final_check"] = None if check is None else check.to_dict()
     report_dict["source"] = lm.provenance()
     report_dict["perplexity"] = ppl
     if config.evaluation is not None:
@@ -208,12 +218,18 @@ def _run_streamed(config: JobConfig, progress: Progress,
     report.calibration = {"origin": cal.origin, "digest": cal.digest, "n_samples": cal.n, "seq_len": cal.seq_len,
                           "config": config.calibration.model_dump(mode="json")}
     times["prune"] = time.perf_counter() - t
+    t = time.perf_counter()
+    progress.message("final check: held-out calibration loss with and without what was folded (layer by layer)")
+    check = run_final_check(sm.model, tokenizer, report.recipe(provenance), config.calibration, config.data_dir,
+                            nll=lambda ids: math.log(sm.perplexity(ids, batch_size=config.calibration.batch_size)))
+    times["final_check"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()
         for name, value in ppl_all().items():
             ppl[name]["pruned"] = value
         times["eval_pruned"] = time.perf_counter() - t
-    report_dict = report.to_dict() | {"source": provenance, "perplexity": ppl}
+    report_dict = report.to_dict() | {"source": provenance, "perplexity": ppl,
+                                      "final_check": None if check is None else check.to_dict()}
     if config.evaluation is not None:
         report_dict["evaluation"] = config.evaluation.model_dump(mode="json")
     if config.out:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from prunecomp.final_check import line as final_line
+from prunecomp.guard import guard_cell, guard_line
+
 __all__ = ["publish_step", "publish_summary", "step_description", "step_rows", "summary_markdown"]
 
 
@@ -34,7 +37,8 @@ def step_description(step: Mapping[str, Any]) -> str:
     rec = step["record"]
     before, after = _mean(step.get("ppl_before")), _mean(step.get("ppl_after"))
     return (f"Step {rec['step'] + 1}: removed original layer **{rec['chosen']}** (metric {rec['metric']}), "
-            f"scale s = {rec['measured_scale']:.5f} (applied {rec['applied_scale']:.5f}), quick perplexity "
+            f"scale s = {rec['measured_scale']:.5f} (applied {rec['applied_scale']:.5f}"
+            f"{'; guard: ' + guard_line(rec['guard']) if rec.get('guard') else ''}), quick perplexity "
             f"{_fmt(before)} -> {_fmt(after)}, {rec['seconds']:.1f} s"
             f"{' (reused from cache)' if step.get('reused') else ''}; {rec['layers_after']} layers left.")
 
@@ -51,12 +55,17 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
              f"- code version: `{summary['code_version']}`",
              f"- stopped because: {summary['stop_reason']}",
              f"- checkpoint: `{summary['final']['uri']}`", ""]
-    lines += ["| step | layer | score | scale s | quick ppl before | quick ppl after | seconds | cached |",
-              "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    check = summary.get("final_check")
+    if check:
+        lines[-1:-1] = [f"- {'**' if check['verdict'] == 'worse' else ''}{final_line(check)}"
+                        f"{'**' if check['verdict'] == 'worse' else ''}"]
+    lines += ["| step | layer | score | measured s | folded | guard | quick ppl before | quick ppl after | seconds "
+              "| cached |", "|---:|---:|---:|---:|---:|:---:|---:|---:|---:|:---:|"]
     for s in summary["steps"]:
         rec = s["record"]
         lines.append(f"| {rec['step'] + 1} | {rec['chosen']} | {_fmt(rec['scores'].get(str(rec['chosen'])))} | "
-                     f"{rec['applied_scale']:.4f} | {_fmt(_mean(s.get('ppl_before')))} | "
+                     f"{rec['measured_scale']:.4f} | {rec['applied_scale']:.4f} | {guard_cell(rec.get('guard'))} | "
+                     f"{_fmt(_mean(s.get('ppl_before')))} | "
                      f"{_fmt(_mean(s.get('ppl_after')))} | {rec['seconds']:.1f} | {'yes' if s.get('reused') else ''} |")
     ppl = summary.get("perplexity") or {}
     if ppl:

@@ -61,22 +61,43 @@ def _evaluate(job: EvalJob, model: Any, tokenizer: Any, streamed: Any) -> tuple[
     return ppl, qa
 
 
+def _final_check(job: EvalJob, wc: Any, recipe: Any) -> dict[str, Any] | None:
+    """Held-out calibration loss of the state with and without what its recipe folded."""
+    import math
+
+    from prunecomp.final_check import run_final_check
+
+    assert job.final_check is not None
+    cal = job.final_check
+    if wc.streamed is not None:
+        sm = wc.streamed
+        done = run_final_check(sm.model, wc.tokenizer, recipe, cal, job.data_dir,
+                               nll=lambda ids: math.log(sm.perplexity(ids, batch_size=cal.batch_size)))
+    else:
+        done = run_final_check(wc.model, wc.tokenizer, recipe, cal, job.data_dir)
+    return None if done is None else done.to_dict()
+
+
 @task(name="evaluate", cache_policy=JOB_KEY, persist_result=True)
 def evaluate_checkpoint(job: EvalJob) -> dict[str, Any]:
     """``{"perplexity": {dataset: ppl}, "qa": {...} | None, "checkpoint_hash": ...}`` of the job's model."""
     if is_complete(job.uri):
         return dict(read_json(f"{job.uri}/{_RESULT}"))
+    check = None
     if job.base_uri is not None:  # a pipeline state: evaluated on the working copy, no checkpoint needed
         assert job.base_hash is not None
-        with checkout(job.base_uri, recipe_of(job.base_hash, job.parts, job.checkpoint_hash),
-                      stream=job.stream) as wc:
+        recipe = recipe_of(job.base_hash, job.parts, job.checkpoint_hash)
+        with checkout(job.base_uri, recipe, stream=job.stream) as wc:
             ppl, qa = _evaluate(job, wc.model, wc.tokenizer, wc.streamed)
+            if job.final_check is not None and recipe.steps:
+                check = _final_check(job, wc, recipe)
     else:
         if job.checkpoint_uri is None:
             raise PrunecompError("an evaluation needs a checkpoint URI or a base model and recipe parts")
         lm = load_verified(job.checkpoint_uri, job.checkpoint_hash)
         ppl, qa = _evaluate(job, lm.model, lm.tokenizer, None)
-    result = {"perplexity": ppl, "qa": qa, "checkpoint_hash": job.checkpoint_hash, "key": job.key}
+    result = {"perplexity": ppl, "qa": qa, "checkpoint_hash": job.checkpoint_hash, "key": job.key,
+              "final_check": check}
 
     def fill(tmp: Path) -> None:
         (tmp / _RESULT).write_text(json.dumps(result, indent=2, default=str))

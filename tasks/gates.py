@@ -72,6 +72,9 @@ DEFAULT_GATES: tuple[MetricGate, ...] = (
     MetricGate(name="min_qa_retained", metric="qa_retained", direction="higher_is_better", threshold=0.9,
                missing="skip"),
     MetricGate(name="beat_champion", metric="ppl_mean_pruned", vs_champion=True),
+    # the final check: what the run folded (compensation, lsq maps, refinement) must not be worse on held-out
+    # calibration windows than removing the same layers without it (ratio of NLLs; 1e-4 of float slack)
+    MetricGate(name="folds_not_worse", metric="fold_loss_ratio", threshold=1.0001, missing="skip"),
 )
 
 

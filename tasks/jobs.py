@@ -165,3 +165,5 @@ class EvalJob(Job):
     qa_tasks: tuple[str, ...] = ()
     qa_limit: int | None = None
     seed: int = 0
+    # The final check (prunecomp.final_check) on this calibration config's held-out windows; a pipeline state only.
+    final_check: CalibrationConfig | None = None
