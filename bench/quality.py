@@ -5,11 +5,14 @@ Variants per metric (``--variants``):
   one-shot    the metric's usual baseline: score the dense model once, drop the k lowest, no compensation
   iterative   re-score after every removal, no compensation
   prune&comp  the paper: iterative + magnitude compensation
-  lsq         prune&comp + least-squares gap map (prunecomp's ``--compensation lsq``)
+  guarded     iterative + guarded compensation (prunecomp's default: s**a for the a of a short grid, 0 = none and
+              1 = the paper's s included, that lowers the calibration loss most)
+  lsq         guarded + least-squares gap map kept when it lowers the loss (prunecomp's ``--compensation lsq``)
   refine      prune&comp + distillation of the dense model into folded per-channel gains
               (prunecomp's ``--refine``; one refinement per k, from the prune&comp state at that k)
   select      prune&comp with compensation-aware selection (``--selection loss``)
   refine+select  both
+  refine-guarded / refine-none   refinement from the guarded / the uncompensated state instead of the paper's
 Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
 does not depend on k), so each variant costs one pruning run. Evaluations are cached by a hash of the weights
 (``--cache``), so a model two variants share (e.g. one-shot = iterative) is evaluated once and a rerun resumes.
@@ -132,7 +135,8 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evalua
 def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, evaluate: Evaluator, batch: int,
                args: argparse.Namespace, teacher: Any, fit_on: Any) -> dict:
     comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq", "select": "magnitude",
-            "refine+select": "magnitude"}[variant]
+            "refine+select": "magnitude", "guarded": "guarded", "refine-guarded": "guarded",
+            "refine-none": "none"}[variant]
     selection = "loss" if variant.endswith("select") else "score"
     results: dict[int, Any] = {}
 
@@ -262,7 +266,9 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]
     return merged
 
 
-VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "lsq", "select", "refine", "refine+select")
+VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "guarded", "lsq", "select", "refine", "refine-guarded",
+                 "refine-none", "refine+select")
+REFINED = ("refine", "refine-guarded", "refine-none", "refine+select")
 
 
 def render(results: list[dict[str, Any]]) -> str:
@@ -313,6 +319,43 @@ def render(results: list[dict[str, Any]]) -> str:
                  f"of the dense average {100 * _qa_se(dense['qa']):.1f} points)")
     lines.append(note + f"; compute time {seconds:.0f} s over {len(results)} process(es).")
     lines += ["", summary(merged, has_qa)]
+    if any("guarded" in per for per in merged.values()):
+        lines += ["", guard_summary(merged, dense["ppl"]["mean"])]
+    return "\n".join(lines)
+
+
+def recovered(variant: float, naive: float, dense: float) -> float:
+    """Share of the naive removal's perplexity degradation that a variant recovers (100% = back to dense)."""
+    return 100.0 * (naive - variant) / (naive - dense)
+
+
+def guard_summary(merged: dict[str, dict[str, dict[int, Any]]], dense: float) -> str:
+    """Per (metric, k): naive removal (iterative, nothing folded) vs the paper vs guarded (the default) vs the best
+    refined variant, mean perplexity and % of the naive degradation recovered; and whether the default is ever
+    worse than naive (the issue's bar)."""
+    lines = ["| metric | k | naive | paper | guarded (default) | best refined | paper rec. | guarded rec. | "
+             "refined rec. | default <= naive |", "|---|---:|---:|---:|---:|---|---:|---:|---:|:---:|"]
+    worse = 0
+    for metric, per in merged.items():
+        for k in sorted({k for v in per.values() for k in v}):
+            get = {v: per.get(v, {}).get(k) for v in VARIANT_ORDER}
+            naive, paper, guarded = get["iterative"], get["prune&comp"], get["guarded"]
+            if naive is None or guarded is None:
+                continue
+            n = naive["ppl"]["mean"]
+            refs = [(get[v]["ppl"]["mean"], v) for v in REFINED if get[v] is not None]
+            best = min(refs) if refs else None
+            ok = guarded["ppl"]["mean"] <= n
+            worse += not ok
+            cells = [f"{n:.2f}", f"{paper['ppl']['mean']:.2f}" if paper else "-", f"{guarded['ppl']['mean']:.2f}",
+                     f"{best[0]:.2f} ({best[1]})" if best else "-",
+                     f"{recovered(paper['ppl']['mean'], n, dense):.0f}%" if paper else "-",
+                     f"{recovered(guarded['ppl']['mean'], n, dense):.0f}%",
+                     f"{recovered(best[0], n, dense):.0f}%" if best else "-", "yes" if ok else "**no**"]
+            lines.append(f"| {metric} | {k} | " + " | ".join(cells) + " |")
+    lines += ["", f"Rows where the default (guarded) is worse than naive removal of its own layers: {worse}. "
+              "Recovered = (naive - variant) / (naive - dense) of mean perplexity; dense mean "
+              f"{dense:.2f}."]
     return "\n".join(lines)
 
 

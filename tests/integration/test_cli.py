@@ -35,6 +35,15 @@ def test_prune_end_to_end(stories_dir, tmp_path) -> None:
     assert len(report["removed"]) == 2 and report["source"]["content_hash"]
     assert report["perplexity"]["tinystories"]["pruned"] > report["perplexity"]["tinystories"]["dense"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+    # guarded compensation is the default: every step says what it measured and folded
+    assert report["config"]["compensation"] == "guarded"
+    for step in report["steps"]:
+        g = step["guard"]
+        assert g["decision"] in ("paper", "declined", "adjusted") and step["applied_scale"] == g["scale"]
+        assert g["losses"][g["scales"].index(g["scale"])] == min(g["losses"])
+    assert "guard" in text and "final check" in text
+    check = report["final_check"]
+    assert check["verdict"] in ("better", "same") and check["windows"] == 8 and check["folded"] in ("scales", "nothing")
     code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--out", str(out))
     assert code == 2 and "already exists" in text
 
@@ -265,3 +274,20 @@ def test_output_inside_the_source_is_refused_even_with_overwrite(stories_dir, tm
         code, text = _invoke("prune", "--model", str(src), "--layers", "1", *FAST, "--out", str(out), "--overwrite")
         assert code == 2 and "inside the source model folder" in text, text
     assert digest() == before and not (src / "pruned").exists()
+
+
+def test_held_out_windows_are_seeded_and_not_calibration_windows(stories_dir, data_dir) -> None:
+    from transformers import AutoTokenizer
+
+    from prunecomp.calibration import calibration_windows, held_out_windows
+
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    cal = calibration_windows(tok, "tinystories", n_samples=16, seq_len=64, seed=3, data_dir=data_dir)
+    held = held_out_windows(tok, "tinystories", n_windows=8, seq_len=64, calibration_samples=16, seed=3,
+                            data_dir=data_dir)
+    assert held.n == 8 and held.digest != cal.digest and "held-out" in held.origin
+    cal_rows = {tuple(r.tolist()) for r in cal.ids}
+    assert not any(tuple(r.tolist()) in cal_rows for r in held.ids)
+    again = held_out_windows(tok, "tinystories", n_windows=8, seq_len=64, calibration_samples=16, seed=3,
+                             data_dir=data_dir)
+    assert torch.equal(again.ids, held.ids)  # seeded
