@@ -293,8 +293,8 @@ def status_cmd(run: str | None, store: str | None, tracking_uri: str | None) -> 
 @click.option("--version", default=None, help="Version to promote (default: the newest).")
 @click.option("--alias", default="champion", show_default=True)
 @click.option("--gates", "gates_file", default=None, help="YAML file with a `gates:` list (default gates: mean "
-              "perplexity ratio <= 3, QA retained >= 0.9 when measured, beats the champion's mean perplexity, the run's folds "
-              "not worse than plain removal on held-out calibration windows).")
+              "perplexity ratio <= 3, QA retained >= 0.9 when measured, beats the champion's mean perplexity, the "
+              "run's folds not worse than plain removal on held-out calibration windows).")
 @click.option("--tracking-uri", default=None)
 @_errors
 def promote_cmd(registered_model: str, version: str | None, alias: str, gates_file: str | None,

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger
 from flows.params import CompressConfig
 from flows.runners import task_runner
 from prunecomp.calibration import check_context
+from prunecomp.config import EvalConfig
 from prunecomp.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
 from prunecomp.final_check import line as final_line
@@ -271,8 +272,8 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     final, final_cached = run_cached(write_final, fjob)
     log.info("final model (%d layers removed) %s: %s", len(kept), "reused" if final_cached else "written",
              redact(final["uri"]))
-    final_eval = evaluate(parts, digest, config.evaluation, qa=True, check=True)
-    check = final_eval.get("final_check")
+    final_eval = evaluate(parts, digest, config.evaluation, qa=True)  # shares its cache with the evaluate flow
+    check = evaluate(parts, digest, EvalConfig(datasets=()), check=True).get("final_check") if kept else None
     if check is not None:
         (log.warning if check["verdict"] == "worse" else log.info)(final_line(check))
     ppl = {name: {"dense": v, "pruned": final_eval["perplexity"][name]}

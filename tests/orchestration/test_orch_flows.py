@@ -38,6 +38,11 @@ def test_two_step_run_on_s3_end_to_end(harness, s3, tracking_uri, make_config, t
     assert mv.tags["source_hash"] == summary["source"]["content_hash"]
     assert mv.tags["calibration_digest"] == summary["calibration"]["digest"]
     assert mv.tags["metric"] == "bi" and mv.tags["layers_removed"] == "[2, 1]"
+    # guarded compensation and the final check, as a registry user reads them
+    assert mv.tags["compensation"] == "guarded" and len(mv.tags["guard_decisions"].split(",")) == 2
+    assert mv.tags["final_check"] == summary["final_check"]["verdict"] in ("better", "same")
+    assert c.get_run(summary["mlflow"]["run_id"]).data.metrics["fold_loss_ratio"] == pytest.approx(
+        summary["final_check"]["loss"] / summary["final_check"]["uncompensated_loss"])
     assert mv.tags["code_version"] == summary["code_version"] and mv.tags["checkpoint_hash"] == summary["final"]["hash"]
     # one copy of the weights: the version's source is the final model in the store, MLflow holds its recipe
     assert mv.source == summary["final"]["uri"] and fs.exists(f"{final}/recipe.json")

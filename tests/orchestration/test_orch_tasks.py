@@ -51,7 +51,11 @@ def test_gates_name_what_failed() -> None:
     champion = {"ppl_mean_pruned": 10.0, "ppl_ratio_mean": 1.5}
     better = decide(DEFAULT_GATES, {"ppl_mean_pruned": 9.0, "ppl_ratio_mean": 1.4}, champion)
     assert better.passed
-    assert [r.name for r in better.results if "skipped" in r.detail] == ["min_qa_retained"]
+    assert [r.name for r in better.results if "skipped" in r.detail] == ["min_qa_retained", "folds_not_worse"]
+    hurt = decide(DEFAULT_GATES, {"ppl_mean_pruned": 9.0, "ppl_ratio_mean": 1.4, "fold_loss_ratio": 1.02}, champion)
+    assert hurt.failed == ["folds_not_worse"]  # the final check: the run's folds made held-out loss worse
+    fine = decide(DEFAULT_GATES, {"ppl_mean_pruned": 9.0, "ppl_ratio_mean": 1.4, "fold_loss_ratio": 0.97}, champion)
+    assert fine.passed
     tie = decide(DEFAULT_GATES, {"ppl_mean_pruned": 10.0, "ppl_ratio_mean": 1.5}, champion)
     assert tie.failed == ["beat_champion"]  # a tie does not move the champion
     bad = decide(DEFAULT_GATES, {"ppl_mean_pruned": 50.0, "ppl_ratio_mean": 7.0, "qa_retained": 0.5}, None)
