@@ -18,8 +18,8 @@ __all__ = ["CODE_VERSION_ENV", "NUMERIC_LIBRARIES", "code_files", "code_version"
            "model_state_hash", "source_digest", "stable_hash"]
 
 CODE_VERSION_ENV = "PRUNECOMP_CODE_VERSION"
-# The CLI and the report writer do not change numbers; everything else in prunecomp/ may.
-_NOT_NUMERIC = {"cli.py"}
+# The CLI package prints and parses options, it changes no number; everything else in prunecomp/ may.
+_NOT_NUMERIC = ("prunecomp/cli/",)
 
 
 def stable_hash(*parts: Any) -> str:
@@ -56,9 +56,10 @@ def code_files() -> list[tuple[str, Path]]:
     for package in (prunecomp, tasks):
         root = Path(package.__file__).resolve().parent
         for path in sorted([*root.rglob("*.py"), *root.rglob("*.yaml"), *root.rglob("*.json")]):
-            if path.name in _NOT_NUMERIC or "__pycache__" in path.parts:
+            name = f"{root.name}/{path.relative_to(root).as_posix()}"
+            if name.startswith(_NOT_NUMERIC) or "__pycache__" in path.parts:
                 continue
-            out.append((f"{root.name}/{path.relative_to(root).as_posix()}", path))
+            out.append((name, path))
     return out
 
 
@@ -91,7 +92,7 @@ def code_version() -> str:
     Covered: every ``prunecomp/`` source and shipped config (QA task YAMLs), every ``tasks/`` module, and the
     versions of the libraries that change numbers (:data:`NUMERIC_LIBRARIES`). A source hash rather than the version
     string alone: during development the version does not move while the scoring code does, and a cached step
-    computed by older code must not be reused. Left out, on purpose: ``cli.py`` (prints, changes no number),
+    computed by older code must not be reused. Left out, on purpose: ``prunecomp/cli/`` (prints, changes no number),
     ``flows/`` (wiring: every number it keeps comes from a task, keyed here), the device and CUDA/driver version
     (CPU runs are deterministic; a cache shared between a CPU and a GPU machine should set the variable per
     machine), and the contents of the data files behind ``data_dir`` (immutable by convention: ``shared/data``

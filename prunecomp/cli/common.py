@@ -1,0 +1,73 @@
+"""What every command shares: quiet environment, the consoles, and user errors as one ``error:`` line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from prunecomp.config import PruneConfig
+from prunecomp.errors import PrunecompError
+
+# Quiet, no telemetry. tqdm reads TQDM_DISABLE when it is imported, so the console entry point
+# (:mod:`flows.entry`) calls :func:`quiet_environment` before importing anything; importing this module changes
+# nothing.
+QUIET_ENV = {"DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+             "TQDM_DISABLE": "1"}
+
+
+def quiet_environment() -> None:
+    """Set :data:`QUIET_ENV` where the user has not set those variables."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def choices(field: str) -> list[str]:
+    """The values a :class:`~prunecomp.config.PruneConfig` field accepts (its ``Literal``), for ``click.Choice``:
+    the CLI never lists them a second time."""
+    from typing import get_args
+
+    return [str(v) for v in get_args(PruneConfig.model_fields[field].annotation)]
+
+console = Console(stderr=True)
+out = Console()
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars cover the long parts; the libraries' bars would interleave with them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars cover the long parts
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User errors (bad options, unreadable inputs, unreachable storage, failing gates): one line, exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PrunecompError as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except ValidationError as exc:
+            msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            console.print(f"[bold red]error:[/] invalid option: {msgs}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def csv_ints(value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise PrunecompError(f"--protect expects comma-separated layer indices like 0,-1, got {value!r}") from exc

