@@ -374,10 +374,10 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
                        experiment=config.tracking.experiment, run_key=run_key, run_name=summary["run_id"],
                        params=summary["config"] | {"code_version": summary["code_version"]},
                        steps=[s for s in summary["steps"] if s["kept"]], metrics=metrics, tags=tags, report=report,
-                       summary_md=summary_markdown(summary), model_dir=None,
+                       summary_md=summary_markdown(summary), model_uri=summary["final"]["uri"],
                        recipe_uri=final_uri)  # read with the real URI; everything sent is redacted
     version = register_task(tracking_uri=loc.tracking_uri, name=config.model_name(), run_id=run["run_id"],
-                            source=summary["final"]["uri"], tags=tags,
+                            source=summary["final"]["uri"], tags=tags, model_id=run["model_id"] or None,
                             description=f"{summary['source']['uri']} minus layers {summary['removed']} "
                                         f"({tags['method']}, {prune.metric})")
-    return {"run_id": run["run_id"], "model_uri": run["model_uri"], **version}
+    return {"run_id": run["run_id"], "model_id": run["model_id"], "model_uri": run["model_uri"], **version}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ def save_pruned(
     report: dict[str, Any] | None = None,
     recipe: Recipe | None = None,
     overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> str:
     """Write ``model`` + ``tokenizer`` (+ ``report``, + ``recipe``) to ``uri`` (local path or fsspec URL),
-    atomically."""
+    atomically. ``extra(folder)`` adds more files to the same atomic folder (the pipeline's MLflow Model files)."""
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -36,5 +38,7 @@ def save_pruned(
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
         if recipe is not None:
             write_recipe_files(recipe, tmp)
+        if extra is not None:
+            extra(tmp)
 
     return write_dir(uri, fill, overwrite=overwrite)

@@ -256,8 +256,10 @@ class StreamedModel:
             self.remove(s.current, 1.0 if s.scale is None else s.scale)
 
     def save(self, uri: str, *, tokenizer: Any = None, report: dict[str, Any] | None = None,
-             recipe: Recipe | None = None, overwrite: bool = False) -> str:
-        """Write the pruned, compensated model as sharded safetensors (one shard per layer), atomically."""
+             recipe: Recipe | None = None, overwrite: bool = False,
+             extra: Callable[[Path], None] | None = None) -> str:
+        """Write the pruned, compensated model as sharded safetensors (one shard per layer), atomically;
+        ``extra(folder)`` adds more files to the same atomic folder."""
         from safetensors.torch import save_file
 
         def fill(tmp: Path) -> None:
@@ -294,6 +296,8 @@ class StreamedModel:
                 (tmp / "prunecomp_report.json").write_text(json.dumps(report, indent=2, default=str))
             if recipe is not None:
                 write_recipe_files(recipe, tmp)
+            if extra is not None:
+                extra(tmp)
 
         return write_dir(uri, fill, overwrite=overwrite)
 

@@ -1,5 +1,5 @@
 """The two ends of a run's chain of model states: the base (the source model, as a folder of safetensors) and
-the final model, written once.
+the final model, written once (a plain HF checkpoint that is also an MLflow Model: :mod:`tasks.mlflow_model`).
 
 A source that already is safetensors (a local folder, a hub snapshot, an s3:// folder) is the base as it is:
 its identity is the sha256 of its files, and nothing is copied. A GGUF or pickle source is materialised once as
@@ -10,6 +10,7 @@ worker then loads plain safetensors in about a second, and layer streaming needs
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -24,6 +25,7 @@ from tasks.caching import JOB_KEY
 from tasks.files import read_json
 from tasks.jobs import FinalJob, ModelJob
 from tasks.keys import model_state_hash
+from tasks.mlflow_model import write_mlflow_model
 from tasks.settings import redact
 
 __all__ = ["load_checkpoint", "load_verified", "materialize_model", "read_meta", "resolve_model", "write_final"]
@@ -95,7 +97,8 @@ def _config_facts(source: Any) -> dict[str, Any]:
 
 @task(name="write-final", cache_policy=JOB_KEY, persist_result=True)
 def write_final(job: FinalJob) -> dict[str, Any]:
-    """Write the model of the final state (the working copy) with its full recipe to ``job.uri``, atomically."""
+    """Write the model of the final state (the working copy) with its full recipe to ``job.uri``, atomically, with
+    the MLflow Model files beside the weights (one copy serves ``from_pretrained`` and the MLflow flavors)."""
     if is_complete(job.uri):
         return read_meta(job.uri)
     from tasks.working import checkout, recipe_of
@@ -106,10 +109,19 @@ def write_final(job: FinalJob) -> dict[str, Any]:
             "removed": recipe.removed}
     report = {"pipeline": meta, **job.report}
     with checkout(job.base_uri, recipe, stream=job.stream) as wc:
+        model = wc.model if wc.streamed is None else wc.streamed.model
+
+        def mlflow_files(folder: Path) -> None:  # the same folder is an MLflow Model (tasks.mlflow_model)
+            write_mlflow_model(folder, architecture=type(model).__name__, tokenizer_class=type(wc.tokenizer).__name__,
+                               dtype=str(next(p.dtype for p in model.parameters() if not p.is_meta)),
+                               source_name=redact(str(job.source.get("uri") or "")))
+
         if wc.streamed is not None:
-            wc.streamed.save(job.uri, tokenizer=wc.tokenizer, report=report, recipe=full, overwrite=True)
+            wc.streamed.save(job.uri, tokenizer=wc.tokenizer, report=report, recipe=full, overwrite=True,
+                             extra=mlflow_files)
         else:
-            save_pruned(wc.model, wc.tokenizer, job.uri, report=report, recipe=full, overwrite=True)
+            save_pruned(wc.model, wc.tokenizer, job.uri, report=report, recipe=full, overwrite=True,
+                        extra=mlflow_files)
     return meta
 
 

@@ -22,6 +22,10 @@ from tasks.gates import Decision, GateFailed, MetricGate, decide
 __all__ = ["client", "ensure_experiment", "find_version", "log_compress_run", "promote_version",
            "register_version", "version_metrics"]
 
+MODEL_ID_TAG = "prunecomp.logged_model_id"
+_MODEL_TAGS = ("method", "metric", "compensation", "final_check", "guard_decisions", "layers_removed",
+               "source_hash", "checkpoint_hash", "prunecomp_run")
+
 RUN_KEY_TAG = "prunecomp.run_key"
 
 
@@ -51,10 +55,14 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
 def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, run_key: str, run_name: str,
                      params: Mapping[str, Any], steps: list[dict[str, Any]], metrics: Mapping[str, float],
                      tags: Mapping[str, str], report: Mapping[str, Any], summary_md: str,
-                     model_dir: str | None, recipe_uri: str | None = None) -> dict[str, str]:
-    """Log one finished compression run; returns ``run_id`` and the artifact URI of the logged model.
+                     model_uri: str, recipe_uri: str | None = None) -> dict[str, str]:
+    """Log one finished compression run; returns ``run_id``, the ``model_id`` of its logged model and
+    ``model_uri`` (where the model's files are: the final folder in the store).
 
-    Per-step metrics use MLflow's ``step`` (= layers removed so far; step 0 is the dense model).
+    Per-step metrics use MLflow's ``step`` (= layers removed so far; step 0 is the dense model). The final model is
+    an MLflow 3 LoggedModel of the run (model-centric API: it carries the run's final metrics and key params, and
+    the registered version names it); its files are not copied: they already are an MLflow Model in the store
+    (:mod:`tasks.mlflow_model`).
     """
     from mlflow.entities import Metric, Param, RunTag
 
@@ -64,7 +72,8 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
     done = c.search_runs([exp_id], filter_string=query, max_results=1)
     if done:
         run = done[0]
-        return {"run_id": run.info.run_id, "model_uri": f"{run.info.artifact_uri}/model", "reused": "true"}
+        return {"run_id": run.info.run_id, "model_id": run.data.tags.get(MODEL_ID_TAG, ""), "model_uri": model_uri,
+                "reused": "true"}
     run = c.create_run(exp_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
     run_id = run.info.run_id
     flat: dict[str, str] = {}
@@ -84,6 +93,11 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
             batch.append(Metric(f"quick_ppl_{name}", float(value), ts, n))
         if n == 1:
             batch += [Metric(f"quick_ppl_{name}", float(v), ts, 0) for name, v in (s.get("ppl_before") or {}).items()]
+    logged = c.create_logged_model(exp_id, name="model", source_run_id=run_id, model_type="transformers",
+                                   tags={"model_uri": model_uri, **{k: v for k, v in tags.items()
+                                                                    if k in _MODEL_TAGS}},
+                                   params={k: flat[k][:6000] for k in _model_params(flat)})
+    batch += [Metric(k, float(v), ts, 0, model_id=logged.model_id) for k, v in metrics.items()]
     for i in range(0, len(batch), 900):
         c.log_batch(run_id, metrics=batch[i : i + 900])
     items = [Param(k[:250], v[:6000]) for k, v in flat.items()]
@@ -98,8 +112,6 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
         with tempfile.TemporaryDirectory(prefix="prunecomp-plots-") as tmp:
             save_report_plots(report, tmp)
             c.log_artifacts(run_id, tmp, "plots")
-    if model_dir is not None:
-        c.log_artifacts(run_id, model_dir, "model")
     if recipe_uri is not None:  # the recipe of the registered model (kilobytes), not its weights
         from prunecomp.recipe import RECIPE_FILE, TENSORS_FILE
         from tasks.files import exists, read_bytes
@@ -109,8 +121,15 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
                 if exists(f"{recipe_uri.rstrip('/')}/{name}"):
                     (Path(tmp) / name).write_bytes(read_bytes(f"{recipe_uri.rstrip('/')}/{name}"))
             c.log_artifacts(run_id, tmp, "recipe")
+    c.finalize_logged_model(logged.model_id, "READY")
+    c.set_tag(run_id, MODEL_ID_TAG, logged.model_id)
     c.set_terminated(run_id)
-    return {"run_id": run_id, "model_uri": f"{c.get_run(run_id).info.artifact_uri}/model", "reused": "false"}
+    return {"run_id": run_id, "model_id": logged.model_id, "model_uri": model_uri, "reused": "false"}
+
+
+def _model_params(flat: Mapping[str, str]) -> list[str]:
+    """The params a logged model carries: what was removed and how (the run has them all)."""
+    return [k for k in flat if k.split(".")[0] in ("prune", "model", "revision") or k == "code_version"][:90]
 
 
 def find_version(c: Any, name: str, tag: str, value: str) -> Any | None:
@@ -126,7 +145,8 @@ def find_version(c: Any, name: str, tag: str, value: str) -> Any | None:
 
 
 def register_version(*, tracking_uri: str, name: str, run_id: str, source: str, tags: Mapping[str, str],
-                     description: str, candidate_alias: str | None = "candidate") -> dict[str, str]:
+                     description: str, candidate_alias: str | None = "candidate",
+                     model_id: str | None = None) -> dict[str, str]:
     """Register ``source`` as a new version of ``name`` (created when missing); reuse the version already
     registered for the same checkpoint hash. Tags carry the lineage (source model hash, calibration digest, metric,
     layers removed, code version)."""
@@ -141,8 +161,12 @@ def register_version(*, tracking_uri: str, name: str, run_id: str, source: str, 
     if existing is not None:
         version = str(existing.version)
     else:
-        mv = c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags), description=description)
+        extra = {MODEL_ID_TAG: model_id} if model_id else {}
+        mv = c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags) | extra,
+                                    description=description, model_id=model_id or None)
         version = str(mv.version)
+        if model_id:  # the logged model names the versions made from it
+            c.set_logged_model_tags(model_id, {f"registered.{name}": version})
     if candidate_alias:
         c.set_registered_model_alias(name, candidate_alias, version)
     return {"name": name, "version": version, "reused": str(existing is not None).lower()}
@@ -187,6 +211,12 @@ def promote_version(*, tracking_uri: str, name: str, version: str | None,
     if current == version:
         return {"name": name, "version": version, "alias": alias, "changed": False, "previous": current,
                 "decision": Decision(passed=True, results=[]).model_dump()}
+    from tasks.mlflow_model import check_mlflow_model
+
+    problem = check_mlflow_model(str(c.get_model_version(name, version).source))
+    if problem is not None:  # the champion alias only ever points at something users can load and serve
+        raise PrunecompError(f"version {version} of {name!r} is not a loadable MLflow Model ({problem}); "
+                             f"not promoted to {alias!r}")
     candidate = version_metrics(c, name, version)
     champion = version_metrics(c, name, current) if current is not None else None
     decision = decide([MetricGate.model_validate(g) for g in gates], candidate, champion)
