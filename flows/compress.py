@@ -25,10 +25,11 @@ from prunecomp.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
 from prunecomp.final_check import line as final_line
 from prunecomp.incremental import PER_CANDIDATE_METRICS
+from prunecomp.quiet import quiet_libraries
 from prunecomp.recipe import Recipe
 from prunecomp.storage import check_writable, is_complete, write_json
 from tasks import working
-from tasks.artifacts import publish_step, publish_summary, summary_markdown
+from tasks.artifacts import RunProgress, publish_step, publish_summary, summary_markdown
 from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
 from tasks.candidates import CandidateJob, score_candidates, split
@@ -150,8 +151,35 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
     log = get_run_logger()
     loc = locations(config.tracking.store, config.tracking.tracking_uri)
     data_dir = _preflight(config, loc)
-    with run_lock(loc.child("runs", config.run_id(), "lock.json"), config.run_id(), log) as lock:
+    quiet_libraries()  # a worker's log is the run's story: no weight-loading or download bars
+    with run_lock(loc.child("runs", config.run_id(), "lock.json"), config.run_id(), log,
+                  extra={"flow_run_id": _flow_run_id()},
+                  on_stale=lambda held, why: _mark_crashed(held, why, log)) as lock:
         return _compress(config, loc, data_dir, lock, log)
+
+
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else None
+
+
+def _mark_crashed(held: dict[str, Any], why: str, log: Any) -> None:
+    """A run whose process died (SIGKILL, lost machine) stays RUNNING in Prefect forever: when its lock is taken
+    over, mark its flow run Crashed through the Prefect API, with a log line."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    dead = held.get("flow_run_id")
+    if not dead or dead == _flow_run_id():
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(dead)
+        if run.state is None or not run.state.is_running():
+            return
+        client.set_flow_run_state(dead, Crashed(message=f"its process died ({why}); resumed by flow run "
+                                                        f"{_flow_run_id()}"), force=True)
+    log.warning("marked flow run %r (%s) Crashed: %s", run.name, dead, why)
 
 
 def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock: RunLock, log: Any) -> dict[str, Any]:
@@ -210,7 +238,9 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     parts: list[str] = []
     digest = Recipe(source={"content_hash": base["hash"]}).digest()
     dense_quick = quick(parts, digest)
+    progress = RunProgress(run_id, 1 + k + (config.prune.refine != "none") + 2 + config.tracking.log_and_register)
     dense_eval = evaluate(parts, digest, config.evaluation, qa=True)  # now, while the working copy is dense
+    progress.advance("dense model evaluated")
     parent_ppl = dense_quick
     steps: list[dict[str, Any]] = []
     stop_reason = f"removed the {k} requested layers"
@@ -229,6 +259,8 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
                  "reused": cached, "ppl_before": parent_ppl, "ppl_after": after, "kept": True,
                  "candidate_workers": workers}
         publish_step(run_id, entry)
+        progress.advance(f"step {step + 1}/{k}: removed layer {entry['record']['chosen']}"
+                         f"{' (cached)' if cached else ''}")
         rec = meta["record"]
         log.info("step %d/%d: removed layer %d, s=%.4f, quick ppl %s -> %s%s", step + 1, k, rec["chosen"],
                  rec["applied_scale"], _fmt(_mean(parent_ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
@@ -258,6 +290,7 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
                          mode=p.refine, steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch,
                          topk=p.refine_topk, batch_size=config.calibration.batch_size)
         meta, cached = run_cached(refine_state, rjob)
+        progress.advance(f"refined ({p.refine})")
         after = quick([*parts, meta["uri"]], meta["digest"])
         refined = {"uri": meta["uri"], "digest": meta["digest"], "report": meta["refine"], "reused": cached,
                    "ppl_before": parent_ppl, "ppl_after": after}
@@ -270,9 +303,11 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
                                                     "num_layers": n_src, "uri": source["uri"]},
                     report=redact_all({"run_id": run_id, "config": config.model_dump(mode="json"), "source": source}))
     final, final_cached = run_cached(write_final, fjob)
+    progress.advance("final model written")
     log.info("final model (%d layers removed) %s: %s", len(kept), "reused" if final_cached else "written",
              redact(final["uri"]))
     final_eval = evaluate(parts, digest, config.evaluation, qa=True)  # shares its cache with the evaluate flow
+    progress.advance("final model evaluated")
     check = evaluate(parts, digest, EvalConfig(datasets=()), check=True).get("final_check") if kept else None
     if check is not None:
         (log.warning if check["verdict"] == "worse" else log.info)(final_line(check))
@@ -301,6 +336,7 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     summary = redact_all(summary)  # what is written, logged, returned and sent to MLflow carries no credentials
     if config.tracking.log_and_register and kept:
         summary["mlflow"] = _track(config, loc, summary, metrics, final_uri=final["uri"])
+        progress.advance(f"registered version {summary['mlflow']['version']}")
     summary["seconds"] = time.perf_counter() - t0
     markdown = summary_markdown(summary)
     write_json(loc.child("runs", run_id, "report.json"), summary)

@@ -60,6 +60,9 @@ def checkpoint_hash(uri: str) -> str:
 @flow(name="evaluate", validate_parameters=True)
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Perplexity (and optional QA) of ``config.checkpoint``; tags the model version with the results."""
+    from prunecomp.quiet import quiet_libraries
+
+    quiet_libraries()
     loc = locations(config.tracking.store, config.tracking.tracking_uri)
     configure_s3()
     data_dir = resolve_data_dir(config.data_dir)

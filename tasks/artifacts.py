@@ -90,6 +90,26 @@ def publish_step(run_id: str, step: Mapping[str, Any]) -> None:
                           description=step_description(step))
 
 
+class RunProgress:
+    """The run's Prefect progress artifact (key ``<run>-progress``): how far a long run is, in the UI, without the
+    terminal. Stages: the dense evaluation, each step, refinement, the final write and evaluation, MLflow."""
+
+    def __init__(self, run_id: str, total: int) -> None:
+        from prefect.artifacts import create_progress_artifact
+
+        self.total, self.done = max(total, 1), 0
+        self.id = create_progress_artifact(0.0, key=_key(f"{run_id}-progress"),
+                                           description=f"prunecomp run {run_id}: starting")
+
+    def advance(self, what: str) -> None:
+        """One more stage done; ``what`` says which (shown as the artifact's description)."""
+        from prefect.artifacts import update_progress_artifact
+
+        self.done = min(self.done + 1, self.total)
+        update_progress_artifact(self.id, 100.0 * self.done / self.total,
+                                 description=f"{self.done}/{self.total}: {what}")
+
+
 def publish_summary(run_id: str, markdown: str) -> None:
     from prefect.artifacts import create_markdown_artifact
 

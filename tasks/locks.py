@@ -16,7 +16,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -82,10 +82,14 @@ def _create_local(uri: str, owner: dict[str, Any]) -> bool:
 
 
 @contextmanager
-def run_lock(uri: str, run_id: str, log: Any = None) -> Iterator[RunLock]:
-    """Hold the lock of ``run_id`` at ``uri`` for the block; a clear error when a live run holds it."""
+def run_lock(uri: str, run_id: str, log: Any = None, *, extra: dict[str, Any] | None = None,
+             on_stale: Callable[[dict[str, Any], str], None] | None = None) -> Iterator[RunLock]:
+    """Hold the lock of ``run_id`` at ``uri`` for the block; a clear error when a live run holds it.
+
+    ``extra`` is recorded in the lock (the orchestrator's run id); ``on_stale(held, why)`` is told about a dead
+    holder's record when its lock is taken over (to mark its orchestrator run crashed); its errors are logged."""
     owner = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-             "heartbeat": time.time(), "token": os.urandom(8).hex()}
+             "heartbeat": time.time(), "token": os.urandom(8).hex(), **(extra or {})}
     for _ in range(3):
         if not is_remote(uri) and _create_local(uri, owner):
             break
@@ -104,6 +108,12 @@ def run_lock(uri: str, run_id: str, log: Any = None) -> Iterator[RunLock]:
                 f"UTC); wait for it to finish, or, if that process is gone, delete {uri}")
         if log is not None:
             log.warning("taking over the lock of run %s: %s", run_id, why)
+        if on_stale is not None:
+            try:
+                on_stale(held, why)
+            except Exception as exc:  # bookkeeping of a dead run must not stop the live one
+                if log is not None:
+                    log.warning("could not update the dead run's record: %s", exc)
         if is_remote(uri):
             write_json(uri, owner)
             break

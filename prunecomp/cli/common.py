@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -14,19 +13,10 @@ from rich.markup import escape
 
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
+from prunecomp.quiet import QUIET_ENV, quiet_environment, quiet_libraries
 
-# Quiet, no telemetry. tqdm reads TQDM_DISABLE when it is imported, so the console entry point
-# (:mod:`flows.entry`) calls :func:`quiet_environment` before importing anything; importing this module changes
-# nothing.
-QUIET_ENV = {"DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-             "TQDM_DISABLE": "1"}
-
-
-def quiet_environment() -> None:
-    """Set :data:`QUIET_ENV` where the user has not set those variables."""
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-
+__all__ = ["QUIET_ENV", "choices", "console", "csv_ints", "out", "quiet_environment", "quiet_libraries",
+           "user_errors"]
 
 def choices(field: str) -> list[str]:
     """The values a :class:`~prunecomp.config.PruneConfig` field accepts (its ``Literal``), for ``click.Choice``:
@@ -37,13 +27,6 @@ def choices(field: str) -> list[str]:
 
 console = Console(stderr=True)
 out = Console()
-
-
-def quiet_libraries() -> None:
-    """Our own progress bars cover the long parts; the libraries' bars would interleave with them."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # our own progress bars cover the long parts
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -83,7 +83,11 @@ def _assert_prefect_artifacts(run_id: str, n_steps: int) -> None:
 
     keys = [f"{run_id}-step-{i}" for i in range(1, n_steps + 1)] + [f"{run_id}-summary"]
     with get_client(sync_client=True) as pc:
-        found = {a.key: a for a in pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
+        found = {a.key: a for a in pc.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[*keys, f"{run_id}-progress"])))}
+    progress = found.pop(f"{run_id}-progress")  # the run's progress, as the UI shows it: done at the end
+    assert progress.type == "progress" and float(progress.data) == 100.0 and "registered version" in \
+        progress.description
     assert set(found) == set(keys)
     assert found[keys[0]].type == "table" and "removed original layer **2**" in found[keys[0]].description
     assert found[keys[-1]].type == "markdown" and "| dataset | dense | pruned | ratio |" in found[keys[-1]].data
