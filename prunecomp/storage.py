@@ -9,12 +9,13 @@ it wrote.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +157,10 @@ def write_dir(uri: str, fill: Callable[[Path], None], *, overwrite: bool = False
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            fill(tmp)
-            (tmp / MARKER).write_text("")
-            _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
+            with _disk_errors(uri):
+                fill(tmp)
+                (tmp / MARKER).write_text("")
+                _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
             if target.exists():
                 if not overwrite and any(target.iterdir()):
                     raise PrunecompError(f"output {uri!r} appeared while writing; not replacing it")
@@ -174,19 +176,60 @@ def write_dir(uri: str, fill: Callable[[Path], None], *, overwrite: bool = False
         return uri
     fs, path = _fs(uri)
     with tempfile.TemporaryDirectory(prefix="prunecomp-") as tmp:
-        fill(Path(tmp))
-        try:
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-            for file in sorted(Path(tmp).rglob("*")):
-                if file.is_file():
-                    fs.put_file(str(file), f"{path}/{file.relative_to(tmp).as_posix()}")
-            fs.pipe(f"{path}/{MARKER}", b"")
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                fs.rm(path, recursive=True)
-            raise PrunecompError(f"upload to {uri!r} failed and was rolled back: {exc}") from exc
+        with _disk_errors(f"{uri} (staged in {tempfile.gettempdir()})"):
+            fill(Path(tmp))
+        _upload_staged(fs, path, uri, Path(tmp))
     return uri
+
+
+@contextlib.contextmanager
+def _disk_errors(where: str) -> Iterator[None]:
+    """A full disk (or quota) while writing an output is the user's to fix: one clear error, not a traceback from
+    inside safetensors; the caller's cleanup leaves nothing half-written and the previous content in place."""
+    try:
+        yield
+    except Exception as exc:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or "No space left on device" in str(exc)):  # safetensors wraps the OSError in its own type
+            raise
+        raise PrunecompError(f"no space left on the device while writing {where}: nothing was written and any "
+                             "previous content is untouched; free space (or choose another --out / store) and "
+                             "run again") from exc
+
+
+def _upload_staged(fs: Any, path: str, uri: str, local: Path) -> None:
+    """Object stores have no rename: upload everything to a staging prefix beside ``path`` first (a failure there
+    leaves the old result untouched and removes the staging copy), then swap with server-side copies: drop the old
+    marker, copy the staged files over, delete old files the new result does not have, write the marker last.
+    The old result is only touched once the new one is complete in staging; if the swap itself fails, the folder
+    reads as unfinished (no marker: it is recomputed, never taken for a result) and the error names the complete
+    staged copy."""
+    files = sorted(f.relative_to(local).as_posix() for f in local.rglob("*") if f.is_file())
+    staging = f"{path}.staging-{uuid.uuid4().hex[:12]}"
+    try:
+        for name in files:
+            fs.put_file(str(local / name), f"{staging}/{name}")
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            fs.rm(staging, recursive=True)
+        raise PrunecompError(f"upload to {uri!r} failed; the previous content, if any, is untouched: {exc}") from exc
+    try:
+        if fs.exists(path):
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(f"{path}/{MARKER}")
+            old = {p.removeprefix(path.rstrip("/") + "/") for p in fs.find(path)}
+        else:
+            old = set()
+        for name in files:
+            fs.copy(f"{staging}/{name}", f"{path}/{name}")
+        for name in sorted(old - set(files) - {MARKER}):
+            fs.rm(f"{path}/{name}")
+        fs.pipe(f"{path}/{MARKER}", b"")
+    except Exception as exc:
+        raise PrunecompError(f"replacing {uri!r} failed midway; the complete new content is at "
+                             f"{uri.split('://')[0]}://{staging} (the folder reads as unfinished): {exc}") from exc
+    with contextlib.suppress(Exception):
+        fs.rm(staging, recursive=True)
 
 
 def write_json(uri: str, data: Any) -> str:

@@ -4,6 +4,7 @@ exit code 2, and no output folder left behind."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,39 @@ def test_held_out_windows_are_seeded_and_not_calibration_windows(stories_dir, da
     again = held_out_windows(tok, "tinystories", n_windows=8, seq_len=64, calibration_samples=16, seed=3,
                              data_dir=data_dir)
     assert torch.equal(again.ids, held.ids)  # seeded
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A real 700 KiB filesystem (tmpfs), smaller than stories260K's weights: a full disk, not a simulation."""
+    import subprocess
+
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_full_disk_is_one_error_line_and_a_rerun_completes(stories_dir, small_disk, tmp_path) -> None:
+    out = small_disk / "pruned"
+    args = ("prune", "--model", str(stories_dir), "--layers", "1", "--calib-source", "tinystories",
+            "--calib-samples", "4", "--calib-seq-len", "128", "--eval-datasets", "")
+    code, text = _invoke(*args, "--out", str(out))
+    assert code == 2 and "error: no space left on the device while writing" in text, text
+    assert "Traceback" not in text and list(small_disk.iterdir()) == []  # nothing half-written, no temp folder
+    reference = tmp_path / "reference"
+    assert _invoke(*args, "--out", str(reference))[0] == 0
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space freed
+    code, text = _invoke(*args, "--out", str(out))
+    assert code == 0, text
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -131,3 +131,91 @@ def test_each_process_downloads_into_its_own_folder(s3, stories_dir, tmp_path) -
     finally:
         alive.kill()
         alive.wait()
+
+
+def _fill(version: str, names: tuple[str, ...]):
+    def fill(tmp) -> None:
+        for name in names:
+            (tmp / name).write_text(f"{name}:{version}")
+
+    return fill
+
+
+def _read(fs, path: str) -> dict[str, str]:
+    return {p.rsplit("/", 1)[1]: fs.cat(p).decode() for p in fs.find(path)}
+
+
+def test_s3_overwrite_never_loses_the_old_result_before_the_new_one_is_complete(s3, monkeypatch) -> None:
+    from prunecomp.storage import write_dir
+
+    fs = s3
+    write_dir("s3://models/out", _fill("v1", ("a.txt", "b.txt")))
+    assert _read(fs, "models/out") == {"a.txt": "a.txt:v1", "b.txt": "b.txt:v1", "_COMPLETE": ""}
+    real, calls = fs.put_file, []
+
+    def failing(lpath, rpath, *args, **kwargs):
+        calls.append(rpath)
+        if len(calls) == 2:
+            raise ConnectionError("network gone mid-upload")
+        return real(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", failing)  # fsspec caches the instance: the one write_dir uses
+    with pytest.raises(PrunecompError, match="previous content, if any, is untouched"):
+        write_dir("s3://models/out", _fill("v2", ("a.txt", "c.txt")), overwrite=True)
+    monkeypatch.undo()
+    fs.invalidate_cache()
+    assert _read(fs, "models/out") == {"a.txt": "a.txt:v1", "b.txt": "b.txt:v1", "_COMPLETE": ""}
+    assert is_complete("s3://models/out") and not [p for p in fs.ls("models") if "staging" in p]
+    write_dir("s3://models/out", _fill("v2", ("a.txt", "c.txt")), overwrite=True)
+    fs.invalidate_cache()
+    assert _read(fs, "models/out") == {"a.txt": "a.txt:v2", "c.txt": "c.txt:v2", "_COMPLETE": ""}
+    assert not [p for p in fs.ls("models") if "staging" in p]
+
+
+def test_s3_server_stopped_mid_upload_then_rerun(tmp_path, monkeypatch) -> None:
+    """The local S3 server goes away in the middle of an upload: one clear error, the old result intact, and once
+    the server is back a rerun completes with the same content as an uninterrupted write."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from prunecomp.storage import write_dir
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "2"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    try:
+        fs.mkdir("faults")
+        write_dir("s3://faults/run", _fill("v1", ("a.txt", "b.txt")))
+        real = fs.put_file
+        stopped = []
+
+        def stop_after_first(lpath, rpath, *args, **kwargs):
+            out = real(lpath, rpath, *args, **kwargs)
+            if not stopped:
+                server.stop()
+                stopped.append(True)
+            return out
+
+        monkeypatch.setattr(fs, "put_file", stop_after_first)
+        with pytest.raises(PrunecompError, match="failed"):
+            write_dir("s3://faults/run", _fill("v2", ("a.txt", "b.txt", "c.txt")), overwrite=True)
+        assert stopped
+        monkeypatch.setattr(fs, "put_file", real)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)  # back, with its data (moto keeps state)
+        server.start()
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        assert {k: v for k, v in _read(fs, "faults/run").items()} == {"a.txt": "a.txt:v1", "b.txt": "b.txt:v1",
+                                                                       "_COMPLETE": ""}
+        write_dir("s3://faults/run", _fill("v2", ("a.txt", "b.txt", "c.txt")), overwrite=True)
+        fs.invalidate_cache()
+        assert _read(fs, "faults/run") == {"a.txt": "a.txt:v2", "b.txt": "b.txt:v2", "c.txt": "c.txt:v2",
+                                           "_COMPLETE": ""}
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
