@@ -77,10 +77,12 @@ def _build_config(kw: dict[str, Any]) -> Any:
     """Options -> validated :class:`~flows.params.CompressConfig` (a config file, when given, replaces them)."""
     from flows.params import CompressConfig
 
-    where = {k: v for k, v in (("store", kw["store"]), ("tracking_uri", kw["tracking_uri"])) if v}
+    where = _credentials_to_env({k: v for k, v in (("store", kw["store"]), ("tracking_uri", kw["tracking_uri"]))
+                                 if v})
     if kw["config"]:
         data = _load_file(kw["config"])
         data.setdefault("tracking", {}).update(where)
+        data["tracking"] = _credentials_to_env(data["tracking"])
         for key in ("data_dir", "run_name"):
             if kw[key]:
                 data[key] = kw[key]
@@ -109,6 +111,25 @@ def _build_config(kw: dict[str, Any]) -> Any:
         "data_dir": kw["data_dir"], "run_name": kw["run_name"], "tracking": tracking,
         "parallel_candidates": kw["parallel_candidates"], "stream_layers": kw["stream_layers"],
     })
+
+
+_ENV_OF = {"store": "PRUNECOMP_STORE", "tracking_uri": "MLFLOW_TRACKING_URI"}
+
+
+def _credentials_to_env(where: dict[str, Any]) -> dict[str, Any]:
+    """A store or tracking URI with a password goes to the run through the environment, not as a flow parameter:
+    Prefect stores flow parameters in its database and shows them in its UI."""
+    from tasks.settings import redact
+
+    out = dict(where)
+    for key, var in _ENV_OF.items():
+        value = out.get(key)
+        if isinstance(value, str) and redact(value) != value:
+            os.environ[var] = value
+            del out[key]
+            err.print(f"{key.replace('_', '-')} carries credentials: passed to the run through ${var}, not as a "
+                      "flow parameter (Prefect stores parameters)", highlight=False)
+    return out
 
 
 def _where_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -149,6 +149,12 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
 
     One run per run id and store at a time (:mod:`tasks.locks`): a second one fails at once, naming the first."""
     log = get_run_logger()
+    for name in ("store", "tracking_uri"):
+        value = getattr(config.tracking, name)
+        if value and redact(value) != value:
+            log.warning("tracking.%s carries credentials, and Prefect stores flow parameters in its database: set "
+                        "%s in the worker's environment instead", name,
+                        "PRUNECOMP_STORE" if name == "store" else "MLFLOW_TRACKING_URI")
     loc = locations(config.tracking.store, config.tracking.tracking_uri)
     data_dir = _preflight(config, loc)
     quiet_libraries()  # a worker's log is the run's story: no weight-loading or download bars
