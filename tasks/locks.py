@@ -5,13 +5,15 @@ places; the second one fails at once with a message saying who holds the run, in
 
 The lock (``<store>/runs/<run>/lock.json``) records host, pid and a heartbeat the flow refreshes after every
 step. It is stale, and taken over with a log line, when its process is gone (same host) or its heartbeat is
-older than ``$PRUNECOMP_LOCK_STALE_S`` (default 6 h: a run killed on another machine cannot be probed). Local
-stores create it atomically (``O_EXCL``); on S3 the check-then-write leaves a window of one round trip, which
-scheduled deployments (one run per schedule) do not hit.
+older than ``$PRUNECOMP_LOCK_STALE_S`` (default 6 h: a run killed on another machine cannot be probed). It is
+created atomically: ``O_EXCL`` on local disk, a conditional PUT (``If-None-Match: *``) on S3, so of two runs
+starting together exactly one gets it. Taking over a dead holder's lock is delete-then-create, so two runs
+taking over the same dead lock at the same instant still race for the create, and one of them fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -23,7 +25,7 @@ from typing import Any
 
 from prunecomp.errors import PrunecompError
 from prunecomp.storage import is_remote, pid_alive, write_json
-from tasks.files import exists, read_json
+from tasks.files import read_json
 
 __all__ = ["RunLock", "run_lock"]
 
@@ -67,6 +69,18 @@ def _stale(owner: dict[str, Any]) -> str | None:
     return None
 
 
+def _create_remote(uri: str, owner: dict[str, Any]) -> bool:
+    """Create the lock object only if it does not exist (S3 conditional write); False when it does."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        fs.pipe_file(path, json.dumps(owner).encode(), mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
 def _create_local(uri: str, owner: dict[str, Any]) -> bool:
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +107,7 @@ def run_lock(uri: str, run_id: str, log: Any = None, *, extra: dict[str, Any] | 
     for _ in range(3):
         if not is_remote(uri) and _create_local(uri, owner):
             break
-        if is_remote(uri) and not exists(uri):
-            write_json(uri, owner)
+        if is_remote(uri) and _create_remote(uri, owner):
             break
         try:
             held = dict(read_json(uri))
@@ -115,9 +128,13 @@ def run_lock(uri: str, run_id: str, log: Any = None, *, extra: dict[str, Any] | 
                 if log is not None:
                     log.warning("could not update the dead run's record: %s", exc)
         if is_remote(uri):
-            write_json(uri, owner)
-            break
-        Path(uri).unlink(missing_ok=True)
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(path)
+        else:
+            Path(uri).unlink(missing_ok=True)
     else:
         raise PrunecompError(f"could not take the lock of run {run_id!r} at {uri}")
     lock = RunLock(uri, owner)

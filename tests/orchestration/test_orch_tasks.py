@@ -191,3 +191,32 @@ def test_resume_runs_in_the_store_its_journal_was_found_in(make_config, tmp_path
     explicit = make_config(str(tmp_path / "s"), "sqlite:///x.db")
     assert resume_config({"config": explicit.model_dump(mode="json"),
                           "store": "/other"}).tracking.store == str(tmp_path / "s")
+
+
+def test_s3_run_lock_is_created_atomically_and_taken_over_when_dead(s3) -> None:
+    """On S3 the lock is a conditional PUT: of two holders exactly one gets it, even when both saw no lock."""
+    import json as _json
+    import socket
+
+    import s3fs
+
+    from prunecomp.errors import PrunecompError
+    from tasks.locks import _create_remote, run_lock
+
+    uri = "s3://prunecomp/locks-test/run/lock.json"
+    assert _create_remote(uri, {"who": "first"}) and not _create_remote(uri, {"who": "second"})
+    fs = s3fs.S3FileSystem()
+    assert _json.loads(fs.cat(uri))["who"] == "first"
+    fs.rm(uri)
+    with run_lock(uri, "run") as held:
+        with pytest.raises(PrunecompError, match="already running"), run_lock(uri, "run"):
+            pass
+        assert _json.loads(fs.cat(uri))["token"] == held.owner["token"]
+    assert not fs.exists(uri)  # released
+    dead = {"run_id": "run", "host": socket.gethostname(), "pid": 2**22 + 12345, "started": 0, "heartbeat": 0,
+            "token": "dead"}
+    fs.pipe(uri, _json.dumps(dead).encode())
+    seen = []
+    with run_lock(uri, "run", on_stale=lambda h, why: seen.append((h["token"], why))) as held:
+        assert _json.loads(fs.cat(uri))["token"] == held.owner["token"] != "dead"
+    assert seen and seen[0][0] == "dead" and "gone" in seen[0][1]
