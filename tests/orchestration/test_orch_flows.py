@@ -134,13 +134,18 @@ def test_cache_invalidation(harness, tracking_uri, make_config, tmp_path: Path) 
     assert redo["steps_computed"] == 1 and redo["final"]["hash"] == first["final"]["hash"]
 
 
-def test_gate_failure_leaves_the_champion_alone(harness, tracking_uri) -> None:
+def test_gate_failure_leaves_the_champion_alone(harness, tracking_uri, stories, tmp_path: Path) -> None:
     """Two versions, v1 champion; v2 is worse: the flow fails naming the gate, and the alias stays on v1."""
     from flows.params import PromoteConfig
     from flows.promote import promote
     from tasks.gates import GateFailed
+    from tasks.mlflow_model import write_mlflow_model
     from tasks.tracking import client, promote_version
 
+    model = tmp_path / "model"  # a loadable MLflow Model (promotion checks that first)
+    shutil.copytree(stories, model)
+    write_mlflow_model(model, architecture="LlamaForCausalLM", tokenizer_class="LlamaTokenizer",
+                       dtype="torch.float32", source_name=str(stories))
     c = client(tracking_uri)
     exp = c.create_experiment(f"gates-{time.time_ns()}", artifact_location=f"file:///tmp/gates-{time.time_ns()}")
     c.create_registered_model("gated")
@@ -148,7 +153,7 @@ def test_gate_failure_leaves_the_champion_alone(harness, tracking_uri) -> None:
         run = c.create_run(exp)
         c.log_metric(run.info.run_id, "ppl_mean_pruned", ppl)
         c.log_metric(run.info.run_id, "ppl_ratio_mean", ppl / 5)
-        c.create_model_version("gated", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+        c.create_model_version("gated", source=str(model), run_id=run.info.run_id)
     assert promote_version(tracking_uri=tracking_uri, name="gated", version="1",
                            gates=[*PromoteConfig(registered_model="gated").gates])["changed"]
     with pytest.raises(GateFailed, match="beat_champion") as info:
