@@ -24,3 +24,10 @@ def test_gpu_smoke_script_on_cpu(tmp_path: Path) -> None:
     assert result["ok"] and {r["check"] for r in result["rows"]} >= {
         "in-memory lsq", "in-memory refine", "in-memory magnitude", "streamed magnitude"}
     assert "bit-identical: True" in next(r["detail"] for r in result["rows"] if r["check"] == "in-memory lsq")
+
+
+def test_results_doc_is_generated_from_the_result_files() -> None:
+    """docs/RESULTS.md is what bench/results_doc.py builds from bench/results/: no hand-typed number drifts."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "results_doc.py"), "--check"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
