@@ -141,3 +141,18 @@ def test_guarded_lsq_keeps_the_map_only_when_it_lowers_the_loss() -> None:
         if g["map_kept"]:
             assert g["map_loss"] < chosen + 1e-5
     assert math.isfinite(mean_nll(pruned, ids, batch_size=2))
+
+
+def test_selection_by_loss_under_the_guard_measures_each_candidate_once() -> None:
+    """``--selection loss`` with the guarded default: each pool candidate's best guarded NLL, the lowest removed,
+    its guard record kept (not measured a second time), and the loss equal to the really pruned model's."""
+    model = tiny_model("llama")
+    ids = tokens(4, 12)
+    pruned = copy.deepcopy(model)
+    rep = prune_and_compensate(pruned, ids, PruneConfig(n_layers=1, selection="loss", selection_pool=3),
+                               batch_size=2)
+    step = rep.steps[0]
+    assert step.selection_losses is not None and len(step.selection_losses) == 3
+    assert step.chosen == min(step.selection_losses, key=lambda i: (step.selection_losses[i], i))
+    assert step.guard is not None and step.selection_losses[step.chosen] == min(step.guard["losses"])
+    assert mean_nll(pruned, ids, batch_size=2) == pytest.approx(step.selection_losses[step.chosen], rel=1e-5)
