@@ -13,6 +13,8 @@ Variants per metric (``--variants``):
   select      prune&comp with compensation-aware selection (``--selection loss``)
   refine+select  both
   refine-guarded / refine-none   refinement from the guarded / the uncompensated state instead of the paper's
+  replaceme / linearpatch   the published anchors (bench/anchors.py; they choose a contiguous block by cosine
+              whatever --metrics says, so run them under --metrics block); LinearPatch adds a run-time matmul
 Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
 does not depend on k), so each variant costs one pruning run. Evaluations are cached by a hash of the weights
 (``--cache``), so a model two variants share (e.g. one-shot = iterative) is evaluated once and a rerun resumes.
@@ -132,6 +134,19 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evalua
     return results
 
 
+def _anchor(model: Any, cal: Any, ks: list[int], variant: str, evaluate: Evaluator, batch: int) -> dict:
+    """A published baseline (bench/anchors.py) at every k, each from the dense model."""
+    from anchors import linear_patch, replace_me
+
+    results = {}
+    for k in ks:
+        m = copy.deepcopy(model)
+        info = (replace_me if variant == "replaceme" else linear_patch)(m, cal.ids, k, batch_size=batch)
+        results[k] = _record(info.pop("removed"), evaluate(m, evaluate.at(k)), **info)
+        print(f"    [{variant}] k={k}: {results[k]['ppl']}", file=sys.stderr, flush=True)
+    return results
+
+
 def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, evaluate: Evaluator, batch: int,
                args: argparse.Namespace, teacher: Any, fit_on: Any) -> dict:
     comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq", "select": "magnitude",
@@ -244,6 +259,8 @@ def main() -> None:
             print(f"[{metric}] {variant}", file=sys.stderr, flush=True)
             if variant == "one-shot":
                 res = _one_shot(lm.model, cal, metric, ks, evaluate, args.batch_size)
+            elif variant in ("replaceme", "linearpatch"):
+                res = _anchor(lm.model, cal, ks, variant, evaluate, args.batch_size)
             else:
                 res = _iterative(lm.model, cal, metric, ks, variant, evaluate, args.batch_size, args, teacher,
                                  fit_on)
@@ -272,7 +289,8 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]
 
 
 VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "guarded", "lsq", "select", "refine", "refine-guarded",
-                 "refine-none", "refine+select")
+                 "refine-none", "refine+select", "replaceme", "linearpatch")
+ANCHORS = ("replaceme", "linearpatch")
 REFINED = ("refine", "refine-guarded", "refine-none", "refine+select")
 
 
@@ -326,6 +344,40 @@ def render(results: list[dict[str, Any]]) -> str:
     lines += ["", summary(merged, has_qa)]
     if any("guarded" in per for per in merged.values()):
         lines += ["", guard_summary(merged, dense["ppl"]["mean"])]
+    if any(a in per for per in merged.values() for a in ANCHORS):
+        lines += ["", anchor_summary(merged, dense["ppl"]["mean"])]
+    return "\n".join(lines)
+
+
+def anchor_summary(merged: dict[str, dict[str, dict[int, Any]]], dense: float) -> str:
+    """Per k: the anchors (ReplaceMe, LinearPatch) beside prunecomp's default (guarded BI), its best zero-overhead
+    variant over every metric and variant measured, and how far ahead (negative %) or behind each one is."""
+    ks = sorted({k for per in merged.values() for v in per.values() for k in v})
+    lines = ["| k | ReplaceMe (zero overhead) | LinearPatch (+ run-time matmul) | prunecomp default (guarded BI) | "
+             "prunecomp best (variant) | default vs ReplaceMe | default vs LinearPatch | best vs ReplaceMe | "
+             "best vs LinearPatch |", "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+
+    def mean(metric: str, variant: str, k: int) -> float | None:
+        r = merged.get(metric, {}).get(variant, {}).get(k)
+        return None if r is None else float(r["ppl"]["mean"])
+
+    def pct(a: float | None, b: float | None) -> str:
+        return "-" if a is None or b is None else _pct(a, b)
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    for k in ks:
+        rm = next((v for m in merged if (v := mean(m, "replaceme", k)) is not None), None)
+        lp = next((v for m in merged if (v := mean(m, "linearpatch", k)) is not None), None)
+        default = mean("bi", "guarded", k)
+        ours = [(v, f"{m}/{var}") for m, per in merged.items() for var in per if var not in ANCHORS
+                and var not in ("one-shot", "iterative") and (v := mean(m, var, k)) is not None]
+        best = min(ours) if ours else None
+        lines.append(f"| {k} | {cell(rm)} | {cell(lp)} | {cell(default)} | "
+                     f"{'-' if best is None else f'{best[0]:.2f} ({best[1]})'} | {pct(default, rm)} | "
+                     f"{pct(default, lp)} | {pct(best and best[0], rm)} | {pct(best and best[0], lp)} |")
+    lines += ["", f"Mean perplexity of the three corpora (dense {dense:.2f}); negative % = prunecomp ahead."]
     return "\n".join(lines)
 
 

@@ -31,3 +31,30 @@ def test_results_doc_is_generated_from_the_result_files() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "results_doc.py"), "--check"], capture_output=True,
                           text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_anchor_baselines_on_a_tiny_model() -> None:
+    """ReplaceMe removes a k-block and its least-squares map lowers the gap error; LinearPatch's patch is
+    H diag(d) H^T with an orthonormal Hadamard H and is part of the model's state (so the eval cache sees it)."""
+    import copy
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from anchors import hadamard, linear_patch, replace_me
+
+    from tests.tiny_models import tiny_model, tokens
+
+    for n in (12, 32, 576):
+        h = hadamard(n)
+        assert torch.allclose(h @ h.T, torch.eye(n, dtype=h.dtype), atol=1e-10)
+    model, ids = tiny_model("llama"), tokens(4, 12)
+    a = copy.deepcopy(model)
+    info = replace_me(a, ids, 2, batch_size=2)
+    assert len(a.model.layers) == 4 and len(info["removed"]) == 2
+    assert info["fit_error_after"] < info["fit_error_before"]
+    b = copy.deepcopy(model)
+    linear_patch(b, ids, 2, batch_size=2)
+    patch = [v for k, v in b.state_dict().items() if "linear_patch" in k]
+    assert len(b.model.layers) == 4 and len(patch) == 1 and patch[0].shape == (32, 32)
+    assert torch.allclose(patch[0], patch[0].T, atol=1e-5)  # H diag(d) H^T is symmetric
