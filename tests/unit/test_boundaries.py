@@ -44,3 +44,16 @@ def test_cli_modules_change_no_environment_at_import_and_share_options() -> None
     assert {"metric", "compensation", "refine", "calib_seq_len", "allow_pickle"} <= prune & run
     choice = next(p for p in flows.cli.main.commands["run"].params if p.name == "compensation")
     assert list(choice.type.choices) == prunecomp.cli.choices("compensation") == ["guarded", "magnitude", "none", "lsq"]
+
+
+def test_console_script_gives_prefects_embedded_server_time_to_start() -> None:
+    """Prefect reads its settings at import; the first start of the embedded server migrates a fresh database,
+    slower than Prefect's 20 s default on a loaded machine: the console script sets the wait before any import."""
+    code = ("import sys; sys.argv = ['prunecomp', '--help']\nfrom flows.entry import main\ntry:\n    main()\n"
+            "except SystemExit:\n    pass\nfrom prefect.settings import get_current_settings\n"
+            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_EPHEMERAL")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "180", out.stdout[-500:] + out.stderr
