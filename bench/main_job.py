@@ -46,8 +46,8 @@ def main() -> None:
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "PRUNECOMP_"))}
     env = keep | QUIET | {"PYTHONPATH": str(tree), "PRUNECOMP_HOME": str(home / ".prunecomp"),
                           "PRUNECOMP_DATA_DIR": args.data_dir}
-    cli = [sys.executable, "-c", "import sys; sys.argv[0] = 'prunecomp'; "
-           "from flows.cli import main; main()"]  # the same group the console script runs, in either tree
+    cli = [sys.executable, "-c", "import sys; sys.argv[0] = 'prunecomp'\ntry:\n    from flows.entry import main\n"
+           "except ImportError:\n    from flows.cli import main\nmain()"]  # the console script, in either tree
     commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     t = time.perf_counter()
