@@ -14,13 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import _merged, guard_summary, render  # bench/ is not a package: imported by path
+from quality import _merged, anchor_summary, guard_summary, render  # bench/ is not a package: imported by path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
 
 QUALITY = ("quality_c", "quality_a2")
-GUARDED = ("quality_guarded", "quality_guarded_tp")
+GUARDED = ("quality_guarded", "quality_guarded_tp", "quality_guarded_block")
+ANCHORS = ("quality_anchors",)
 REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metrics", "quality_refine_mag",
            "quality_refine_taylor_k3", "quality_refine_taylor_k8", "quality_refine_guarded")
 MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themselves
@@ -47,13 +48,17 @@ def build() -> str:
         parts += ["## Quality benchmark: every metric and variant (`bench/quality.py`)", "", render(quality), ""]
     guarded = _load(GUARDED)
     if guarded:
-        everything = quality + guarded + _load(REFINED)
+        everything = quality + guarded + _load(REFINED) + _load(ANCHORS)
         parts += ["## Guarded compensation against naive removal, the paper and refinement (issue #16)", "",
                   "Naive and paper rows from the quality runs above; guarded rows from "
                   f"{', '.join(f'`{n}.json`' for n in GUARDED)}; refined rows (refinement from the paper's state "
                   "unless named) from the refinement runs below.", "",
                   guard_summary(_merged(everything), everything[0]["dense"]["ppl"]["mean"]), "",
                   render(guarded), ""]
+        if _load(ANCHORS):
+            parts += ["## The published anchors: ReplaceMe and LinearPatch (`bench/anchors.py`)", "",
+                      anchor_summary(_merged(everything), everything[0]["dense"]["ppl"]["mean"]), "",
+                      render(_load(ANCHORS)), ""]
     refined = _load(REFINED)
     if refined:
         parts += ["## Refinement runs (`bench/quality.py --variants refine...`)", ""]
