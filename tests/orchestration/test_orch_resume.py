@@ -166,3 +166,37 @@ def test_a_second_run_of_the_same_parameters_waits_its_turn(harness, tracking_ur
     assert lock.is_file()  # a SIGKILLed run cannot release it...
     done = compress(config=cfg)  # ...but its process is gone: the lock is taken over
     assert done["removed"] and not lock.exists()
+
+
+def test_full_disk_under_the_store_then_rerun(harness, tracking_uri, make_config, tmp_path: Path) -> None:
+    """The store on a real filesystem too small for the final model: the run fails with the one clear error,
+    keeps every finished step, and once there is space the rerun reuses them and writes what an uninterrupted
+    run writes."""
+    import subprocess
+
+    from flows.compress import compress
+    from prunecomp.errors import PrunecompError
+    from tasks import working
+
+    mnt = tmp_path / "small-store"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        cfg = make_config(str(mnt / "store"), tracking_uri, prune={"n_layers": 2},
+                          tracking={"log_and_register": False})
+        with pytest.raises(PrunecompError, match="no space left on the device"):
+            compress(config=cfg)
+        assert _complete(mnt / "store") == 2 and _complete(mnt / "store", "final") == 0
+        assert not list((mnt / "store" / "final").glob(".*"))  # no half-written temp folder
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        working.drop()
+        resumed = compress(config=cfg)
+        assert (resumed["steps_reused"], resumed["steps_computed"]) == (2, 0)
+        reference = compress(config=make_config(str(tmp_path / "reference"), tracking_uri, prune={"n_layers": 2},
+                                                tracking={"log_and_register": False}))
+        _same_final(resumed, reference)
+    finally:
+        working.drop()
+        subprocess.run(["umount", str(mnt)], check=False)
