@@ -296,18 +296,11 @@ def test_held_out_windows_are_seeded_and_not_calibration_windows(stories_dir, da
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    """A real 700 KiB filesystem (tmpfs), smaller than stories260K's weights: a full disk, not a simulation."""
-    import subprocess
+    """A real 700 KiB filesystem (tmpfs), smaller than stories260K's weights."""
+    from tests.small_disk import small_filesystem
 
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    try:
+    with small_filesystem(tmp_path / "small-disk", "700k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_full_disk_is_one_error_line_and_a_rerun_completes(stories_dir, small_disk, tmp_path) -> None:
@@ -319,9 +312,9 @@ def test_full_disk_is_one_error_line_and_a_rerun_completes(stories_dir, small_di
     assert "Traceback" not in text and list(small_disk.iterdir()) == []  # nothing half-written, no temp folder
     reference = tmp_path / "reference"
     assert _invoke(*args, "--out", str(reference))[0] == 0
-    import subprocess
+    from tests.small_disk import grow
 
-    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space freed
+    grow(small_disk, "4m")  # space freed
     code, text = _invoke(*args, "--out", str(out))
     assert code == 0, text
     from safetensors.torch import load_file

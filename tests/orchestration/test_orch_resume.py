@@ -172,31 +172,25 @@ def test_full_disk_under_the_store_then_rerun(harness, tracking_uri, make_config
     """The store on a real filesystem too small for the final model: the run fails with the one clear error,
     keeps every finished step, and once there is space the rerun reuses them and writes what an uninterrupted
     run writes."""
-    import subprocess
-
     from flows.compress import compress
     from prunecomp.errors import PrunecompError
     from tasks import working
+    from tests.small_disk import grow, small_filesystem
 
-    mnt = tmp_path / "small-store"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    try:
-        cfg = make_config(str(mnt / "store"), tracking_uri, prune={"n_layers": 2},
-                          tracking={"log_and_register": False})
-        with pytest.raises(PrunecompError, match="no space left on the device"):
-            compress(config=cfg)
-        assert _complete(mnt / "store") == 2 and _complete(mnt / "store", "final") == 0
-        assert not list((mnt / "store" / "final").glob(".*"))  # no half-written temp folder
-        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
-        working.drop()
-        resumed = compress(config=cfg)
-        assert (resumed["steps_reused"], resumed["steps_computed"]) == (2, 0)
-        reference = compress(config=make_config(str(tmp_path / "reference"), tracking_uri, prune={"n_layers": 2},
-                                                tracking={"log_and_register": False}))
-        _same_final(resumed, reference)
-    finally:
-        working.drop()
-        subprocess.run(["umount", str(mnt)], check=False)
+    with small_filesystem(tmp_path / "small-store", "400k") as mnt:
+        try:
+            cfg = make_config(str(mnt / "store"), tracking_uri, prune={"n_layers": 2},
+                              tracking={"log_and_register": False})
+            with pytest.raises(PrunecompError, match="no space left on the device"):
+                compress(config=cfg)
+            assert _complete(mnt / "store") == 2 and _complete(mnt / "store", "final") == 0
+            assert not list((mnt / "store" / "final").glob(".*"))  # no half-written temp folder
+            grow(mnt, "8m")
+            working.drop()
+            resumed = compress(config=cfg)
+            assert (resumed["steps_reused"], resumed["steps_computed"]) == (2, 0)
+            reference = compress(config=make_config(str(tmp_path / "reference"), tracking_uri,
+                                                    prune={"n_layers": 2}, tracking={"log_and_register": False}))
+            _same_final(resumed, reference)
+        finally:
+            working.drop()
