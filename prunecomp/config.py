@@ -60,8 +60,10 @@ class PruneConfig(_Frozen):
     ``selection``: ``score`` removes the lowest-scoring layer; ``loss`` tries the ``selection_pool`` lowest-scoring
     ones with compensation applied and removes the one with the lowest calibration loss (iterative mode; see
     :mod:`prunecomp.selection`).
-    ``refine``: after the last removal, distil the dense model's predictions on the calibration windows into
-    per-channel gains folded into the norms (``norms``) and also the residual writers (``norms+writers``):
+    ``refine``: after the last removal (wired by the caller: :func:`prunecomp.compress.compress`, the CLI, the
+    pipeline's refine task; :func:`prunecomp.loop.prune_and_compensate` alone does not refine), distil the dense
+    model's predictions on the calibration windows into per-channel gains folded into the norms (``norms``), also
+    the residual writers (``norms+writers``), also every other linear of the layers (``channels``):
     ``refine_steps`` Adam steps at ``refine_lr`` on ``refine_batch`` windows, teacher kept as top-``refine_topk``
     log-probs (see :mod:`prunecomp.refine`), on ``refine_samples`` windows of the calibration source (same seed
     and length, so a superset of the scoring windows; None = the scoring windows themselves). Still zero run-time

@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict
 
 from prunecomp.calibration import calibration_windows, check_context, evaluation_windows
 from prunecomp.checkpoint import save_pruned
+from prunecomp.compress import compress
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.final_check import run_final_check
-from prunecomp.loop import prune_and_compensate
 from prunecomp.planning import check_plan
 from prunecomp.report import StepRecord
 from prunecomp.sources import content_hash, load_model, resolve_source
@@ -135,9 +135,9 @@ def run_job(config: JobConfig, progress: Progress | None = None,
                                              n_samples=config.prune.refine_samples,
                                              seq_len=config.calibration.seq_len, seed=config.calibration.seed,
                                              data_dir=config.data_dir)
-    report = prune_and_compensate(lm.model, cal, config.prune, batch_size=config.calibration.batch_size,
-                                  on_step=observe, on_batch=lambda: progress.advance(1),
-                                  calibration_config=config.calibration, refine_windows=refine_windows)
+    report = compress(lm.model, cal, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
+                      on_batch=lambda: progress.advance(1), calibration_config=config.calibration,
+                      refine_windows=refine_windows)
     times["prune"] = time.perf_counter() - t
     t = time.perf_counter()
     progress.message("final check: held-out calibration loss with and without what was folded")

@@ -25,7 +25,6 @@ from prunecomp.incremental import PER_CANDIDATE_METRICS, IncrementalScanner
 from prunecomp.lsq import GapFit, apply_gap_map, fit_gap_map, gap_map_tensors
 from prunecomp.planning import candidates, check_finite, check_plan, choose, source_num_layers
 from prunecomp.pruning import original_indices, remove_layer
-from prunecomp.refine import TeacherTargets, refine, teacher_targets
 from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scanners import Scanner, exact_scanner, make_scanner
 from prunecomp.scoring import LayerScan, scan_layers
@@ -190,8 +189,6 @@ def prune_and_compensate(
     on_batch: Callable[[], None] | None = None,
     calibration_config: CalibrationConfig | None = None,
     cache_budget_bytes: int | None = None,
-    teacher: TeacherTargets | nn.Module | None = None,
-    refine_windows: TokenWindows | Tensor | None = None,
 ) -> PruneReport:
     """Remove layers from ``model`` in place until the configured count is gone; return the report.
 
@@ -201,11 +198,9 @@ def prune_and_compensate(
     ``config.scoring="incremental"`` (default) keeps the residual stream of every layer boundary between steps
     and re-runs only the layers after each gap (:mod:`prunecomp.incremental`), within ``cache_budget_bytes``
     (default: a quarter of physical memory; over it, exact scoring).
-    ``config.refine`` (not ``none``) fits folded per-channel gains after the last removal
-    (:func:`prunecomp.refine.refine`) against the dense model's predictions: computed here from ``model`` itself
-    when no layer is gone yet, otherwise from ``teacher`` (the dense model, or its :class:`TeacherTargets`).
-    ``on_step`` sees each removal before refinement. ``refine_windows`` (default: ``calibration``) are the windows
-    refinement fits on (see ``PruneConfig.refine_samples``).
+    ``config.refine`` is not applied here: refinement needs the dense model's predictions from before the first
+    removal and runs after the last one, so the caller wires it (:func:`prunecomp.compress.compress` in memory,
+    the pipeline's own refine task).
     """
     t0 = time.perf_counter()
     get_adapter(model)
@@ -218,8 +213,6 @@ def prune_and_compensate(
     if calibration_config is not None:
         report.calibration["config"] = calibration_config.model_dump(mode="json")
     already = n_src - len(decoder_layers(model))
-    fit_on = calibration if refine_windows is None else refine_windows
-    targets = _teacher(model, fit_on, config, teacher, already, batch_size)
     scanner = make_scanner(model, calibration, config, batch_size=batch_size, on_batch=on_batch,
                            cache_budget_bytes=cache_budget_bytes)
     report.scoring = "incremental" if isinstance(scanner, IncrementalScanner) else "exact"
@@ -252,27 +245,6 @@ def prune_and_compensate(
             report.steps.append(record)
             if on_step is not None:
                 on_step(record, model)
-    if targets is not None:
-        done = refine(model, _windows(fit_on), targets, mode=config.refine, steps=config.refine_steps,
-                      lr=config.refine_lr, batch_size=config.refine_batch)
-        report.refine = done.to_dict()
-        report.refine_edit = done.folded
     report.seconds = time.perf_counter() - t0
     return report
 
-
-def _teacher(model: nn.Module, calibration: TokenWindows | Tensor, config: PruneConfig,
-             teacher: TeacherTargets | nn.Module | None, already: int, batch_size: int) -> TeacherTargets | None:
-    """The dense model's top-k predictions on the calibration windows, when refinement is asked for."""
-    if config.refine == "none":
-        return None
-    ids = _windows(calibration)
-    if isinstance(teacher, TeacherTargets):
-        return teacher
-    if teacher is None:
-        if already:
-            raise PrunecompError(
-                f"refine={config.refine!r} needs the dense model's predictions, but this model already has "
-                f"{already} layers removed: pass teacher= (the dense model or its TeacherTargets)")
-        teacher = model
-    return teacher_targets(teacher, ids, topk=config.refine_topk, batch_size=batch_size)

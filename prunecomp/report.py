@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from prunecomp.recipe import Recipe, recipe_from_report
+
+if TYPE_CHECKING:
+    from prunecomp.refine import RefineReport
 
 __all__ = ["PruneReport", "StepRecord"]
 
@@ -66,6 +69,11 @@ class PruneReport:
     @property
     def removed(self) -> list[int]:
         return [s.chosen for s in self.steps]
+
+    def add_refine(self, done: RefineReport) -> None:
+        """Record a refinement run after the last removal (its summary, and its gains for the recipe)."""
+        self.refine = done.to_dict()
+        self.refine_edit = done.folded
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("steps", "refine_edit")}

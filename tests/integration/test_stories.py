@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.checkpoint import REPORT_FILE, save_pruned
+from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.loop import prune_and_compensate
@@ -82,8 +83,7 @@ def test_refine_beats_prune_and_comp_and_saves_exactly(stories, tmp_path) -> Non
     ppl, models = {}, {}
     for refine in ("none", "norms+writers"):
         model = copy.deepcopy(lm.model)
-        report = prune_and_compensate(model, cal, PruneConfig(n_layers=2, refine=refine, refine_steps=24,
-                                                              refine_lr=2e-2))
+        report = compress(model, cal, PruneConfig(n_layers=2, refine=refine, refine_steps=24, refine_lr=2e-2))
         ppl[refine], models[refine] = perplexity(model, ev.ids, batch_size=8), model
         assert report.removed[0] == 2
     assert ppl["norms+writers"] < 0.95 * ppl["none"]

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.final_check import final_check, line, uncompensated_view
@@ -44,8 +45,8 @@ def test_uncompensated_view_undoes_lsq_maps_and_refinement() -> None:
     model = tiny_model("llama")
     ids = tokens(4, 12)
     pruned = copy.deepcopy(model)
-    report = prune_and_compensate(pruned, ids, PruneConfig(n_layers=2, compensation="lsq", refine="norms+writers",
-                                                           refine_steps=5, protect=[-1]), batch_size=2)
+    report = compress(pruned, ids, PruneConfig(n_layers=2, compensation="lsq", refine="norms+writers",
+                                               refine_steps=5, protect=[-1]), batch_size=2)
     recipe = report.recipe({"num_layers": 6})
     assert recipe.refine is not None
     expected = mean_nll(_naive(model, recipe), ids, batch_size=2)

@@ -10,6 +10,7 @@ import torch
 from tiny_models import FAMILIES, gemma2_model, tiny_model, tokens
 from torch.testing import assert_close
 
+from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.loop import prune_and_compensate
@@ -98,13 +99,13 @@ def test_refine_rejects_targets_of_other_windows() -> None:
         refine(model, tokens(n=3, t=8), targets)
 
 
-def test_loop_refines_after_the_last_removal() -> None:
+def test_compress_refines_after_the_last_removal() -> None:
     model = tiny_model("llama")
     ids = tokens(n=4, t=16)
     cfg = PruneConfig(n_layers=2, refine="norms", refine_steps=10, refine_lr=2e-2, refine_topk=8)
     plain = copy.deepcopy(model)
-    base = prune_and_compensate(plain, ids, cfg.model_copy(update={"refine": "none"}), batch_size=2)
-    report = prune_and_compensate(model, ids, cfg, batch_size=2)
+    base = compress(plain, ids, cfg.model_copy(update={"refine": "none"}), batch_size=2)
+    report = compress(model, ids, cfg, batch_size=2)
     assert report.removed == base.removed  # refinement does not change the pruning decisions
     assert report.refine is not None and report.refine["mode"] == "norms"
     assert report.refine["loss_after"] < report.refine["loss_before"]
@@ -112,21 +113,32 @@ def test_loop_refines_after_the_last_removal() -> None:
     assert "refine" in report.to_dict()
 
 
-def test_loop_refines_on_its_own_windows() -> None:
+def test_the_loop_alone_does_not_refine() -> None:
+    """Refinement is the caller's step: the loop's result equals compress() without refinement, bit for bit."""
+    cfg = PruneConfig(n_layers=2, refine="norms", refine_steps=3, refine_topk=8)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    rep = prune_and_compensate(a, tokens(n=4, t=16), cfg, batch_size=2)
+    compress(b, tokens(n=4, t=16), cfg.model_copy(update={"refine": "none"}), batch_size=2)
+    assert rep.refine is None and rep.refine_edit is None
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
+def test_compress_refines_on_its_own_windows() -> None:
     model = tiny_model("llama")
     ids, more = tokens(n=2, t=16), tokens(n=6, t=16, seed=7)
     cfg = PruneConfig(n_layers=1, refine="norms", refine_steps=4, refine_topk=8)
-    report = prune_and_compensate(model, ids, cfg, batch_size=2, refine_windows=more)
+    report = compress(model, ids, cfg, batch_size=2, refine_windows=more)
     assert report.refine is not None and report.refine["loss_after"] < report.refine["loss_before"]
 
 
-def test_loop_needs_a_teacher_for_an_already_pruned_model() -> None:
+def test_compress_needs_a_teacher_for_an_already_pruned_model() -> None:
     dense = tiny_model("llama")
     model = copy.deepcopy(dense)
     remove_layer(model, 1)
     ids = tokens(n=2, t=8)
     cfg = PruneConfig(n_layers=2, refine="norms", refine_steps=2)
     with pytest.raises(PrunecompError, match="pass teacher="):
-        prune_and_compensate(model, ids, cfg, batch_size=2)
-    report = prune_and_compensate(model, ids, cfg, batch_size=2, teacher=dense)
+        compress(model, ids, cfg, batch_size=2)
+    report = compress(model, ids, cfg, batch_size=2, teacher=dense)
     assert report.refine is not None and len(report.steps) == 1

@@ -1,0 +1,82 @@
+"""What ``prunecomp prune`` does in memory: the dense model's predictions (when refinement is asked for), the
+Prune&Comp loop, then refinement. One call for the CLI's job and notebooks.
+
+Why a module of its own: the loop (:mod:`prunecomp.loop`) removes and folds, one layer at a time, and knows
+nothing of refinement; refinement (:mod:`prunecomp.refine`) fits gains on any pruned model. Only the caller knows
+that the teacher must be computed before the first removal and the fit must run after the last one, and which
+windows it fits on. The pipeline wires the same pieces as separate cached tasks (``tasks/refine.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from prunecomp.adapters import decoder_layers
+from prunecomp.calibration import TokenWindows
+from prunecomp.config import CalibrationConfig, PruneConfig
+from prunecomp.errors import PrunecompError
+from prunecomp.loop import prune_and_compensate, source_num_layers
+from prunecomp.refine import RefineReport, TeacherTargets, refine, teacher_targets
+from prunecomp.report import PruneReport, StepRecord
+
+__all__ = ["compress", "refine_as_configured", "teacher_for"]
+
+
+def _ids(windows: TokenWindows | Tensor) -> Tensor:
+    return windows.ids if isinstance(windows, TokenWindows) else windows
+
+
+def teacher_for(model: nn.Module, windows: TokenWindows | Tensor, config: PruneConfig, *, batch_size: int = 4,
+                teacher: TeacherTargets | nn.Module | None = None) -> TeacherTargets | None:
+    """The dense model's top-k predictions on ``windows`` when ``config.refine`` asks for refinement, else None.
+
+    ``teacher``: the targets themselves, or the dense model to compute them from; by default ``model``, which must
+    then still have all its layers (a pruned model is no teacher)."""
+    if config.refine == "none":
+        return None
+    if isinstance(teacher, TeacherTargets):
+        return teacher
+    if teacher is None:
+        already = source_num_layers(model) - len(decoder_layers(model))
+        if already:
+            raise PrunecompError(
+                f"refine={config.refine!r} needs the dense model's predictions, but this model already has "
+                f"{already} layers removed: pass teacher= (the dense model or its TeacherTargets)")
+        teacher = model
+    return teacher_targets(teacher, _ids(windows), topk=config.refine_topk, batch_size=batch_size)
+
+
+def refine_as_configured(model: nn.Module, windows: TokenWindows | Tensor, targets: TeacherTargets,
+                         config: PruneConfig) -> RefineReport:
+    """:func:`prunecomp.refine.refine` with the ``refine_*`` settings of ``config``."""
+    return refine(model, _ids(windows), targets, mode=config.refine, steps=config.refine_steps, lr=config.refine_lr,
+                  batch_size=config.refine_batch)
+
+
+def compress(
+    model: nn.Module,
+    calibration: TokenWindows | Tensor,
+    config: PruneConfig,
+    *,
+    batch_size: int = 4,
+    on_step: Callable[[StepRecord, nn.Module], None] | None = None,
+    on_batch: Callable[[], None] | None = None,
+    calibration_config: CalibrationConfig | None = None,
+    cache_budget_bytes: int | None = None,
+    teacher: TeacherTargets | nn.Module | None = None,
+    refine_windows: TokenWindows | Tensor | None = None,
+) -> PruneReport:
+    """:func:`prunecomp.loop.prune_and_compensate`, then (``config.refine`` not ``none``) refinement on
+    ``refine_windows`` (default: ``calibration``) against the dense model's predictions, taken before the first
+    removal (see :func:`teacher_for`). ``on_step`` sees each removal before refinement; the report carries what
+    refinement did (``report.refine``) and what it folded (``report.refine_edit``, for the recipe)."""
+    fit_on = calibration if refine_windows is None else refine_windows
+    targets = teacher_for(model, fit_on, config, batch_size=batch_size, teacher=teacher)
+    report = prune_and_compensate(model, calibration, config, batch_size=batch_size, on_step=on_step,
+                                  on_batch=on_batch, calibration_config=calibration_config,
+                                  cache_budget_bytes=cache_budget_bytes)
+    if targets is not None:
+        report.add_refine(refine_as_configured(model, fit_on, targets, config))
+    return report
