@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -42,9 +41,11 @@ import torch
 
 from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.config import PruneConfig
+from prunecomp.evaluation.cache import ResultCache, weights_digest
 from prunecomp.evaluation.harness import DEFAULT_TASKS, evaluate_qa, retained
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.loop import prune_and_compensate
+from prunecomp.planning import one_shot_choice
 from prunecomp.pruning import remove_layer
 from prunecomp.refine import refine, teacher_targets
 from prunecomp.scoring import scan_layers
@@ -53,42 +54,49 @@ from prunecomp.sources import load_model
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def weights_hash(model: Any) -> str:
-    h = hashlib.sha256()
-    for name, p in model.state_dict().items():
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def settings_tag(parts: list[Any]) -> str:
+    """8 hex naming the evaluation settings a cached result was measured under."""
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
+
+
+def cache_key(kind: str, digest: str, tag: str) -> dict[str, str]:
+    """The result-cache key of a ``kind`` ("ppl" or "qa") result of the model with weights ``digest``."""
+    return {"bench": "quality", "kind": kind, "weights": digest, "settings": tag}
+
+
+def import_legacy_cache(path: str, cache: ResultCache) -> int:
+    """Copy a one-file JSON cache of earlier versions (keys ``"<kind>:<digest>:<tag>"``) into ``cache``."""
+    n = 0
+    for key, value in json.loads(Path(path).read_text()).items():
+        kind, digest, tag = key.split(":")
+        if cache.get(cache_key(kind, digest, tag)) is None:
+            cache.put(cache_key(kind, digest, tag), value)
+            n += 1
+    return n
 
 
 class Evaluator:
-    """Perplexity on fixed windows, plus lm-eval QA on a fixed seeded subset where asked; each cached by weights
-    hash (and the settings that produced it) in one JSON file shared by concurrent runs."""
+    """Perplexity on fixed windows, plus lm-eval QA on a fixed seeded subset where asked; each cached by the
+    weights' digest (and the settings that produced it) in the library's result cache (one file per entry under
+    ``--cache``, written atomically, so concurrent runs share it)."""
 
     def __init__(self, tokenizer: Any, windows: dict[str, Any], args: argparse.Namespace) -> None:
         self.tokenizer, self.windows, self.args = tokenizer, windows, args
-        self.path = Path(args.cache)
-        self.ppl_tag = self._tag([args.eval_seq_len, args.eval_max_windows, args.datasets])
-        self.qa_tag = self._tag([args.qa_limit, args.qa_tasks, str(args.data_dir)])
+        self.cache = ResultCache(args.cache)
+        self.ppl_tag = settings_tag([args.eval_seq_len, args.eval_max_windows, args.datasets])
+        self.qa_tag = settings_tag([args.qa_limit, args.qa_tasks, str(args.data_dir)])
 
-    @staticmethod
-    def _tag(parts: list[Any]) -> str:
-        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:8]
-
-    def _cached(self, key: str, compute: Any) -> Any:
-        cache = json.loads(self.path.read_text()) if self.path.exists() else {}
-        if key in cache:
-            return cache[key]
+    def _cached(self, kind: str, digest: str, tag: str, compute: Any) -> Any:
+        key = cache_key(kind, digest, tag)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
         value = compute()
-        cache = json.loads(self.path.read_text()) if self.path.exists() else {}  # others may have written meanwhile
-        cache[key] = value
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        tmp.replace(self.path)
+        self.cache.put(key, value)
         return value
 
     def __call__(self, model: Any, qa: bool = True) -> dict[str, Any]:
-        h = weights_hash(model)
+        h = weights_digest(model)
 
         def ppl() -> dict[str, float]:
             out = {name: perplexity(model, w.ids, batch_size=4) for name, w in self.windows.items()}
@@ -96,10 +104,10 @@ class Evaluator:
             out["mean"] = sum(main) / len(main)
             return out
 
-        result: dict[str, Any] = {"ppl": self._cached(f"ppl:{h}:{self.ppl_tag}", ppl)}
+        result: dict[str, Any] = {"ppl": self._cached("ppl", h, self.ppl_tag, ppl)}
         if qa and self.args.qa_limit != 0:
             result["qa"] = self._cached(
-                f"qa:{h}:{self.qa_tag}",
+                "qa", h, self.qa_tag,
                 lambda: evaluate_qa(model, self.tokenizer, tuple(self.args.qa_tasks.split(",")),
                                     data_dir=self.args.data_dir, limit=self.args.qa_limit, batch_size=16))
         return result
@@ -125,12 +133,12 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evalua
             results[k] = _record(report.removed, evaluate(m, evaluate.at(k)))
         return results
     scan = scan_layers(model, cal.ids, metric, batch_size=batch, candidates=cands)
-    order = sorted(cands, key=lambda i: (scan.scores[i], i))
-    for k in ks:
+    for k in ks:  # one scan serves every k: the k lowest scores, as the library's one-shot mode chooses them
         m = copy.deepcopy(model)
-        for i in sorted(order[:k], reverse=True):
+        chosen = one_shot_choice(scan, cands, metric, k)
+        for i in sorted(chosen, reverse=True):
             remove_layer(m, i)
-        results[k] = _record(order[:k], evaluate(m, evaluate.at(k)))
+        results[k] = _record(chosen, evaluate(m, evaluate.at(k)))
     return results
 
 
@@ -215,13 +223,20 @@ def main() -> None:
     ap.add_argument("--refine-topk", type=int, default=256)
     ap.add_argument("--refine-samples", type=int, default=None, help="windows refinement fits on (default: calib)")
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--cache", default="bench/results/quality_eval_cache.json")
+    ap.add_argument("--cache", default="bench/results/quality_eval_cache",
+                    help="result-cache folder (prunecomp.evaluation.cache.ResultCache), shared by concurrent runs")
+    ap.add_argument("--import-cache", nargs="+", default=None,
+                    help="only copy these one-file JSON caches of earlier versions into --cache")
     ap.add_argument("--out", default="bench/results/quality.json")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 when sharing the machine)")
     ap.add_argument("--render", nargs="+", default=None, help="only render these result JSONs as one table")
     args = ap.parse_args()
     if args.render:
         print(render([json.loads(Path(p).read_text()) for p in args.render]))
+        return
+    if args.import_cache:
+        for path in args.import_cache:
+            print(f"{path}: {import_legacy_cache(path, ResultCache(args.cache))} entries imported")
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from prunecomp.guard import GuardResult, guard_in_memory
 from prunecomp.hooks import restored
 from prunecomp.incremental import PER_CANDIDATE_METRICS, IncrementalScanner
 from prunecomp.lsq import GapFit, apply_gap_map, fit_gap_map, gap_map_tensors
-from prunecomp.planning import candidates, check_finite, check_plan, choose, source_num_layers
+from prunecomp.planning import candidates, check_finite, check_plan, choose, one_shot_choice, source_num_layers
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scanners import Scanner, exact_scanner, make_scanner
@@ -231,11 +231,7 @@ def prune_and_compensate(
                      cands=cands, on_batch=on_batch)
         scanner = None  # one-shot removes several layers from one scan: the cache is not needed again
         check_finite(scan, cands, original_indices(model))
-        if config.metric == "block":
-            start = choose(scan, cands, "block", block)
-            chosen = list(range(start, start + block))
-        else:
-            chosen = sorted(cands, key=lambda i: (scan.scores[i], i))[:remaining]
+        chosen = one_shot_choice(scan, cands, config.metric, remaining)
         orig = original_indices(model)
         # Highest index first, so the scan's indices of the layers still to remove stay valid.
         for n_done, current in enumerate(sorted(chosen, reverse=True)):

@@ -16,7 +16,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.pruning import original_indices
 from prunecomp.scoring import LayerScan
 
-__all__ = ["candidates", "check_finite", "check_plan", "choose", "source_num_layers"]
+__all__ = ["candidates", "check_finite", "check_plan", "choose", "one_shot_choice", "source_num_layers"]
 
 
 def source_num_layers(model: nn.Module) -> int:
@@ -61,6 +61,7 @@ def check_finite(scan: LayerScan, cands: list[int], orig: list[int]) -> None:
 
 
 def choose(scan: LayerScan, cands: list[int], metric: str, block: int) -> int:
+    """The scan index that goes now: the lowest score (ties: the lowest index), or the start of the best block."""
     if metric == "block":
         allowed = set(cands)
         starts = [i for i in cands if all(j in allowed for j in range(i, i + block))]
@@ -69,3 +70,12 @@ def choose(scan: LayerScan, cands: list[int], metric: str, block: int) -> int:
             raise PrunecompError(f"no contiguous block of {block} removable layers is left")
         return min(starts, key=lambda i: (scan.scores[i], i))
     return min(cands, key=lambda i: (scan.scores[i], i))
+
+
+def one_shot_choice(scan: LayerScan, cands: list[int], metric: str, k: int) -> list[int]:
+    """The ``k`` scan indices one-shot mode removes from one scan: the whole best block of ``k`` for ``block``,
+    else the ``k`` lowest scores (ties: the lowest index). Ascending."""
+    if metric == "block":
+        start = choose(scan, cands, "block", k)
+        return list(range(start, start + k))
+    return sorted(sorted(cands, key=lambda i: (scan.scores[i], i))[:k])

@@ -29,7 +29,17 @@ from prunecomp.evaluation import harness
 from prunecomp.evaluation.lm_eval_run import check_limit
 from prunecomp.storage import write_json
 
-__all__ = ["CACHE_VERSION", "Cached", "ResultCache", "cached_mmlu", "cached_qa", "data_origin", "mmlu_key", "qa_key"]
+__all__ = [
+    "CACHE_VERSION",
+    "Cached",
+    "ResultCache",
+    "cached_mmlu",
+    "cached_qa",
+    "data_origin",
+    "mmlu_key",
+    "qa_key",
+    "weights_digest",
+]
 
 CACHE_VERSION = 1
 """Bump when the meaning of a stored result changes (its fields, or how it is computed)."""
@@ -75,6 +85,19 @@ class ResultCache:
             log.warning("could not write the evaluation cache entry %s: %s", path, err)
             return None
         return path
+
+
+def weights_digest(model: Any) -> str:
+    """16 hex of the sha256 of an in-memory model's state: every tensor's name and float32 bytes, in order.
+
+    For models that exist only in memory (benchmarks, notebooks comparing variants), where there are no files for
+    :func:`prunecomp.sources.content_hash` to read. Two models with equal weights get the same digest whatever
+    produced them, so a variant that happens to equal another is evaluated once. Reads every weight once."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -8,19 +8,22 @@ recorded reference) is one ``error:`` line and exit code 2.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from click.testing import CliRunner
+from tiny_models import tiny_model
 
 from prunecomp.checkpoint import REPORT_FILE, save_pruned
 from prunecomp.cli import main
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation import compare, harness
-from prunecomp.evaluation.cache import ResultCache, cached_qa
+from prunecomp.evaluation.cache import ResultCache, cached_qa, weights_digest
 from prunecomp.pruning import remove_layer
 from prunecomp.sources import load_model
 
@@ -187,3 +190,15 @@ def test_mmlu_subset_against_explicit_dense(variants, stories_dir, data_dir, tmp
 
 def test_evaluation_error_is_a_user_error() -> None:
     assert issubclass(harness.EvaluationError, PrunecompError) and issubclass(harness.EvaluationError, ValueError)
+
+
+def test_weights_digest_names_the_weights_not_the_object() -> None:
+    """Equal weights give the same digest (a variant equal to another is evaluated once); any change differs."""
+    a = tiny_model("llama")
+    b = copy.deepcopy(a)
+    assert weights_digest(a) == weights_digest(b)
+    with torch.no_grad():
+        b.model.norm.weight[0] += 1e-3
+    assert weights_digest(a) != weights_digest(b)
+    remove_layer(a, 1)
+    assert weights_digest(a) != weights_digest(copy.deepcopy(b))
