@@ -4,10 +4,10 @@ save. The CLI's ``prune`` and ``run`` call it; orchestrators that checkpoint per
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -221,7 +221,7 @@ def _run_streamed(config: JobConfig, progress: Progress,
     t = time.perf_counter()
     progress.message("final check: held-out calibration loss with and without what was folded (layer by layer)")
     check = run_final_check(sm.model, tokenizer, report.recipe(provenance), config.calibration, config.data_dir,
-                            nll=lambda ids: math.log(sm.perplexity(ids, batch_size=config.calibration.batch_size)))
+                            nll=partial(sm.mean_nll, batch_size=config.calibration.batch_size))
     times["final_check"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()

@@ -196,6 +196,11 @@ class StreamedModel:
     @torch.no_grad()
     def perplexity(self, ids: Tensor, *, batch_size: int) -> float:
         """Perplexity of the current (pruned, compensated) model on windows ``ids``, one layer at a time."""
+        return math.exp(self.mean_nll(ids, batch_size=batch_size))
+
+    def mean_nll(self, ids: Tensor, *, batch_size: int) -> float:
+        """Mean next-token NLL of the current model on windows ``ids``, one layer at a time (what the final check
+        compares; the in-memory model's counterpart is :func:`prunecomp.evaluation.perplexity.mean_nll`)."""
         caught = catch_layer_inputs(self.model, ids, batch_size)
         xs = caught.hidden
         for j in range(len(decoder_layers(self.model, self.adapter))):
@@ -206,7 +211,7 @@ class StreamedModel:
         for b, x in enumerate(xs):
             nll, n = head_nll(self.model, x, ids[b * batch_size : (b + 1) * batch_size], self.adapter)
             total, count = total + nll, count + n
-        return math.exp(total / count)
+        return total / count
 
     @torch.no_grad()
     def guard(self, ids: Tensor, current: int, s: float, exponents: Sequence[float], *, batch_size: int,

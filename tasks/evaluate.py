@@ -63,7 +63,7 @@ def _evaluate(job: EvalJob, model: Any, tokenizer: Any, streamed: Any) -> tuple[
 
 def _final_check(job: EvalJob, wc: Any, recipe: Any) -> dict[str, Any] | None:
     """Held-out calibration loss of the state with and without what its recipe folded."""
-    import math
+    from functools import partial
 
     from prunecomp.final_check import run_final_check
 
@@ -72,7 +72,7 @@ def _final_check(job: EvalJob, wc: Any, recipe: Any) -> dict[str, Any] | None:
     if wc.streamed is not None:
         sm = wc.streamed
         done = run_final_check(sm.model, wc.tokenizer, recipe, cal, job.data_dir,
-                               nll=lambda ids: math.log(sm.perplexity(ids, batch_size=cal.batch_size)))
+                               nll=partial(sm.mean_nll, batch_size=cal.batch_size))
     else:
         done = run_final_check(wc.model, wc.tokenizer, recipe, cal, job.data_dir)
     return None if done is None else done.to_dict()

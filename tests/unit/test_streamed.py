@@ -44,6 +44,8 @@ def test_streamed_equals_in_memory(saved: tuple[torch.nn.Module, str], compensat
     assert sm.layer_loads == 15
 
     assert math.exp(mean_nll(ref, CAL, batch_size=4)) == pytest.approx(sm.perplexity(CAL, batch_size=4), rel=1e-5)
+    # the final check's loss, streamed, is the in-memory one
+    assert sm.mean_nll(CAL, batch_size=4) == pytest.approx(mean_nll(ref, CAL, batch_size=4), rel=1e-5)
     out = sm.save(str(tmp_path / "pruned"))
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert loaded.config.num_hidden_layers == 3
