@@ -12,7 +12,8 @@ Variants per metric (``--variants``):
               (prunecomp's ``--refine``; one refinement per k, from the prune&comp state at that k)
   select      prune&comp with compensation-aware selection (``--selection loss``)
   refine+select  both
-  refine-guarded / refine-none   refinement from the guarded / the uncompensated state instead of the paper's
+  refine-guarded / refine-none / refine-lsq   refinement from the guarded / the uncompensated / the lsq state
+              instead of the paper's
   replaceme / linearpatch   the published anchors (bench/anchors.py; they choose a contiguous block by cosine
               whatever --metrics says, so run them under --metrics block); LinearPatch adds a run-time matmul
 Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
@@ -159,7 +160,7 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
                args: argparse.Namespace, teacher: Any, fit_on: Any) -> dict:
     comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq", "select": "magnitude",
             "refine+select": "magnitude", "guarded": "guarded", "refine-guarded": "guarded",
-            "refine-none": "none"}[variant]
+            "refine-none": "none", "refine-lsq": "lsq"}[variant]
     selection = "loss" if variant.endswith("select") else "score"
     results: dict[int, Any] = {}
 
@@ -304,9 +305,9 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]
 
 
 VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "guarded", "lsq", "select", "refine", "refine-guarded",
-                 "refine-none", "refine+select", "replaceme", "linearpatch")
+                 "refine-none", "refine-lsq", "refine+select", "replaceme", "linearpatch")
 ANCHORS = ("replaceme", "linearpatch")
-REFINED = ("refine", "refine-guarded", "refine-none", "refine+select")
+REFINED = ("refine", "refine-guarded", "refine-none", "refine-lsq", "refine+select")
 
 
 def render(results: list[dict[str, Any]]) -> str:
