@@ -20,7 +20,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
 
 QUALITY = ("quality_c", "quality_a2")
-GUARDED = ("quality_guarded", "quality_guarded_tp", "quality_guarded_block")
+GUARDED = ("quality_guarded", "quality_guarded_tp", "quality_guarded_block", "quality_guarded_ppl")
 ANCHORS = ("quality_anchors",)
 REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metrics", "quality_refine_mag",
            "quality_refine_taylor_k3", "quality_refine_taylor_k8", "quality_refine_guarded")
