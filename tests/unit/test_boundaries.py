@@ -57,3 +57,15 @@ def test_console_script_gives_prefects_embedded_server_time_to_start() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_SERVER_EPHEMERAL")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "180", out.stdout[-500:] + out.stderr
+
+
+def test_readme_module_map_names_every_module() -> None:
+    """A newcomer finds every module of the library, the tasks and the flows in the README's module map."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    modules = [p for pkg in ("prunecomp", "tasks", "flows") for p in sorted((root / pkg).rglob("*.py"))]
+    missing = [str(p.relative_to(root)) for p in modules
+               if p.name != "__init__.py" and "/evaluation/tasks/" not in str(p) and f"`{p.name}`" not in readme]
+    assert not missing, f"not in the README's module map: {missing}"
