@@ -1,0 +1,227 @@
+"""Refinement variants for the next quality step (issue #16 item 4), on the quality protocol of bench/quality.py
+(SmolLM2-135M; pruning calibration 8 x 512 tokens of C4, seed 0; mean perplexity of the first 8 x 512-token
+windows of WikiText-2, C4 and PTB; evaluations cached by weights digest with bench/quality.py's cache).
+
+Two experiments, one JSON line each in --out (settings, removed layers, mean PPL and fitting seconds per point):
+
+* end (default): remove k layers (BI, --start compensation; the pruned state is cached under --work), then fit
+  per-channel gains (``--refine channels``) and optionally rank-r deltas on the residual writers (``--rank``;
+  merged into the weights at the end, so still zero run-time cost) against the dense model's top-k predictions on
+  --samples calibration windows; mean PPL at the --evals steps.
+* progressive (``--progressive N``): remove one layer (re-scored on the current, refined model), refine N steps
+  (``prunecomp.refine.refine``, folded), repeat k times; mean PPL after every removal.
+
+    .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --progressive 32 --label prog32
+    .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --steps 80 --rank 8 --evals 40,80 --label lr8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunecomp.adapters import decoder_layers, get_adapter, resolve
+from prunecomp.calibration import calibration_windows, evaluation_windows
+from prunecomp.config import PruneConfig
+from prunecomp.loop import prune_and_compensate
+from prunecomp.pruning import remove_layer
+from prunecomp.refine import distill_loss, gains, gains_applied, refine, teacher_targets
+from prunecomp.sources import load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quality import Evaluator
+
+
+class LowRank:
+    """A rank-r delta ``B A`` on a linear's output (B starts at zero), applied by a hook, merged at the end."""
+
+    def __init__(self, module: nn.Linear, rank: int, gen: torch.Generator) -> None:
+        self.module = module
+        out_f, in_f = module.weight.shape
+        self.a = nn.Parameter(torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f))
+        self.b = nn.Parameter(torch.zeros(out_f, rank))
+
+    def hook(self, _m: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + (args[0].float() @ self.a.t() @ self.b.t()).to(output.dtype)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        w = self.module.weight
+        w.copy_((w.float() + self.b @ self.a).to(w.dtype))
+
+
+def render(path: str, dense: float = 44.58, naive: dict[int, float] | None = None) -> str:
+    """Markdown table of the JSON lines in ``path``: mean PPL per point and the share of the naive degradation
+    recovered (naive = one-shot BI of the quality table: 74.56, 93.05, 165.56 at k = 3, 5, 8)."""
+    naive = naive or {3: 74.56, 5: 93.05, 8: 165.56}
+    lines = ["| run | k | refinement steps | mean PPL | recovered | seconds (1 thread; progressive: with pruning) "
+             "| removed |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for row in map(json.loads, Path(path).read_text().splitlines()):
+        a = row["args"]
+        if a.get("progressive"):
+            points = [(int(i), int(i) * a["progressive"], v, row["seconds"].get(i)) for i, v in row["ppl"].items()]
+        else:
+            points = [(a["k"], int(s), v, row["seconds"].get(s)) for s, v in row["ppl"].items() if int(s) > 0]
+        for k, steps, ppl, sec in points:
+            rec = f"{100 * (naive[k] - ppl) / (naive[k] - dense):.0f}%" if k in naive else "-"
+            lines.append(f"| {row.get('label', '')} | {k} | {steps} | {ppl:.2f} | {rec} | "
+                         f"{'-' if sec is None else round(sec)} | {row.get('removed', '-')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--render", default=None, help="only print the table of this JSON-lines file")
+    ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--metric", default="bi")
+    ap.add_argument("--start", default="guarded")
+    ap.add_argument("--selection", default="score")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--rank", type=int, default=0)
+    ap.add_argument("--lr-lowrank", type=float, default=1e-3)
+    ap.add_argument("--lowrank-on", default="writers", help="writers | all")
+    ap.add_argument("--topk", type=int, default=256)
+    ap.add_argument("--evals", default="80")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--progressive", type=int, default=0, help="refine this many steps after every removal")
+    ap.add_argument("--out", default="bench/results/refine_variants.jsonl")
+    ap.add_argument("--cache", default="bench/results/quality_eval_cache")
+    ap.add_argument("--work", default="/tmp/refine_variants", help="where pruned start states are cached")
+    args = ap.parse_args()
+    if args.render:
+        print(render(args.render))
+        return
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    lm = load_model(None)
+    tok = lm.tokenizer
+    cal = calibration_windows(tok, "c4", n_samples=8, seq_len=512, seed=0)
+    fit = calibration_windows(tok, "c4", n_samples=args.samples, seq_len=512, seed=0)
+    windows = {d: evaluation_windows(tok, d, seq_len=512, max_windows=8) for d in ("wikitext2", "c4", "ptb")}
+    ev = Evaluator(tok, windows, argparse.Namespace(cache=args.cache, eval_seq_len=512,
+                                                    eval_max_windows=8, datasets="wikitext2,c4,ptb", qa_limit=0,
+                                                    qa_tasks="", data_dir=""))
+    t0 = time.perf_counter()
+    targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
+    t_teacher = time.perf_counter() - t0
+    if args.progressive:
+        model = copy.deepcopy(lm.model)
+        out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher}
+        t = time.perf_counter()
+        for i in range(1, args.k + 1):
+            rep = prune_and_compensate(model, cal, PruneConfig(metric=args.metric, n_layers=i, compensation=args.start,
+                                                               selection=args.selection))
+            done = refine(model, fit.ids, targets, mode="channels", steps=args.progressive, lr=args.lr,
+                          batch_size=args.batch)
+            out["seconds"][i] = time.perf_counter() - t
+            out["removed"] = sorted(set(out.get("removed", [])) | {rep.steps[-1].chosen})
+            out["ppl"][i] = ev(model, False)["ppl"]["mean"]
+            print(i, rep.steps[-1].chosen, round(done.loss_before, 4), round(done.loss_after, 4), out["ppl"][i],
+                  round(out["seconds"][i]), flush=True)
+            t = time.perf_counter() - out["seconds"][i]
+        with open(args.out, "a") as f:
+            f.write(json.dumps({**out, "label": args.label}) + "\n")
+        return
+    state = Path(args.work) / f"state_{args.metric}_{args.start}_{args.selection}_k{args.k}.pt"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(lm.model)
+    if state.exists():
+        saved = torch.load(state)
+        for i in sorted(saved["removed"], reverse=True):
+            remove_layer(model, i)
+        model.load_state_dict(saved["sd"])
+        removed = saved["removed"]
+    else:
+        rep = prune_and_compensate(model, cal, PruneConfig(metric=args.metric, n_layers=args.k,
+                                                           compensation=args.start, selection=args.selection))
+        removed = rep.removed
+        torch.save({"removed": removed, "sd": model.state_dict()}, state)
+    out = {"args": vars(args), "removed": removed, "ppl": {0: ev(model, False)["ppl"]["mean"]},
+           "seconds": {}, "teacher_s": t_teacher}
+    print(out, flush=True)
+    items = gains(model, "channels")
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(0)
+    lows: list[LowRank] = []
+    if args.rank:
+        paths = adapter.residual_writers if args.lowrank_on == "writers" else \
+            adapter.residual_writers + adapter.inner_linears
+        for layer in decoder_layers(model, adapter):
+            for p in paths:
+                lows.append(LowRank(resolve(layer, p), args.rank, gen))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    handles = [lr.module.register_forward_hook(lr.hook) for lr in lows]
+    groups = [{"params": [g.value for g in items], "lr": args.lr}]
+    if lows:
+        groups.append({"params": [p for lr in lows for p in (lr.a, lr.b)], "lr": args.lr_lowrank})
+    opt = torch.optim.Adam(groups)
+    steps = args.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
+    evals = {int(x) for x in args.evals.split(",")}
+    order: list[int] = []
+    t = time.perf_counter()
+    with gains_applied(items):
+        for step in range(1, steps + 1):
+            if len(order) < args.batch:
+                order += torch.randperm(fit.ids.shape[0], generator=gen).tolist()
+            batch, order = order[: args.batch], order[args.batch:]
+            sel = torch.tensor(batch)
+            logits = model(input_ids=fit.ids[sel], use_cache=False).logits
+            loss = distill_loss(logits, targets.logprobs[sel], targets.indices[sel])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step in evals:
+                el = time.perf_counter() - t
+                with torch.no_grad():
+                    snap = copy.deepcopy(model)  # hooks are not copied: evaluate via a folded copy
+                out["seconds"][step] = el
+                # fold into the copy
+                names = dict(snap.named_modules())
+                mnames = {id(m): n for n, m in model.named_modules()}
+                with torch.no_grad():
+                    for g in items:
+                        mod = names[mnames[id(g.module)]]
+                        w = mod.weight
+                        if g.kind == "norm":
+                            w.copy_(((w.float() + g.offset) * g.value - g.offset).to(w.dtype))
+                    for lr_ in lows:
+                        mod = names[mnames[id(lr_.module)]]
+                        mod.weight.copy_((mod.weight.float() + lr_.b @ lr_.a).to(mod.weight.dtype))
+                    for g in items:
+                        mod = names[mnames[id(g.module)]]
+                        if g.kind == "linear":
+                            mod.weight.copy_((mod.weight.float() * g.value[:, None]).to(mod.weight.dtype))
+                            if getattr(mod, "bias", None) is not None:
+                                mod.bias.copy_(mod.bias * g.value)
+                snap_hooks = [m for m in snap.modules() if m._forward_hooks]
+                for m in snap_hooks:
+                    m._forward_hooks.clear()
+                out["ppl"][step] = ev(snap, False)["ppl"]["mean"]
+                print(step, round(loss.item(), 4), out["ppl"][step], round(el), flush=True)
+                t = time.perf_counter() - el  # time the fitting only
+    for h in handles:
+        h.remove()
+    with open(args.out, "a") as f:
+        f.write(json.dumps({**out, "label": args.label}) + "\n")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
