@@ -69,12 +69,15 @@ def render(path: str, dense: float = 44.58, naive: dict[int, float] | None = Non
         a = row["args"]
         if a.get("progressive"):
             points = [(int(i), int(i) * a["progressive"], v, row["seconds"].get(i)) for i, v in row["ppl"].items()]
+            chosen = row.get("chosen")
         else:
             points = [(a["k"], int(s), v, row["seconds"].get(s)) for s, v in row["ppl"].items() if int(s) > 0]
+            chosen = None
         for k, steps, ppl, sec in points:
             rec = f"{100 * (naive[k] - ppl) / (naive[k] - dense):.0f}%" if k in naive else "-"
             lines.append(f"| {row.get('label', '')} | {k} | {steps} | {ppl:.2f} | {rec} | "
-                         f"{'-' if sec is None else round(sec)} | {row.get('removed', '-')} |")
+                         f"{'-' if sec is None else round(sec)} | "
+                         f"{sorted(chosen[:k]) if chosen else sorted(row.get('removed', []))} |")
     return "\n".join(lines)
 
 
@@ -127,6 +130,7 @@ def main() -> None:
                           batch_size=args.batch)
             out["seconds"][i] = time.perf_counter() - t
             out["removed"] = sorted(set(out.get("removed", [])) | {rep.steps[-1].chosen})
+            out.setdefault("chosen", []).append(rep.steps[-1].chosen)  # in order: the first i are removed at i
             out["ppl"][i] = ev(model, False)["ppl"]["mean"]
             print(i, rep.steps[-1].chosen, round(done.loss_before, 4), round(done.loss_after, 4), out["ppl"][i],
                   round(out["seconds"][i]), flush=True)
