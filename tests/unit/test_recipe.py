@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.loop import prune_and_compensate
@@ -57,7 +58,7 @@ def test_refined_recipe_is_bit_identical(tmp_path: Path) -> None:
     cfg = PruneConfig(n_layers=2, metric="bi", compensation="magnitude", refine="channels", refine_steps=3,
                       refine_batch=2, refine_topk=8)
     ran = tiny_model("llama")
-    report = prune_and_compensate(ran, tokens(4, 16), cfg, batch_size=2)
+    report = compress(ran, tokens(4, 16), cfg, batch_size=2)
     recipe = report.recipe(SOURCE | {"architecture": "LlamaForCausalLM"})
     assert recipe.refine is not None and len(recipe.refine.gains) > 10
     write_recipe_files(recipe, tmp_path)
