@@ -51,6 +51,7 @@ def main() -> int:
     from memory import write_synthetic
     from transformers import AutoModelForCausalLM
 
+    from prunecomp.compress import compress
     from prunecomp.config import PruneConfig
     from prunecomp.loop import prune_and_compensate
     from prunecomp.recipe import apply_recipe
@@ -107,7 +108,7 @@ def main() -> int:
         model = load()
         cfg = PruneConfig(n_layers=args.k, metric="bi", compensation="magnitude", refine="channels",
                           refine_steps=args.refine_steps, refine_batch=2, refine_topk=64)
-        report = prune_and_compensate(model, ids, cfg, batch_size=4)
+        report = compress(model, ids, cfg, batch_size=4)
         r = report.refine or {}
         del model
         return r.get("loss_after", 1e9) < r.get("loss_before", 0), (
