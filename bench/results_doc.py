@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality import _merged, anchor_summary, guard_summary, render  # bench/ is not a package: imported by path
+from refine_variants import render as render_variants
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
@@ -64,6 +65,10 @@ def build() -> str:
         parts += ["## Refinement runs (`bench/quality.py --variants refine...`)", ""]
         for name, result in zip([n for n in REFINED if (RESULTS / f"{n}.json").is_file()], refined, strict=True):
             parts += [f"### `{name}.json`", "", render([result]), ""]
+    variants = RESULTS / "refine_variants.jsonl"
+    if variants.is_file():
+        parts += ["## Refinement variants for the next quality step (`bench/refine_variants.py`, issue #16)", "",
+                  render_variants(str(variants)), ""]
     for name, title in MARKDOWN.items():
         path = RESULTS / f"{name}.md"
         if path.is_file():
