@@ -1,8 +1,9 @@
 """The one Prune&Comp loop: score -> remove the least important layer -> fold the gap scale -> re-score.
 
-The CLI, the Prefect tasks and notebooks all call :func:`prune_and_compensate` (or :func:`prune_step`, one
-iteration, for orchestrators that checkpoint between steps). Observers hook in through ``on_step``; nothing here
-knows about Prefect, MLflow or files.
+The CLI (through :func:`prunecomp.compress.compress`, which adds refinement around it), the Prefect tasks and
+notebooks all call :func:`prune_and_compensate` (or :func:`prune_step`, one iteration, for orchestrators that
+checkpoint between steps). Observers hook in through ``on_step``; nothing here knows about Prefect, MLflow, files
+or refinement.
 """
 
 from __future__ import annotations
