@@ -33,7 +33,7 @@ from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.config import PruneConfig
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
-from prunecomp.refine import distill_loss, gains, gains_applied, refine, teacher_targets
+from prunecomp.refine import Gain, distill_loss, fold_gains, gains, gains_applied, refine, teacher_targets
 from prunecomp.sources import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,9 +53,24 @@ class LowRank:
         return output + (args[0].float() @ self.a.t() @ self.b.t()).to(output.dtype)
 
     @torch.no_grad()
-    def fold(self) -> None:
-        w = self.module.weight
+    def fold(self, module: nn.Module | None = None) -> None:
+        """Merge ``B A`` into ``module``'s weight (default: the hooked module)."""
+        w = (module or self.module).weight
         w.copy_((w.float() + self.b @ self.a).to(w.dtype))
+
+
+def folded_copy(model: nn.Module, items: list[Gain], lows: list[LowRank]) -> nn.Module:
+    """A copy of ``model`` (which runs with the gains and deltas as hooks) with them merged into its weights:
+    deltas first, then :func:`prunecomp.refine.fold_gains`, i.e. ``W' = diag(g) (W + B A)``, as the hooks compute."""
+    snap = copy.deepcopy(model)
+    for m in snap.modules():  # the copied hooks would apply the gains a second time
+        m._forward_hooks.clear()
+    where = dict(snap.named_modules())
+    name = {id(m): n for n, m in model.named_modules()}
+    for low in lows:
+        low.fold(where[name[id(low.module)]])
+    fold_gains([Gain(where[name[id(g.module)]], g.value, g.kind, g.offset) for g in items])
+    return snap
 
 
 def render(path: str, dense: float = 44.58, naive: dict[int, float] | None = None) -> str:
@@ -193,30 +208,8 @@ def main() -> None:
             sched.step()
             if step in evals:
                 el = time.perf_counter() - t
-                with torch.no_grad():
-                    snap = copy.deepcopy(model)  # hooks are not copied: evaluate via a folded copy
                 out["seconds"][step] = el
-                # fold into the copy
-                names = dict(snap.named_modules())
-                mnames = {id(m): n for n, m in model.named_modules()}
-                with torch.no_grad():
-                    for g in items:
-                        mod = names[mnames[id(g.module)]]
-                        w = mod.weight
-                        if g.kind == "norm":
-                            w.copy_(((w.float() + g.offset) * g.value - g.offset).to(w.dtype))
-                    for lr_ in lows:
-                        mod = names[mnames[id(lr_.module)]]
-                        mod.weight.copy_((mod.weight.float() + lr_.b @ lr_.a).to(mod.weight.dtype))
-                    for g in items:
-                        mod = names[mnames[id(g.module)]]
-                        if g.kind == "linear":
-                            mod.weight.copy_((mod.weight.float() * g.value[:, None]).to(mod.weight.dtype))
-                            if getattr(mod, "bias", None) is not None:
-                                mod.bias.copy_(mod.bias * g.value)
-                snap_hooks = [m for m in snap.modules() if m._forward_hooks]
-                for m in snap_hooks:
-                    m._forward_hooks.clear()
+                snap = folded_copy(model, items, lows)
                 out["ppl"][step] = ev(snap, False)["ppl"]["mean"]
                 print(step, round(loss.item(), 4), out["ppl"][step], round(el), flush=True)
                 t = time.perf_counter() - el  # time the fitting only

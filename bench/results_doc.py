@@ -49,17 +49,18 @@ def build() -> str:
         parts += ["## Quality benchmark: every metric and variant (`bench/quality.py`)", "", render(quality), ""]
     guarded = _load(GUARDED)
     if guarded:
-        everything = quality + guarded + _load(REFINED) + _load(ANCHORS)
+        anchors = _load(ANCHORS)
+        everything = quality + guarded + _load(REFINED) + anchors
         parts += ["## Guarded compensation against naive removal, the paper and refinement (issue #16)", "",
                   "Naive and paper rows from the quality runs above; guarded rows from "
                   f"{', '.join(f'`{n}.json`' for n in GUARDED)}; refined rows (refinement from the paper's state "
                   "unless named) from the refinement runs below.", "",
                   guard_summary(_merged(everything), everything[0]["dense"]["ppl"]["mean"]), "",
                   render(guarded), ""]
-        if _load(ANCHORS):
+        if anchors:
             parts += ["## The published anchors: ReplaceMe and LinearPatch (`bench/anchors.py`)", "",
                       anchor_summary(_merged(everything), everything[0]["dense"]["ppl"]["mean"]), "",
-                      render(_load(ANCHORS)), ""]
+                      render(anchors), ""]
     refined = _load(REFINED)
     if refined:
         parts += ["## Refinement runs (`bench/quality.py --variants refine...`)", ""]
