@@ -34,12 +34,12 @@ from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
 from tasks.candidates import CandidateJob, score_candidates, split
 from tasks.evaluate import evaluate_checkpoint
-from tasks.jobs import CalibrationJob, EvalJob, FinalJob, ModelJob, RefineJob, StepJob
+from tasks.jobs import CalibrationJob, EvalJob, FinalJob, ModelJob, RefineJob, StepJob, TeacherJob
 from tasks.keys import code_version
 from tasks.locks import RunLock, run_lock
 from tasks.model_io import materialize_model, resolve_model, write_final
 from tasks.prune import prune_one_step
-from tasks.refine import refine_state
+from tasks.refine import refine_state, teacher_predictions
 from tasks.settings import Locations, configure_s3, locations, redact, redact_all
 from tasks.tracking import log_run_task, register_task
 
@@ -244,9 +244,20 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     parts: list[str] = []
     digest = Recipe(source={"content_hash": base["hash"]}).digest()
     dense_quick = quick(parts, digest)
-    progress = RunProgress(run_id, 1 + k + (config.prune.refine != "none") + 2 + config.tracking.log_and_register)
+    p = config.prune
+    fits = 0 if p.refine == "none" else (k if p.refine_at == "each" else 1)
+    progress = RunProgress(run_id, 1 + k + fits + 2 + config.tracking.log_and_register)
     dense_eval = evaluate(parts, digest, config.evaluation, qa=True)  # now, while the working copy is dense
     progress.advance("dense model evaluated")
+    fit = _teacher(config, store, base, cal, data_dir) if fits else None  # also while the copy is dense
+
+    def refine_at(parts: list[str], digest: str) -> tuple[dict[str, Any], bool]:
+        assert fit is not None
+        return run_cached(refine_state, RefineJob(
+            **state(parts, digest), calibration_uri=fit["windows"]["uri"],
+            calibration_digest=fit["windows"]["digest"], teacher_uri=fit["teacher"]["uri"], mode=p.refine,
+            steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch, topk=p.refine_topk,
+            batch_size=config.calibration.batch_size))
     parent_ppl = dense_quick
     steps: list[dict[str, Any]] = []
     stop_reason = f"removed the {k} requested layers"
@@ -264,12 +275,27 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         entry = {"step": step, "uri": meta["uri"], "digest": meta["digest"], "record": meta["record"],
                  "reused": cached, "ppl_before": parent_ppl, "ppl_after": after, "kept": True,
                  "candidate_workers": workers}
-        publish_step(run_id, entry)
-        progress.advance(f"step {step + 1}/{k}: removed layer {entry['record']['chosen']}"
-                         f"{' (cached)' if cached else ''}")
         rec = meta["record"]
         log.info("step %d/%d: removed layer %d, s=%.4f, quick ppl %s -> %s%s", step + 1, k, rec["chosen"],
                  rec["applied_scale"], _fmt(_mean(parent_ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
+        new_parts, new_digest = [*parts, meta["uri"]], meta["digest"]
+        if fits and p.refine_at == "each":  # progressive: the next step scores the refined model
+            progress.advance(f"step {step + 1}/{k}: removed layer {rec['chosen']}{' (cached)' if cached else ''}")
+            rmeta, rcached = refine_at(new_parts, new_digest)
+            refined_ppl = quick([*new_parts, rmeta["uri"]], rmeta["digest"])
+            entry["refine"] = {"uri": rmeta["uri"], "digest": rmeta["digest"], "report": rmeta["refine"],
+                               "reused": rcached, "ppl_before": after, "ppl_after": refined_ppl}
+            log.info("step %d/%d refined (%s, %d steps): calibration KL %.4f -> %.4f, quick ppl %s -> %s%s",
+                     step + 1, k, p.refine, p.refine_steps, rmeta["refine"]["loss_before"],
+                     rmeta["refine"]["loss_after"], _fmt(_mean(after)), _fmt(_mean(refined_ppl)),
+                     " (cached)" if rcached else "")
+            new_parts, new_digest, after = [*new_parts, rmeta["uri"]], rmeta["digest"], refined_ppl
+            entry["ppl_after"] = after
+            publish_step(run_id, entry)
+            progress.advance(f"step {step + 1}/{k}: refined{' (cached)' if rcached else ''}")
+        else:
+            publish_step(run_id, entry)
+            progress.advance(f"step {step + 1}/{k}: removed layer {rec['chosen']}{' (cached)' if cached else ''}")
         ratio = (_mean(after) or 0.0) / (_mean(dense_quick) or 1.0)
         if config.max_ppl_ratio is not None and ratio > config.max_ppl_ratio:
             entry["kept"] = False
@@ -282,20 +308,11 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         journal["steps"] = steps
         write_json(journal_uri(loc, run_id), redact_all(journal))
         lock.beat()
-        parts, digest, parent_ppl = [*parts, meta["uri"]], meta["digest"], after
+        parts, digest, parent_ppl = new_parts, new_digest, after
     kept = [s for s in steps if s["kept"]]
     refined: dict[str, Any] | None = None
-    if config.prune.refine != "none" and kept:
-        p = config.prune
-        fit_on = cal
-        if p.refine_samples is not None:  # its own cached calibration set (a superset of the scoring windows)
-            fit_on, _ = run_cached(build_calibration, CalibrationJob(
-                store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
-                calibration=config.calibration.model_copy(update={"n_samples": p.refine_samples})))
-        rjob = RefineJob(**state(parts, digest), calibration_uri=fit_on["uri"], calibration_digest=fit_on["digest"],
-                         mode=p.refine, steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch,
-                         topk=p.refine_topk, batch_size=config.calibration.batch_size)
-        meta, cached = run_cached(refine_state, rjob)
+    if fits and p.refine_at == "end" and kept:
+        meta, cached = refine_at(parts, digest)
         progress.advance(f"refined ({p.refine})")
         after = quick([*parts, meta["uri"]], meta["digest"])
         refined = {"uri": meta["uri"], "digest": meta["digest"], "report": meta["refine"], "reused": cached,
@@ -355,6 +372,22 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     return summary
 
 
+def _teacher(config: CompressConfig, store: str, base: dict[str, Any], cal: dict[str, Any],
+             data_dir: str | None) -> dict[str, Any]:
+    """The refinement windows (the calibration windows, or their own cached superset with ``refine_samples``) and
+    the dense model's predictions on them (one cached task, computed on the dense working copy)."""
+    p = config.prune
+    windows = cal
+    if p.refine_samples is not None:
+        windows, _ = run_cached(build_calibration, CalibrationJob(
+            store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
+            calibration=config.calibration.model_copy(update={"n_samples": p.refine_samples})))
+    teacher, _ = run_cached(teacher_predictions, TeacherJob(
+        store=store, base_uri=base["uri"], base_hash=base["hash"], calibration_uri=windows["uri"],
+        calibration_digest=windows["digest"], topk=p.refine_topk, batch_size=config.calibration.batch_size))
+    return {"windows": windows, "teacher": teacher}
+
+
 def _not_streamable(config: CompressConfig, base: dict[str, Any]) -> str | None:
     """Why this run cannot be layer-streamed, or ``None`` when it can."""
     from prunecomp.streamed import STREAMED_METRICS
@@ -398,7 +431,7 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
     tags = {
         "method": {"magnitude": "prune&comp", "guarded": "prune&comp-guarded", "lsq": "prune&comp+lsq"}.get(
             prune.compensation, "naive-depth-pruning")
-        + ("" if prune.refine == "none" else f"+refine-{prune.refine}"),
+        + ("" if prune.refine == "none" else f"+refine-{prune.refine}{'-each' if prune.refine_at == 'each' else ''}"),
         "metric": prune.metric, "compensation": prune.compensation,
         "final_check": (summary.get("final_check") or {}).get("verdict", "not run"),
         "guard_decisions": ",".join((s["record"].get("guard") or {}).get("decision", "-")

@@ -9,6 +9,7 @@ windows it fits on. The pipeline wires the same pieces as separate cached tasks 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -71,12 +72,35 @@ def compress(
     """:func:`prunecomp.loop.prune_and_compensate`, then (``config.refine`` not ``none``) refinement on
     ``refine_windows`` (default: ``calibration``) against the dense model's predictions, taken before the first
     removal (see :func:`teacher_for`). ``on_step`` sees each removal before refinement; the report carries what
-    refinement did (``report.refine``) and what it folded (``report.refine_edit``, for the recipe)."""
+    refinement did (``report.refine``) and what it folded (``report.refine_edit``, for the recipe).
+
+    ``config.refine_at="each"`` (progressive): after every removal, refine ``config.refine_steps`` steps, then
+    score the refined model for the next removal; each fit is recorded on its step (``StepRecord.refine``). The
+    loop is called once per removal, so each scoring starts from a fresh scanner: refinement changed every layer,
+    and cached activations would be stale."""
     fit_on = calibration if refine_windows is None else refine_windows
     targets = teacher_for(model, fit_on, config, batch_size=batch_size, teacher=teacher)
-    report = prune_and_compensate(model, calibration, config, batch_size=batch_size, on_step=on_step,
-                                  on_batch=on_batch, calibration_config=calibration_config,
-                                  cache_budget_bytes=cache_budget_bytes)
-    if targets is not None:
-        report.add_refine(refine_as_configured(model, fit_on, targets, config))
+    common = {"batch_size": batch_size, "on_step": on_step, "on_batch": on_batch,
+              "calibration_config": calibration_config, "cache_budget_bytes": cache_budget_bytes}
+    if targets is None or config.refine_at == "end":
+        report = prune_and_compensate(model, calibration, config, **common)  # type: ignore[arg-type]
+        if targets is not None:
+            report.add_refine(refine_as_configured(model, fit_on, targets, config))
+        return report
+    t0 = time.perf_counter()
+    n_src = source_num_layers(model)
+    k = config.layers_to_remove(n_src)
+    report = None
+    for n in range(n_src - len(decoder_layers(model)) + 1, k + 1):
+        one = prune_and_compensate(model, calibration, config.model_copy(update={"n_layers": n, "fraction": None}),
+                                   **common)  # type: ignore[arg-type]
+        if report is None:
+            report = one
+            report.config = config.model_dump(mode="json")
+        else:
+            report.steps.extend(one.steps)
+        report.add_refine(refine_as_configured(model, fit_on, targets, config), step=report.steps[-1])
+    if report is None:  # nothing left to remove: let the loop say so
+        return prune_and_compensate(model, calibration, config, **common)  # type: ignore[arg-type]
+    report.seconds = time.perf_counter() - t0
     return report

@@ -78,11 +78,27 @@ def line(doc: dict[str, Any]) -> str:
 
 def output_edits(model: nn.Module, recipe: Recipe) -> dict[str, tuple[float, list[Tensor], Tensor | None]]:
     """Per module path of the (already pruned) model: what the run multiplied its output by, as
-    ``(scalar product, [lsq maps in fold order], per-channel gains or None)``. Pure bookkeeping over the recipe."""
+    ``(scalar product, [lsq maps in fold order], per-channel gains or None)``. Pure bookkeeping over the recipe.
+
+    Refinement gains of a progressive run name modules by their index at the time of the fit: they are followed
+    to the layer's final index through the removals (gains of a layer removed later are gone with it), and gains
+    fitted on the same module at several steps multiply (per-channel output gains and scalar scales commute)."""
     adapter = get_adapter(model)
+    layers_path = adapter.layers
     kept = list(range(len(decoder_layers(model, adapter)) + len(recipe.steps)))  # the source's depth
     writers: dict[int, list[Any]] = {o: [1.0, []] for o in kept}  # original layer -> [scale product, maps]
     embed: list[Any] = [1.0, []]
+    fitted: dict[tuple[int | None, str], Tensor] = {}  # (original layer or None, path in it / in the model) -> gain
+
+    def add_gains(gains: dict[str, tuple[str, float, Tensor]]) -> None:
+        for path, (_kind, _offset, gain) in gains.items():
+            key: tuple[int | None, str] = (None, path)
+            if path.startswith(f"{layers_path}."):
+                index, _, rest = path[len(layers_path) + 1:].partition(".")
+                key = (kept[int(index)], rest)
+            g = gain.detach().to(torch.float32)
+            fitted[key] = fitted[key] * g if key in fitted else g
+
     for step in recipe.steps:
         del kept[step.current]
         if step.scale is not None and step.scale != 1.0:
@@ -92,7 +108,10 @@ def output_edits(model: nn.Module, recipe: Recipe) -> dict[str, tuple[float, lis
         if step.gap_map is not None:
             target = embed if step.current == 0 else writers[kept[step.current - 1]]
             target[1].append(step.gap_map)
-    layers_path = adapter.layers
+        if step.refine is not None:
+            add_gains(step.refine.gains)
+    if recipe.refine is not None:
+        add_gains(recipe.refine.gains)
     out: dict[str, tuple[float, list[Tensor], Tensor | None]] = {}
     if embed[0] != 1.0 or embed[1]:
         out[adapter.embed] = (embed[0], embed[1], None)
@@ -102,10 +121,13 @@ def output_edits(model: nn.Module, recipe: Recipe) -> dict[str, tuple[float, lis
             continue
         for path in adapter.residual_writers:
             out[f"{layers_path}.{j}.{path}"] = (scale, maps if path == adapter.lsq_writer else [], None)
-    if recipe.refine is not None:
-        for path, (_kind, _offset, gain) in recipe.refine.gains.items():
-            scale, maps, _ = out.get(path, (1.0, [], None))
-            out[path] = (scale, maps, gain)
+    final_index = {o: j for j, o in enumerate(kept)}
+    for (o, rest), gain in fitted.items():
+        if o is not None and o not in final_index:
+            continue  # fitted on a layer that a later step removed
+        path = rest if o is None else f"{layers_path}.{final_index[o]}.{rest}"
+        scale, maps, _ = out.get(path, (1.0, [], None))
+        out[path] = (scale, maps, gain)
     return out
 
 
@@ -153,7 +175,7 @@ def final_check(model: nn.Module, recipe: Recipe, ids: Tensor, digest: str, *, b
         parts.append("scales")
     if any(s.gap_map is not None for s in recipe.steps):
         parts.append("maps")
-    if recipe.refine is not None:
+    if recipe.refine is not None or recipe.progressive:
         parts.append("refine")
     return FinalCheck(loss=loss, uncompensated_loss=base, windows=int(ids.shape[0]), digest=digest,
                       folded="+".join(parts) or "nothing")

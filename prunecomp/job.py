@@ -126,6 +126,9 @@ def run_job(config: JobConfig, progress: Progress | None = None,
         progress.step(record)
         if on_step is not None:
             on_step(record, model)
+        if config.prune.refine != "none" and config.prune.refine_at == "each":
+            progress.message(f"  refining ({config.prune.refine}, {config.prune.refine_steps} steps) before "
+                             "the next scoring")
         progress.start(f"step {record.step + 2}: scoring layers", batches)
 
     progress.start("step 1: scoring layers", batches)
@@ -212,6 +215,9 @@ def _run_streamed(config: JobConfig, progress: Progress,
         progress.step(record)
         if on_step is not None:
             on_step(record, model)
+        if config.prune.refine != "none" and config.prune.refine_at == "each":
+            progress.message(f"  refining ({config.prune.refine}, {config.prune.refine_steps} steps) before "
+                             "the next scoring")
 
     t = time.perf_counter()
     report = streamed_prune(sm, cal.ids, config.prune, batch_size=config.calibration.batch_size, on_step=observe)

@@ -29,49 +29,15 @@ from prunecomp.errors import PrunecompError
 from prunecomp.lsq import GapFit, apply_gap_map
 from prunecomp.pruning import original_indices, remove_layer
 
-__all__ = ["FORMAT", "RECIPE_FILE", "TENSORS_FILE", "Recipe", "RecipeStep", "RefineEdit", "apply_recipe",
-           "read_recipe", "recipe_from_report", "write_recipe_files"]
+__all__ = ["FORMAT", "FORMAT_PROGRESSIVE", "RECIPE_FILE", "TENSORS_FILE", "Recipe", "RecipeStep", "RefineEdit",
+           "apply_recipe", "read_recipe", "recipe_from_report", "write_recipe_files"]
 
 FORMAT = "prunecomp.recipe/v1"
+FORMAT_PROGRESSIVE = "prunecomp.recipe/v2"
+"""v2 = v1 plus ``refine`` on steps (progressive refinement); written only when a step has one, so older readers
+refuse what they could not replay instead of silently skipping the gains."""
 RECIPE_FILE = "recipe.json"
 TENSORS_FILE = "recipe.safetensors"
-
-
-@dataclass(frozen=True)
-class RecipeStep:
-    """One removal: ORIGINAL layer ``removed``, at index ``current`` of the model as it was then.
-
-    ``scale`` is the magnitude scale folded upstream of the gap (``None``: no compensation); ``gap_map`` the
-    ``lsq`` map folded into the last writer before the gap. ``record`` is the step's audit record (scores, time);
-    it does not change the tensors and stays out of :meth:`Recipe.digest`.
-    """
-
-    removed: int
-    current: int
-    scale: float | None
-    gap_map: Tensor | None = field(default=None, repr=False, compare=False)
-    record: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    def edit(self) -> dict[str, Any]:
-        """What this step does to the tensors, as JSON (``gap_map`` as its sha256)."""
-        return {"removed": self.removed, "current": self.current, "scale": self.scale,
-                "gap_map": None if self.gap_map is None else _tensor_digest(self.gap_map)}
-
-    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """JSON of this step and its tensor (named ``<prefix>gap_map`` in the document)."""
-        doc: dict[str, Any] = {"removed": self.removed, "current": self.current, "scale": self.scale}
-        tensors = {}
-        if self.gap_map is not None:
-            doc["gap_map"] = f"{prefix}gap_map"
-            tensors[doc["gap_map"]] = self.gap_map
-        return doc | {"record": self.record}, tensors
-
-    @classmethod
-    def from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> RecipeStep:
-        return cls(removed=int(doc["removed"]), current=int(doc["current"]),
-                   scale=None if doc["scale"] is None else float(doc["scale"]),
-                   gap_map=tensors[doc["gap_map"]] if doc.get("gap_map") else None,
-                   record=dict(doc.get("record") or {}))
 
 
 @dataclass(frozen=True)
@@ -99,13 +65,76 @@ class RefineEdit:
 
 
 @dataclass(frozen=True)
+class RecipeStep:
+    """One removal: ORIGINAL layer ``removed``, at index ``current`` of the model as it was then.
+
+    ``scale`` is the magnitude scale folded upstream of the gap (``None``: no compensation); ``gap_map`` the
+    ``lsq`` map folded into the last writer before the gap; ``refine`` the gains fitted right after this step
+    (progressive refinement, ``refine_at="each"``), by module path of the model as it was then. ``record`` is the
+    step's audit record (scores, time); it does not change the tensors and stays out of :meth:`Recipe.digest`.
+    """
+
+    removed: int
+    current: int
+    scale: float | None
+    gap_map: Tensor | None = field(default=None, repr=False, compare=False)
+    record: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    refine: RefineEdit | None = field(default=None, repr=False, compare=False)
+
+    def edit(self) -> dict[str, Any]:
+        """What this step does to the tensors, as JSON (``gap_map`` as its sha256). A step without refinement has
+        no ``refine`` key, so the digests of recipes written before progressive refinement are unchanged."""
+        out: dict[str, Any] = {"removed": self.removed, "current": self.current, "scale": self.scale,
+                               "gap_map": None if self.gap_map is None else _tensor_digest(self.gap_map)}
+        if self.refine is not None:
+            out["refine"] = self.refine.edit()
+        return out
+
+    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """JSON of this step and its tensors (named ``<prefix>gap_map``, ``<prefix>refine.<path>``)."""
+        doc: dict[str, Any] = {"removed": self.removed, "current": self.current, "scale": self.scale}
+        tensors = {}
+        if self.gap_map is not None:
+            doc["gap_map"] = f"{prefix}gap_map"
+            tensors[doc["gap_map"]] = self.gap_map
+        if self.refine is not None:
+            doc["refine"], named = self.refine.to_doc(f"{prefix}refine.")
+            tensors |= named
+        return doc | {"record": self.record}, tensors
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> RecipeStep:
+        return cls(removed=int(doc["removed"]), current=int(doc["current"]),
+                   scale=None if doc["scale"] is None else float(doc["scale"]),
+                   gap_map=tensors[doc["gap_map"]] if doc.get("gap_map") else None,
+                   record=dict(doc.get("record") or {}),
+                   refine=RefineEdit.from_doc(doc["refine"], tensors) if doc.get("refine") else None)
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """What was done to ``source`` (``content_hash``, ``architecture``, ``num_layers``; ``uri`` for people)."""
+    """What was done to ``source`` (``content_hash``, ``architecture``, ``num_layers``; ``uri`` for people).
+
+    ``refine`` is the refinement after the last step. Progressive refinement puts the earlier fits on their steps
+    (:attr:`RecipeStep.refine`); one form only: the fit after the last step is always ``refine``, so a run's
+    recipe has one digest however it was assembled (in memory, or from the pipeline's parts)."""
 
     source: dict[str, Any]
     steps: tuple[RecipeStep, ...] = ()
     refine: RefineEdit | None = None
     config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps and self.steps[-1].refine is not None:
+            if self.refine is not None:
+                raise PrunecompError("a recipe cannot refine twice after its last step")
+            object.__setattr__(self, "refine", self.steps[-1].refine)
+            object.__setattr__(self, "steps", (*self.steps[:-1], replace(self.steps[-1], refine=None)))
+
+    @property
+    def progressive(self) -> bool:
+        """Whether refinement ran between steps (``refine_at="each"``)."""
+        return any(s.refine is not None for s in self.steps)
 
     @property
     def removed(self) -> list[int]:
@@ -117,14 +146,34 @@ class Recipe:
                    "refine": None if self.refine is None else self.refine.edit()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+    def edits(self) -> list[dict[str, Any]]:
+        """Every edit in the order it is applied: each step, then the refinement that followed it, if any. One
+        state is an earlier state of another when its edits are a prefix of the other's."""
+        out: list[dict[str, Any]] = []
+        for s in self.steps:
+            out.append(replace(s, refine=None).edit())
+            if s.refine is not None:
+                out.append({"refine": s.refine.edit()})
+        if self.refine is not None:
+            out.append({"refine": self.refine.edit()})
+        return out
+
     def prefix(self, n: int) -> Recipe:
-        """The first ``n`` steps (no refinement)."""
-        return replace(self, steps=self.steps[:n], refine=None)
+        """The model right after the ``n``-th step's folds: the first ``n`` steps, with the refinements that ran
+        between them (progressive runs) but not the one that followed the ``n``-th."""
+        steps = self.steps[:n]
+        if steps:
+            steps = (*steps[:-1], replace(steps[-1], refine=None))
+        return replace(self, steps=steps, refine=None)
 
     def plus(self, step: RecipeStep) -> Recipe:
+        """This recipe and one more step; refinement so far becomes the last step's (it ran before the new one)."""
+        steps = self.steps
         if self.refine is not None:
-            raise PrunecompError("a refined recipe is final: no step can follow refinement")
-        return replace(self, steps=(*self.steps, step))
+            if not steps:
+                raise PrunecompError("refinement before any removal: nothing to attach it to")
+            steps = (*steps[:-1], replace(steps[-1], refine=self.refine))
+        return replace(self, steps=(*steps, step), refine=None)
 
     def with_refine(self, edit: RefineEdit) -> Recipe:
         return replace(self, refine=edit)
@@ -137,8 +186,9 @@ class Recipe:
             entry, named = step.to_doc(f"steps.{i}.")
             steps.append(entry)
             tensors |= named
-        doc: dict[str, Any] = {"format": FORMAT, "source": self.source, "removed": self.removed,
-                               "digest": self.digest(), "config": self.config, "steps": steps, "refine": None}
+        doc: dict[str, Any] = {"format": FORMAT_PROGRESSIVE if self.progressive else FORMAT, "source": self.source,
+                               "removed": self.removed, "digest": self.digest(), "config": self.config,
+                               "steps": steps, "refine": None}
         if self.refine is not None:
             doc["refine"], named = self.refine.to_doc("refine.")
             tensors |= named
@@ -146,8 +196,9 @@ class Recipe:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Recipe:
-        if doc.get("format") != FORMAT:
-            raise PrunecompError(f"not a prunecomp recipe (format {doc.get('format')!r}, expected {FORMAT!r})")
+        if doc.get("format") not in (FORMAT, FORMAT_PROGRESSIVE):
+            raise PrunecompError(f"not a prunecomp recipe (format {doc.get('format')!r}, expected {FORMAT!r} or "
+                                 f"{FORMAT_PROGRESSIVE!r})")
         try:
             steps = tuple(RecipeStep.from_doc(entry, tensors) for entry in doc["steps"])
             refine = RefineEdit.from_doc(doc["refine"], tensors) if doc.get("refine") else None
@@ -232,7 +283,9 @@ def recipe_from_report(report: Any, source: dict[str, Any] | None = None) -> Rec
     compensated = report.config.get("compensation") != "none"
     steps = tuple(RecipeStep(removed=r.chosen, current=r.chosen_current,
                              scale=r.applied_scale if compensated else None, gap_map=r.gap_map,
-                             record=r.to_dict()) for r in report.steps)
+                             record=r.to_dict(),
+                             refine=None if r.refine_edit is None else RefineEdit(r.refine_edit, dict(r.refine or {})))
+                  for r in report.steps)
     refine = None
     if report.refine_edit is not None:
         refine = RefineEdit(gains=report.refine_edit, report=dict(report.refine or {}))
@@ -286,8 +339,11 @@ def check_applicable(recipe: Recipe, *, architecture: str, num_layers: int, kept
 
 
 @torch.no_grad()
-def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0) -> nn.Module:
+def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0, refined: bool = False) -> nn.Module:
     """Replay ``recipe`` (from step ``start``; the model must already be at that point) on ``model`` in place.
+
+    ``refined``: the refinement that followed step ``start`` is already folded too (a progressive run's state
+    after its fit; :meth:`Recipe.prefix` states are not refined, so the same recipe continues from them).
 
     Same calls, same order, same numbers as :func:`prunecomp.loop.prune_and_compensate`: the tensors come out
     bit-identical to the run that made the recipe. The source's content hash is not checked here (the model may
@@ -298,6 +354,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0) -> nn.Modu
     get_adapter(model)
     check_applicable(recipe, architecture=type(model).__name__, num_layers=source_num_layers(model),
                      kept=original_indices(model), start=start)
+    if start and not refined and recipe.steps[start - 1].refine is not None:
+        apply_refine(model, recipe.steps[start - 1].refine)
     for i, s in enumerate(recipe.steps[start:], start=start):
         orig = original_indices(model)
         if not 0 <= s.current < len(orig) or orig[s.current] != s.removed:
@@ -307,7 +365,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0) -> nn.Modu
             compensate(model, s.current, s.scale)
         if s.gap_map is not None:
             apply_gap_map(model, s.current, GapFit(t=s.gap_map, error_before=0.0, error_after=0.0))
-    if recipe.refine is not None:
+        if s.refine is not None:
+            apply_refine(model, s.refine)
+    if recipe.refine is not None and not (refined and start == len(recipe.steps)):
         apply_refine(model, recipe.refine)
     return model
 

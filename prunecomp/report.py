@@ -42,10 +42,14 @@ class StepRecord:
     guard: dict[str, Any] | None = None
     # The lsq map folded at this step (the recipe's sidecar tensor; not part of the JSON record).
     gap_map: Tensor | None = field(default=None, repr=False, compare=False)
+    # Progressive refinement (refine_at="each"): what the fit right after this removal did, and its gains by
+    # module path (the recipe's sidecar, not part of the JSON record).
+    refine: dict[str, Any] | None = None
+    refine_edit: dict[str, tuple[str, float, Tensor]] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: string layer keys, non-finite scores as ``None``, no tensors."""
-        out = {k: v for k, v in self.__dict__.items() if k != "gap_map"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("gap_map", "refine_edit")}
         out["scores"] = {str(k): (v if math.isfinite(v) else None) for k, v in self.scores.items()}
         if self.selection_losses is not None:
             out["selection_losses"] = dict(self.selection_losses)
@@ -70,8 +74,12 @@ class PruneReport:
     def removed(self) -> list[int]:
         return [s.chosen for s in self.steps]
 
-    def add_refine(self, done: RefineReport) -> None:
-        """Record a refinement run after the last removal (its summary, and its gains for the recipe)."""
+    def add_refine(self, done: RefineReport, step: StepRecord | None = None) -> None:
+        """Record a refinement run (its summary, and its gains for the recipe): after the last removal, or right
+        after ``step`` (progressive refinement)."""
+        if step is not None:
+            step.refine, step.refine_edit = done.to_dict(), done.folded
+            return
         self.refine = done.to_dict()
         self.refine_edit = done.folded
 

@@ -40,7 +40,17 @@ def step_description(step: Mapping[str, Any]) -> str:
             f"scale s = {rec['measured_scale']:.5f} (applied {rec['applied_scale']:.5f}"
             f"{'; guard: ' + guard_line(rec['guard']) if rec.get('guard') else ''}), quick perplexity "
             f"{_fmt(before)} -> {_fmt(after)}, {rec['seconds']:.1f} s"
-            f"{' (reused from cache)' if step.get('reused') else ''}; {rec['layers_after']} layers left.")
+            f"{' (reused from cache)' if step.get('reused') else ''}; {rec['layers_after']} layers left."
+            + _refined_sentence(step.get("refine")))
+
+
+def _refined_sentence(fit: Mapping[str, Any] | None) -> str:
+    if not fit:
+        return ""
+    r = fit["report"]
+    return (f" Then refined ({r['mode']}, {r['steps']} steps): calibration KL {r['loss_before']:.4f} -> "
+            f"{r['loss_after']:.4f}, quick perplexity {_fmt(_mean(fit.get('ppl_before')))} -> "
+            f"{_fmt(_mean(fit.get('ppl_after')))}; the next step scores the refined model.")
 
 
 def summary_markdown(summary: Mapping[str, Any]) -> str:
@@ -59,14 +69,22 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     if check:
         lines[-1:-1] = [f"- {'**' if check['verdict'] == 'worse' else ''}{final_line(check)}"
                         f"{'**' if check['verdict'] == 'worse' else ''}"]
+    progressive = any(s.get("refine") for s in summary["steps"])
     lines += ["| step | layer | score | measured s | folded | guard | quick ppl before | quick ppl after | seconds "
-              "| cached |", "|---:|---:|---:|---:|---:|:---:|---:|---:|---:|:---:|"]
+              f"| cached |{' refined: KL | refine (s) |' if progressive else ''}",
+              f"|---:|---:|---:|---:|---:|:---:|---:|---:|---:|:---:|{'---:|---:|' if progressive else ''}"]
     for s in summary["steps"]:
         rec = s["record"]
+        fit = (s.get("refine") or {}).get("report")
+        extra = ""
+        if progressive:
+            extra = (f" {fit['loss_before']:.4f} -> {fit['loss_after']:.4f} | {fit['seconds']:.0f} |" if fit else
+                     " - | - |")
         lines.append(f"| {rec['step'] + 1} | {rec['chosen']} | {_fmt(rec['scores'].get(str(rec['chosen'])))} | "
                      f"{rec['measured_scale']:.4f} | {rec['applied_scale']:.4f} | {guard_cell(rec.get('guard'))} | "
                      f"{_fmt(_mean(s.get('ppl_before')))} | "
-                     f"{_fmt(_mean(s.get('ppl_after')))} | {rec['seconds']:.1f} | {'yes' if s.get('reused') else ''} |")
+                     f"{_fmt(_mean(s.get('ppl_after')))} | {rec['seconds']:.1f} | {'yes' if s.get('reused') else ''} |"
+                     + extra)
     ppl = summary.get("perplexity") or {}
     if ppl:
         lines += ["", "| dataset | dense | pruned | ratio |", "|---|---:|---:|---:|"]

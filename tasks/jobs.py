@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from tasks.keys import code_version, stable_hash
 
-__all__ = ["CalibrationJob", "EvalJob", "FinalJob", "Job", "ModelJob", "RefineJob", "StateJob", "StepJob"]
+__all__ = ["CalibrationJob", "EvalJob", "FinalJob", "Job", "ModelJob", "RefineJob", "StateJob", "StepJob",
+           "TeacherJob"]
 
 
 class Job(BaseModel):
@@ -108,16 +109,36 @@ class StepJob(StateJob):
 
     def key_payload(self) -> dict[str, object]:
         payload = super().key_payload()
-        # Refinement runs after the last step (RefineJob): a refined run reuses the plain run's steps.
+        # Refinement is its own task (RefineJob): a run refined at the end reuses the plain run's steps, and a
+        # progressive run's steps after the first differ by their parent state's digest, which is in the key.
         payload["prune"] = {k: v for k, v in dict(payload["prune"]).items() if not k.startswith("refine")}
         return payload
 
 
+class TeacherJob(Job):
+    """The base model's top-``topk`` next-token log-probs on the refinement windows, computed once per run (not
+    once per refinement: a progressive run refines after every step) and kept as their own artifact."""
+
+    kind: ClassVar[str] = "teacher"
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "calibration_uri"})
+
+    base_uri: str
+    base_hash: str
+    calibration_uri: str
+    calibration_digest: str
+    topk: int = Field(ge=1)
+    batch_size: int = Field(gt=0)  # batched forwards: float summation order of the logits
+
+
 class RefineJob(StateJob):
-    """Distil the base model's predictions into folded gains of the last pruned state; artifact: the gains part."""
+    """Distil the base model's predictions into folded gains of a pruned state (after the last step, or after
+    every step with ``refine_at="each"``); artifact: the gains part. ``teacher_uri``: the :class:`TeacherJob`
+    artifact, which the base hash, windows digest, ``topk`` and ``batch_size`` in this key already determine."""
 
     kind: ClassVar[str] = "refined"
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri", "teacher_uri"})
+
+    teacher_uri: str
 
     calibration_uri: str
     calibration_digest: str

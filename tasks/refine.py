@@ -1,27 +1,71 @@
-"""Refinement as a task: the dense base's predictions (teacher, loaded on its own and freed), then fit and fold
-the gains into the working copy at the last pruned state (:func:`prunecomp.refine.refine`); the artifact is the
+"""Refinement as tasks: the dense base's predictions (the teacher, once per run, its own artifact), and the fit
+that folds gains into the working copy at a pruned state (:func:`prunecomp.refine.refine`), whose artifact is the
 gains' recipe part.
 
-It runs once, after the last pruning step, so a refined run shares every step with the plain Prune&Comp run of
-the same parameters (the refine options are not in the step keys).
+The teacher is computed on the working copy while it is still dense (the flow runs this task right after the
+dense evaluation), so no second copy of the model is loaded; a resumed run whose copy is already pruned loads the
+source once for it. The fit runs once after the last step (``refine_at="end"``: a refined run shares every step
+with the plain run of the same parameters, the refine options are not in the step keys) or after every step
+(``"each"``: the next step's parent state then includes the fit, so its key differs).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from prunecomp.recipe import RefineEdit
-from prunecomp.refine import refine, teacher_targets
-from prunecomp.sources import load_model
-from prunecomp.storage import is_complete
+from prunecomp.errors import PrunecompError
+from prunecomp.recipe import Recipe, RefineEdit
+from prunecomp.refine import TeacherTargets, refine, teacher_targets
+from prunecomp.storage import is_complete, write_dir
 from tasks.caching import JOB_KEY
 from tasks.calibrate import load_windows
-from tasks.jobs import RefineJob
+from tasks.files import read_bytes, read_json
+from tasks.jobs import RefineJob, TeacherJob
 from tasks.working import checkout, read_meta, recipe_of, write_part
 
-__all__ = ["refine_state"]
+__all__ = ["load_teacher", "refine_state", "teacher_predictions"]
+
+_TARGETS = "targets.safetensors"
+_META = "meta.json"
+
+
+@task(name="teacher", cache_policy=JOB_KEY, persist_result=True)
+def teacher_predictions(job: TeacherJob) -> dict[str, Any]:
+    """The base model's top-k log-probs on the refinement windows, written to ``job.uri``."""
+    from safetensors.torch import save_file
+
+    if is_complete(job.uri):
+        return dict(read_json(f"{job.uri}/{_META}"))
+    windows = load_windows(job.calibration_uri, job.calibration_digest)
+    dense = Recipe(source={"content_hash": job.base_hash})
+    with checkout(job.base_uri, dense) as wc:  # the dense working copy: nothing is edited
+        targets = teacher_targets(wc.model, windows.ids, topk=job.topk, batch_size=job.batch_size)
+    meta = {"uri": job.uri, "key": job.key, "code": job.code, "calibration_digest": job.calibration_digest,
+            "topk": job.topk, "shape": list(targets.logprobs.shape), "bytes": targets.nbytes}
+
+    def fill(tmp: Path) -> None:
+        save_file({"logprobs": targets.logprobs.contiguous(), "indices": targets.indices.contiguous()},
+                  str(tmp / _TARGETS))
+        (tmp / _META).write_text(json.dumps(meta, indent=2))
+
+    write_dir(job.uri, fill, overwrite=True)
+    return meta
+
+
+def load_teacher(uri: str) -> TeacherTargets:
+    """The targets a :func:`teacher_predictions` task wrote (bit for bit what it computed)."""
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        tensors = load_safetensors(read_bytes(f"{uri.rstrip('/')}/{_TARGETS}"))
+        return TeacherTargets(tensors["logprobs"], tensors["indices"])
+    except (FileNotFoundError, KeyError) as exc:
+        raise PrunecompError(f"teacher predictions {uri!r} are missing or incomplete; delete the folder to have "
+                             f"them recomputed ({type(exc).__name__}: {exc})") from exc
 
 
 @task(name="refine", cache_policy=JOB_KEY, persist_result=True)
@@ -31,13 +75,11 @@ def refine_state(job: RefineJob) -> dict[str, Any]:
         return read_meta(job.uri)
     parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
-    dense = load_model(job.base_uri, known_hash=job.base_hash)
-    targets = teacher_targets(dense.model, windows.ids, topk=job.topk, batch_size=job.batch_size)
-    del dense  # one model in memory besides the working copy, and only while the targets are computed
+    targets = load_teacher(job.teacher_uri)
     with checkout(job.base_uri, parent) as wc:
         report = refine(wc.model, windows.ids, targets, mode=job.mode, steps=job.steps, lr=job.lr,
                         batch_size=job.batch)
-        wc.scanner = wc.scanner_for = None
+        wc.scanner = wc.scanner_for = None  # every layer changed: the next step scores from a fresh pass
         part = RefineEdit(gains=report.folded, report=report.to_dict())
         wc.recipe = parent.with_refine(part)
         meta = {"uri": job.uri, "digest": wc.recipe.digest(), "parent_digest": job.state_digest,

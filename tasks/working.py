@@ -103,11 +103,11 @@ def stats() -> dict[str, int]:
 
 
 def _is_prefix(have: Recipe, want: Recipe) -> bool:
-    if have.source.get("content_hash") != want.source.get("content_hash") or len(have.steps) > len(want.steps):
+    """Whether ``have`` is an earlier state of ``want``: its edits (steps and refinements, in order) begin them."""
+    if have.source.get("content_hash") != want.source.get("content_hash"):
         return False
-    if have.refine is not None:
-        return have.digest() == want.digest()
-    return all(a.edit() == b.edit() for a, b in zip(have.steps, want.steps, strict=False))
+    mine, theirs = have.edits(), want.edits()
+    return len(mine) <= len(theirs) and theirs[: len(mine)] == mine
 
 
 def _load(base_uri: str, base_hash: str, stream: bool) -> Working:
@@ -128,16 +128,16 @@ def _load(base_uri: str, base_hash: str, stream: bool) -> Working:
 
 
 def _advance(wc: Working, recipe: Recipe) -> None:
-    """Apply the steps (and refinement) of ``recipe`` that ``wc`` lacks."""
-    start = len(wc.recipe.steps)
-    if start == len(recipe.steps) and (recipe.refine is None or wc.recipe.refine is not None):
+    """Apply the steps (and refinements) of ``recipe`` that ``wc`` lacks (``wc.recipe`` is a prefix of it)."""
+    if len(wc.recipe.edits()) == len(recipe.edits()):
         return
+    start, refined = len(wc.recipe.steps), wc.recipe.refine is not None
     wc.scanner = wc.scanner_for = None  # replayed edits do not tell the scanner
     _STATS["replayed_steps"] += len(recipe.steps) - start
     if wc.streamed is not None:
         wc.streamed.apply(recipe)
     else:
-        apply_recipe(wc.model, recipe, start=start)
+        apply_recipe(wc.model, recipe, start=start, refined=refined)
     wc.recipe = recipe
 
 

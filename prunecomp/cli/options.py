@@ -45,7 +45,12 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      show_default=True, help="After the last removal, distil the dense model's predictions on the "
                      "calibration windows into per-channel gains folded into the norms (and the residual writers): "
                      "about 15 minutes on one CPU core for 135M, still zero run-time cost. none = the paper's method."),
-        click.option("--refine-steps", type=int, default=80, show_default=True, help="Adam steps of --refine."),
+        click.option("--refine-at", type=click.Choice(choices("refine_at")), default="end", show_default=True,
+                     help="end refines once, after the last removal; each refines after every removal and scores "
+                     "the refined model for the next one (progressive: k times the fitting, better quality; "
+                     "iterative mode, not with --compensation lsq)."),
+        click.option("--refine-steps", type=int, default=80, show_default=True,
+                     help="Adam steps of --refine (per removal with --refine-at each)."),
         click.option("--refine-lr", type=float, default=3e-3, show_default=True, help="Learning rate of --refine."),
         click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on (same "
                      "source, seed and length: a superset of the scoring windows). Default: the scoring windows."),
@@ -109,7 +114,8 @@ def build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
                           compensation=kw["compensation"], protect=csv_ints(kw["protect"]),
                           selection=kw["selection"], selection_pool=kw["selection_pool"],
                           scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
-                          refine_lr=kw["refine_lr"], refine_samples=kw["refine_samples"]),
+                          refine_lr=kw["refine_lr"], refine_samples=kw["refine_samples"],
+                          refine_at=kw["refine_at"]),
         calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
         data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],

@@ -65,6 +65,13 @@ def print_summary(result: JobResult) -> None:
                       f"{s['measured_scale']:.4f}", f"{s['applied_scale']:.4f}", guard_cell(s.get("guard")),
                       str(s["layers_after"]), f"{s['seconds']:.1f}")
     out.print(steps)
+    fits = [(s["step"] + 1, s["refine"]) for s in report["steps"] if s.get("refine")]
+    if fits:
+        first = fits[0][1]
+        out.print(f"Refined after each removal ({first['mode']}, {first['steps']} steps each, "
+                  f"{first['parameters']} gains folded): calibration KL to the dense model "
+                  + ", ".join(f"step {n} {f['loss_before']:.4f} -> {f['loss_after']:.4f}" for n, f in fits)
+                  + f" in {sum(f['seconds'] for _, f in fits):.0f} s")
     check = report.get("final_check")
     if check:
         out.print(("[bold red]" if check["verdict"] == "worse" else "") + escape(final_line(check)))

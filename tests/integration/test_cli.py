@@ -160,6 +160,32 @@ def test_prune_with_refine(stories_dir, tmp_path) -> None:
     assert code == 2 and "--refine" in text and not (tmp_path / "streamed").exists()
 
 
+def test_prune_with_progressive_refinement(stories_dir, tmp_path) -> None:
+    """--refine-at each refines after every removal: the step table shows each fit, the saved recipe (v2) replays
+    to the same tensors with ``apply``, and the final check undoes every fit; lsq with it is refused up front."""
+    from safetensors.torch import load_file
+
+    out, js = tmp_path / "out", tmp_path / "result.json"
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--refine", "norms+writers",
+                         "--refine-at", "each", "--refine-steps", "4", "--refine-lr", "0.02", "--out", str(out),
+                         "--json", str(js))
+    assert code == 0, text
+    assert "Refined after each removal (norms+writers, 4 steps each" in text
+    assert "refining (norms+writers, 4 steps)" in text
+    report = json.loads(js.read_text())
+    assert report["refine"] is None and all(s["refine"]["steps"] == 4 for s in report["steps"])
+    assert report["final_check"]["folded"].endswith("refine")
+    assert json.loads((out / "recipe.json").read_text())["format"] == "prunecomp.recipe/v2"
+    code, text = _invoke("apply", str(out), "--model", str(stories_dir), "--out", str(tmp_path / "again"))
+    assert code == 0, text
+    ref, got = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--refine", "norms",
+                         "--refine-at", "each", "--compensation", "lsq", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "error:" in text and "lsq" in text and "Traceback" not in text
+    assert not (tmp_path / "bad").exists()
+
+
 def test_apply_recipe_reproduces_the_pruned_model(stories_dir, tmp_path) -> None:
     """``prune`` saves its recipe beside the weights; ``apply`` on the same source gives the same tensors, in
     memory and layer by layer; another source needs --other-source; the source folder is never an output."""

@@ -2,7 +2,8 @@
 stall in a file so the test can SIGKILL this process right there.
 
 Usage: python resume_driver.py CONFIG_JSON SIGNAL_FILE WHERE
-WHERE is ``step:N`` (inside step N's task, with the working copy checked out at its parent state), ``final``
+WHERE is ``step:N`` (inside step N's task, with the working copy checked out at its parent state), ``refine:N``
+(inside the N-th refinement task, counted from 0, after its step's part was written), ``final``
 (inside the final model's atomic write, after the weights were written to the temporary folder) or ``none``.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import prunecomp.checkpoint as checkpoint
 import tasks.prune as prune_task
+import tasks.refine as refine_task
 from flows.compress import compress
 from flows.params import CompressConfig
 
@@ -36,6 +38,17 @@ def main() -> None:
             return real_step(*args, step=step, **kwargs)
 
         prune_task.prune_step = stalled_step
+    elif where.startswith("refine:"):
+        stall_fit, calls = int(where.split(":")[1]), [0]
+        real_refine = refine_task.refine
+
+        def stalled_refine(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] - 1 == stall_fit:
+                stall(where)
+            return real_refine(*args, **kwargs)
+
+        refine_task.refine = stalled_refine
     elif where == "final":
         real_write = checkpoint.write_dir
 

@@ -222,6 +222,49 @@ def test_refined_run_reuses_the_plain_runs_steps(harness, tracking_uri, make_con
     assert again["refine"]["reused"] and again["final"]["hash"] == refined["final"]["hash"]
 
 
+def test_progressive_run_matches_the_library(harness, tracking_uri, make_config, tmp_path: Path) -> None:
+    """refine_at=each through the pipeline: a cached teacher, a refine task after every step, the next step scored
+    on the refined state; the final model equals the library's compress() bit for bit, its recipe is the
+    progressive (v2) one, the final check undoes every fit, and a rerun reuses every task."""
+    from flows.compress import compress
+    from prunecomp.compress import compress as compress_in_memory
+    from prunecomp.recipe import read_recipe
+    from prunecomp.sources import load_model
+    from tasks.calibrate import load_windows
+
+    store = str(tmp_path / "store")
+    prune = {"n_layers": 2, "refine": "norms+writers", "refine_at": "each", "refine_steps": 5, "refine_lr": 2e-2}
+    cfg = make_config(store, tracking_uri, prune=prune, tracking={"log_and_register": False, "store": store,
+                                                                  "tracking_uri": tracking_uri})
+    run = compress(config=cfg)
+    assert run["refine"] is None and len(run["steps"]) == 2
+    for s in run["steps"]:
+        fit = s["refine"]
+        assert fit["report"]["steps"] == 5 and fit["report"]["loss_after"] < fit["report"]["loss_before"]
+        assert s["ppl_after"] == fit["ppl_after"]  # the state the next step starts from is the refined one
+    assert run["final"]["hash"] == run["steps"][-1]["refine"]["digest"]
+    assert run["final_check"]["folded"].endswith("refine")
+    assert len(list(Path(store, "teacher").glob("*/_COMPLETE"))) == 1  # computed once for both fits
+    recipe = read_recipe(run["final"]["uri"])
+    assert recipe.progressive and recipe.removed == run["removed"]
+
+    lm = load_model(str(make_config(store, tracking_uri).model))
+    windows = load_windows(run["calibration"]["uri"])
+    report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size)
+    assert report.removed == run["removed"]
+    final = load_model(run["final"]["uri"]).model.state_dict()
+    mine = lm.model.state_dict()
+    assert final.keys() == mine.keys() and all(torch.equal(final[k], mine[k]) for k in final)
+    from tasks.artifacts import step_description, summary_markdown
+
+    assert "refined: KL" in summary_markdown(run)
+    assert "Then refined (norms+writers, 5 steps)" in step_description(run["steps"][0])
+
+    again = compress(config=cfg)
+    assert (again["steps_reused"], again["steps_computed"]) == (2, 0)
+    assert all(s["refine"]["reused"] for s in again["steps"]) and again["final"]["hash"] == run["final"]["hash"]
+
+
 def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config, tmp_path: Path,
                                              monkeypatch) -> None:
     """stream_layers runs the same flow one decoder layer at a time: same layers removed, same final tensors up to

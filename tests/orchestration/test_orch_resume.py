@@ -100,6 +100,33 @@ def test_kill_mid_step_then_resume(scoring: str, harness, tracking_uri, make_con
     _same_final(resumed, reference, exact=scoring == "exact")
 
 
+def test_progressive_run_killed_between_a_step_and_its_refinement(harness, tracking_uri, make_config,
+                                                                   tmp_path: Path) -> None:
+    """refine_at=each: killed inside the fit that follows step 1 (its step part written, its gains not). The
+    rerun reuses the teacher and step 1, refits after it (one load of the source, one replayed step), goes on, and
+    writes exactly what an uninterrupted run writes."""
+    from flows.compress import compress
+    from tasks import working
+
+    store = tmp_path / "store"
+    prune = {"n_layers": 2, "refine": "norms+writers", "refine_at": "each", "refine_steps": 4, "refine_lr": 2e-2}
+    cfg = make_config(str(store), tracking_uri, prune=prune, tracking={"log_and_register": False})
+    _run_and_kill(harness, cfg, tmp_path, "refine:0")
+    assert (_complete(store), _complete(store, "refined"), _complete(store, "teacher")) == (1, 0, 1)
+    working.drop()
+    before = working.stats()
+    resumed = compress(config=cfg)
+    after = working.stats()
+    assert (resumed["steps_reused"], resumed["steps_computed"]) == (1, 1)
+    assert [s["refine"]["reused"] for s in resumed["steps"]] == [False, False]
+    assert (after["loads"] - before["loads"], after["replayed_steps"] - before["replayed_steps"]) == (1, 1)
+    assert _complete(store, "refined") == 2
+    reference = compress(config=make_config(str(tmp_path / "reference"), tracking_uri, prune=prune,
+                                            tracking={"log_and_register": False}))
+    _same_final(resumed, reference)
+    assert resumed["final"]["hash"] == resumed["steps"][-1]["refine"]["digest"]
+
+
 def test_kill_during_final_write_then_resume(harness, tracking_uri, make_config, tmp_path: Path) -> None:
     """Killed inside the final model's atomic write: nothing half-written is taken for a result, every step is
     reused, and the rerun writes the same tensors as an uninterrupted run."""
