@@ -8,8 +8,9 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
   per-channel gains (``--refine channels``) and optionally rank-r deltas on the residual writers (``--rank``;
   merged into the weights at the end, so still zero run-time cost) against the dense model's top-k predictions on
   --samples calibration windows; mean PPL at the --evals steps.
-* progressive (``--progressive N``): remove one layer (re-scored on the current, refined model), refine N steps
-  (``prunecomp.refine.refine``, folded), repeat k times; mean PPL after every removal.
+* progressive (``--progressive N``): the product's ``--refine-at each`` (:func:`prunecomp.compress.compress`):
+  remove one layer (re-scored on the current, refined model), refine N steps, repeat k times; mean PPL after
+  every removal.
 
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --progressive 32 --label prog32
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --steps 80 --rank 8 --evals 40,80 --label lr8
@@ -30,10 +31,12 @@ from torch import nn
 
 from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.calibration import calibration_windows, evaluation_windows
+from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
-from prunecomp.refine import Gain, distill_loss, fold_gains, gains, gains_applied, refine, teacher_targets
+from prunecomp.refine import Gain, RefineReport, distill_loss, fold_gains, gains, gains_applied, teacher_targets
+from prunecomp.report import StepRecord
 from prunecomp.sources import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -134,22 +137,28 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
-    if args.progressive:
+    if args.progressive:  # the product's progressive refinement: compress(refine_at="each")
         model = copy.deepcopy(lm.model)
-        out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher}
+        out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
         t = time.perf_counter()
-        for i in range(1, args.k + 1):
-            rep = prune_and_compensate(model, cal, PruneConfig(metric=args.metric, n_layers=i, compensation=args.start,
-                                                               selection=args.selection))
-            done = refine(model, fit.ids, targets, mode="channels", steps=args.progressive, lr=args.lr,
-                          batch_size=args.batch)
+
+        def after_fit(done: RefineReport, step: StepRecord | None, m: nn.Module) -> None:
+            nonlocal t
+            assert step is not None
+            i = len(out["chosen"]) + 1
             out["seconds"][i] = time.perf_counter() - t
-            out["removed"] = sorted(set(out.get("removed", [])) | {rep.steps[-1].chosen})
-            out.setdefault("chosen", []).append(rep.steps[-1].chosen)  # in order: the first i are removed at i
-            out["ppl"][i] = ev(model, False)["ppl"]["mean"]
-            print(i, rep.steps[-1].chosen, round(done.loss_before, 4), round(done.loss_after, 4), out["ppl"][i],
+            out["chosen"].append(step.chosen)  # in order: the first i are removed at i
+            out["removed"] = sorted(out["chosen"])
+            out["ppl"][i] = ev(m, False)["ppl"]["mean"]
+            print(i, step.chosen, round(done.loss_before, 4), round(done.loss_after, 4), out["ppl"][i],
                   round(out["seconds"][i]), flush=True)
-            t = time.perf_counter() - out["seconds"][i]
+            t = time.perf_counter() - out["seconds"][i]  # time the pruning and fitting only
+
+        compress(model, cal, PruneConfig(metric=args.metric, n_layers=args.k, compensation=args.start,
+                                         selection=args.selection, refine="channels", refine_at="each",
+                                         refine_steps=args.progressive, refine_lr=args.lr,
+                                         refine_batch=args.batch, refine_topk=args.topk),
+                 teacher=targets, refine_windows=fit, on_refine=after_fit)
         with open(args.out, "a") as f:
             f.write(json.dumps({**out, "label": args.label}) + "\n")
         return

@@ -68,11 +68,14 @@ def compress(
     cache_budget_bytes: int | None = None,
     teacher: TeacherTargets | nn.Module | None = None,
     refine_windows: TokenWindows | Tensor | None = None,
+    on_refine: Callable[[RefineReport, StepRecord | None, nn.Module], None] | None = None,
 ) -> PruneReport:
     """:func:`prunecomp.loop.prune_and_compensate`, then (``config.refine`` not ``none``) refinement on
     ``refine_windows`` (default: ``calibration``) against the dense model's predictions, taken before the first
-    removal (see :func:`teacher_for`). ``on_step`` sees each removal before refinement; the report carries what
-    refinement did (``report.refine``) and what it folded (``report.refine_edit``, for the recipe).
+    removal (see :func:`teacher_for`). ``on_step`` sees each removal before refinement, ``on_refine(done, step,
+    model)`` each fit after it is folded (``step``: the removal it followed with ``refine_at="each"``, else None);
+    the report carries what refinement did (``report.refine``) and what it folded (``report.refine_edit``, for the
+    recipe).
 
     ``config.refine_at="each"`` (progressive): after every removal, refine ``config.refine_steps`` steps, then
     score the refined model for the next removal; each fit is recorded on its step (``StepRecord.refine``). The
@@ -85,7 +88,10 @@ def compress(
     if targets is None or config.refine_at == "end":
         report = prune_and_compensate(model, calibration, config, **common)  # type: ignore[arg-type]
         if targets is not None:
-            report.add_refine(refine_as_configured(model, fit_on, targets, config))
+            done = refine_as_configured(model, fit_on, targets, config)
+            report.add_refine(done)
+            if on_refine is not None:
+                on_refine(done, None, model)
         return report
     t0 = time.perf_counter()
     n_src = source_num_layers(model)
@@ -99,7 +105,10 @@ def compress(
             report.config = config.model_dump(mode="json")
         else:
             report.steps.extend(one.steps)
-        report.add_refine(refine_as_configured(model, fit_on, targets, config), step=report.steps[-1])
+        done = refine_as_configured(model, fit_on, targets, config)
+        report.add_refine(done, step=report.steps[-1])
+        if on_refine is not None:
+            on_refine(done, report.steps[-1], model)
     if report is None:  # nothing left to remove: let the loop say so
         return prune_and_compensate(model, calibration, config, **common)  # type: ignore[arg-type]
     report.seconds = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.final_check import run_final_check
 from prunecomp.planning import check_plan
+from prunecomp.refine import RefineReport
 from prunecomp.report import StepRecord
 from prunecomp.sources import content_hash, load_model, resolve_source
 from prunecomp.storage import check_not_inside, check_writable
@@ -122,14 +123,23 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     t = time.perf_counter()
     batches = -(-cal.n // config.calibration.batch_size)
 
+    progressive = config.prune.refine != "none" and config.prune.refine_at == "each"
+
     def observe(record: StepRecord, model: Any) -> None:
         progress.step(record)
         if on_step is not None:
             on_step(record, model)
-        if config.prune.refine != "none" and config.prune.refine_at == "each":
+        if progressive:
             progress.message(f"  refining ({config.prune.refine}, {config.prune.refine_steps} steps) before "
                              "the next scoring")
-        progress.start(f"step {record.step + 2}: scoring layers", batches)
+        else:
+            progress.start(f"step {record.step + 2}: scoring layers", batches)
+
+    def refined(done: RefineReport, step: StepRecord | None, _model: Any) -> None:
+        if step is not None:
+            progress.message(f"  refined: calibration KL to the dense model {done.loss_before:.4f} -> "
+                             f"{done.loss_after:.4f} in {done.seconds:.0f} s")
+            progress.start(f"step {step.step + 2}: scoring layers", batches)
 
     progress.start("step 1: scoring layers", batches)
     refine_windows = None
@@ -140,7 +150,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
                                              data_dir=config.data_dir)
     report = compress(lm.model, cal, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
                       on_batch=lambda: progress.advance(1), calibration_config=config.calibration,
-                      refine_windows=refine_windows)
+                      refine_windows=refine_windows, on_refine=refined)
     times["prune"] = time.perf_counter() - t
     t = time.perf_counter()
     progress.message("final check: held-out calibration loss with and without what was folded")
@@ -218,6 +228,11 @@ def _run_streamed(config: JobConfig, progress: Progress,
         if config.prune.refine != "none" and config.prune.refine_at == "each":
             progress.message(f"  refining ({config.prune.refine}, {config.prune.refine_steps} steps) before "
                              "the next scoring")
+
+    def refined(done: RefineReport, step: StepRecord | None, _model: Any) -> None:
+        if step is not None:
+            progress.message(f"  refined: calibration KL to the dense model {done.loss_before:.4f} -> "
+                             f"{done.loss_after:.4f} in {done.seconds:.0f} s")
 
     t = time.perf_counter()
     report = streamed_prune(sm, cal.ids, config.prune, batch_size=config.calibration.batch_size, on_step=observe)

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -127,8 +128,6 @@ def pid_alive(pid: int) -> bool:
 def clean_stale_temps(target: Path, *, max_age_s: float = 3600.0) -> list[Path]:
     """Remove the temp folders a crashed (or SIGKILLed) writer left beside ``target``: ``.<name>.tmp-<pid>-*`` and
     ``.<name>.old-<pid>-*`` whose process is gone (same host), or, without a pid, older than ``max_age_s``."""
-    import time
-
     removed = []
     for path in target.parent.glob(f".{target.name}.*-*"):
         kind, _, rest = path.name[len(target.name) + 2:].partition("-")
@@ -197,6 +196,34 @@ def _disk_errors(where: str) -> Iterator[None]:
                              "run again") from exc
 
 
+STAGING_MAX_AGE_S = 24 * 3600.0
+"""A staging prefix older than this is a killed writer's leftover. Object stores have no pids and no rename, so
+age is all there is; a day is far beyond any upload (a 140 GB model at 100 MB/s takes 25 minutes), so a live
+writer's staging copy is never taken for a leftover."""
+
+
+def clean_stale_staging(fs: Any, path: str, *, max_age_s: float = STAGING_MAX_AGE_S) -> list[str]:
+    """Remove the staging prefixes ``<path>.staging-<unix time>-<id>`` that a crashed or SIGKILLed writer left
+    beside ``path`` on an object store, once older than ``max_age_s`` (by the time in their name). Best effort:
+    a listing or delete that fails is left for the next writer."""
+    removed = []
+    parent, _, name = path.rstrip("/").rpartition("/")
+    try:
+        siblings = fs.ls(parent, detail=False) if parent else []
+    except Exception:
+        return removed
+    for entry in siblings:
+        base = entry.rstrip("/").rsplit("/", 1)[-1]
+        if not base.startswith(f"{name}.staging-"):
+            continue
+        stamp = base[len(name) + len(".staging-"):].split("-", 1)[0]
+        if stamp.isdigit() and time.time() - int(stamp) > max_age_s:
+            with contextlib.suppress(Exception):
+                fs.rm(entry, recursive=True)
+                removed.append(entry)
+    return removed
+
+
 def _upload_staged(fs: Any, path: str, uri: str, local: Path) -> None:
     """Object stores have no rename: upload everything to a staging prefix beside ``path`` first (a failure there
     leaves the old result untouched and removes the staging copy), then swap with server-side copies: drop the old
@@ -205,7 +232,8 @@ def _upload_staged(fs: Any, path: str, uri: str, local: Path) -> None:
     reads as unfinished (no marker: it is recomputed, never taken for a result) and the error names the complete
     staged copy."""
     files = sorted(f.relative_to(local).as_posix() for f in local.rglob("*") if f.is_file())
-    staging = f"{path}.staging-{uuid.uuid4().hex[:12]}"
+    clean_stale_staging(fs, path)
+    staging = f"{path}.staging-{int(time.time())}-{uuid.uuid4().hex[:12]}"
     try:
         for name in files:
             fs.put_file(str(local / name), f"{staging}/{name}")

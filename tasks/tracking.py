@@ -91,6 +91,11 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
             batch.append(Metric("step_score", float(score), ts, n))
         for name, value in (s.get("ppl_after") or {}).items():
             batch.append(Metric(f"quick_ppl_{name}", float(value), ts, n))
+        fit = (s.get("refine") or {}).get("report")
+        if fit:  # progressive refinement: the fit after this removal
+            batch += [Metric("step_refine_kl_before", float(fit["loss_before"]), ts, n),
+                      Metric("step_refine_kl_after", float(fit["loss_after"]), ts, n),
+                      Metric("step_refine_seconds", float(fit["seconds"]), ts, n)]
         if n == 1:
             batch += [Metric(f"quick_ppl_{name}", float(v), ts, 0) for name, v in (s.get("ppl_before") or {}).items()]
     logged = c.create_logged_model(exp_id, name="model", source_run_id=run_id, model_type="transformers",

@@ -172,6 +172,27 @@ def test_s3_overwrite_never_loses_the_old_result_before_the_new_one_is_complete(
     assert not [p for p in fs.ls("models") if "staging" in p]
 
 
+def test_stale_staging_of_a_killed_writer_is_cleaned_by_the_next_write(s3) -> None:
+    """A writer SIGKILLed mid-upload leaves ``<path>.staging-<time>-<id>`` on the store (no pid to check, no
+    rename): the next write beside it removes leftovers older than a day and leaves a live writer's fresh one."""
+    import time
+
+    from prunecomp.storage import write_dir
+
+    fs = s3
+    old = f"models/kept.staging-{int(time.time()) - 2 * 86400}-deadbeef0000"
+    fresh = f"models/kept.staging-{int(time.time()) - 60}-cafebabe0000"
+    other = f"models/other.staging-{int(time.time()) - 2 * 86400}-deadbeef0000"  # another path's: not ours
+    for prefix in (old, fresh, other):
+        fs.pipe(f"{prefix}/model.safetensors", b"partial")
+    fs.invalidate_cache()
+    write_dir("s3://models/kept", _fill("v1", ("a.txt",)))
+    fs.invalidate_cache()
+    left = {p.rsplit("/", 1)[-1] for p in fs.ls("models") if "staging" in p}
+    assert left == {fresh.rsplit("/", 1)[-1], other.rsplit("/", 1)[-1]}
+    assert _read(fs, "models/kept") == {"a.txt": "a.txt:v1", "_COMPLETE": ""}
+
+
 def test_s3_server_stopped_mid_upload_then_rerun(tmp_path, monkeypatch) -> None:
     """The local S3 server goes away in the middle of an upload: one clear error, the old result intact, and once
     the server is back a rerun completes with the same content as an uninterrupted write."""

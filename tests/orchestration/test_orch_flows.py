@@ -234,8 +234,7 @@ def test_progressive_run_matches_the_library(harness, tracking_uri, make_config,
 
     store = str(tmp_path / "store")
     prune = {"n_layers": 2, "refine": "norms+writers", "refine_at": "each", "refine_steps": 5, "refine_lr": 2e-2}
-    cfg = make_config(store, tracking_uri, prune=prune, tracking={"log_and_register": False, "store": store,
-                                                                  "tracking_uri": tracking_uri})
+    cfg = make_config(store, tracking_uri, prune=prune, tracking={"registered_model": "stories-progressive"})
     run = compress(config=cfg)
     assert run["refine"] is None and len(run["steps"]) == 2
     for s in run["steps"]:
@@ -259,6 +258,15 @@ def test_progressive_run_matches_the_library(harness, tracking_uri, make_config,
 
     assert "refined: KL" in summary_markdown(run)
     assert "Then refined (norms+writers, 5 steps)" in step_description(run["steps"][0])
+    from tasks.tracking import client
+
+    c = client(tracking_uri)  # the registry says how the version was made; MLflow has each fit's KL per step
+    mv = c.get_model_version("stories-progressive", run["mlflow"]["version"])
+    assert mv.tags["method"] == "prune&comp-guarded+refine-norms+writers-each"
+    history = c.get_metric_history(run["mlflow"]["run_id"], "step_refine_kl_after")
+    assert [(h.step, h.value) for h in history] == [(i + 1, s["refine"]["report"]["loss_after"])
+                                                     for i, s in enumerate(run["steps"])]
+    _assert_prefect_artifacts(run["run_id"], n_steps=2)
 
     again = compress(config=cfg)
     assert (again["steps_reused"], again["steps_computed"]) == (2, 0)
