@@ -10,7 +10,7 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
   --samples calibration windows; mean PPL at the --evals steps.
 * progressive (``--progressive N``): the product's ``--refine-at each`` (:func:`prunecomp.compress.compress`):
   remove one layer (re-scored on the current, refined model), refine N steps, repeat k times; mean PPL after
-  every removal.
+  every removal. With ``--rank`` also rank-r deltas, merged after every fit (a research variant).
 
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --progressive 32 --label prog32
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --steps 80 --rank 8 --evals 40,80 --label lr8
@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -137,7 +138,7 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
-    if args.progressive:  # the product's progressive refinement: compress(refine_at="each")
+    if args.progressive and not args.rank:  # the product's progressive refinement: compress(refine_at="each")
         model = copy.deepcopy(lm.model)
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
         t = time.perf_counter()
@@ -159,8 +160,28 @@ def main() -> None:
                                          refine_steps=args.progressive, refine_lr=args.lr,
                                          refine_batch=args.batch, refine_topk=args.topk),
                  teacher=targets, refine_windows=fit, on_refine=after_fit)
-        with open(args.out, "a") as f:
-            f.write(json.dumps({**out, "label": args.label}) + "\n")
+        _append(args, out)
+        return
+    if args.progressive:  # progressive with merged low-rank deltas as well: a research variant, not the product
+        model = copy.deepcopy(lm.model)
+        out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
+        gen = torch.Generator().manual_seed(0)
+        t = time.perf_counter()
+        for i in range(1, args.k + 1):
+            rep = prune_and_compensate(model, cal, PruneConfig(metric=args.metric, n_layers=i, compensation=args.start,
+                                                               selection=args.selection))
+            items, lows = _trainables(model, args, gen)
+            _fit(model, fit.ids, targets, items, lows, args, args.progressive, gen)
+            for low in lows:  # merged in place: W' = diag(g) (W + B A), as the hooks computed
+                low.fold()
+            fold_gains(items)
+            out["seconds"][i] = time.perf_counter() - t
+            out["chosen"].append(rep.steps[-1].chosen)
+            out["removed"] = sorted(out["chosen"])
+            out["ppl"][i] = ev(model, False)["ppl"]["mean"]
+            print(i, rep.steps[-1].chosen, out["ppl"][i], round(out["seconds"][i]), flush=True)
+            t = time.perf_counter() - out["seconds"][i]
+        _append(args, out)
         return
     state = Path(args.work) / f"state_{args.metric}_{args.start}_{args.selection}_k{args.k}.pt"
     state.parent.mkdir(parents=True, exist_ok=True)
@@ -179,16 +200,52 @@ def main() -> None:
     out = {"args": vars(args), "removed": removed, "ppl": {0: ev(model, False)["ppl"]["mean"]},
            "seconds": {}, "teacher_s": t_teacher}
     print(out, flush=True)
-    items = gains(model, "channels")
-    adapter = get_adapter(model)
     gen = torch.Generator().manual_seed(0)
+    items, lows = _trainables(model, args, gen)
+    evals = {int(x) for x in args.evals.split(",")}
+    t = time.perf_counter()
+
+    def at(step: int, loss: float) -> None:
+        nonlocal t
+        if step not in evals:
+            return
+        el = time.perf_counter() - t
+        out["seconds"][step] = el
+        snap = folded_copy(model, items, lows)
+        out["ppl"][step] = ev(snap, False)["ppl"]["mean"]
+        print(step, round(loss, 4), out["ppl"][step], round(el), flush=True)
+        t = time.perf_counter() - el  # time the fitting only
+
+    _fit(model, fit.ids, targets, items, lows, args, args.steps, gen, at)
+    _append(args, out)
+    print(json.dumps(out))
+
+
+def _append(args: argparse.Namespace, out: dict) -> None:
+    with open(args.out, "a") as f:
+        f.write(json.dumps({**out, "label": args.label}) + "\n")
+
+
+def _trainables(model: nn.Module, args: argparse.Namespace, gen: torch.Generator) -> tuple[list[Gain], list[LowRank]]:
+    """The channel gains of ``--refine channels`` and, with ``--rank``, rank-r deltas on the residual writers
+    (``--lowrank-on writers``) or on every linear of the layers (``all``)."""
+    items = gains(model, "channels")
     lows: list[LowRank] = []
     if args.rank:
+        adapter = get_adapter(model)
         paths = adapter.residual_writers if args.lowrank_on == "writers" else \
             adapter.residual_writers + adapter.inner_linears
         for layer in decoder_layers(model, adapter):
             for p in paths:
                 lows.append(LowRank(resolve(layer, p), args.rank, gen))
+    return items, lows
+
+
+def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: list[LowRank],
+         args: argparse.Namespace, steps: int, gen: torch.Generator,
+         at: Callable[[int, float], None] | None = None) -> None:
+    """Adam on the gains (``--lr``) and deltas (``--lr-lowrank``) with hooks, cosine decay to 10%; the model's own
+    weights frozen. Leaves the trained values in ``items``/``lows`` (not folded); ``at(step, loss)`` after each."""
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -197,36 +254,27 @@ def main() -> None:
     if lows:
         groups.append({"params": [p for lr in lows for p in (lr.a, lr.b)], "lr": args.lr_lowrank})
     opt = torch.optim.Adam(groups)
-    steps = args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
-    evals = {int(x) for x in args.evals.split(",")}
     order: list[int] = []
-    t = time.perf_counter()
-    with gains_applied(items):
-        for step in range(1, steps + 1):
-            if len(order) < args.batch:
-                order += torch.randperm(fit.ids.shape[0], generator=gen).tolist()
-            batch, order = order[: args.batch], order[args.batch:]
-            sel = torch.tensor(batch)
-            logits = model(input_ids=fit.ids[sel], use_cache=False).logits
-            loss = distill_loss(logits, targets.logprobs[sel], targets.indices[sel])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step in evals:
-                el = time.perf_counter() - t
-                out["seconds"][step] = el
-                snap = folded_copy(model, items, lows)
-                out["ppl"][step] = ev(snap, False)["ppl"]["mean"]
-                print(step, round(loss.item(), 4), out["ppl"][step], round(el), flush=True)
-                t = time.perf_counter() - el  # time the fitting only
-    for h in handles:
-        h.remove()
-    with open(args.out, "a") as f:
-        f.write(json.dumps({**out, "label": args.label}) + "\n")
-    print(json.dumps(out))
+    try:
+        with gains_applied(items):
+            for step in range(1, steps + 1):
+                if len(order) < args.batch:
+                    order += torch.randperm(ids.shape[0], generator=gen).tolist()
+                batch, order = order[: args.batch], order[args.batch:]
+                sel = torch.tensor(batch)
+                logits = model(input_ids=ids[sel], use_cache=False).logits
+                loss = distill_loss(logits, targets.logprobs[sel], targets.indices[sel])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if at is not None:
+                    at(step, float(loss))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 if __name__ == "__main__":

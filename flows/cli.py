@@ -301,8 +301,11 @@ def status_cmd(run: str | None, store: str | None, tracking_uri: str | None) -> 
         table.add_column(col)
     for s in j["steps"]:
         rec = s["record"]
+        cached = "yes" if is_complete(s["uri"]) else "no (will be recomputed)"
+        if s.get("refine"):  # progressive refinement: the fit after this step is a part of its own
+            cached += "; its fit " + ("yes" if is_complete(s["refine"]["uri"]) else "no (will be recomputed)")
         table.add_row(str(rec["step"] + 1), str(rec["chosen"]), f"{rec['applied_scale']:.4f}", s["uri"].rsplit("/")[-1],
-                      "yes" if is_complete(s["uri"]) else "no (will be recomputed)")
+                      cached)
     out.print(table)
     if j["status"] != "completed":
         out.print(f"resume with: prunecomp resume {run}")

@@ -251,13 +251,14 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     progress.advance("dense model evaluated")
     fit = _teacher(config, store, base, cal, data_dir) if fits else None  # also while the copy is dense
 
-    def refine_at(parts: list[str], digest: str) -> tuple[dict[str, Any], bool]:
+    def fit_state(parts: list[str], digest: str) -> tuple[dict[str, Any], bool]:
         assert fit is not None
         return run_cached(refine_state, RefineJob(
             **state(parts, digest), calibration_uri=fit["windows"]["uri"],
             calibration_digest=fit["windows"]["digest"], teacher_uri=fit["teacher"]["uri"], mode=p.refine,
             steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch, topk=p.refine_topk,
             batch_size=config.calibration.batch_size))
+
     parent_ppl = dense_quick
     steps: list[dict[str, Any]] = []
     stop_reason = f"removed the {k} requested layers"
@@ -281,7 +282,7 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         new_parts, new_digest = [*parts, meta["uri"]], meta["digest"]
         if fits and p.refine_at == "each":  # progressive: the next step scores the refined model
             progress.advance(f"step {step + 1}/{k}: removed layer {rec['chosen']}{' (cached)' if cached else ''}")
-            rmeta, rcached = refine_at(new_parts, new_digest)
+            rmeta, rcached = fit_state(new_parts, new_digest)
             refined_ppl = quick([*new_parts, rmeta["uri"]], rmeta["digest"])
             entry["refine"] = {"uri": rmeta["uri"], "digest": rmeta["digest"], "report": rmeta["refine"],
                                "reused": rcached, "ppl_before": after, "ppl_after": refined_ppl}
@@ -312,7 +313,7 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     kept = [s for s in steps if s["kept"]]
     refined: dict[str, Any] | None = None
     if fits and p.refine_at == "end" and kept:
-        meta, cached = refine_at(parts, digest)
+        meta, cached = fit_state(parts, digest)
         progress.advance(f"refined ({p.refine})")
         after = quick([*parts, meta["uri"]], meta["digest"])
         refined = {"uri": meta["uri"], "digest": meta["digest"], "report": meta["refine"], "reused": cached,

@@ -176,6 +176,9 @@ class Recipe:
         return replace(self, steps=(*steps, step), refine=None)
 
     def with_refine(self, edit: RefineEdit) -> Recipe:
+        """This recipe refined after its last step (once: a second fit there would be a different recipe)."""
+        if self.refine is not None:
+            raise PrunecompError("this recipe is already refined after its last step")
         return replace(self, refine=edit)
 
     def to_json(self) -> tuple[dict[str, Any], dict[str, Tensor]]:

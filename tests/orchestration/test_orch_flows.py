@@ -268,6 +268,12 @@ def test_progressive_run_matches_the_library(harness, tracking_uri, make_config,
                                                      for i, s in enumerate(run["steps"])]
     _assert_prefect_artifacts(run["run_id"], n_steps=2)
 
+    from click.testing import CliRunner
+
+    from flows.cli import main
+
+    status = CliRunner().invoke(main, ["status", run["run_id"], "--store", store], env={"COLUMNS": "200"})
+    assert status.exit_code == 0 and status.output.count("its fit yes") == 2, status.output
     again = compress(config=cfg)
     assert (again["steps_reused"], again["steps_computed"]) == (2, 0)
     assert all(s["refine"]["reused"] for s in again["steps"]) and again["final"]["hash"] == run["final"]["hash"]
