@@ -180,6 +180,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
                       _mean(s["ppl_before"]), _mean(s["ppl_after"]), f"{rec['seconds']:.1f}",
                       "yes" if s["reused"] else "")
     out.print(steps)
+    fits = [(f"after step {s['record']['step'] + 1}", s["refine"]) for s in summary["steps"] if s.get("refine")]
+    if summary.get("refine"):
+        fits.append(("after the last step", summary["refine"]))
+    for when, fit in fits:
+        r = fit["report"]
+        out.print(f"refined {when} ({r['mode']}, {r['steps']} steps): calibration KL to the dense model "
+                  f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}, quick ppl {_mean(fit['ppl_before'])} -> "
+                  f"{_mean(fit['ppl_after'])}{' (cached)' if fit['reused'] else ''}", highlight=False)
     check = summary.get("final_check")
     if check:
         out.print(("[bold red]" if check["verdict"] == "worse" else "") + final_line(check), highlight=False)
