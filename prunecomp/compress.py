@@ -109,7 +109,7 @@ def compress(
         report.add_refine(done, step=report.steps[-1])
         if on_refine is not None:
             on_refine(done, report.steps[-1], model)
-    if report is None:  # nothing left to remove: let the loop say so
+    if report is None:  # nothing left to remove: the loop's own report of that
         return prune_and_compensate(model, calibration, config, **common)  # type: ignore[arg-type]
     report.seconds = time.perf_counter() - t0
     return report
