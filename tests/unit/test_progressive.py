@@ -29,13 +29,9 @@ from prunecomp.recipe import (
     write_recipe_files,
 )
 from prunecomp.refine import refine, teacher_targets
-from tests.tiny_models import FAMILIES, gemma2_model, tiny_model, tokens
+from tests.tiny_models import FAMILIES, tiny_model, tokens
 from tests.unit.test_final_check import _naive
-from tests.unit.test_recipe import SOURCE, _same
-
-
-def _model(family: str) -> torch.nn.Module:
-    return gemma2_model() if family == "gemma2" else tiny_model(family)
+from tests.unit.test_recipe import SOURCE, _model, _same
 
 
 def _cfg(**kw: object) -> PruneConfig:
