@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 from torch import Tensor, nn
 
@@ -83,10 +84,10 @@ def compress(
     and cached activations would be stale."""
     fit_on = calibration if refine_windows is None else refine_windows
     targets = teacher_for(model, fit_on, config, batch_size=batch_size, teacher=teacher)
-    common = {"batch_size": batch_size, "on_step": on_step, "on_batch": on_batch,
-              "calibration_config": calibration_config, "cache_budget_bytes": cache_budget_bytes}
+    loop = partial(prune_and_compensate, model, calibration, batch_size=batch_size, on_step=on_step,
+                   on_batch=on_batch, calibration_config=calibration_config, cache_budget_bytes=cache_budget_bytes)
     if targets is None or config.refine_at == "end":
-        report = prune_and_compensate(model, calibration, config, **common)  # type: ignore[arg-type]
+        report = loop(config)
         if targets is not None:
             done = refine_as_configured(model, fit_on, targets, config)
             report.add_refine(done)
@@ -98,8 +99,7 @@ def compress(
     k = config.layers_to_remove(n_src)
     report = None
     for n in range(n_src - len(decoder_layers(model)) + 1, k + 1):
-        one = prune_and_compensate(model, calibration, config.model_copy(update={"n_layers": n, "fraction": None}),
-                                   **common)  # type: ignore[arg-type]
+        one = loop(config.model_copy(update={"n_layers": n, "fraction": None}))
         if report is None:
             report = one
             report.config = config.model_dump(mode="json")
@@ -110,6 +110,6 @@ def compress(
         if on_refine is not None:
             on_refine(done, report.steps[-1], model)
     if report is None:  # nothing left to remove: the loop's own report of that
-        return prune_and_compensate(model, calibration, config, **common)  # type: ignore[arg-type]
+        return loop(config)
     report.seconds = time.perf_counter() - t0
     return report
