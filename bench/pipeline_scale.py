@@ -7,6 +7,10 @@ Rows (each in a fresh process; peak RSS from ``/usr/bin/time``, the largest proc
   pipeline           prunecomp run (registered in MLflow)
   pipeline streamed  prunecomp run --stream-layers
   pipeline resumed   prunecomp run killed (SIGKILL) inside step 2, then the same command again (the rerun is measured)
+With --refine-only, two rows of progressive refinement (--refine channels --refine-at each: a fit after every
+removal, back-propagated through the whole model, so never streamed) instead:
+  library refined    prunecomp prune --refine channels --refine-at each --out DIR
+  pipeline refined   prunecomp run --refine channels --refine-at each (teacher, steps and fits as cached tasks)
 Columns: wall time, peak RSS, bytes written (the output folder; for the pipeline the store + MLflow, calibration
 windows and evaluation results included), layer-forwards (calibration windows x decoder layers run for scoring).
 Pipeline rows talk to one local Prefect server and one MLflow sqlite store set up here beforehand (as a
@@ -17,6 +21,7 @@ counted; what the rows write to MLflow is.
     .venv/bin/python bench/pipeline_scale.py --quick          # a tiny model, ~3 min
     .venv/bin/python bench/pipeline_scale.py --big-only       # the ~7B row: 28 GB of weights, prunecomp run
                                                               # --stream-layers end to end (~60 GB of disk)
+    .venv/bin/python bench/pipeline_scale.py --refine-only    # ~0.9B, progressive refinement (--refine-steps 4)
 """
 
 from __future__ import annotations
@@ -114,8 +119,10 @@ class Bench:
         wall, rss = timed([*CLI, "prune", *self.common, *extra, "--out", str(home / "out"), "--json",
                            str(home / "report.json")], self.env(home), home / "log.txt")
         report = json.loads((home / "report.json").read_text())
+        fits = [s["refine"] for s in report["steps"] if s.get("refine")] + \
+            ([report["refine"]] if report.get("refine") else [])
         return {"row": name, "wall_s": wall, "peak_rss_mb": rss, "bytes_written": du(home / "out"),
-                "layer_forwards": forwards(report), "removed": report["removed"]}
+                "layer_forwards": forwards(report), "removed": report["removed"], "fits": [_fit(f) for f in fits]}
 
     def pipeline(self, name: str, extra: list[str], *, kill_in_step: int | None = None) -> dict[str, Any]:
         home = self.work / name
@@ -135,7 +142,10 @@ class Bench:
                 "prefect_bytes": du(p / "prefect"),
                 "layer_forwards": forwards(summary, computed_only=True), "removed": summary["removed"],
                 "steps_reused": summary["steps_reused"], "steps_computed": summary["steps_computed"],
-                "stream_layers": summary["stream_layers"], "killed": killed}
+                "stream_layers": summary["stream_layers"], "killed": killed,
+                "teacher_bytes": du(p / "store" / "teacher"),
+                "fits": [_fit(s["refine"]["report"]) for s in summary["steps"] if s.get("refine")] +
+                        ([_fit(summary["refine"]["report"])] if summary.get("refine") else [])}
 
     def _kill(self, cmd: list[str], home: Path, step: int) -> dict[str, Any]:
         """Start ``cmd``; SIGKILL its process group once ``step - 1`` steps are done and step ``step`` has run
@@ -156,6 +166,11 @@ class Bench:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         return {"after_s": time.perf_counter() - t, "steps_done": len(list(steps.glob("*/_COMPLETE")))}
+
+
+def _fit(report: dict[str, Any]) -> dict[str, Any]:
+    """The part of a refinement report the table shows."""
+    return {k: report[k] for k in ("mode", "steps", "parameters", "loss_before", "loss_after", "seconds")}
 
 
 def prefect_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -189,6 +204,12 @@ def table(rows: list[dict[str, Any]], model_bytes: int) -> str:
         notes = []
         if r.get("stream_layers"):
             notes.append("streamed")
+        if r.get("fits"):
+            notes.append(f"{len(r['fits'])} fits ({r['fits'][0]['mode']}, {r['fits'][0]['steps']} steps each, "
+                         f"{sum(f['seconds'] for f in r['fits']):.0f} s), KL "
+                         + ", ".join(f"{f['loss_before']:.3f}->{f['loss_after']:.3f}" for f in r["fits"]))
+        if r.get("teacher_bytes"):
+            notes.append(f"teacher artifact {r['teacher_bytes'] / 2**20:.1f} MiB")
         if r.get("killed"):
             notes.append(f"rerun after a kill in step {r['killed']['steps_done'] + 1}; reused "
                          f"{r['steps_reused']}, computed {r['steps_computed']}")
@@ -203,6 +224,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/prunecomp-bench-pipeline")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--big-only", action="store_true", help="only the ~7B streamed pipeline row")
+    ap.add_argument("--refine-only", action="store_true", help="only the progressive-refinement rows (~0.9B)")
+    ap.add_argument("--refine-steps", type=int, default=4, help="Adam steps per fit of the refined rows")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
@@ -219,7 +242,8 @@ def main() -> None:
     size = "quick" if args.quick else "7B" if args.big_only else "0.9B"
     if args.kill_delay is None:
         args.kill_delay = 0.0 if args.quick else 0.5
-    out = Path(args.out or ROOT / "bench" / "results" / f"pipeline_scale{'_' + size if size != '0.9B' else ''}.json")
+    suffix = ("_" + size if size != "0.9B" else "") + ("_refine" if args.refine_only else "")
+    out = Path(args.out or ROOT / "bench" / "results" / f"pipeline_scale{suffix}.json")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -238,7 +262,11 @@ def main() -> None:
         b = Bench(args, model, work, api)
         plan: list[tuple[str, Any]] = [("pipeline streamed", lambda: b.pipeline("pipeline streamed",
                                                                                  ["--stream-layers"]))]
-        if not args.big_only:
+        refined = ["--refine", "channels", "--refine-at", "each", "--refine-steps", str(args.refine_steps)]
+        if args.refine_only:
+            plan = [("library refined", lambda: b.library("library refined", refined)),
+                    ("pipeline refined", lambda: b.pipeline("pipeline refined", ["--no-stream-layers", *refined]))]
+        elif not args.big_only:
             plan = [("library", lambda: b.library("library", [])),
                     ("library streamed", lambda: b.library("library streamed", ["--stream-layers"])),
                     ("pipeline", lambda: b.pipeline("pipeline", ["--no-stream-layers"])),

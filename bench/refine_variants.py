@@ -114,6 +114,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--lr-lowrank", type=float, default=1e-3)
     ap.add_argument("--lowrank-on", default="writers", help="writers | all")
+    ap.add_argument("--tune", default="", help="also fine-tune these weights in place, full rank "
+                    "(writers: every layer's residual writers; all: every linear of the layers)")
+    ap.add_argument("--lr-tune", type=float, default=1e-5)
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--evals", default="80")
     ap.add_argument("--label", default="")
@@ -138,7 +141,7 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
-    if args.progressive and not args.rank:  # the product's progressive refinement: compress(refine_at="each")
+    if args.progressive and not (args.rank or args.tune):  # the product: compress(refine_at="each")
         model = copy.deepcopy(lm.model)
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
         t = time.perf_counter()
@@ -162,7 +165,7 @@ def main() -> None:
                  teacher=targets, refine_windows=fit, on_refine=after_fit)
         _append(args, out)
         return
-    if args.progressive:  # progressive with merged low-rank deltas as well: a research variant, not the product
+    if args.progressive:  # progressive with merged low-rank deltas or tuned weights: research variants
         model = copy.deepcopy(lm.model)
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
         gen = torch.Generator().manual_seed(0)
@@ -231,14 +234,24 @@ def _trainables(model: nn.Module, args: argparse.Namespace, gen: torch.Generator
     (``--lowrank-on writers``) or on every linear of the layers (``all``)."""
     items = gains(model, "channels")
     lows: list[LowRank] = []
+    adapter = get_adapter(model)
     if args.rank:
-        adapter = get_adapter(model)
         paths = adapter.residual_writers if args.lowrank_on == "writers" else \
             adapter.residual_writers + adapter.inner_linears
         for layer in decoder_layers(model, adapter):
             for p in paths:
                 lows.append(LowRank(resolve(layer, p), args.rank, gen))
     return items, lows
+
+
+def _tuned(model: nn.Module, args: argparse.Namespace) -> list[nn.Parameter]:
+    """With ``--tune``, the weights fine-tuned in place (full rank) beside the gains: every layer's residual writers
+    (``writers``) or every linear of the layers (``all``)."""
+    if not args.tune:
+        return []
+    adapter = get_adapter(model)
+    paths = adapter.residual_writers if args.tune == "writers" else adapter.residual_writers + adapter.inner_linears
+    return [resolve(layer, p).weight for layer in decoder_layers(model, adapter) for p in paths]
 
 
 def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: list[LowRank],
@@ -248,11 +261,16 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
     weights frozen. Leaves the trained values in ``items``/``lows`` (not folded); ``at(step, loss)`` after each."""
     for p in model.parameters():
         p.requires_grad_(False)
+    tuned = _tuned(model, args)
+    for p in tuned:
+        p.requires_grad_(True)
     model.eval()
     handles = [lr.module.register_forward_hook(lr.hook) for lr in lows]
     groups = [{"params": [g.value for g in items], "lr": args.lr}]
     if lows:
         groups.append({"params": [p for lr in lows for p in (lr.a, lr.b)], "lr": args.lr_lowrank})
+    if tuned:
+        groups.append({"params": tuned, "lr": args.lr_tune})
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
@@ -275,6 +293,8 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
     finally:
         for h in handles:
             h.remove()
+        for p in tuned:
+            p.requires_grad_(False)
 
 
 if __name__ == "__main__":
