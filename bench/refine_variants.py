@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--tune", default="", help="also fine-tune these weights in place, full rank "
                     "(writers: every layer's residual writers; all: every linear of the layers)")
     ap.add_argument("--lr-tune", type=float, default=1e-5)
+    ap.add_argument("--seed", type=int, default=0, help="with --progressive: not 0 runs the gains alone through the "
+                    "research loop with this seed for the batch order (how much the order alone moves a row)")
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--evals", default="80")
     ap.add_argument("--label", default="")
@@ -141,7 +143,7 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
-    if args.progressive and not (args.rank or args.tune):  # the product: compress(refine_at="each")
+    if args.progressive and not (args.rank or args.tune or args.seed):  # the product: compress(refine_at="each")
         model = copy.deepcopy(lm.model)
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
         t = time.perf_counter()
@@ -168,7 +170,7 @@ def main() -> None:
     if args.progressive:  # progressive with merged low-rank deltas or tuned weights: research variants
         model = copy.deepcopy(lm.model)
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(args.seed)
         t = time.perf_counter()
         for i in range(1, args.k + 1):
             rep = prune_and_compensate(model, cal, PruneConfig(metric=args.metric, n_layers=i, compensation=args.start,

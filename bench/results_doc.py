@@ -27,6 +27,8 @@ REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metric
            "quality_refine_taylor_k3", "quality_refine_taylor_k8", "quality_refine_guarded", "quality_refine_starts")
 MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themselves
     "pipeline_scale": "Pipeline at scale (`bench/pipeline_scale.py`, 0.92 B synthetic model)",
+    "pipeline_scale_refine": "Pipeline at scale with progressive refinement (`bench/pipeline_scale.py --refine-only`, "
+                             "0.92 B synthetic model)",
     "pipeline_scale_7B": "Pipeline at scale, 6.9 B synthetic model larger than RAM (`bench/pipeline_scale.py`)",
     "resume": "Kill and resume (`bench/resume.py`)",
     "memory": "Memory of the three scoring modes (`bench/memory.py`)",

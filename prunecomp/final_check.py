@@ -72,6 +72,9 @@ def line(doc: dict[str, Any]) -> str:
         return (f"WARNING: the {what} folded by this run made the model WORSE than removing the same layers "
                 f"without them: held-out calibration perplexity {ppl:.3f} vs {base:.3f} "
                 f"({doc['windows']} windows). Consider --compensation none or guarded.")
+    if doc["folded"] == "nothing":  # every scale declined, nothing refined: the final model IS the baseline
+        return (f"final check: nothing was folded (held-out calibration perplexity {ppl:.3f}, the same as removing "
+                f"the layers plainly; {doc['windows']} windows)")
     return (f"final check: held-out calibration perplexity {ppl:.3f} with the {what} folded vs {base:.3f} without "
             f"({doc['verdict']}, {doc['windows']} windows)")
 

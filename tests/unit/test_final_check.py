@@ -67,3 +67,5 @@ def test_final_check_flags_compensation_that_hurts() -> None:
     rep = prune_and_compensate(guarded, ids, PruneConfig(**cfg), batch_size=2)
     check = final_check(guarded, rep.recipe({"num_layers": 6}), held, "d", batch_size=2)
     assert not check.worse
+    assert check.folded == "nothing" and check.loss == check.uncompensated_loss  # the guard declined the scale
+    assert line(check.to_dict()).startswith("final check: nothing was folded (held-out calibration perplexity")
