@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--tune", default="", help="also fine-tune these weights in place, full rank "
                     "(writers: every layer's residual writers; all: every linear of the layers)")
     ap.add_argument("--lr-tune", type=float, default=1e-5)
+    ap.add_argument("--average", action="store_true", help="research loop: fold the mean of the gains over the last "
+                    "half of each fit's steps (tail averaging) instead of their last value")
     ap.add_argument("--seed", type=int, default=0, help="with --progressive: not 0 runs the gains alone through the "
                     "research loop with this seed for the batch order (how much the order alone moves a row)")
     ap.add_argument("--topk", type=int, default=256)
@@ -143,7 +145,8 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
-    if args.progressive and not (args.rank or args.tune or args.seed):  # the product: compress(refine_at="each")
+    research = args.rank or args.tune or args.seed or args.average
+    if args.progressive and not research:  # the product: compress(refine_at="each")
         model = copy.deepcopy(lm.model)
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
         t = time.perf_counter()
@@ -184,7 +187,9 @@ def main() -> None:
             out["chosen"].append(rep.steps[-1].chosen)
             out["removed"] = sorted(out["chosen"])
             out["ppl"][i] = ev(model, False)["ppl"]["mean"]
-            print(i, rep.steps[-1].chosen, out["ppl"][i], round(out["seconds"][i]), flush=True)
+            low = sorted(rep.steps[-1].scores.items(), key=lambda kv: kv[1])[:3]  # how close the choice was
+            out.setdefault("lowest_scores", {})[i] = [[int(j), float(v)] for j, v in low]
+            print(i, rep.steps[-1].chosen, out["ppl"][i], round(out["seconds"][i]), low, flush=True)
             t = time.perf_counter() - out["seconds"][i]
         _append(args, out)
         return
@@ -277,6 +282,7 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     order: list[int] = []
+    means = [torch.zeros_like(g.value) for g in items]
     try:
         with gains_applied(items):
             for step in range(1, steps + 1):
@@ -290,8 +296,16 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
                 loss.backward()
                 opt.step()
                 sched.step()
+                if args.average and step > steps // 2:  # running mean of the gains over the last half
+                    n = step - steps // 2
+                    for g, m in zip(items, means, strict=True):
+                        m.mul_((n - 1) / n).add_(g.value.detach() / n)
                 if at is not None:
                     at(step, float(loss))
+        if args.average:
+            with torch.no_grad():
+                for g, m in zip(items, means, strict=True):
+                    g.value.copy_(m)
     finally:
         for h in handles:
             h.remove()
