@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--metric", default="bi")
     ap.add_argument("--start", default="guarded")
     ap.add_argument("--selection", default="score")
+    ap.add_argument("--pool", type=int, default=4, help="with --selection loss: how many of the lowest-scoring layers")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch", type=int, default=2)
@@ -164,7 +165,8 @@ def main() -> None:
             t = time.perf_counter() - out["seconds"][i]  # time the pruning and fitting only
 
         compress(model, cal, PruneConfig(metric=args.metric, n_layers=args.k, compensation=args.start,
-                                         selection=args.selection, refine="channels", refine_at="each",
+                                         selection=args.selection, selection_pool=args.pool,
+                                         refine="channels", refine_at="each",
                                          refine_steps=args.progressive, refine_lr=args.lr,
                                          refine_batch=args.batch, refine_topk=args.topk),
                  teacher=targets, refine_windows=fit, on_refine=after_fit)
@@ -177,7 +179,7 @@ def main() -> None:
         t = time.perf_counter()
         for i in range(1, args.k + 1):
             rep = prune_and_compensate(model, cal, PruneConfig(metric=args.metric, n_layers=i, compensation=args.start,
-                                                               selection=args.selection))
+                                                               selection=args.selection, selection_pool=args.pool))
             items, lows = _trainables(model, args, gen)
             _fit(model, fit.ids, targets, items, lows, args, args.progressive, gen)
             for low in lows:  # merged in place: W' = diag(g) (W + B A), as the hooks computed
@@ -204,7 +206,8 @@ def main() -> None:
         removed = saved["removed"]
     else:
         rep = prune_and_compensate(model, cal, PruneConfig(metric=args.metric, n_layers=args.k,
-                                                           compensation=args.start, selection=args.selection))
+                                                           compensation=args.start, selection=args.selection,
+                                                           selection_pool=args.pool))
         removed = rep.removed
         torch.save({"removed": removed, "sd": model.state_dict()}, state)
     out = {"args": vars(args), "removed": removed, "ppl": {0: ev(model, False)["ppl"]["mean"]},
