@@ -36,7 +36,17 @@ from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
-from prunecomp.refine import Gain, RefineReport, distill_loss, fold_gains, gains, gains_applied, teacher_targets
+from prunecomp.refine import (
+    Gain,
+    RefineReport,
+    TeacherTargets,
+    _eval_loss,
+    distill_loss,
+    fold_gains,
+    gains,
+    gains_applied,
+    teacher_targets,
+)
 from prunecomp.report import StepRecord
 from prunecomp.sources import load_model
 
@@ -118,6 +128,9 @@ def main() -> None:
     ap.add_argument("--tune", default="", help="also fine-tune these weights in place, full rank "
                     "(writers: every layer's residual writers; all: every linear of the layers)")
     ap.add_argument("--lr-tune", type=float, default=1e-5)
+    ap.add_argument("--fit-candidates", type=int, default=0, help="research loop: remove and fit each of this many "
+                    "lowest-scoring layers (same batch order) and keep the one whose fit matches the teacher best "
+                    "on the first 16 windows")
     ap.add_argument("--average", action="store_true", help="research loop: fold the mean of the gains over the last "
                     "half of each fit's steps (tail averaging) instead of their last value")
     ap.add_argument("--seed", type=int, default=0, help="with --progressive: not 0 runs the gains alone through the "
@@ -146,7 +159,7 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
-    research = args.rank or args.tune or args.seed or args.average
+    research = args.rank or args.tune or args.seed or args.average or args.fit_candidates
     if args.progressive and not research:  # the product: compress(refine_at="each")
         model = copy.deepcopy(lm.model)
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
@@ -177,14 +190,36 @@ def main() -> None:
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
         gen = torch.Generator().manual_seed(args.seed)
         t = time.perf_counter()
+        n_src = lm.model.config.num_hidden_layers
+        judge = TeacherTargets(targets.logprobs[:16], targets.indices[:16])
         for i in range(1, args.k + 1):
-            rep = prune_and_compensate(model, cal, PruneConfig(metric=args.metric, n_layers=i, compensation=args.start,
-                                                               selection=args.selection, selection_pool=args.pool))
-            items, lows = _trainables(model, args, gen)
-            _fit(model, fit.ids, targets, items, lows, args, args.progressive, gen)
-            for low in lows:  # merged in place: W' = diag(g) (W + B A), as the hooks computed
-                low.fold()
-            fold_gains(items)
+            cfg = dict(metric=args.metric, n_layers=i, compensation=args.start, selection=args.selection,
+                       selection_pool=args.pool)
+            if args.fit_candidates:
+                rep = prune_and_compensate(copy.deepcopy(model), cal, PruneConfig(**cfg))
+                low = sorted(rep.steps[-1].scores.items(), key=lambda kv: kv[1])[: args.fit_candidates]
+                state, tried = gen.get_state(), []
+                for c, _ in low:  # each candidate removed, compensated and fitted on the same batch order
+                    gen.set_state(state)
+                    m = copy.deepcopy(model)
+                    r = prune_and_compensate(m, cal, PruneConfig(**cfg | {"protect": tuple(
+                        j for j in range(n_src) if j != int(c))}))
+                    items, lows = _trainables(m, args, gen)
+                    _fit(m, fit.ids, targets, items, lows, args, args.progressive, gen)
+                    for lo in lows:
+                        lo.fold()
+                    fold_gains(items)
+                    tried.append((_eval_loss(m, fit.ids[:16], judge, 2), int(c), m, r))
+                    print("  candidate", int(c), round(tried[-1][0], 4), flush=True)
+                _, _, model, rep = min(tried, key=lambda t: t[0])
+                out.setdefault("candidates", {})[i] = [[c, kl] for kl, c, _, _ in tried]
+            else:
+                rep = prune_and_compensate(model, cal, PruneConfig(**cfg))
+                items, lows = _trainables(model, args, gen)
+                _fit(model, fit.ids, targets, items, lows, args, args.progressive, gen)
+                for low in lows:  # merged in place: W' = diag(g) (W + B A), as the hooks computed
+                    low.fold()
+                fold_gains(items)
             out["seconds"][i] = time.perf_counter() - t
             out["chosen"].append(rep.steps[-1].chosen)
             out["removed"] = sorted(out["chosen"])
