@@ -279,8 +279,8 @@ def _trainables(model: nn.Module, args: argparse.Namespace, gen: torch.Generator
     (``--lowrank-on writers``) or on every linear of the layers (``all``)."""
     items = gains(model, "channels")
     lows: list[LowRank] = []
-    adapter = get_adapter(model)
     if args.rank:
+        adapter = get_adapter(model)
         paths = adapter.residual_writers if args.lowrank_on == "writers" else \
             adapter.residual_writers + adapter.inner_linears
         for layer in decoder_layers(model, adapter):
@@ -320,7 +320,7 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     order: list[int] = []
-    means = [torch.zeros_like(g.value) for g in items]
+    means = [torch.zeros_like(g.value) for g in items] if args.average else []
     try:
         with gains_applied(items):
             for step in range(1, steps + 1):
