@@ -70,8 +70,8 @@ class PruneConfig(_Frozen):
     cost. ``none`` is the paper's method. ``refine_at``: ``end`` fits once, after the last removal; ``each`` fits
     ``refine_steps`` after EVERY removal and re-scores the refined model before choosing the next layer
     (progressive refinement: k times the fitting, and on the quality protocol it recovers more of the damage
-    than the same total steps at the end; iterative mode, not with ``lsq``, whose matrix maps do not commute with
-    later gains in the final check's bookkeeping).
+    than the same total steps at the end; iterative mode; with ``lsq`` each step's gap map is folded before that
+    step's fit, and the final check undoes maps and gains in fold order).
     ``scoring``: ``incremental`` re-runs only the layers after each gap from cached activations (same choices,
     scores equal within float rounding; see :mod:`prunecomp.incremental`); ``exact`` recomputes everything.
     """
@@ -103,12 +103,9 @@ class PruneConfig(_Frozen):
             raise ValueError("guard_exponents must include 0 (no compensation) and 1 (the paper's scale)")
         if any(not -4.0 <= a <= 4.0 for a in self.guard_exponents):
             raise ValueError("guard_exponents must lie in [-4, 4]")
-        if self.refine_at == "each" and self.refine != "none":
-            if self.mode != "iterative":
-                raise ValueError("refine_at='each' re-scores the refined model after every removal: it needs "
-                                 "mode='iterative'")
-            if self.compensation == "lsq":
-                raise ValueError("refine_at='each' cannot be combined with compensation='lsq' (use guarded)")
+        if self.refine_at == "each" and self.refine != "none" and self.mode != "iterative":
+            raise ValueError("refine_at='each' re-scores the refined model after every removal: it needs "
+                             "mode='iterative'")
         return self
 
     @property

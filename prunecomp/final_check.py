@@ -32,7 +32,7 @@ from prunecomp.config import CalibrationConfig
 from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.recipe import Recipe
 
-__all__ = ["FinalCheck", "final_check", "line", "output_edits", "run_final_check", "uncompensated_view"]
+__all__ = ["FinalCheck", "Op", "final_check", "line", "output_edits", "run_final_check", "uncompensated_view"]
 
 TOLERANCE = 1e-4
 """Relative NLL margin below which the two are called equal (float rounding of the hooked forward)."""
@@ -79,19 +79,24 @@ def line(doc: dict[str, Any]) -> str:
             f"({doc['verdict']}, {doc['windows']} windows)")
 
 
-def output_edits(model: nn.Module, recipe: Recipe) -> dict[str, tuple[float, list[Tensor], Tensor | None]]:
+Op = tuple[str, Tensor]
+"""One fold on a module's output after its scalar scale: ``("map", T)`` (``y T``, an ``lsq`` gap map) or
+``("gain", g)`` (``y * g``, refinement); kept in fold order, because a map and a later gain do not commute."""
+
+
+def output_edits(model: nn.Module, recipe: Recipe) -> dict[str, tuple[float, list[Op]]]:
     """Per module path of the (already pruned) model: what the run multiplied its output by, as
-    ``(scalar product, [lsq maps in fold order], per-channel gains or None)``. Pure bookkeeping over the recipe.
+    ``(scalar product, [maps and gains in fold order])``. Pure bookkeeping over the recipe.
 
     Refinement gains of a progressive run name modules by their index at the time of the fit: they are followed
-    to the layer's final index through the removals (gains of a layer removed later are gone with it), and gains
-    fitted on the same module at several steps multiply (per-channel output gains and scalar scales commute)."""
+    to the layer's final index through the removals (gains of a layer removed later are gone with it). Scalar
+    scales commute with everything and are multiplied together; maps and gains keep their order (an ``lsq`` map
+    folded at step 2 acts on the output that step 1's gains already scaled)."""
     adapter = get_adapter(model)
     layers_path = adapter.layers
     kept = list(range(len(decoder_layers(model, adapter)) + len(recipe.steps)))  # the source's depth
-    writers: dict[int, list[Any]] = {o: [1.0, []] for o in kept}  # original layer -> [scale product, maps]
-    embed: list[Any] = [1.0, []]
-    fitted: dict[tuple[int | None, str], Tensor] = {}  # (original layer or None, path in it / in the model) -> gain
+    scales: dict[int | None, float] = {o: 1.0 for o in kept} | {None: 1.0}  # original layer (None: embedding)
+    ops: dict[tuple[int | None, str], list[Op]] = {}  # (original layer or None, path in it / in the model)
 
     def add_gains(gains: dict[str, tuple[str, float, Tensor]]) -> None:
         for path, (_kind, _offset, gain) in gains.items():
@@ -99,38 +104,38 @@ def output_edits(model: nn.Module, recipe: Recipe) -> dict[str, tuple[float, lis
             if path.startswith(f"{layers_path}."):
                 index, _, rest = path[len(layers_path) + 1:].partition(".")
                 key = (kept[int(index)], rest)
-            g = gain.detach().to(torch.float32)
-            fitted[key] = fitted[key] * g if key in fitted else g
+            ops.setdefault(key, []).append(("gain", gain.detach().to(torch.float32)))
 
     for step in recipe.steps:
         del kept[step.current]
         if step.scale is not None and step.scale != 1.0:
-            embed[0] *= step.scale
+            scales[None] *= step.scale
             for o in kept[: step.current]:
-                writers[o][0] *= step.scale
+                scales[o] *= step.scale
         if step.gap_map is not None:
-            target = embed if step.current == 0 else writers[kept[step.current - 1]]
-            target[1].append(step.gap_map)
+            key = (None, adapter.embed) if step.current == 0 else (kept[step.current - 1], str(adapter.lsq_writer))
+            ops.setdefault(key, []).append(("map", step.gap_map))
         if step.refine is not None:
             add_gains(step.refine.gains)
     if recipe.refine is not None:
         add_gains(recipe.refine.gains)
-    out: dict[str, tuple[float, list[Tensor], Tensor | None]] = {}
-    if embed[0] != 1.0 or embed[1]:
-        out[adapter.embed] = (embed[0], embed[1], None)
-    for j, o in enumerate(kept):
-        scale, maps = writers[o]
-        if scale == 1.0 and not maps:
-            continue
-        for path in adapter.residual_writers:
-            out[f"{layers_path}.{j}.{path}"] = (scale, maps if path == adapter.lsq_writer else [], None)
     final_index = {o: j for j, o in enumerate(kept)}
-    for (o, rest), gain in fitted.items():
+
+    def path_of(o: int | None, rest: str) -> str:
+        return rest if o is None else f"{layers_path}.{final_index[o]}.{rest}"
+
+    out: dict[str, tuple[float, list[Op]]] = {}
+    if scales[None] != 1.0:
+        out[adapter.embed] = (scales[None], [])
+    for o in kept:
+        if scales[o] != 1.0:
+            for path in adapter.residual_writers:
+                out[path_of(o, path)] = (scales[o], [])
+    for (o, rest), these in ops.items():
         if o is not None and o not in final_index:
             continue  # fitted on a layer that a later step removed
-        path = rest if o is None else f"{layers_path}.{final_index[o]}.{rest}"
-        scale, maps, _ = out.get(path, (1.0, [], None))
-        out[path] = (scale, maps, gain)
+        path = path_of(o, rest)
+        out[path] = (out.get(path, (1.0, []))[0], these)
     return out
 
 
@@ -143,22 +148,19 @@ def uncompensated_view(model: nn.Module, recipe: Recipe) -> Iterator[None]:
         raise ValueError("the recipe does not describe this model's removals")
     handles = []
 
-    def hook(scale: float, inverses: list[Tensor], gain: Tensor | None) -> Any:
+    def hook(scale: float, undo: list[Op]) -> Any:
         def fn(_m: nn.Module, _args: tuple, output: Tensor) -> Tensor:
-            x = output.float()
-            if gain is not None:
-                x = x / gain.to(x.device, torch.float32)
-            x = x / scale
-            for inv in inverses:
-                x = (x.double() @ inv.to(x.device)).float()
+            x = output.float() / scale
+            for kind, t in undo:  # the last fold first; a map's inverse was taken in float64
+                x = x / t.to(x.device, torch.float32) if kind == "gain" else (x.double() @ t.to(x.device)).float()
             return x.to(output.dtype)
 
         return fn
 
     try:
-        for path, (scale, maps, gain) in output_edits(model, recipe).items():
-            inverses = [torch.linalg.inv(t.double()) for t in reversed(maps)]
-            handles.append(resolve(model, path).register_forward_hook(hook(scale, inverses, gain)))
+        for path, (scale, these) in output_edits(model, recipe).items():
+            undo = [(kind, torch.linalg.inv(t.double()) if kind == "map" else t) for kind, t in reversed(these)]
+            handles.append(resolve(model, path).register_forward_hook(hook(scale, undo)))
         yield
     finally:
         for h in handles:

@@ -138,7 +138,7 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
     if config.compensation == "lsq":  # fitted while the layer is still there: its output is the target
         fit = fit_gap_map(model, ids, current, applied, ridge=config.lsq_ridge, batch_size=batch_size)
     remove_layer(model, current)
-    if config.compensation == "magnitude" or applied != 1.0:
+    if applied != 1.0:  # a scale of 1 folds nothing (and (1 + w) * 1 - 1 could round a Gemma norm weight)
         compensate(model, current, applied)
     if fit is not None:
         assert guard is not None

@@ -364,7 +364,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0, refined: b
         if not 0 <= s.current < len(orig) or orig[s.current] != s.removed:
             raise PrunecompError(f"recipe step {i}: layer {s.removed} is not at index {s.current} of the model")
         remove_layer(model, s.current)
-        if s.scale is not None:
+        if s.scale is not None and s.scale != 1.0:  # as the loop: a scale of 1 folds nothing
             compensate(model, s.current, s.scale)
         if s.gap_map is not None:
             apply_gap_map(model, s.current, GapFit(t=s.gap_map, error_before=0.0, error_after=0.0))

@@ -48,7 +48,7 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--refine-at", type=click.Choice(choices("refine_at")), default="end", show_default=True,
                      help="end refines once, after the last removal; each refines after every removal and scores "
                      "the refined model for the next one (progressive: k times the fitting, better quality; "
-                     "iterative mode, not with --compensation lsq)."),
+                     "iterative mode; with --compensation lsq each step's map is fitted before its refinement)."),
         click.option("--refine-steps", type=int, default=80, show_default=True,
                      help="Adam steps of --refine (per removal with --refine-at each)."),
         click.option("--refine-lr", type=float, default=3e-3, show_default=True, help="Learning rate of --refine."),

@@ -118,17 +118,38 @@ def test_final_check_undoes_every_fit_of_a_progressive_run(family: str) -> None:
     pruned = copy.deepcopy(model)
     recipe = compress(pruned, ids, _cfg(protect=[-1]), batch_size=2).recipe({"num_layers": 6})
     edits = output_edits(pruned, recipe)
-    assert sum(g is not None for _, _, g in edits.values()) > 10
+    assert sum(kind == "gain" for _, ops in edits.values() for kind, _ in ops) > 10
     expected = mean_nll(_naive(model, recipe), ids, batch_size=2)
     assert mean_nll(pruned, ids, batch_size=2) != pytest.approx(expected, rel=1e-4)
     with uncompensated_view(pruned, recipe):
         assert mean_nll(pruned, ids, batch_size=2) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama-tied", "qwen3"])
+def test_progressive_lsq_final_check_and_replay(family: str, tmp_path: Path) -> None:
+    """With ``lsq`` a step's gap map is folded into a writer whose output earlier fits already scaled by gains,
+    and later fits scale it again: map and gains do not commute, so the final check must undo them in fold order
+    (undoing all gains first, then the maps, misses the plain model), and the replay must fold them in that order."""
+    model = _model(family)
+    ids = tokens(4, 16)
+    pruned = copy.deepcopy(model)
+    report = compress(pruned, ids, _cfg(protect=[-1], compensation="lsq"), batch_size=2)
+    recipe = report.recipe(SOURCE | {"architecture": type(pruned).__name__, "num_layers": 6})
+    assert any(s.gap_map is not None for s in recipe.steps[1:])  # a map folded after a fit (this seed keeps one)
+    edits = output_edits(pruned, recipe)
+    kinds = [[k for k, _ in ops] for _, ops in edits.values()]
+    assert any("map" in ks and "gain" in ks[: ks.index("map")] for ks in kinds)  # gains, then a map
+    expected = mean_nll(_naive(model, recipe), ids, batch_size=2)
+    with uncompensated_view(pruned, recipe):
+        assert mean_nll(pruned, ids, batch_size=2) == pytest.approx(expected, rel=1e-5)
+    write_recipe_files(recipe, tmp_path)
+    _same(apply_recipe(_model(family), read_recipe(tmp_path)), pruned)
+
+
 def test_gains_follow_their_layer_to_its_final_index() -> None:
     """Bookkeeping by hand: a gain fitted on layer index 3 after removing original layer 1 belongs to original
     layer 4; after a later removal of original layer 2 it sits at index 2. A gain on a layer removed later is
-    gone; gains on the same module multiply."""
+    gone; gains on the same module are kept in fold order (they multiply)."""
     from prunecomp.recipe import RefineEdit
 
     model = tiny_model("llama")  # 6 layers
@@ -144,12 +165,13 @@ def test_gains_follow_their_layer_to_its_final_index() -> None:
         del model.model.layers[i]
     edits = output_edits(model, recipe)
     assert list(edits) == [o_proj.format(2)]
-    assert torch.equal(edits[o_proj.format(2)][2], torch.full((32,), 6.0))
+    scale, ops = edits[o_proj.format(2)]
+    assert scale == 1.0 and [k for k, _ in ops] == ["gain", "gain"]  # in fold order
+    assert torch.equal(ops[0][1] * ops[1][1], torch.full((32,), 6.0))
 
 
 def test_unsupported_combinations_are_refused() -> None:
-    with pytest.raises(ValidationError, match="lsq"):
-        _cfg(compensation="lsq")
+    _cfg(compensation="lsq")  # supported since maps and gains are undone in fold order
     with pytest.raises(ValidationError, match="iterative"):
         _cfg(mode="one-shot")
     _cfg(refine="none", compensation="lsq")  # without refinement refine_at is moot
