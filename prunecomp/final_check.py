@@ -67,7 +67,9 @@ class FinalCheck:
 def line(doc: dict[str, Any]) -> str:
     """A final check (:meth:`FinalCheck.to_dict`) as one sentence; starts with ``WARNING`` when worse."""
     ppl, base = doc["ppl"], doc["uncompensated_ppl"]
-    what = doc["folded"].replace("+", " and ")
+    names = {"scales": "scales", "maps": "lsq maps", "refine": "refinement gains"}
+    parts = [names.get(p, p) for p in doc["folded"].split("+")]
+    what = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 2 else parts)
     if doc["verdict"] == "worse":
         return (f"WARNING: the {what} folded by this run made the model WORSE than removing the same layers "
                 f"without them: held-out calibration perplexity {ppl:.3f} vs {base:.3f} "

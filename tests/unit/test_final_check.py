@@ -69,3 +69,10 @@ def test_final_check_flags_compensation_that_hurts() -> None:
     assert not check.worse
     assert check.folded == "nothing" and check.loss == check.uncompensated_loss  # the guard declined the scale
     assert line(check.to_dict()).startswith("final check: nothing was folded (held-out calibration perplexity")
+
+
+def test_line_names_what_was_folded() -> None:
+    doc = {"ppl": 20.0, "uncompensated_ppl": 25.0, "verdict": "better", "windows": 8, "folded": "scales+maps+refine"}
+    assert "with the scales, lsq maps and refinement gains folded vs 25.000 without (better" in line(doc)
+    worse = doc | {"ppl": 30.0, "verdict": "worse", "folded": "scales+refine"}
+    assert line(worse).startswith("WARNING: the scales and refinement gains folded by this run made the model WORSE")
