@@ -279,6 +279,33 @@ def test_progressive_run_matches_the_library(harness, tracking_uri, make_config,
     assert all(s["refine"]["reused"] for s in again["steps"]) and again["final"]["hash"] == run["final"]["hash"]
 
 
+def test_progressive_lsq_run_matches_the_library(harness, tracking_uri, make_config, tmp_path: Path) -> None:
+    """compensation=lsq with refine_at=each through the pipeline: each step part carries its gap map, each fit
+    its gains; the final model equals the library's compress() bit for bit and the final check undoes maps and
+    gains in fold order."""
+    from flows.compress import compress
+    from prunecomp.compress import compress as compress_in_memory
+    from prunecomp.recipe import read_recipe
+    from prunecomp.sources import load_model
+    from tasks.calibrate import load_windows
+
+    store = str(tmp_path / "store")
+    prune = {"n_layers": 2, "compensation": "lsq", "refine": "norms+writers", "refine_at": "each",
+             "refine_steps": 3, "refine_lr": 2e-2}
+    cfg = make_config(store, tracking_uri, prune=prune, tracking={"registered_model": "stories-progressive-lsq"})
+    run = compress(config=cfg)
+    recipe = read_recipe(run["final"]["uri"])
+    assert recipe.progressive and any(s.gap_map is not None for s in recipe.steps)
+    assert run["final_check"]["folded"] == "scales+maps+refine" and run["final_check"]["verdict"] == "better"
+    lm = load_model(str(make_config(store, tracking_uri).model))
+    windows = load_windows(run["calibration"]["uri"])
+    report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size)
+    assert report.removed == run["removed"]
+    final = load_model(run["final"]["uri"]).model.state_dict()
+    mine = lm.model.state_dict()
+    assert final.keys() == mine.keys() and all(torch.equal(final[k], mine[k]) for k in final)
+
+
 def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config, tmp_path: Path,
                                              monkeypatch) -> None:
     """stream_layers runs the same flow one decoder layer at a time: same layers removed, same final tensors up to
