@@ -162,7 +162,8 @@ def test_prune_with_refine(stories_dir, tmp_path) -> None:
 
 def test_prune_with_progressive_refinement(stories_dir, tmp_path) -> None:
     """--refine-at each refines after every removal: the step table shows each fit, the saved recipe (v2) replays
-    to the same tensors with ``apply``, and the final check undoes every fit; lsq with it is refused up front."""
+    to the same tensors with ``apply``, and the final check undoes every fit (with lsq maps too); one-shot mode
+    with it is refused up front."""
     from safetensors.torch import load_file
 
     out, js = tmp_path / "out", tmp_path / "result.json"
@@ -180,9 +181,22 @@ def test_prune_with_progressive_refinement(stories_dir, tmp_path) -> None:
     assert code == 0, text
     ref, got = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    # with lsq: each step's map is folded before its fit; the recipe replays and the final check undoes both
+    lsq, js = tmp_path / "lsq", tmp_path / "lsq.json"
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--refine", "norms+writers",
+                         "--refine-at", "each", "--refine-steps", "4", "--refine-lr", "0.02", "--compensation", "lsq",
+                         "--out", str(lsq), "--json", str(js))
+    assert code == 0, text
+    report = json.loads(js.read_text())
+    assert any(s["guard"].get("map_kept") for s in report["steps"]), "no map kept: the test would prove nothing"
+    assert report["final_check"]["folded"] == "scales+maps+refine" and "lsq maps" in text
+    code, text = _invoke("apply", str(lsq), "--model", str(stories_dir), "--out", str(tmp_path / "lsq-again"))
+    assert code == 0, text
+    ref, got = load_file(lsq / "model.safetensors"), load_file(tmp_path / "lsq-again" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--refine", "norms",
-                         "--refine-at", "each", "--compensation", "lsq", "--out", str(tmp_path / "bad"))
-    assert code == 2 and "error:" in text and "lsq" in text and "Traceback" not in text
+                         "--refine-at", "each", "--mode", "one-shot", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "error:" in text and "iterative" in text and "Traceback" not in text
     assert not (tmp_path / "bad").exists()
 
 
