@@ -10,7 +10,11 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
   --samples calibration windows; mean PPL at the --evals steps.
 * progressive (``--progressive N``): the product's ``--refine-at each`` (:func:`prunecomp.compress.compress`):
   remove one layer (re-scored on the current, refined model), refine N steps, repeat k times; mean PPL after
-  every removal. With ``--rank`` also rank-r deltas, merged after every fit (a research variant).
+  every removal. With ``--rank`` also rank-r deltas, merged after every fit (a research variant). ``--start lsq``
+  folds each step's least-squares gap map before that step's fit (the product's ``--compensation lsq
+  --refine-at each``); research options: ``--lsq-samples N`` fits the maps on N refinement windows instead of
+  the 8 pruning windows, ``--force a,b,c`` removes those layers in that order, ``--calib c4,wikitext2,ptb``
+  splits the pruning and refinement windows between several corpora's calibration text.
 
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --progressive 32 --label prog32
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --steps 80 --rank 8 --evals 40,80 --label lr8
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 
 from prunecomp.adapters import decoder_layers, get_adapter, resolve
-from prunecomp.calibration import calibration_windows, evaluation_windows
+from prunecomp.calibration import TokenWindows, calibration_windows, evaluation_windows
 from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.loop import prune_and_compensate
@@ -135,6 +140,12 @@ def main() -> None:
                     "half of each fit's steps (tail averaging) instead of their last value")
     ap.add_argument("--seed", type=int, default=0, help="with --progressive: not 0 runs the gains alone through the "
                     "research loop with this seed for the batch order (how much the order alone moves a row)")
+    ap.add_argument("--lsq-samples", type=int, default=0, help="with --start lsq: fit each gap map on the first N "
+                    "refinement windows instead of the 8 pruning windows (research loop)")
+    ap.add_argument("--force", default="", help="research loop: remove these original layers in this order "
+                    "(comma-separated) instead of the lowest-scoring ones")
+    ap.add_argument("--calib", default="c4", help="calibration corpora, comma-separated: the pruning and refinement "
+                    "windows are split evenly between their calibration splits (e.g. c4,wikitext2,ptb)")
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--evals", default="80")
     ap.add_argument("--label", default="")
@@ -150,8 +161,8 @@ def main() -> None:
     torch.manual_seed(0)
     lm = load_model(None)
     tok = lm.tokenizer
-    cal = calibration_windows(tok, "c4", n_samples=8, seq_len=512, seed=0)
-    fit = calibration_windows(tok, "c4", n_samples=args.samples, seq_len=512, seed=0)
+    cal = _windows(tok, args.calib, 8)
+    fit = _windows(tok, args.calib, args.samples)
     windows = {d: evaluation_windows(tok, d, seq_len=512, max_windows=8) for d in ("wikitext2", "c4", "ptb")}
     ev = Evaluator(tok, windows, argparse.Namespace(cache=args.cache, eval_seq_len=512,
                                                     eval_max_windows=8, datasets="wikitext2,c4,ptb", qa_limit=0,
@@ -159,7 +170,13 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
-    research = args.rank or args.tune or args.seed or args.average or args.fit_candidates
+    research = args.rank or args.tune or args.seed or args.average or args.fit_candidates or args.lsq_samples \
+        or args.force
+    if args.lsq_samples:  # the gap maps see more tokens than the scores do
+        import prunecomp.loop as loop_mod
+
+        fit_map, lsq_ids = loop_mod.fit_gap_map, fit.ids[: args.lsq_samples]
+        loop_mod.fit_gap_map = lambda model, _ids, *a, **kw: fit_map(model, lsq_ids, *a, **kw)
     if args.progressive and not research:  # the product: compress(refine_at="each")
         model = copy.deepcopy(lm.model)
         out = {"args": vars(args), "ppl": {}, "seconds": {}, "teacher_s": t_teacher, "removed": [], "chosen": []}
@@ -172,7 +189,8 @@ def main() -> None:
             out["seconds"][i] = time.perf_counter() - t
             out["chosen"].append(step.chosen)  # in order: the first i are removed at i
             out["removed"] = sorted(out["chosen"])
-            out["ppl"][i] = ev(m, False)["ppl"]["mean"]
+            per = ev(m, False)["ppl"]  # cached: the per-corpus numbers say which corpus a choice costs
+            out["ppl"][i], out.setdefault("ppl_corpus", {})[i] = per["mean"], per
             print(i, step.chosen, round(done.loss_before, 4), round(done.loss_after, 4), out["ppl"][i],
                   round(out["seconds"][i]), flush=True)
             t = time.perf_counter() - out["seconds"][i]  # time the pruning and fitting only
@@ -195,6 +213,9 @@ def main() -> None:
         for i in range(1, args.k + 1):
             cfg = dict(metric=args.metric, n_layers=i, compensation=args.start, selection=args.selection,
                        selection_pool=args.pool)
+            if args.force:
+                forced = int(args.force.split(",")[i - 1])
+                cfg["protect"] = tuple(j for j in range(n_src) if j != forced)
             if args.fit_candidates:
                 rep = prune_and_compensate(copy.deepcopy(model), cal, PruneConfig(**cfg))
                 low = sorted(rep.steps[-1].scores.items(), key=lambda kv: kv[1])[: args.fit_candidates]
@@ -223,10 +244,15 @@ def main() -> None:
             out["seconds"][i] = time.perf_counter() - t
             out["chosen"].append(rep.steps[-1].chosen)
             out["removed"] = sorted(out["chosen"])
-            out["ppl"][i] = ev(model, False)["ppl"]["mean"]
+            per = ev(model, False)["ppl"]
+            out["ppl"][i], out.setdefault("ppl_corpus", {})[i] = per["mean"], per
             low = sorted(rep.steps[-1].scores.items(), key=lambda kv: kv[1])[:3]  # how close the choice was
             out.setdefault("lowest_scores", {})[i] = [[int(j), float(v)] for j, v in low]
-            print(i, rep.steps[-1].chosen, out["ppl"][i], round(out["seconds"][i]), low, flush=True)
+            g = rep.steps[-1].guard or {}
+            out.setdefault("guard", {})[i] = {k: g.get(k) for k in ("decision", "scale", "map_kept", "map_loss")}
+            if rep.steps[-1].gap_fit:
+                out["guard"][i]["gap_fit"] = rep.steps[-1].gap_fit
+            print(i, rep.steps[-1].chosen, out["ppl"][i], round(out["seconds"][i]), low, out["guard"][i], flush=True)
             t = time.perf_counter() - out["seconds"][i]
         _append(args, out)
         return
@@ -267,6 +293,19 @@ def main() -> None:
     _fit(model, fit.ids, targets, items, lows, args, args.steps, gen, at)
     _append(args, out)
     print(json.dumps(out))
+
+
+def _windows(tok: object, sources: str, n: int) -> TokenWindows:
+    """``n`` calibration windows of 512 tokens (seed 0), split evenly between the calibration splits of
+    ``sources``; one source gives exactly :func:`prunecomp.calibration.calibration_windows`."""
+    names = sources.split(",")
+    parts = [calibration_windows(tok, s, n_samples=n // len(names) + (i < n % len(names)), seq_len=512, seed=0)
+             for i, s in enumerate(names)]
+    if len(parts) == 1:
+        return parts[0]
+    ids = torch.cat([p.ids for p in parts])
+    origin = "+".join(p.origin for p in parts)
+    return TokenWindows(ids, origin, hashlib.sha256(origin.encode() + ids.numpy().tobytes()).hexdigest())
 
 
 def _append(args: argparse.Namespace, out: dict) -> None:
