@@ -14,7 +14,9 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
   folds each step's least-squares gap map before that step's fit (the product's ``--compensation lsq
   --refine-at each``); research options: ``--lsq-samples N`` fits the maps on N refinement windows instead of
   the 8 pruning windows, ``--force a,b,c`` removes those layers in that order, ``--calib c4,wikitext2,ptb``
-  splits the pruning and refinement windows between several corpora's calibration text.
+  splits the pruning and refinement windows between several corpora's calibration text, ``--judge-calib
+  c4,wikitext2,ptb --pool 2`` chooses between BI's two lowest scores by the NLL on those corpora's calibration
+  text (BI itself stays on C4).
 
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --progressive 32 --label prog32
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --steps 80 --rank 8 --evals 40,80 --label lr8
@@ -39,6 +41,7 @@ from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.calibration import TokenWindows, calibration_windows, evaluation_windows
 from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
 from prunecomp.refine import (
@@ -146,6 +149,10 @@ def main() -> None:
                     "(comma-separated) instead of the lowest-scoring ones")
     ap.add_argument("--calib", default="c4", help="calibration corpora, comma-separated: the pruning and refinement "
                     "windows are split evenly between their calibration splits (e.g. c4,wikitext2,ptb)")
+    ap.add_argument("--judge-calib", default="", help="research loop: choose between the --pool lowest BI scores by "
+                    "the NLL, once removed (guarded, not fitted), on --judge-samples windows of these corpora's "
+                    "calibration text (comma-separated)")
+    ap.add_argument("--judge-samples", type=int, default=24)
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--evals", default="80")
     ap.add_argument("--label", default="")
@@ -171,7 +178,7 @@ def main() -> None:
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
     research = args.rank or args.tune or args.seed or args.average or args.fit_candidates or args.lsq_samples \
-        or args.force
+        or args.force or args.judge_calib
     if args.lsq_samples:  # the gap maps see more tokens than the scores do
         import prunecomp.loop as loop_mod
 
@@ -210,12 +217,25 @@ def main() -> None:
         t = time.perf_counter()
         n_src = lm.model.config.num_hidden_layers
         judge = TeacherTargets(targets.logprobs[:16], targets.indices[:16])
+        judge_ids = _windows(tok, args.judge_calib, args.judge_samples).ids if args.judge_calib else None
         for i in range(1, args.k + 1):
             cfg = dict(metric=args.metric, n_layers=i, compensation=args.start, selection=args.selection,
                        selection_pool=args.pool)
             if args.force:
                 forced = int(args.force.split(",")[i - 1])
                 cfg["protect"] = tuple(j for j in range(n_src) if j != forced)
+            elif args.judge_calib:
+                rep = prune_and_compensate(copy.deepcopy(model), cal, PruneConfig(**cfg))
+                pool = sorted(rep.steps[-1].scores.items(), key=lambda kv: kv[1])[: args.pool]
+                judged = []
+                for c, _ in pool:
+                    m = copy.deepcopy(model)
+                    prune_and_compensate(m, cal, PruneConfig(**cfg | {"protect": tuple(
+                        j for j in range(n_src) if j != int(c))}))
+                    judged.append((mean_nll(m, judge_ids), int(c)))
+                out.setdefault("judged", {})[i] = [[c, v] for v, c in judged]
+                print("  judged", judged, flush=True)
+                cfg["protect"] = tuple(j for j in range(n_src) if j != min(judged)[1])
             if args.fit_candidates:
                 rep = prune_and_compensate(copy.deepcopy(model), cal, PruneConfig(**cfg))
                 low = sorted(rep.steps[-1].scores.items(), key=lambda kv: kv[1])[: args.fit_candidates]

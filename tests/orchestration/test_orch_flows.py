@@ -222,15 +222,27 @@ def test_refined_run_reuses_the_plain_runs_steps(harness, tracking_uri, make_con
     assert again["refine"]["reused"] and again["final"]["hash"] == refined["final"]["hash"]
 
 
+def _same_as_the_library(run: dict, cfg, model: object) -> None:
+    """The pipeline's final model equals the library's compress() on the run's calibration windows, bit for bit."""
+    from prunecomp.compress import compress as compress_in_memory
+    from prunecomp.sources import load_model
+    from tasks.calibrate import load_windows
+
+    lm = load_model(str(model))
+    windows = load_windows(run["calibration"]["uri"])
+    report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size)
+    assert report.removed == run["removed"]
+    final = load_model(run["final"]["uri"]).model.state_dict()
+    mine = lm.model.state_dict()
+    assert final.keys() == mine.keys() and all(torch.equal(final[k], mine[k]) for k in final)
+
+
 def test_progressive_run_matches_the_library(harness, tracking_uri, make_config, tmp_path: Path) -> None:
     """refine_at=each through the pipeline: a cached teacher, a refine task after every step, the next step scored
     on the refined state; the final model equals the library's compress() bit for bit, its recipe is the
     progressive (v2) one, the final check undoes every fit, and a rerun reuses every task."""
     from flows.compress import compress
-    from prunecomp.compress import compress as compress_in_memory
     from prunecomp.recipe import read_recipe
-    from prunecomp.sources import load_model
-    from tasks.calibrate import load_windows
 
     store = str(tmp_path / "store")
     prune = {"n_layers": 2, "refine": "norms+writers", "refine_at": "each", "refine_steps": 5, "refine_lr": 2e-2}
@@ -247,13 +259,7 @@ def test_progressive_run_matches_the_library(harness, tracking_uri, make_config,
     recipe = read_recipe(run["final"]["uri"])
     assert recipe.progressive and recipe.removed == run["removed"]
 
-    lm = load_model(str(make_config(store, tracking_uri).model))
-    windows = load_windows(run["calibration"]["uri"])
-    report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size)
-    assert report.removed == run["removed"]
-    final = load_model(run["final"]["uri"]).model.state_dict()
-    mine = lm.model.state_dict()
-    assert final.keys() == mine.keys() and all(torch.equal(final[k], mine[k]) for k in final)
+    _same_as_the_library(run, cfg, make_config(store, tracking_uri).model)
     from tasks.artifacts import step_description, summary_markdown
 
     assert "refined: KL" in summary_markdown(run)
@@ -284,10 +290,7 @@ def test_progressive_lsq_run_matches_the_library(harness, tracking_uri, make_con
     its gains; the final model equals the library's compress() bit for bit and the final check undoes maps and
     gains in fold order."""
     from flows.compress import compress
-    from prunecomp.compress import compress as compress_in_memory
     from prunecomp.recipe import read_recipe
-    from prunecomp.sources import load_model
-    from tasks.calibrate import load_windows
 
     store = str(tmp_path / "store")
     prune = {"n_layers": 2, "compensation": "lsq", "refine": "norms+writers", "refine_at": "each",
@@ -297,13 +300,7 @@ def test_progressive_lsq_run_matches_the_library(harness, tracking_uri, make_con
     recipe = read_recipe(run["final"]["uri"])
     assert recipe.progressive and any(s.gap_map is not None for s in recipe.steps)
     assert run["final_check"]["folded"] == "scales+maps+refine" and run["final_check"]["verdict"] == "better"
-    lm = load_model(str(make_config(store, tracking_uri).model))
-    windows = load_windows(run["calibration"]["uri"])
-    report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size)
-    assert report.removed == run["removed"]
-    final = load_model(run["final"]["uri"]).model.state_dict()
-    mine = lm.model.state_dict()
-    assert final.keys() == mine.keys() and all(torch.equal(final[k], mine[k]) for k in final)
+    _same_as_the_library(run, cfg, make_config(store, tracking_uri).model)
 
 
 def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config, tmp_path: Path,
