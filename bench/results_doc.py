@@ -24,7 +24,8 @@ QUALITY = ("quality_c", "quality_a2")
 GUARDED = ("quality_guarded", "quality_guarded_tp", "quality_guarded_block", "quality_guarded_ppl")
 ANCHORS = ("quality_anchors",)
 REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metrics", "quality_refine_mag",
-           "quality_refine_taylor_k3", "quality_refine_taylor_k8", "quality_refine_guarded", "quality_refine_starts")
+           "quality_refine_taylor_k3", "quality_refine_taylor_k8", "quality_refine_guarded", "quality_refine_starts",
+           "quality_refine_lsq")
 MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themselves
     "pipeline_scale": "Pipeline at scale (`bench/pipeline_scale.py`, 0.92 B synthetic model)",
     "pipeline_scale_refine": "Pipeline at scale with progressive refinement (`bench/pipeline_scale.py --refine-only`, "
