@@ -221,21 +221,21 @@ def main() -> None:
         for i in range(1, args.k + 1):
             cfg = dict(metric=args.metric, n_layers=i, compensation=args.start, selection=args.selection,
                        selection_pool=args.pool)
+            pruned = None  # (model, report) when a judge already removed the chosen layer on a copy
             if args.force:
-                forced = int(args.force.split(",")[i - 1])
-                cfg["protect"] = tuple(j for j in range(n_src) if j != forced)
+                cfg["protect"] = _only(n_src, int(args.force.split(",")[i - 1]))
             elif args.judge_calib:
                 rep = prune_and_compensate(copy.deepcopy(model), cal, PruneConfig(**cfg))
                 pool = sorted(rep.steps[-1].scores.items(), key=lambda kv: kv[1])[: args.pool]
                 judged = []
                 for c, _ in pool:
                     m = copy.deepcopy(model)
-                    prune_and_compensate(m, cal, PruneConfig(**cfg | {"protect": tuple(
-                        j for j in range(n_src) if j != int(c))}))
-                    judged.append((mean_nll(m, judge_ids), int(c)))
-                out.setdefault("judged", {})[i] = [[c, v] for v, c in judged]
-                print("  judged", judged, flush=True)
-                cfg["protect"] = tuple(j for j in range(n_src) if j != min(judged)[1])
+                    r = prune_and_compensate(m, cal, PruneConfig(**cfg | {"protect": _only(n_src, int(c))}))
+                    judged.append((mean_nll(m, judge_ids), int(c), m, r))
+                out.setdefault("judged", {})[i] = [[c, v] for v, c, _, _ in judged]
+                print("  judged", [(v, c) for v, c, _, _ in judged], flush=True)
+                _, _, best, best_rep = min(judged, key=lambda t: t[0])
+                pruned = (best, best_rep)
             if args.fit_candidates:
                 rep = prune_and_compensate(copy.deepcopy(model), cal, PruneConfig(**cfg))
                 low = sorted(rep.steps[-1].scores.items(), key=lambda kv: kv[1])[: args.fit_candidates]
@@ -243,8 +243,7 @@ def main() -> None:
                 for c, _ in low:  # each candidate removed, compensated and fitted on the same batch order
                     gen.set_state(state)
                     m = copy.deepcopy(model)
-                    r = prune_and_compensate(m, cal, PruneConfig(**cfg | {"protect": tuple(
-                        j for j in range(n_src) if j != int(c))}))
+                    r = prune_and_compensate(m, cal, PruneConfig(**cfg | {"protect": _only(n_src, int(c))}))
                     items, lows = _trainables(m, args, gen)
                     _fit(m, fit.ids, targets, items, lows, args, args.progressive, gen)
                     for lo in lows:
@@ -255,7 +254,7 @@ def main() -> None:
                 _, _, model, rep = min(tried, key=lambda t: t[0])
                 out.setdefault("candidates", {})[i] = [[c, kl] for kl, c, _, _ in tried]
             else:
-                rep = prune_and_compensate(model, cal, PruneConfig(**cfg))
+                model, rep = pruned or (model, prune_and_compensate(model, cal, PruneConfig(**cfg)))
                 items, lows = _trainables(model, args, gen)
                 _fit(model, fit.ids, targets, items, lows, args, args.progressive, gen)
                 for low in lows:  # merged in place: W' = diag(g) (W + B A), as the hooks computed
@@ -313,6 +312,11 @@ def main() -> None:
     _fit(model, fit.ids, targets, items, lows, args, args.steps, gen, at)
     _append(args, out)
     print(json.dumps(out))
+
+
+def _only(n: int, layer: int) -> tuple[int, ...]:
+    """``protect`` for every layer of an ``n``-layer source but ``layer``: the loop's next removal is ``layer``."""
+    return tuple(j for j in range(n) if j != layer)
 
 
 def _windows(tok: object, sources: str, n: int) -> TokenWindows:
