@@ -22,6 +22,7 @@ counted; what the rows write to MLflow is.
     .venv/bin/python bench/pipeline_scale.py --big-only       # the ~7B row: 28 GB of weights, prunecomp run
                                                               # --stream-layers end to end (~60 GB of disk)
     .venv/bin/python bench/pipeline_scale.py --refine-only    # ~0.9B, progressive refinement (--refine-steps 4)
+    .venv/bin/python bench/pipeline_scale.py --refine-only --compensation lsq   # the same with lsq gap maps
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ class Bench:
         fits = [s["refine"] for s in report["steps"] if s.get("refine")] + \
             ([report["refine"]] if report.get("refine") else [])
         return {"row": name, "wall_s": wall, "peak_rss_mb": rss, "bytes_written": du(home / "out"),
-                "layer_forwards": forwards(report), "removed": report["removed"], "fits": [_fit(f) for f in fits]}
+                "layer_forwards": forwards(report), "removed": report["removed"], "fits": [_fit(f) for f in fits],
+                **_audit(report["steps"], report.get("final_check"))}
 
     def pipeline(self, name: str, extra: list[str], *, kill_in_step: int | None = None) -> dict[str, Any]:
         home = self.work / name
@@ -145,7 +147,8 @@ class Bench:
                 "stream_layers": summary["stream_layers"], "killed": killed,
                 "teacher_bytes": du(p / "store" / "teacher"),
                 "fits": [_fit(s["refine"]["report"]) for s in summary["steps"] if s.get("refine")] +
-                        ([_fit(summary["refine"]["report"])] if summary.get("refine") else [])}
+                        ([_fit(summary["refine"]["report"])] if summary.get("refine") else []),
+                **_audit([s["record"] for s in summary["steps"] if s["kept"]], summary.get("final_check"))}
 
     def _kill(self, cmd: list[str], home: Path, step: int) -> dict[str, Any]:
         """Start ``cmd``; SIGKILL its process group once ``step - 1`` steps are done and step ``step`` has run
@@ -166,6 +169,13 @@ class Bench:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         return {"after_s": time.perf_counter() - t, "steps_done": len(list(steps.glob("*/_COMPLETE")))}
+
+
+def _audit(steps: list[dict[str, Any]], final: dict[str, Any] | None) -> dict[str, Any]:
+    """What the guard decided per step (with lsq: whether the map was kept) and the final check's verdict."""
+    guards = [s.get("guard") or {} for s in steps]
+    return {"guard": [g.get("decision") for g in guards], "maps_kept": [g.get("map_kept") for g in guards],
+            "final_check": final and {k: final[k] for k in ("verdict", "folded", "ppl", "uncompensated_ppl")}}
 
 
 def _fit(report: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +220,11 @@ def table(rows: list[dict[str, Any]], model_bytes: int) -> str:
                          + ", ".join(f"{f['loss_before']:.3f}->{f['loss_after']:.3f}" for f in r["fits"]))
         if r.get("teacher_bytes"):
             notes.append(f"teacher artifact {r['teacher_bytes'] / 2**20:.1f} MiB")
+        if any(m is not None for m in r.get("maps_kept", [])):
+            notes.append(f"lsq maps kept {sum(bool(m) for m in r['maps_kept'])} of {len(r['maps_kept'])}")
+        if r.get("final_check"):
+            f = r["final_check"]
+            notes.append(f"final check {f['verdict']} ({f['folded']}: {f['ppl']:.3f} vs {f['uncompensated_ppl']:.3f})")
         if r.get("killed"):
             notes.append(f"rerun after a kill in step {r['killed']['steps_done'] + 1}; reused "
                          f"{r['steps_reused']}, computed {r['steps_computed']}")
@@ -226,6 +241,8 @@ def main() -> None:
     ap.add_argument("--big-only", action="store_true", help="only the ~7B streamed pipeline row")
     ap.add_argument("--refine-only", action="store_true", help="only the progressive-refinement rows (~0.9B)")
     ap.add_argument("--refine-steps", type=int, default=4, help="Adam steps per fit of the refined rows")
+    ap.add_argument("--compensation", default=None, help="with --refine-only: the refined rows' --compensation "
+                    "(default: the product's); a non-default one is named in the rows and the output file")
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
@@ -242,7 +259,8 @@ def main() -> None:
     size = "quick" if args.quick else "7B" if args.big_only else "0.9B"
     if args.kill_delay is None:
         args.kill_delay = 0.0 if args.quick else 0.5
-    suffix = ("_" + size if size != "0.9B" else "") + ("_refine" if args.refine_only else "")
+    comp = f"_{args.compensation}" if args.refine_only and args.compensation else ""
+    suffix = ("_" + size if size != "0.9B" else "") + ("_refine" + comp if args.refine_only else "")
     out = Path(args.out or ROOT / "bench" / "results" / f"pipeline_scale{suffix}.json")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -264,8 +282,12 @@ def main() -> None:
                                                                                  ["--stream-layers"]))]
         refined = ["--refine", "channels", "--refine-at", "each", "--refine-steps", str(args.refine_steps)]
         if args.refine_only:
-            plan = [("library refined", lambda: b.library("library refined", refined)),
-                    ("pipeline refined", lambda: b.pipeline("pipeline refined", ["--no-stream-layers", *refined]))]
+            tag = f" ({args.compensation})" if args.compensation else ""
+            if args.compensation:
+                refined += ["--compensation", args.compensation]
+            plan = [("library refined" + tag, lambda: b.library("library refined" + tag, refined)),
+                    ("pipeline refined" + tag,
+                     lambda: b.pipeline("pipeline refined" + tag, ["--no-stream-layers", *refined]))]
         elif not args.big_only:
             plan = [("library", lambda: b.library("library", [])),
                     ("library streamed", lambda: b.library("library streamed", ["--stream-layers"])),

@@ -43,7 +43,7 @@ from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import remove_layer
+from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.refine import (
     Gain,
     RefineReport,
@@ -153,6 +153,13 @@ def main() -> None:
                     "the NLL, once removed (guarded, not fitted), on --judge-samples windows of these corpora's "
                     "calibration text (comma-separated)")
     ap.add_argument("--judge-samples", type=int, default=24)
+    ap.add_argument("--hidden", type=float, default=0.0, help="research loop: add this weight times the mean over "
+                    "the student's layers of (1 - cos) between its residual stream and the dense model's at the same "
+                    "original layer (positions after the first; the dense model runs beside the fit, no grad)")
+    ap.add_argument("--holdout", type=int, default=0, help="research loop: fit on all but the last N refinement "
+                    "windows; every --check-every steps (and before the first) measure the KL on those N and fold "
+                    "the gains of the best check (early stopping)")
+    ap.add_argument("--check-every", type=int, default=5)
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--evals", default="80")
     ap.add_argument("--label", default="")
@@ -178,7 +185,11 @@ def main() -> None:
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
     research = args.rank or args.tune or args.seed or args.average or args.fit_candidates or args.lsq_samples \
-        or args.force or args.judge_calib
+        or args.force or args.judge_calib or args.hidden or args.holdout
+    if args.hidden:
+        DENSE.append(lm.model)
+    if args.holdout and (args.rank or args.tune or args.average):
+        raise SystemExit("error: --holdout keeps the best gains only; not with --rank, --tune or --average")
     if args.lsq_samples:  # the gap maps see more tokens than the scores do
         import prunecomp.loop as loop_mod
 
@@ -257,6 +268,9 @@ def main() -> None:
                 model, rep = pruned or (model, prune_and_compensate(model, cal, PruneConfig(**cfg)))
                 items, lows = _trainables(model, args, gen)
                 _fit(model, fit.ids, targets, items, lows, args, args.progressive, gen)
+                if HOLDOUT:  # which step's gains were kept, and the held-out KL at every check
+                    out.setdefault("holdout", {})[i] = [list(c) for c in HOLDOUT]
+                    HOLDOUT.clear()
                 for low in lows:  # merged in place: W' = diag(g) (W + B A), as the hooks computed
                     low.fold()
                 fold_gains(items)
@@ -312,6 +326,25 @@ def main() -> None:
     _fit(model, fit.ids, targets, items, lows, args, args.steps, gen, at)
     _append(args, out)
     print(json.dumps(out))
+
+
+DENSE: list[nn.Module] = []  # with --hidden: the dense model, the teacher of the residual streams
+HOLDOUT: list[tuple[int, float]] = []  # with --holdout: (step, held-out KL) of every check of the current fit
+
+
+def _hidden_loss(model: nn.Module, student: tuple[torch.Tensor, ...], ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the student's layer outputs (the last one after the final norm, as HF returns it) of the mean over
+    positions 1.. of ``1 - cos`` with the dense model's stream after the same original layer. Cosine, not MSE:
+    magnitude compensation scales the stream before the gap on purpose, and every reader normalises it."""
+    with torch.no_grad():
+        teacher = DENSE[0](input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+    orig = original_indices(model)
+    n = len(orig)
+    terms = []
+    for j in range(1, n + 1):
+        t = teacher[orig[j - 1] + 1] if j < n else teacher[-1]
+        terms.append(1 - nn.functional.cosine_similarity(student[j][:, 1:].float(), t[:, 1:].float(), dim=-1).mean())
+    return torch.stack(terms).mean()
 
 
 def _only(n: int, layer: int) -> tuple[int, ...]:
@@ -384,15 +417,31 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
         opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     order: list[int] = []
     means = [torch.zeros_like(g.value) for g in items] if args.average else []
+    n_fit = ids.shape[0] - args.holdout
+    held = TeacherTargets(targets.logprobs[n_fit:], targets.indices[n_fit:])
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+
+    def check(step: int) -> None:
+        nonlocal best
+        kl = _eval_loss(model, ids[n_fit:], held, args.batch)
+        if best is None or kl < best[0]:
+            best = (kl, step, [g.value.detach().clone() for g in items])
+        HOLDOUT.append((step, kl))
+        print("  holdout", step, round(kl, 5), flush=True)
+
     try:
         with gains_applied(items):
+            if args.holdout:
+                check(0)
             for step in range(1, steps + 1):
                 if len(order) < args.batch:
-                    order += torch.randperm(ids.shape[0], generator=gen).tolist()
+                    order += torch.randperm(n_fit, generator=gen).tolist()
                 batch, order = order[: args.batch], order[args.batch:]
                 sel = torch.tensor(batch)
-                logits = model(input_ids=ids[sel], use_cache=False).logits
-                loss = distill_loss(logits, targets.logprobs[sel], targets.indices[sel])
+                res = model(input_ids=ids[sel], use_cache=False, output_hidden_states=bool(args.hidden))
+                loss = distill_loss(res.logits, targets.logprobs[sel], targets.indices[sel])
+                if args.hidden:
+                    loss = loss + args.hidden * _hidden_loss(model, res.hidden_states, ids[sel])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -403,6 +452,13 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
                         m.mul_((n - 1) / n).add_(g.value.detach() / n)
                 if at is not None:
                     at(step, float(loss))
+                if args.holdout and (step % args.check_every == 0 or step == steps):
+                    check(step)
+        if best is not None:
+            with torch.no_grad():
+                for g, v in zip(items, best[2], strict=True):
+                    g.value.copy_(v)
+            print("  kept step", best[1], flush=True)
         if args.average:
             with torch.no_grad():
                 for g, m in zip(items, means, strict=True):

@@ -30,6 +30,8 @@ MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themse
     "pipeline_scale": "Pipeline at scale (`bench/pipeline_scale.py`, 0.92 B synthetic model)",
     "pipeline_scale_refine": "Pipeline at scale with progressive refinement (`bench/pipeline_scale.py --refine-only`, "
                              "0.92 B synthetic model)",
+    "pipeline_scale_refine_lsq": "The same with lsq gap maps (`bench/pipeline_scale.py --refine-only --compensation "
+                                 "lsq`, 0.92 B synthetic model)",
     "pipeline_scale_7B": "Pipeline at scale, 6.9 B synthetic model larger than RAM (`bench/pipeline_scale.py`)",
     "resume": "Kill and resume (`bench/resume.py`)",
     "memory": "Memory of the three scoring modes (`bench/memory.py`)",
