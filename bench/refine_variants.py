@@ -16,7 +16,10 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
   the 8 pruning windows, ``--force a,b,c`` removes those layers in that order, ``--calib c4,wikitext2,ptb``
   splits the pruning and refinement windows between several corpora's calibration text, ``--judge-calib
   c4,wikitext2,ptb --pool 2`` chooses between BI's two lowest scores by the NLL on those corpora's calibration
-  text (BI itself stays on C4).
+  text (BI itself stays on C4), ``--hidden W`` adds W x the distance (1 - cos) between the refined model's
+  residual streams and the dense model's after the same original layers to the fit's loss (``--hidden-layers
+  last``: only the final normed stream), ``--holdout N --check-every M`` keeps N windows out of the fit and folds
+  the gains of the check with the lowest KL on them (early stopping).
 
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --progressive 32 --label prog32
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --steps 80 --rank 8 --evals 40,80 --label lr8
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=float, default=0.0, help="research loop: add this weight times the mean over "
                     "the student's layers of (1 - cos) between its residual stream and the dense model's at the same "
                     "original layer (positions after the first; the dense model runs beside the fit, no grad)")
+    ap.add_argument("--hidden-layers", default="all", help="with --hidden: the streams compared, after every "
+                    "layer (all) or only the last one, after the final norm (last: a teacher small enough to cache)")
     ap.add_argument("--holdout", type=int, default=0, help="research loop: fit on all but the last N refinement "
                     "windows; every --check-every steps (and before the first) measure the KL on those N and fold "
                     "the gains of the best check (early stopping)")
@@ -188,6 +193,7 @@ def main() -> None:
         or args.force or args.judge_calib or args.hidden or args.holdout
     if args.hidden:
         DENSE.append(lm.model)
+        HIDDEN_LAYERS[0] = args.hidden_layers
     if args.holdout and (args.rank or args.tune or args.average):
         raise SystemExit("error: --holdout keeps the best gains only; not with --rank, --tune or --average")
     if args.lsq_samples:  # the gap maps see more tokens than the scores do
@@ -329,19 +335,21 @@ def main() -> None:
 
 
 DENSE: list[nn.Module] = []  # with --hidden: the dense model, the teacher of the residual streams
+HIDDEN_LAYERS = ["all"]  # --hidden-layers
 HOLDOUT: list[tuple[int, float]] = []  # with --holdout: (step, held-out KL) of every check of the current fit
 
 
 def _hidden_loss(model: nn.Module, student: tuple[torch.Tensor, ...], ids: torch.Tensor) -> torch.Tensor:
-    """Mean over the student's layer outputs (the last one after the final norm, as HF returns it) of the mean over
-    positions 1.. of ``1 - cos`` with the dense model's stream after the same original layer. Cosine, not MSE:
+    """Mean over the student's layer outputs (the last one after the final norm, as HF returns it; with
+    ``--hidden-layers last`` only that one) of the mean over positions 1.. of ``1 - cos`` with the dense model's
+    stream after the same original layer. Cosine, not MSE:
     magnitude compensation scales the stream before the gap on purpose, and every reader normalises it."""
     with torch.no_grad():
         teacher = DENSE[0](input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     orig = original_indices(model)
     n = len(orig)
     terms = []
-    for j in range(1, n + 1):
+    for j in range(1, n + 1) if HIDDEN_LAYERS[0] == "all" else (n,):
         t = teacher[orig[j - 1] + 1] if j < n else teacher[-1]
         terms.append(1 - nn.functional.cosine_similarity(student[j][:, 1:].float(), t[:, 1:].float(), dim=-1).mean())
     return torch.stack(terms).mean()
