@@ -194,8 +194,9 @@ def main() -> None:
     if args.hidden:
         DENSE.append(lm.model)
         HIDDEN_LAYERS[0] = args.hidden_layers
-    if args.holdout and (args.rank or args.tune or args.average):
-        raise SystemExit("error: --holdout keeps the best gains only; not with --rank, --tune or --average")
+    if args.holdout and (args.rank or args.tune or args.average or args.fit_candidates or not args.progressive):
+        raise SystemExit("error: --holdout keeps the best gains of each progressive fit: it needs --progressive, "
+                         "and not --rank, --tune, --average or --fit-candidates")
     if args.lsq_samples:  # the gap maps see more tokens than the scores do
         import prunecomp.loop as loop_mod
 
