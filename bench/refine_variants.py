@@ -159,8 +159,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=float, default=0.0, help="research loop: add this weight times the mean over "
                     "the student's layers of (1 - cos) between its residual stream and the dense model's at the same "
                     "original layer (positions after the first; the dense model runs beside the fit, no grad)")
-    ap.add_argument("--hidden-layers", default="all", help="with --hidden: the streams compared, after every "
-                    "layer (all) or only the last one, after the final norm (last: a teacher small enough to cache)")
+    ap.add_argument("--hidden-layers", default="all", choices=("all", "last"),
+                    help="with --hidden: the streams compared, after every layer (all) or only the last one, after "
+                    "the final norm (last: a teacher small enough to cache)")
     ap.add_argument("--holdout", type=int, default=0, help="research loop: fit on all but the last N refinement "
                     "windows; every --check-every steps (and before the first) measure the KL on those N and fold "
                     "the gains of the best check (early stopping)")
@@ -193,7 +194,6 @@ def main() -> None:
         or args.force or args.judge_calib or args.hidden or args.holdout
     if args.hidden:
         DENSE.append(lm.model)
-        HIDDEN_LAYERS[0] = args.hidden_layers
     if args.holdout and (args.rank or args.tune or args.average or args.fit_candidates or not args.progressive):
         raise SystemExit("error: --holdout keeps the best gains of each progressive fit: it needs --progressive, "
                          "and not --rank, --tune, --average or --fit-candidates")
@@ -336,21 +336,21 @@ def main() -> None:
 
 
 DENSE: list[nn.Module] = []  # with --hidden: the dense model, the teacher of the residual streams
-HIDDEN_LAYERS = ["all"]  # --hidden-layers
 HOLDOUT: list[tuple[int, float]] = []  # with --holdout: (step, held-out KL) of every check of the current fit
 
 
-def _hidden_loss(model: nn.Module, student: tuple[torch.Tensor, ...], ids: torch.Tensor) -> torch.Tensor:
+def _hidden_loss(model: nn.Module, student: tuple[torch.Tensor, ...], ids: torch.Tensor,
+                 last_only: bool) -> torch.Tensor:
     """Mean over the student's layer outputs (the last one after the final norm, as HF returns it; with
-    ``--hidden-layers last`` only that one) of the mean over positions 1.. of ``1 - cos`` with the dense model's
-    stream after the same original layer. Cosine, not MSE:
-    magnitude compensation scales the stream before the gap on purpose, and every reader normalises it."""
+    ``last_only`` only that one) of the mean over positions 1.. of ``1 - cos`` with the dense model's stream after
+    the same original layer. Cosine, not MSE: magnitude compensation scales the stream before the gap on purpose,
+    and every reader normalises it."""
     with torch.no_grad():
         teacher = DENSE[0](input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
     orig = original_indices(model)
     n = len(orig)
     terms = []
-    for j in range(1, n + 1) if HIDDEN_LAYERS[0] == "all" else (n,):
+    for j in (n,) if last_only else range(1, n + 1):
         t = teacher[orig[j - 1] + 1] if j < n else teacher[-1]
         terms.append(1 - nn.functional.cosine_similarity(student[j][:, 1:].float(), t[:, 1:].float(), dim=-1).mean())
     return torch.stack(terms).mean()
@@ -450,7 +450,8 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
                 res = model(input_ids=ids[sel], use_cache=False, output_hidden_states=bool(args.hidden))
                 loss = distill_loss(res.logits, targets.logprobs[sel], targets.indices[sel])
                 if args.hidden:
-                    loss = loss + args.hidden * _hidden_loss(model, res.hidden_states, ids[sel])
+                    loss = loss + args.hidden * _hidden_loss(model, res.hidden_states, ids[sel],
+                                                               args.hidden_layers == "last")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
