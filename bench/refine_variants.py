@@ -19,7 +19,10 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
   text (BI itself stays on C4), ``--hidden W`` adds W x the distance (1 - cos) between the refined model's
   residual streams and the dense model's after the same original layers to the fit's loss (``--hidden-layers
   last``: only the final normed stream), ``--holdout N --check-every M`` keeps N windows out of the fit and folds
-  the gains of the check with the lowest KL on them (early stopping).
+  the gains of the check with the lowest KL on them (early stopping), ``--local-steps N`` fine-tunes the
+  remaining layer before the gap (all its weights, in place) for N steps to reproduce the stream the removed layer
+  left, before each fit (block reconstruction; ``--local-target self``: the model's own stream before the removal,
+  no dense copy).
 
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --progressive 32 --label prog32
     .venv/bin/python bench/refine_variants.py --k 5 --samples 64 --steps 80 --rank 8 --evals 40,80 --label lr8
@@ -28,6 +31,7 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -166,6 +170,16 @@ def main() -> None:
                     "windows; every --check-every steps (and before the first) measure the KL on those N and fold "
                     "the gains of the best check (early stopping)")
     ap.add_argument("--check-every", type=int, default=5)
+    ap.add_argument("--local-steps", type=int, default=0, help="research loop: after each removal, before the gains' "
+                    "fit, fine-tune the whole layer(s) beside the gap (--local-layers) for this many Adam steps so "
+                    "that, fed the pruned model's own stream, they write the dense model's stream after the removed "
+                    "layer (before) or after the next one (after, both): block reconstruction, full rank, in place")
+    ap.add_argument("--local-layers", default="before", choices=("before", "after", "both"))
+    ap.add_argument("--local-target", default="dense", choices=("dense", "self"),
+                    help="with --local-steps: the stream to reproduce, the dense model's or the model's own before "
+                    "this removal (self: no dense copy needed; the same at the first removal)")
+    ap.add_argument("--local-lr", type=float, default=1e-4)
+    ap.add_argument("--local-batch", type=int, default=4)
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--evals", default="80")
     ap.add_argument("--label", default="")
@@ -177,6 +191,12 @@ def main() -> None:
     if args.render:
         print(render(args.render))
         return
+    if args.holdout and (args.rank or args.tune or args.average or args.fit_candidates or not args.progressive):
+        raise SystemExit("error: --holdout keeps the best gains of each progressive fit: it needs --progressive, "
+                         "and not --rank, --tune, --average or --fit-candidates")
+    if args.local_steps and (args.fit_candidates or not args.progressive):
+        raise SystemExit("error: --local-steps fits the layer beside each gap of a progressive run: it needs "
+                         "--progressive, and not --fit-candidates")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     lm = load_model(None)
@@ -191,12 +211,10 @@ def main() -> None:
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
     research = args.rank or args.tune or args.seed or args.average or args.fit_candidates or args.lsq_samples \
-        or args.force or args.judge_calib or args.hidden or args.holdout
+        or args.force or args.judge_calib or args.hidden or args.holdout or args.local_steps
     if args.hidden:
         DENSE.append(lm.model)
-    if args.holdout and (args.rank or args.tune or args.average or args.fit_candidates or not args.progressive):
-        raise SystemExit("error: --holdout keeps the best gains of each progressive fit: it needs --progressive, "
-                         "and not --rank, --tune, --average or --fit-candidates")
+    local_gen = torch.Generator().manual_seed(1000 + args.seed)  # its own draws: the gains' batch order unchanged
     if args.lsq_samples:  # the gap maps see more tokens than the scores do
         import prunecomp.loop as loop_mod
 
@@ -272,7 +290,11 @@ def main() -> None:
                 _, _, model, rep = min(tried, key=lambda t: t[0])
                 out.setdefault("candidates", {})[i] = [[c, kl] for kl, c, _, _ in tried]
             else:
+                before = copy.deepcopy(model) if args.local_target == "self" else lm.model
                 model, rep = pruned or (model, prune_and_compensate(model, cal, PruneConfig(**cfg)))
+                if args.local_steps:
+                    out.setdefault("local", {})[i] = _local_fit(model, before, fit.ids, rep.steps[-1].chosen,
+                                                                args, local_gen)
                 items, lows = _trainables(model, args, gen)
                 _fit(model, fit.ids, targets, items, lows, args, args.progressive, gen)
                 if HOLDOUT:  # which step's gains were kept, and the held-out KL at every check
@@ -354,6 +376,113 @@ def _hidden_loss(model: nn.Module, student: tuple[torch.Tensor, ...], ids: torch
         t = teacher[orig[j - 1] + 1] if j < n else teacher[-1]
         terms.append(1 - nn.functional.cosine_similarity(student[j][:, 1:].float(), t[:, 1:].float(), dim=-1).mean())
     return torch.stack(terms).mean()
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: nothing after the captured layer needs to run."""
+
+
+@torch.no_grad()
+def _capture(model: nn.Module, layer: nn.Module, ids: torch.Tensor, batch: int, output: bool
+             ) -> tuple[list[torch.Tensor], dict]:
+    """The stream entering (``output`` False) or leaving ``layer`` of ``model`` for each batch of ``ids``, and the
+    keyword arguments the layer was called with (rotary embeddings, mask) for the first batch."""
+    got: list[torch.Tensor] = []
+    kw: dict = {}
+
+    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not kw:
+            kw.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
+        if not output:
+            got.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+            raise _Stop
+
+    def post(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        got.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+        raise _Stop
+
+    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True)]
+    if output:
+        handles.append(layer.register_forward_hook(post))
+    try:
+        for start in range(0, ids.shape[0], batch):
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids[start : start + batch], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return got, kw
+
+
+def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: int, args: argparse.Namespace,
+               gen: torch.Generator) -> dict | None:
+    """Block reconstruction beside the gap left by original layer ``chosen``: fine-tune every weight of the
+    remaining layer before it (``before``), after it (``after``) or both, fed the pruned model's own stream, so
+    that they write ``teacher``'s stream (the dense model's, or the model's before this removal) entering the
+    next remaining layer (before) or leaving it (after, both).
+    Loss: squared error over positions 1.. relative to the target's mean squared norm (position 0 is the
+    attention sink with an outsized norm). Full rank and in place, so still zero run-time cost. Why: the gains
+    and the global fit plateau at this budget, while one layer's forward and backward cost about a thirtieth of
+    the model's, so a local fit can afford many more steps per token."""
+    orig = original_indices(model)
+    p = next((j for j, o in enumerate(orig) if o > chosen), len(orig))
+    a, b = {"before": (p - 1, p - 1), "after": (p, p), "both": (p - 1, p)}[args.local_layers]
+    if a < 0 or b >= len(orig):
+        return None
+    # Before the gap, the stream to reproduce is the teacher's entering the next remaining layer: for the dense
+    # teacher the output of the original layer just before it (earlier removals may lie between), for the model
+    # before this removal the output of ``chosen`` itself (which holds what earlier fits moved into it).
+    if b >= p:
+        target = orig[b]
+    elif args.local_target == "self":
+        target = chosen
+    else:
+        target = (orig[p] if p < len(orig) else len(decoder_layers(teacher))) - 1
+    layers = decoder_layers(model, get_adapter(model))
+    xs, kw = _capture(model, layers[a], ids, args.local_batch, output=False)
+    where = original_indices(teacher).index(target)
+    ys, _ = _capture(teacher, decoder_layers(teacher, get_adapter(teacher))[where], ids, args.local_batch,
+                     output=True)
+    params = [q for j in range(a, b + 1) for q in layers[j].parameters()]
+    for q in model.parameters():
+        q.requires_grad_(False)
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=args.local_lr)
+    steps = args.local_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
+
+    def loss_of(j: int) -> torch.Tensor:
+        h = xs[j]
+        for layer in layers[a : b + 1]:
+            h = layer(h, **kw)
+            h = h[0] if isinstance(h, tuple) else h
+        return ((h[:, 1:] - ys[j][:, 1:]) ** 2).sum(-1).mean() / (ys[j][:, 1:] ** 2).sum(-1).mean()
+
+    t0 = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        before = float(torch.stack([loss_of(j) for j in range(len(xs))]).mean())
+    order: list[int] = []
+    try:
+        for _ in range(steps):
+            if not order:
+                order = torch.randperm(len(xs), generator=gen).tolist()
+            loss = loss_of(order.pop())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    finally:
+        for q in params:
+            q.requires_grad_(False)
+    with torch.no_grad():
+        after = float(torch.stack([loss_of(j) for j in range(len(xs))]).mean())
+    rec = {"layers": [int(orig[j]) for j in range(a, b + 1)], "target": int(target),
+           "loss_before": before, "loss_after": after, "seconds": time.perf_counter() - t0}
+    print("  local", rec, flush=True)
+    return rec
 
 
 def _only(n: int, layer: int) -> tuple[int, ...]:
