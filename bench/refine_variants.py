@@ -31,7 +31,6 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import hashlib
 import json
@@ -49,6 +48,7 @@ from prunecomp.calibration import TokenWindows, calibration_windows, evaluation_
 from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import mean_nll
+from prunecomp.hooks import _hidden_out
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.refine import (
@@ -63,6 +63,7 @@ from prunecomp.refine import (
     teacher_targets,
 )
 from prunecomp.report import StepRecord
+from prunecomp.sequential import catch_layer_inputs, run_layer
 from prunecomp.sources import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -172,8 +173,8 @@ def main() -> None:
     ap.add_argument("--check-every", type=int, default=5)
     ap.add_argument("--local-steps", type=int, default=0, help="research loop: after each removal, before the gains' "
                     "fit, fine-tune the whole layer(s) beside the gap (--local-layers) for this many Adam steps so "
-                    "that, fed the pruned model's own stream, they write the dense model's stream after the removed "
-                    "layer (before) or after the next one (after, both): block reconstruction, full rank, in place")
+                    "that, fed the pruned model's own stream, they write the stream the removed layer left "
+                    "(--local-target): block reconstruction, full rank, in place")
     ap.add_argument("--local-layers", default="before", choices=("before", "after", "both"))
     ap.add_argument("--local-target", default="dense", choices=("dense", "self"),
                     help="with --local-steps: the stream to reproduce, the dense model's or the model's own before "
@@ -378,40 +379,17 @@ def _hidden_loss(model: nn.Module, student: tuple[torch.Tensor, ...], ids: torch
     return torch.stack(terms).mean()
 
 
-class _Stop(Exception):
-    """Raised by a capture hook: nothing after the captured layer needs to run."""
-
-
 @torch.no_grad()
-def _capture(model: nn.Module, layer: nn.Module, ids: torch.Tensor, batch: int, output: bool
-             ) -> tuple[list[torch.Tensor], dict]:
-    """The stream entering (``output`` False) or leaving ``layer`` of ``model`` for each batch of ``ids``, and the
-    keyword arguments the layer was called with (rotary embeddings, mask) for the first batch."""
-    got: list[torch.Tensor] = []
-    kw: dict = {}
-
-    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not kw:
-            kw.update({k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")})
-        if not output:
-            got.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
-            raise _Stop
-
-    def post(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        got.append((out[0] if isinstance(out, tuple) else out).detach().clone())
-        raise _Stop
-
-    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True)]
-    if output:
-        handles.append(layer.register_forward_hook(post))
-    try:
-        for start in range(0, ids.shape[0], batch):
-            with contextlib.suppress(_Stop):
-                model(input_ids=ids[start : start + batch], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return got, kw
+def _stream(model: nn.Module, ids: torch.Tensor, batch: int, upto: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """The residual stream entering decoder layer ``upto`` of ``model`` (``upto`` = the layer count: leaving the
+    last one) per batch of ``ids``, and the kwargs of layer ``min(upto, last)`` per batch (the library's catch
+    pass and layer-by-layer replay)."""
+    caught = catch_layer_inputs(model, ids, batch)
+    layers = decoder_layers(model)
+    xs = caught.hidden
+    for j in range(upto):
+        xs = run_layer(layers[j], xs, [kw[j] for kw in caught.kwargs])
+    return xs, [kw[min(upto, len(layers) - 1)] for kw in caught.kwargs]
 
 
 def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: int, args: argparse.Namespace,
@@ -439,10 +417,8 @@ def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: 
     else:
         target = (orig[p] if p < len(orig) else len(decoder_layers(teacher))) - 1
     layers = decoder_layers(model, get_adapter(model))
-    xs, kw = _capture(model, layers[a], ids, args.local_batch, output=False)
-    where = original_indices(teacher).index(target)
-    ys, _ = _capture(teacher, decoder_layers(teacher, get_adapter(teacher))[where], ids, args.local_batch,
-                     output=True)
+    xs, kws = _stream(model, ids, args.local_batch, a)
+    ys, _ = _stream(teacher, ids, args.local_batch, original_indices(teacher).index(target) + 1)
     params = [q for j in range(a, b + 1) for q in layers[j].parameters()]
     for q in model.parameters():
         q.requires_grad_(False)
@@ -456,8 +432,7 @@ def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: 
     def loss_of(j: int) -> torch.Tensor:
         h = xs[j]
         for layer in layers[a : b + 1]:
-            h = layer(h, **kw)
-            h = h[0] if isinstance(h, tuple) else h
+            h = _hidden_out(layer(h, **kws[j]))
         return ((h[:, 1:] - ys[j][:, 1:]) ** 2).sum(-1).mean() / (ys[j][:, 1:] ** 2).sum(-1).mean()
 
     t0 = time.perf_counter()
