@@ -180,6 +180,16 @@ def main() -> None:
                     help="with --local-steps: the stream to reproduce, the dense model's or the model's own before "
                     "this removal (self: no dense copy needed; the same at the first removal)")
     ap.add_argument("--local-lr", type=float, default=1e-4)
+    ap.add_argument("--one-pass", action="store_true", help="with --local-target self: read both streams from one "
+                    "pass of the model before the removal (the pruned model's stream before the gap is that one "
+                    "times the folded gap scale)")
+    ap.add_argument("--step-gains", type=int, default=-1, help="research loop: gains steps after each removal "
+                    "(default: --progressive; 0: none, the local fit alone between removals)")
+    ap.add_argument("--branch-at", default="", help="research loop: after these removal counts (comma-separated), "
+                    "fit the gains --branch-steps steps on a copy (end refinement from that state) and evaluate it at "
+                    "--branch-evals; the run itself goes on from the unfitted state")
+    ap.add_argument("--branch-steps", type=int, default=80)
+    ap.add_argument("--branch-evals", default="40,80")
     ap.add_argument("--local-batch", type=int, default=4)
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--evals", default="80")
@@ -212,7 +222,8 @@ def main() -> None:
     targets = teacher_targets(lm.model, fit.ids, topk=args.topk)
     t_teacher = time.perf_counter() - t0
     research = args.rank or args.tune or args.seed or args.average or args.fit_candidates or args.lsq_samples \
-        or args.force or args.judge_calib or args.hidden or args.holdout or args.local_steps
+        or args.force or args.judge_calib or args.hidden or args.holdout or args.local_steps or args.branch_at \
+        or args.step_gains >= 0
     if args.hidden:
         DENSE.append(lm.model)
     local_gen = torch.Generator().manual_seed(1000 + args.seed)  # its own draws: the gains' batch order unchanged
@@ -295,9 +306,11 @@ def main() -> None:
                 model, rep = pruned or (model, prune_and_compensate(model, cal, PruneConfig(**cfg)))
                 if args.local_steps:
                     out.setdefault("local", {})[i] = _local_fit(model, before, fit.ids, rep.steps[-1].chosen,
-                                                                args, local_gen)
+                                                                args, local_gen, rep.steps[-1].applied_scale)
                 items, lows = _trainables(model, args, gen)
-                _fit(model, fit.ids, targets, items, lows, args, args.progressive, gen)
+                n_gain = args.progressive if args.step_gains < 0 else args.step_gains
+                if n_gain:
+                    _fit(model, fit.ids, targets, items, lows, args, n_gain, gen)
                 if HOLDOUT:  # which step's gains were kept, and the held-out KL at every check
                     out.setdefault("holdout", {})[i] = [list(c) for c in HOLDOUT]
                     HOLDOUT.clear()
@@ -316,6 +329,8 @@ def main() -> None:
             if rep.steps[-1].gap_fit:
                 out["guard"][i]["gap_fit"] = rep.steps[-1].gap_fit
             print(i, rep.steps[-1].chosen, out["ppl"][i], round(out["seconds"][i]), low, out["guard"][i], flush=True)
+            if str(i) in args.branch_at.split(","):
+                out.setdefault("branch", {})[i] = _branch(model, fit.ids, targets, args, ev)
             t = time.perf_counter() - out["seconds"][i]
         _append(args, out)
         return
@@ -380,20 +395,30 @@ def _hidden_loss(model: nn.Module, student: tuple[torch.Tensor, ...], ids: torch
 
 
 @torch.no_grad()
-def _stream(model: nn.Module, ids: torch.Tensor, batch: int, upto: int) -> tuple[list[torch.Tensor], list[dict]]:
-    """The residual stream entering decoder layer ``upto`` of ``model`` (``upto`` = the layer count: leaving the
-    last one) per batch of ``ids``, and the kwargs of layer ``min(upto, last)`` per batch (the library's catch
-    pass and layer-by-layer replay)."""
+def _streams(model: nn.Module, ids: torch.Tensor, batch: int, points: tuple[int, ...]
+             ) -> tuple[dict[int, list[torch.Tensor]], list[dict]]:
+    """The residual stream entering each decoder layer of ``points`` of ``model`` (the layer count: leaving the
+    last one) per batch of ``ids``, from one catch pass and layer-by-layer replay (the library's), and the kwargs
+    of layer ``min(points[0], last)`` per batch."""
     caught = catch_layer_inputs(model, ids, batch)
     layers = decoder_layers(model)
-    xs = caught.hidden
-    for j in range(upto):
-        xs = run_layer(layers[j], xs, [kw[j] for kw in caught.kwargs])
-    return xs, [kw[min(upto, len(layers) - 1)] for kw in caught.kwargs]
+    xs, out = caught.hidden, {}
+    for j in range(max(points) + 1):
+        if j in points:
+            out[j] = xs
+        if j < max(points):
+            xs = run_layer(layers[j], xs, [kw[j] for kw in caught.kwargs])
+    return out, [kw[min(points[0], len(layers) - 1)] for kw in caught.kwargs]
+
+
+def _stream(model: nn.Module, ids: torch.Tensor, batch: int, upto: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """The residual stream entering decoder layer ``upto`` of ``model`` per batch (see :func:`_streams`)."""
+    out, kws = _streams(model, ids, batch, (upto,))
+    return out[upto], kws
 
 
 def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: int, args: argparse.Namespace,
-               gen: torch.Generator) -> dict | None:
+               gen: torch.Generator, scale: float = 1.0) -> dict | None:
     """Block reconstruction beside the gap left by original layer ``chosen``: fine-tune every weight of the
     remaining layer before it (``before``), after it (``after``) or both, fed the pruned model's own stream, so
     that they write ``teacher``'s stream (the dense model's, or the model's before this removal) entering the
@@ -417,8 +442,19 @@ def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: 
     else:
         target = (orig[p] if p < len(orig) else len(decoder_layers(teacher))) - 1
     layers = decoder_layers(model, get_adapter(model))
-    xs, kws = _stream(model, ids, args.local_batch, a)
-    ys, _ = _stream(teacher, ids, args.local_batch, original_indices(teacher).index(target) + 1)
+    if args.local_target == "self" and args.one_pass:
+        # One pass of the model before this removal gives both streams: before the gap the pruned model's stream
+        # is that model's times the folded gap scale (every writer upstream was multiplied by it and every
+        # reader normalises), so the pruned model needs no pass of its own.
+        t_orig = original_indices(teacher)
+        i_in = t_orig.index(orig[a - 1]) + 1 if a > 0 else 0  # what layer a reads: the stream after layer a - 1
+        i_out = t_orig.index(target) + 1
+        got, _ = _streams(teacher, ids, args.local_batch, (i_in, i_out))
+        xs, ys = [x * scale for x in got[i_in]], got[i_out]
+        kws = [kw[a] for kw in catch_layer_inputs(model, ids, args.local_batch).kwargs]  # embeddings only
+    else:
+        xs, kws = _stream(model, ids, args.local_batch, a)
+        ys, _ = _stream(teacher, ids, args.local_batch, original_indices(teacher).index(target) + 1)
     params = [q for j in range(a, b + 1) for q in layers[j].parameters()]
     for q in model.parameters():
         q.requires_grad_(False)
@@ -457,6 +493,31 @@ def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: 
     rec = {"layers": [int(orig[j]) for j in range(a, b + 1)], "target": int(target),
            "loss_before": before, "loss_after": after, "seconds": time.perf_counter() - t0}
     print("  local", rec, flush=True)
+    return rec
+
+
+def _branch(model: nn.Module, ids: torch.Tensor, targets: TeacherTargets, args: argparse.Namespace,
+            ev: Callable) -> dict:
+    """End refinement from this state, on a copy: the gains (``--refine channels``) fitted ``--branch-steps``
+    steps (batch order from seed 0, as the end experiment), mean PPL and fitting seconds at ``--branch-evals``."""
+    m = copy.deepcopy(model)
+    items, lows = _trainables(m, args, torch.Generator())
+    gen = torch.Generator().manual_seed(0)
+    evals = {int(x) for x in args.branch_evals.split(",")}
+    rec: dict = {"steps": args.branch_steps, "ppl": {}, "ppl_corpus": {}, "seconds": {}}
+    t = time.perf_counter()
+
+    def at(step: int, loss: float) -> None:
+        nonlocal t
+        if step not in evals:
+            return
+        el = time.perf_counter() - t
+        per = ev(folded_copy(m, items, lows), False)["ppl"]
+        rec["ppl"][step], rec["ppl_corpus"][step], rec["seconds"][step] = per["mean"], per, el
+        print("  branch", step, round(loss, 4), per["mean"], round(el), flush=True)
+        t = time.perf_counter() - el
+
+    _fit(m, ids, targets, items, lows, args, args.branch_steps, gen, at)
     return rec
 
 
