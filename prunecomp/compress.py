@@ -75,6 +75,7 @@ def compress(
     ``refine_windows`` (default: ``calibration``) against the dense model's predictions, taken before the first
     removal (see :func:`teacher_for`). ``on_step`` sees each removal before refinement, ``on_refine(done, step,
     model)`` each fit after it is folded (``step``: the removal it followed with ``refine_at="each"``, else None);
+    ``config.reconstruct``'s local fits after each removal run on ``refine_windows`` too;
     the report carries what refinement did (``report.refine``) and what it folded (``report.refine_edit``, for the
     recipe).
 
@@ -85,7 +86,8 @@ def compress(
     fit_on = calibration if refine_windows is None else refine_windows
     targets = teacher_for(model, fit_on, config, batch_size=batch_size, teacher=teacher)
     loop = partial(prune_and_compensate, model, calibration, batch_size=batch_size, on_step=on_step,
-                   on_batch=on_batch, calibration_config=calibration_config, cache_budget_bytes=cache_budget_bytes)
+                   on_batch=on_batch, calibration_config=calibration_config, cache_budget_bytes=cache_budget_bytes,
+                   fit_windows=refine_windows)
     if targets is None or config.refine_at == "end":
         report = loop(config)
         if targets is not None:

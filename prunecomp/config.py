@@ -72,6 +72,12 @@ class PruneConfig(_Frozen):
     (progressive refinement: k times the fitting, and on the quality protocol it recovers more of the damage
     than the same total steps at the end; iterative mode; with ``lsq`` each step's gap map is folded before that
     step's fit, and the final check undoes maps and gains in fold order).
+    ``reconstruct``: after every removal, fine-tune every weight of the layer ``before`` the gap, the one
+    ``after`` it, or ``both``, in place, so that fed the pruned model's stream they write the stream the model had
+    there before the removal (block reconstruction, see :mod:`prunecomp.reconstruct`): ``reconstruct_steps`` Adam
+    steps at ``reconstruct_lr``, ``reconstruct_batch`` windows a step, on the fitting windows (``refine_samples``
+    windows when given, else the scoring windows). Still zero run-time cost; not with ``lsq`` (a gap map changes
+    the stream the fit reads). ``none`` (the default) fits nothing.
     ``scoring``: ``incremental`` re-runs only the layers after each gap from cached activations (same choices,
     scores equal within float rounding; see :mod:`prunecomp.incremental`); ``exact`` recomputes everything.
     """
@@ -94,6 +100,10 @@ class PruneConfig(_Frozen):
     refine_topk: int = Field(256, ge=1)
     refine_samples: int | None = Field(None, gt=0)
     refine_at: Literal["end", "each"] = "end"
+    reconstruct: Literal["none", "before", "after", "both"] = "none"
+    reconstruct_steps: int = Field(200, ge=1)
+    reconstruct_lr: float = Field(1e-3, gt=0.0)
+    reconstruct_batch: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:
@@ -106,6 +116,9 @@ class PruneConfig(_Frozen):
         if self.refine_at == "each" and self.refine != "none" and self.mode != "iterative":
             raise ValueError("refine_at='each' re-scores the refined model after every removal: it needs "
                              "mode='iterative'")
+        if self.reconstruct != "none" and self.compensation == "lsq":
+            raise ValueError("reconstruct fits the layers beside the gap to the stream before the removal, which an "
+                             "lsq gap map changes: use compensation 'guarded', 'magnitude' or 'none' with it")
         return self
 
     @property

@@ -12,13 +12,16 @@ module's output (scales on the embedding and residual writers, ``lsq`` maps on o
 gains on norms and linears). :func:`uncompensated_view` undoes them with temporary forward hooks computed from the
 run's recipe: inside it the model computes the plain layer-removed model (to float rounding; tested against a
 model pruned with ``compensation="none"``). A tied head's compensation (the head scaled with the embedding table,
-the final norm divided) cancels by itself and is left alone: only the embedding's output is hooked.
+the final norm divided) cancels by itself and is left alone: only the embedding's output is hooked. Block
+reconstruction (``reconstruct``) rewrites whole layers, which no output hook undoes: for those layers the view
+swaps the source's weights in (``originals``, read from the source by the caller; :func:`reconstructed_layers`
+names them) and hooks nothing inside them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +35,8 @@ from prunecomp.config import CalibrationConfig
 from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.recipe import Recipe
 
-__all__ = ["FinalCheck", "Op", "final_check", "line", "output_edits", "run_final_check", "uncompensated_view"]
+__all__ = ["FinalCheck", "Op", "final_check", "line", "output_edits", "reconstructed_layers", "run_final_check",
+           "uncompensated_view"]
 
 TOLERANCE = 1e-4
 """Relative NLL margin below which the two are called equal (float rounding of the hooked forward)."""
@@ -67,7 +71,8 @@ class FinalCheck:
 def line(doc: dict[str, Any]) -> str:
     """A final check (:meth:`FinalCheck.to_dict`) as one sentence; starts with ``WARNING`` when worse."""
     ppl, base = doc["ppl"], doc["uncompensated_ppl"]
-    names = {"scales": "scales", "maps": "lsq maps", "refine": "refinement gains"}
+    names = {"scales": "scales", "maps": "lsq maps", "reconstruct": "reconstructed layers",
+             "refine": "refinement gains"}
     parts = [names.get(p, p) for p in doc["folded"].split("+")]
     what = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 2 else parts)
     if doc["verdict"] == "worse":
@@ -141,14 +146,49 @@ def output_edits(model: nn.Module, recipe: Recipe) -> dict[str, tuple[float, lis
     return out
 
 
+def reconstructed_layers(recipe: Recipe) -> dict[int, int]:
+    """Final index -> ORIGINAL index of every layer of the pruned model that block reconstruction rewrote (the
+    layers whose source weights :func:`uncompensated_view` needs)."""
+    kept = list(range(int(recipe.source["num_layers"])))
+    fitted: set[int] = set()
+    for step in recipe.steps:
+        del kept[step.current]
+        for name in step.layers or {}:
+            index = _layer_index(name)
+            if index is not None:
+                fitted.add(kept[index])
+    return {j: o for j, o in enumerate(kept) if o in fitted}
+
+
+def _layer_index(name: str) -> int | None:
+    """The decoder-layer index in a parameter name like ``model.layers.13.mlp.up_proj.weight``."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
 @contextmanager
-def uncompensated_view(model: nn.Module, recipe: Recipe) -> Iterator[None]:
-    """Inside the block ``model`` computes the same layers removed with nothing folded (hooks always removed)."""
+def uncompensated_view(model: nn.Module, recipe: Recipe,
+                       originals: Mapping[int, Mapping[str, Tensor]] | None = None) -> Iterator[None]:
+    """Inside the block ``model`` computes the same layers removed with nothing folded (hooks always removed).
+
+    ``originals``: for every layer block reconstruction rewrote (final index, see :func:`reconstructed_layers`),
+    the source's parameters by name inside the layer; swapped in for the block and restored after."""
     adapter = get_adapter(model)
     known = recipe.source.get("num_layers")
-    if known is not None and len(decoder_layers(model, adapter)) != int(known) - len(recipe.steps):
+    layers = decoder_layers(model, adapter)
+    if known is not None and len(layers) != int(known) - len(recipe.steps):
         raise ValueError("the recipe does not describe this model's removals")
+    rewritten = reconstructed_layers(recipe) if known is not None else {}
+    missing = sorted(set(rewritten) - set(originals or {}))
+    if missing:
+        raise ValueError(f"layers {[rewritten[j] for j in missing]} were reconstructed: the view needs their source "
+                         "weights (originals=)")
     handles = []
+    saved: list[tuple[Tensor, Tensor]] = []
+    inside = tuple(f"{adapter.layers}.{j}." for j in rewritten)
 
     def hook(scale: float, undo: list[Op]) -> Any:
         def fn(_m: nn.Module, _args: tuple, output: Tensor) -> Tensor:
@@ -160,28 +200,45 @@ def uncompensated_view(model: nn.Module, recipe: Recipe) -> Iterator[None]:
         return fn
 
     try:
+        with torch.no_grad():
+            for j in rewritten:
+                params = dict(layers[j].named_parameters())
+                for name, src in (originals or {})[j].items():
+                    if name not in params or params[name].shape != src.shape:
+                        raise ValueError(f"source weights {name!r} do not fit layer {rewritten[j]}")
+                    saved.append((params[name], params[name].detach().clone()))
+                    params[name].copy_(src.to(device=params[name].device, dtype=params[name].dtype))
         for path, (scale, these) in output_edits(model, recipe).items():
+            if path.startswith(inside):  # the source's weights are in: nothing there to undo
+                continue
             undo = [(kind, torch.linalg.inv(t.double()) if kind == "map" else t) for kind, t in reversed(these)]
             handles.append(resolve(model, path).register_forward_hook(hook(scale, undo)))
         yield
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
 
 
 def final_check(model: nn.Module, recipe: Recipe, ids: Tensor, digest: str, *, batch_size: int = 4,
-                nll: Callable[[Tensor], float] | None = None) -> FinalCheck:
+                nll: Callable[[Tensor], float] | None = None,
+                originals: Mapping[int, Mapping[str, Tensor]] | None = None) -> FinalCheck:
     """Held-out NLL of ``model`` (pruned as ``recipe`` says) with and without what the run folded. ``nll``: how to
-    measure the model's mean NLL on windows (default: a plain forward; a layer-streamed model passes its own)."""
+    measure the model's mean NLL on windows (default: a plain forward; a layer-streamed model passes its own).
+    ``originals``: the source weights of reconstructed layers (see :func:`uncompensated_view`)."""
     measure = nll or (lambda x: mean_nll(model, x, batch_size=batch_size))
     loss = measure(ids)
-    with uncompensated_view(model, recipe):
+    with uncompensated_view(model, recipe, originals):
         base = measure(ids)
     parts = []
     if any(s.scale not in (None, 1.0) for s in recipe.steps):
         parts.append("scales")
     if any(s.gap_map is not None for s in recipe.steps):
         parts.append("maps")
+    if any(s.layers is not None for s in recipe.steps):
+        parts.append("reconstruct")
     if recipe.refine is not None or recipe.progressive:
         parts.append("refine")
     return FinalCheck(loss=loss, uncompensated_loss=base, windows=int(ids.shape[0]), digest=digest,
@@ -189,11 +246,19 @@ def final_check(model: nn.Module, recipe: Recipe, ids: Tensor, digest: str, *, b
 
 
 def run_final_check(model: nn.Module, tokenizer: Any, recipe: Recipe, calibration: CalibrationConfig,
-                    data_dir: str | None, *, nll: Callable[[Tensor], float] | None = None) -> FinalCheck | None:
-    """The final check on ``calibration.held_out`` held-out windows (``None`` when that is 0)."""
+                    data_dir: str | None, *, nll: Callable[[Tensor], float] | None = None,
+                    originals: Callable[[dict[int, int]], Mapping[int, Mapping[str, Tensor]]] | None = None
+                    ) -> FinalCheck | None:
+    """The final check on ``calibration.held_out`` held-out windows (``None`` when that is 0). ``originals``:
+    given :func:`reconstructed_layers` of the recipe, the source weights of those layers by final index (called
+    only when some layer was reconstructed)."""
     if calibration.held_out == 0:
         return None
     windows = held_out_windows(tokenizer, calibration.source, n_windows=calibration.held_out,
                                seq_len=calibration.seq_len, calibration_samples=calibration.n_samples,
                                seed=calibration.seed, data_dir=data_dir)
-    return final_check(model, recipe, windows.ids, windows.digest, batch_size=calibration.batch_size, nll=nll)
+    rewritten = reconstructed_layers(recipe)
+    if rewritten and originals is None:
+        raise ValueError("this run reconstructed layers: the final check needs a reader of the source's weights")
+    return final_check(model, recipe, windows.ids, windows.digest, batch_size=calibration.batch_size, nll=nll,
+                       originals=originals(rewritten) if rewritten and originals is not None else None)

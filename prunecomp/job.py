@@ -22,7 +22,7 @@ from prunecomp.final_check import run_final_check
 from prunecomp.planning import check_plan
 from prunecomp.refine import RefineReport
 from prunecomp.report import StepRecord
-from prunecomp.sources import content_hash, load_model, resolve_source
+from prunecomp.sources import content_hash, load_model, resolve_source, source_layer_weights
 from prunecomp.storage import check_not_inside, check_writable
 
 __all__ = ["JobConfig", "JobResult", "Progress", "evaluate_perplexities", "run_job"]
@@ -143,7 +143,8 @@ def run_job(config: JobConfig, progress: Progress | None = None,
 
     progress.start("step 1: scoring layers", batches)
     refine_windows = None
-    if config.prune.refine != "none" and config.prune.refine_samples is not None:
+    fits = config.prune.refine != "none" or config.prune.reconstruct != "none"
+    if fits and config.prune.refine_samples is not None:
         refine_windows = calibration_windows(lm.tokenizer, config.calibration.source,
                                              n_samples=config.prune.refine_samples,
                                              seq_len=config.calibration.seq_len, seed=config.calibration.seed,
@@ -155,7 +156,9 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     t = time.perf_counter()
     progress.message("final check: held-out calibration loss with and without what was folded")
     check = run_final_check(lm.model, lm.tokenizer, report.recipe(lm.provenance()), config.calibration,
-                            config.data_dir)
+                            config.data_dir,
+                            originals=partial(source_layer_weights, lm, allow_pickle=config.allow_pickle,
+                                              trust_remote_code=config.trust_remote_code))
     times["final_check"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()

@@ -26,6 +26,7 @@ from prunecomp.incremental import PER_CANDIDATE_METRICS, IncrementalScanner
 from prunecomp.lsq import GapFit, apply_gap_map, fit_gap_map, gap_map_tensors
 from prunecomp.planning import candidates, check_finite, check_plan, choose, one_shot_choice, source_num_layers
 from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.reconstruct import capture_gap, layer_tensors, reconstruct
 from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scanners import Scanner, exact_scanner, make_scanner
 from prunecomp.scoring import LayerScan, scan_layers
@@ -79,13 +80,15 @@ def prune_step(
     on_batch: Callable[[], None] | None = None,
     scanner: Scanner | None = None,
     scores: Mapping[int, float] | None = None,
+    fit_windows: TokenWindows | Tensor | None = None,
 ) -> StepRecord:
     """One iteration on ``model`` (in place): score all layers, remove one, compensate. ``step`` counts from 0.
 
     ``scanner`` (see :func:`make_scanner`) carries cached activations from the previous step of the same model;
     without it the step scores from scratch. ``scores`` (ORIGINAL layer index -> score) are a per-candidate
     metric's scores computed elsewhere (fanned out over workers, see :func:`prunecomp.incremental.candidate_scores`);
-    the step then only runs the one pass that measures the gap scales.
+    the step then only runs the one pass that measures the gap scales. ``fit_windows``: the windows of
+    ``config.reconstruct``'s local fit (default: ``calibration``).
     """
     t0 = time.perf_counter()
     get_adapter(model)
@@ -116,7 +119,8 @@ def prune_step(
                                              batch_size)
     orig = original_indices(model)
     record = _apply(model, config, scan, orig, cands, current, step, t0, ids=_windows(calibration),
-                    batch_size=batch_size, scanner=scanner, guard=guard)
+                    batch_size=batch_size, scanner=scanner, guard=guard,
+                    fit_ids=None if fit_windows is None else _windows(fit_windows))
     if trials is not None:  # compensated calibration NLL of every trial, by original index, for the audit trail
         record.selection_losses = {orig[i]: v for i, v in trials.items()}
     return record
@@ -124,10 +128,12 @@ def prune_step(
 
 def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[int], cands: list[int],
            current: int, step: int, t0: float, *, ids: Tensor, batch_size: int,
-           forwards: int | None = None, scanner: Scanner | None = None, guard: GuardResult | None = None) -> StepRecord:
+           forwards: int | None = None, scanner: Scanner | None = None, guard: GuardResult | None = None,
+           fit_ids: Tensor | None = None) -> StepRecord:
     """Remove scan-index ``current`` (also its current index: layers above it may be gone, none below).
 
-    ``guard``: the guard's measurement for this layer when selection already made it."""
+    ``guard``: the guard's measurement for this layer when selection already made it. ``fit_ids``: the windows of
+    the local fit (``config.reconstruct``; default ``ids``), whose streams are read before the removal."""
     chosen = orig[current]
     s = scan.scales[current]
     if config.guarded and guard is None:  # measured while the layer is still there, from the cached gap stream
@@ -137,18 +143,35 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
     fit = None
     if config.compensation == "lsq":  # fitted while the layer is still there: its output is the target
         fit = fit_gap_map(model, ids, current, applied, ridge=config.lsq_ridge, batch_size=batch_size)
+    gap = None
+    if config.reconstruct != "none":  # read while the layer is still there: the stream it (or the next) leaves
+        gap = capture_gap(model, current, ids if fit_ids is None else fit_ids, config.reconstruct,
+                          batch_size=config.reconstruct_batch)
+        if gap is None:
+            log.info("layer %d: no layer %s it to reconstruct", chosen, config.reconstruct)
     remove_layer(model, current)
     if applied != 1.0:  # a scale of 1 folds nothing (and (1 + w) * 1 - 1 could round a Gemma norm weight)
         compensate(model, current, applied)
     if fit is not None:
         assert guard is not None
         fit = _keep_if_better(model, ids, current, fit, guard, batch_size)
+    local, weights, fitted = None, None, []
+    if gap is not None:
+        fitted = gap.fitted()
+        done = reconstruct(model, gap, applied, steps=config.reconstruct_steps, lr=config.reconstruct_lr,
+                           seed=step, removed=chosen, originals=original_indices(model))
+        local, weights = done.to_dict(), layer_tensors(model, fitted)
+        log.info("layer %d: reconstructed layer(s) %s, error %.4f -> %.4f", chosen, done.layers, done.loss_before,
+                 done.loss_after)
+        del gap
     if guard is not None:
         log.info("layer %d: %s", chosen, guard.summary())
     if scanner is not None:
         scanner.removed(current, applied)
         if fit is not None:  # a gap map changes the output of the layer it is folded into (or the embedding's)
             scanner.invalidate(current - 1 if current > 0 else None)
+        if local is not None:  # the fitted layers' outputs changed beyond a rescale
+            scanner.invalidate(min(fitted))
     return StepRecord(
         step=step,
         metric=config.metric,
@@ -164,6 +187,8 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
         gap_fit=None if fit is None else {"error_before": fit.error_before, "error_after": fit.error_after},
         gap_map=None if fit is None else fit.t,
         guard=None if guard is None else guard.to_dict(),
+        reconstruct=local,
+        layer_weights=weights,
     )
 
 
@@ -190,6 +215,7 @@ def prune_and_compensate(
     on_batch: Callable[[], None] | None = None,
     calibration_config: CalibrationConfig | None = None,
     cache_budget_bytes: int | None = None,
+    fit_windows: TokenWindows | Tensor | None = None,
 ) -> PruneReport:
     """Remove layers from ``model`` in place until the configured count is gone; return the report.
 
@@ -201,7 +227,8 @@ def prune_and_compensate(
     (default: a quarter of physical memory; over it, exact scoring).
     ``config.refine`` is not applied here: refinement needs the dense model's predictions from before the first
     removal and runs after the last one, so the caller wires it (:func:`prunecomp.compress.compress` in memory,
-    the pipeline's own refine task).
+    the pipeline's own refine task). ``fit_windows``: the windows of ``config.reconstruct``'s local fit after
+    each removal (default: ``calibration``).
     """
     t0 = time.perf_counter()
     get_adapter(model)
@@ -220,7 +247,7 @@ def prune_and_compensate(
     if config.mode == "iterative":
         for step in range(already, k):
             record = prune_step(model, calibration, config, step=step, batch_size=batch_size, on_batch=on_batch,
-                                scanner=scanner)
+                                scanner=scanner, fit_windows=fit_windows)
             report.steps.append(record)
             if on_step is not None:
                 on_step(record, model)
@@ -238,7 +265,8 @@ def prune_and_compensate(
         for n_done, current in enumerate(sorted(chosen, reverse=True)):
             record = _apply(model, config, scan, orig, cands, current, already + n_done, time.perf_counter(),
                             ids=_windows(calibration), batch_size=batch_size,
-                            forwards=scan.layer_forwards if n_done == 0 else 0)
+                            forwards=scan.layer_forwards if n_done == 0 else 0,
+                            fit_ids=None if fit_windows is None else _windows(fit_windows))
             report.steps.append(record)
             if on_step is not None:
                 on_step(record, model)

@@ -29,13 +29,17 @@ from prunecomp.errors import PrunecompError
 from prunecomp.lsq import GapFit, apply_gap_map
 from prunecomp.pruning import original_indices, remove_layer
 
-__all__ = ["FORMAT", "FORMAT_PROGRESSIVE", "RECIPE_FILE", "TENSORS_FILE", "Recipe", "RecipeStep", "RefineEdit",
-           "apply_recipe", "read_recipe", "recipe_from_report", "write_recipe_files"]
+__all__ = ["FORMAT", "FORMAT_LAYERS", "FORMAT_PROGRESSIVE", "RECIPE_FILE", "TENSORS_FILE", "Recipe", "RecipeStep",
+           "RefineEdit", "apply_layers", "apply_recipe", "read_recipe", "recipe_from_report", "write_recipe_files"]
 
 FORMAT = "prunecomp.recipe/v1"
 FORMAT_PROGRESSIVE = "prunecomp.recipe/v2"
 """v2 = v1 plus ``refine`` on steps (progressive refinement); written only when a step has one, so older readers
 refuse what they could not replay instead of silently skipping the gains."""
+FORMAT_LAYERS = "prunecomp.recipe/v3"
+"""v3 = v2 plus ``layers`` on steps (the weights block reconstruction fitted); written only when a step has them,
+for the same reason."""
+FORMATS = (FORMAT, FORMAT_PROGRESSIVE, FORMAT_LAYERS)
 RECIPE_FILE = "recipe.json"
 TENSORS_FILE = "recipe.safetensors"
 
@@ -70,7 +74,9 @@ class RecipeStep:
 
     ``scale`` is the magnitude scale folded upstream of the gap (``None``: no compensation); ``gap_map`` the
     ``lsq`` map folded into the last writer before the gap; ``refine`` the gains fitted right after this step
-    (progressive refinement, ``refine_at="each"``), by module path of the model as it was then. ``record`` is the
+    (progressive refinement, ``refine_at="each"``), by module path of the model as it was then; ``layers`` the
+    parameters block reconstruction fitted at this step (``reconstruct``), by name in the model as it was then,
+    set after the folds of this step and before its refinement. ``record`` is the
     step's audit record (scores, time); it does not change the tensors and stays out of :meth:`Recipe.digest`.
     """
 
@@ -80,6 +86,7 @@ class RecipeStep:
     gap_map: Tensor | None = field(default=None, repr=False, compare=False)
     record: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     refine: RefineEdit | None = field(default=None, repr=False, compare=False)
+    layers: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def edit(self) -> dict[str, Any]:
         """What this step does to the tensors, as JSON (``gap_map`` as its sha256). A step without refinement has
@@ -88,6 +95,8 @@ class RecipeStep:
                                "gap_map": None if self.gap_map is None else _tensor_digest(self.gap_map)}
         if self.refine is not None:
             out["refine"] = self.refine.edit()
+        if self.layers is not None:  # only when present: older digests unchanged
+            out["layers"] = {name: _tensor_digest(t) for name, t in sorted(self.layers.items())}
         return out
 
     def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -100,6 +109,9 @@ class RecipeStep:
         if self.refine is not None:
             doc["refine"], named = self.refine.to_doc(f"{prefix}refine.")
             tensors |= named
+        if self.layers is not None:
+            doc["layers"] = {name: f"{prefix}layers.{name}" for name in sorted(self.layers)}
+            tensors |= {f"{prefix}layers.{name}": t for name, t in self.layers.items()}
         return doc | {"record": self.record}, tensors
 
     @classmethod
@@ -108,7 +120,8 @@ class RecipeStep:
                    scale=None if doc["scale"] is None else float(doc["scale"]),
                    gap_map=tensors[doc["gap_map"]] if doc.get("gap_map") else None,
                    record=dict(doc.get("record") or {}),
-                   refine=RefineEdit.from_doc(doc["refine"], tensors) if doc.get("refine") else None)
+                   refine=RefineEdit.from_doc(doc["refine"], tensors) if doc.get("refine") else None,
+                   layers={n: tensors[t] for n, t in doc["layers"].items()} if doc.get("layers") else None)
 
 
 @dataclass(frozen=True)
@@ -189,7 +202,9 @@ class Recipe:
             entry, named = step.to_doc(f"steps.{i}.")
             steps.append(entry)
             tensors |= named
-        doc: dict[str, Any] = {"format": FORMAT_PROGRESSIVE if self.progressive else FORMAT, "source": self.source,
+        fmt = FORMAT_LAYERS if any(s.layers is not None for s in self.steps) else \
+            FORMAT_PROGRESSIVE if self.progressive else FORMAT
+        doc: dict[str, Any] = {"format": fmt, "source": self.source,
                                "removed": self.removed, "digest": self.digest(), "config": self.config,
                                "steps": steps, "refine": None}
         if self.refine is not None:
@@ -199,9 +214,9 @@ class Recipe:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Recipe:
-        if doc.get("format") not in (FORMAT, FORMAT_PROGRESSIVE):
-            raise PrunecompError(f"not a prunecomp recipe (format {doc.get('format')!r}, expected {FORMAT!r} or "
-                                 f"{FORMAT_PROGRESSIVE!r})")
+        if doc.get("format") not in FORMATS:
+            raise PrunecompError(f"not a prunecomp recipe (format {doc.get('format')!r}, expected one of "
+                                 f"{', '.join(FORMATS)})")
         try:
             steps = tuple(RecipeStep.from_doc(entry, tensors) for entry in doc["steps"])
             refine = RefineEdit.from_doc(doc["refine"], tensors) if doc.get("refine") else None
@@ -287,7 +302,8 @@ def recipe_from_report(report: Any, source: dict[str, Any] | None = None) -> Rec
     steps = tuple(RecipeStep(removed=r.chosen, current=r.chosen_current,
                              scale=r.applied_scale if compensated else None, gap_map=r.gap_map,
                              record=r.to_dict(),
-                             refine=None if r.refine_edit is None else RefineEdit(r.refine_edit, dict(r.refine or {})))
+                             refine=None if r.refine_edit is None else RefineEdit(r.refine_edit, dict(r.refine or {})),
+                             layers=r.layer_weights)
                   for r in report.steps)
     refine = None
     if report.refine_edit is not None:
@@ -299,9 +315,11 @@ def recipe_from_report(report: Any, source: dict[str, Any] | None = None) -> Rec
 def _from_report_dict(report: dict[str, Any], source: dict[str, Any] | None) -> Recipe:
     config = dict(report.get("config") or {})
     config = dict(config.get("prune", config))  # a pipeline report nests the prune config
-    if config.get("compensation") == "lsq" or config.get("refine") not in (None, "none"):
-        raise PrunecompError("this report's run folded lsq maps or refinement gains, which a JSON report does not "
-                             "hold: use the recipe.json (+ recipe.safetensors) saved beside its model")
+    if config.get("compensation") == "lsq" or config.get("refine") not in (None, "none") \
+            or config.get("reconstruct") not in (None, "none"):
+        raise PrunecompError("this report's run folded lsq maps, refinement gains or reconstructed layers, which a "
+                             "JSON report does not hold: use the recipe.json (+ recipe.safetensors) saved beside "
+                             "its model")
     compensated = config.get("compensation", "magnitude") != "none"
     steps = []
     try:
@@ -368,11 +386,26 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0, refined: b
             compensate(model, s.current, s.scale)
         if s.gap_map is not None:
             apply_gap_map(model, s.current, GapFit(t=s.gap_map, error_before=0.0, error_after=0.0))
+        if s.layers is not None:
+            apply_layers(model, s.layers)
         if s.refine is not None:
             apply_refine(model, s.refine)
     if recipe.refine is not None and not (refined and start == len(recipe.steps)):
         apply_refine(model, recipe.refine)
     return model
+
+
+def apply_layers(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """Set the parameters block reconstruction fitted, by name (exactly the values the fit left)."""
+    params = dict(model.named_parameters())
+    for name, t in sorted(weights.items()):
+        p = params.get(name)
+        if p is None:
+            raise PrunecompError(f"recipe reconstruction names parameter {name!r}, which the model does not have")
+        if p.shape != t.shape:
+            raise PrunecompError(f"recipe weights for {name!r} have shape {tuple(t.shape)}, the model's "
+                                 f"{tuple(p.shape)}")
+        p.copy_(t.to(device=p.device, dtype=p.dtype))
 
 
 def apply_refine(model: nn.Module, edit: RefineEdit) -> None:

@@ -46,10 +46,14 @@ class StepRecord:
     # module path (the recipe's sidecar, not part of the JSON record).
     refine: dict[str, Any] | None = None
     refine_edit: dict[str, tuple[str, float, Tensor]] | None = field(default=None, repr=False, compare=False)
+    # Block reconstruction (config.reconstruct): what the local fit after this removal did, and the fitted layers'
+    # parameters by name in the model as it was then (the recipe's sidecar, not part of the JSON record).
+    reconstruct: dict[str, Any] | None = None
+    layer_weights: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: string layer keys, non-finite scores as ``None``, no tensors."""
-        out = {k: v for k, v in self.__dict__.items() if k not in ("gap_map", "refine_edit")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("gap_map", "refine_edit", "layer_weights")}
         out["scores"] = {str(k): (v if math.isfinite(v) else None) for k, v in self.scores.items()}
         if self.selection_losses is not None:
             out["selection_losses"] = dict(self.selection_losses)

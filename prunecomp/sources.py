@@ -308,3 +308,25 @@ def load_model(
             del hf_model.config.quantization_config
     hf_model.to(device).eval()
     return LoadedModel(hf_model, tokenizer, source, digest)
+
+
+def source_layer_weights(lm: LoadedModel, layers: dict[int, int], *, allow_pickle: bool = False,
+                         trust_remote_code: bool = False) -> dict[int, dict[str, Any]]:
+    """The source's parameters of decoder layers ``layers`` (pruned index -> ORIGINAL index), by name inside the
+    layer, keyed by the pruned index: what the final check swaps in for layers that block reconstruction rewrote.
+
+    Read tensor by tensor from a safetensors source; any other source (GGUF, pickle) is loaded again, whole, and
+    only those layers are kept (such sources are small enough to hold in memory)."""
+    from prunecomp.adapters import decoder_layers
+
+    adapter = get_adapter(lm.model)
+    files = sorted(lm.source.local_dir.glob("*.safetensors")) if not lm.source.gguf_file else []
+    if files:
+        from prunecomp.streamed import SafetensorsWeights
+
+        weights = SafetensorsWeights(lm.source.local_dir)
+        return {j: weights.with_prefix(f"{adapter.layers}.{o}.") for j, o in layers.items()}
+    again = load_model(lm.source.uri, lm.source.revision, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code, device="cpu", known_hash=lm.content_hash)
+    source_layers = decoder_layers(again.model)
+    return {j: {n: p.detach().clone() for n, p in source_layers[o].named_parameters()} for j, o in layers.items()}

@@ -54,6 +54,15 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--refine-lr", type=float, default=3e-3, show_default=True, help="Learning rate of --refine."),
         click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on (same "
                      "source, seed and length: a superset of the scoring windows). Default: the scoring windows."),
+        click.option("--reconstruct", type=click.Choice(choices("reconstruct")), default="none",
+                     show_default=True, help="Block reconstruction: after every removal, fine-tune every weight of "
+                     "the layer before the gap, the one after it, or both, in place, to write the stream the model "
+                     "had there before the removal (--refine-samples windows when given; zero run-time cost; not "
+                     "with --compensation lsq). Combine with --refine channels for the gains at the end."),
+        click.option("--reconstruct-steps", type=int, default=200, show_default=True,
+                     help="Adam steps of each --reconstruct fit."),
+        click.option("--reconstruct-lr", type=float, default=1e-3, show_default=True,
+                     help="Learning rate of --reconstruct."),
         click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1 "
                      "(default: the last layer; Taylor+/Mag+ also the first four and second-to-last)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
@@ -115,7 +124,8 @@ def build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
                           selection=kw["selection"], selection_pool=kw["selection_pool"],
                           scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
                           refine_lr=kw["refine_lr"], refine_samples=kw["refine_samples"],
-                          refine_at=kw["refine_at"]),
+                          refine_at=kw["refine_at"], reconstruct=kw["reconstruct"],
+                          reconstruct_steps=kw["reconstruct_steps"], reconstruct_lr=kw["reconstruct_lr"]),
         calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
         data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],

@@ -1,0 +1,134 @@
+"""Block reconstruction (``reconstruct``): the loss against its formula, the streams it reads against a plain
+forward, the fit touching only the layers beside the gap, bit-for-bit recipe replay on a tiny model of every
+family, and the final check's view of a reconstructed model against the plainly pruned one."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from prunecomp.adapters import decoder_layers
+from prunecomp.config import PruneConfig
+from prunecomp.errors import PrunecompError
+from prunecomp.final_check import final_check, reconstructed_layers, uncompensated_view
+from prunecomp.loop import prune_and_compensate
+from prunecomp.pruning import remove_layer
+from prunecomp.recipe import FORMAT_LAYERS, Recipe, apply_recipe, read_recipe, write_recipe_files
+from prunecomp.reconstruct import capture_gap, fit_layers, reconstruct, relative_error
+from tests.tiny_models import FAMILIES, tiny_model, tokens
+
+SOURCE = {"content_hash": "tiny", "architecture": "LlamaForCausalLM"}
+
+
+def test_relative_error_matches_the_formula_and_skips_position_0() -> None:
+    g = torch.Generator().manual_seed(0)
+    h, y = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
+    want = sum(float(((h[b, t] - y[b, t]) ** 2).sum()) for b in range(2) for t in range(1, 5)) / \
+        sum(float((y[b, t] ** 2).sum()) for b in range(2) for t in range(1, 5))
+    assert float(relative_error(h, y)) == pytest.approx(want, rel=1e-6)
+    h2 = h.clone()
+    h2[:, 0] += 1e6  # the attention sink is not part of the loss
+    assert float(relative_error(h2, y)) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("side", ["before", "after", "both"])
+def test_capture_gap_reads_the_streams_of_a_plain_forward(side: str) -> None:
+    model, ids = tiny_model("llama"), tokens(4, 12)
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states  # hs[j]: entering layer j
+    gap = capture_gap(model, 3, ids, side, batch_size=2)
+    assert gap is not None
+    first, target_out = {"before": (2, 4), "after": (3, 5), "both": (2, 5)}[side]
+    torch.testing.assert_close(torch.cat(gap.xs), hs[first], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.cat(gap.ys), hs[target_out], rtol=0, atol=1e-6)
+    assert gap.fitted() == {"before": [2], "after": [3], "both": [2, 3]}[side]
+
+
+def test_no_neighbour_no_fit() -> None:
+    model, ids = tiny_model("llama"), tokens(2, 8)
+    assert capture_gap(model, 0, ids, "before") is None
+    assert capture_gap(model, 5, ids, "after") is None
+    assert capture_gap(model, 0, ids, "after") is not None
+
+
+def test_the_fit_lowers_the_error_and_touches_only_the_fitted_layer() -> None:
+    model, ids = tiny_model("qwen3"), tokens(8, 16)
+    gap = capture_gap(model, 3, ids, "after", batch_size=2)
+    assert gap is not None
+    remove_layer(model, 3)
+    untouched = {n: p.detach().clone() for n, p in model.named_parameters() if ".layers.3." not in n}
+    flags = [p.requires_grad for p in model.parameters()]
+    done = reconstruct(model, gap, 1.0, steps=30, lr=1e-2, seed=0, removed=3, originals=[0, 1, 2, 4, 5])
+    assert done.layers == [4] and done.target == 4 and done.windows == 8
+    assert done.loss_after < 0.8 * done.loss_before
+    for n, p in model.named_parameters():
+        if n in untouched:
+            assert torch.equal(p, untouched[n]), n
+    assert [p.requires_grad for p in model.parameters()] == flags  # the fit trains copies
+
+
+def test_fit_layers_keeps_a_low_precision_layer_in_its_dtype() -> None:
+    model, ids = tiny_model("llama"), tokens(4, 8)
+    gap = capture_gap(model, 2, ids, "before", batch_size=2)
+    assert gap is not None
+    layer = decoder_layers(model)[1].to(torch.bfloat16)
+    before, after = fit_layers([layer], gap.xs, gap.ys, gap.kwargs, steps=5, lr=1e-2,
+                               generator=torch.Generator().manual_seed(0))
+    assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
+    assert after < before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["before", "after", "both"])
+def test_recipe_replays_bit_for_bit_and_the_view_is_the_plain_removal(family: str, side: str, tmp_path) -> None:
+    source, ids = tiny_model(family), tokens(8, 16)
+    model = copy.deepcopy(source)
+    report = prune_and_compensate(model, ids, PruneConfig(n_layers=2, reconstruct=side, reconstruct_steps=10,
+                                                          reconstruct_batch=2))
+    assert all(s.reconstruct is not None and s.layer_weights for s in report.steps)
+    assert all(s.reconstruct["loss_after"] < s.reconstruct["loss_before"] for s in report.steps)  # type: ignore[index]
+    assert "layer_weights" not in report.steps[0].to_dict()
+    recipe = report.recipe(SOURCE | {"architecture": type(model).__name__})
+    write_recipe_files(recipe, tmp_path)
+    again = read_recipe(tmp_path)
+    assert again.digest() == recipe.digest()
+    assert f'"{FORMAT_LAYERS}"' in (tmp_path / "recipe.json").read_text()
+    replayed = apply_recipe(copy.deepcopy(source), again)
+    for (n, a), b in zip(model.state_dict().items(), replayed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    # The final check's view: the source weights swapped into the rewritten layers, every other fold undone.
+    plain = copy.deepcopy(source)
+    for s in recipe.steps:
+        remove_layer(plain, s.current)
+    rewritten = reconstructed_layers(recipe)
+    assert set(rewritten.values()) <= set(range(6)) - set(report.removed) and rewritten
+    originals = {j: {n: p.detach().clone() for n, p in decoder_layers(source)[o].named_parameters()}
+                 for j, o in rewritten.items()}
+    with torch.no_grad():
+        final = model(input_ids=ids).logits
+        with uncompensated_view(model, recipe, originals):
+            viewed = model(input_ids=ids).logits
+        torch.testing.assert_close(viewed, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(model(input_ids=ids).logits, final)  # weights restored after the view
+    with pytest.raises(ValueError, match="reconstructed"), uncompensated_view(model, recipe):
+        pass
+    check = final_check(model, recipe, ids, "d", originals=originals)
+    assert "reconstruct" in check.folded
+
+
+def test_reconstruct_is_refused_with_lsq() -> None:
+    with pytest.raises(ValidationError, match="lsq"):
+        PruneConfig(n_layers=1, compensation="lsq", reconstruct="after")
+
+
+def test_a_json_report_of_a_reconstructed_run_is_not_a_recipe() -> None:
+    from prunecomp.recipe import recipe_from_report
+
+    model, ids = tiny_model("llama"), tokens(4, 8)
+    report = prune_and_compensate(model, ids, PruneConfig(n_layers=1, reconstruct="after", reconstruct_steps=2))
+    with pytest.raises(PrunecompError, match="reconstructed layers"):
+        recipe_from_report(report.to_dict() | {"source_num_layers": 6})
+    assert isinstance(report.recipe(SOURCE), Recipe)
