@@ -259,12 +259,16 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
             steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch, topk=p.refine_topk,
             batch_size=config.calibration.batch_size))
 
+    local = {}  # block reconstruction's windows, when not the calibration ones (they then enter the step keys)
+    if p.reconstruct != "none" and p.refine_samples is not None:
+        windows = fit["windows"] if fit else _fit_windows(config, store, base, cal, data_dir)
+        local = {"fit_uri": windows["uri"], "fit_digest": windows["digest"]}
     parent_ppl = dense_quick
     steps: list[dict[str, Any]] = []
     stop_reason = f"removed the {k} requested layers"
     for step in range(k):
         job = StepJob(**state(parts, digest), calibration_uri=cal["uri"], calibration_digest=cal["digest"],
-                      prune=config.prune, step=step, batch_size=config.calibration.batch_size)
+                      prune=config.prune, step=step, batch_size=config.calibration.batch_size, **local)
         workers: list[str] = []
         if (config.parallel_candidates > 1 and config.prune.metric in PER_CANDIDATE_METRICS and not stream
                 and not is_complete(job.uri)):
@@ -279,6 +283,10 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         rec = meta["record"]
         log.info("step %d/%d: removed layer %d, s=%.4f, quick ppl %s -> %s%s", step + 1, k, rec["chosen"],
                  rec["applied_scale"], _fmt(_mean(parent_ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
+        if rec.get("reconstruct"):
+            r = rec["reconstruct"]
+            log.info("step %d/%d: reconstructed layer(s) %s (%s, %d steps): relative error %.4f -> %.4f", step + 1,
+                     k, r["layers"], r["side"], r["steps"], r["loss_before"], r["loss_after"])
         new_parts, new_digest = [*parts, meta["uri"]], meta["digest"]
         if fits and p.refine_at == "each":  # progressive: the next step scores the refined model
             progress.advance(f"step {step + 1}/{k}: removed layer {rec['chosen']}{' (cached)' if cached else ''}")
@@ -373,16 +381,24 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     return summary
 
 
+def _fit_windows(config: CompressConfig, store: str, base: dict[str, Any], cal: dict[str, Any],
+                 data_dir: str | None) -> dict[str, Any]:
+    """The windows refinement and block reconstruction fit on: the calibration windows, or their own cached
+    superset with ``refine_samples``."""
+    if config.prune.refine_samples is None:
+        return cal
+    windows, _ = run_cached(build_calibration, CalibrationJob(
+        store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
+        calibration=config.calibration.model_copy(update={"n_samples": config.prune.refine_samples})))
+    return dict(windows)
+
+
 def _teacher(config: CompressConfig, store: str, base: dict[str, Any], cal: dict[str, Any],
              data_dir: str | None) -> dict[str, Any]:
-    """The refinement windows (the calibration windows, or their own cached superset with ``refine_samples``) and
-    the dense model's predictions on them (one cached task, computed on the dense working copy)."""
+    """The refinement windows (:func:`_fit_windows`) and the dense model's predictions on them (one cached task,
+    computed on the dense working copy)."""
     p = config.prune
-    windows = cal
-    if p.refine_samples is not None:
-        windows, _ = run_cached(build_calibration, CalibrationJob(
-            store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
-            calibration=config.calibration.model_copy(update={"n_samples": p.refine_samples})))
+    windows = _fit_windows(config, store, base, cal, data_dir)
     teacher, _ = run_cached(teacher_predictions, TeacherJob(
         store=store, base_uri=base["uri"], base_hash=base["hash"], calibration_uri=windows["uri"],
         calibration_digest=windows["digest"], topk=p.refine_topk, batch_size=config.calibration.batch_size))
@@ -394,9 +410,10 @@ def _not_streamable(config: CompressConfig, base: dict[str, Any]) -> str | None:
     from prunecomp.streamed import STREAMED_METRICS
 
     p = config.prune
-    if p.metric not in STREAMED_METRICS or p.compensation == "lsq" or p.selection != "score" or p.refine != "none":
+    if p.metric not in STREAMED_METRICS or p.compensation == "lsq" or p.selection != "score" or p.refine != "none" \
+            or p.reconstruct != "none":
         return ("stream_layers runs BI/angular scoring with guarded, magnitude or no compensation, score selection "
-                "and no refinement")
+                "and no refinement or reconstruction")
     if config.qa_tasks:
         return "stream_layers cannot run QA tasks (they need the whole model in memory)"
     if base.get("materialized"):
@@ -432,6 +449,7 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
     tags = {
         "method": {"magnitude": "prune&comp", "guarded": "prune&comp-guarded", "lsq": "prune&comp+lsq"}.get(
             prune.compensation, "naive-depth-pruning")
+        + ("" if prune.reconstruct == "none" else f"+reconstruct-{prune.reconstruct}")
         + ("" if prune.refine == "none" else f"+refine-{prune.refine}{'-each' if prune.refine_at == 'each' else ''}"),
         "metric": prune.metric, "compensation": prune.compensation,
         "final_check": (summary.get("final_check") or {}).get("verdict", "not run"),

@@ -146,10 +146,12 @@ def output_edits(model: nn.Module, recipe: Recipe) -> dict[str, tuple[float, lis
     return out
 
 
-def reconstructed_layers(recipe: Recipe) -> dict[int, int]:
-    """Final index -> ORIGINAL index of every layer of the pruned model that block reconstruction rewrote (the
-    layers whose source weights :func:`uncompensated_view` needs)."""
-    kept = list(range(int(recipe.source["num_layers"])))
+def reconstructed_layers(recipe: Recipe, num_layers: int) -> dict[int, int]:
+    """Final index -> ORIGINAL index of every layer of the pruned model (``num_layers`` left) that block
+    reconstruction rewrote (the layers whose source weights :func:`uncompensated_view` needs)."""
+    if not any(s.layers for s in recipe.steps):
+        return {}
+    kept = list(range(num_layers + len(recipe.steps)))
     fitted: set[int] = set()
     for step in recipe.steps:
         del kept[step.current]
@@ -181,7 +183,7 @@ def uncompensated_view(model: nn.Module, recipe: Recipe,
     layers = decoder_layers(model, adapter)
     if known is not None and len(layers) != int(known) - len(recipe.steps):
         raise ValueError("the recipe does not describe this model's removals")
-    rewritten = reconstructed_layers(recipe) if known is not None else {}
+    rewritten = reconstructed_layers(recipe, len(layers))
     missing = sorted(set(rewritten) - set(originals or {}))
     if missing:
         raise ValueError(f"layers {[rewritten[j] for j in missing]} were reconstructed: the view needs their source "
@@ -257,7 +259,8 @@ def run_final_check(model: nn.Module, tokenizer: Any, recipe: Recipe, calibratio
     windows = held_out_windows(tokenizer, calibration.source, n_windows=calibration.held_out,
                                seq_len=calibration.seq_len, calibration_samples=calibration.n_samples,
                                seed=calibration.seed, data_dir=data_dir)
-    rewritten = reconstructed_layers(recipe)
+    rewritten = reconstructed_layers(recipe, len(decoder_layers(model))) if any(s.layers for s in recipe.steps) \
+        else {}
     if rewritten and originals is None:
         raise ValueError("this run reconstructed layers: the final check needs a reader of the source's weights")
     return final_check(model, recipe, windows.ids, windows.digest, batch_size=calibration.batch_size, nll=nll,

@@ -320,13 +320,18 @@ def source_layer_weights(lm: LoadedModel, layers: dict[int, int], *, allow_pickl
     from prunecomp.adapters import decoder_layers
 
     adapter = get_adapter(lm.model)
-    files = sorted(lm.source.local_dir.glob("*.safetensors")) if not lm.source.gguf_file else []
-    if files:
-        from prunecomp.streamed import SafetensorsWeights
-
-        weights = SafetensorsWeights(lm.source.local_dir)
-        return {j: weights.with_prefix(f"{adapter.layers}.{o}.") for j, o in layers.items()}
+    if not lm.source.gguf_file and any(lm.source.local_dir.glob("*.safetensors")):
+        return folder_layer_weights(lm.source.local_dir, adapter.layers, layers)
     again = load_model(lm.source.uri, lm.source.revision, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, device="cpu", known_hash=lm.content_hash)
     source_layers = decoder_layers(again.model)
     return {j: {n: p.detach().clone() for n, p in source_layers[o].named_parameters()} for j, o in layers.items()}
+
+
+def folder_layer_weights(folder: Path, layers_path: str, layers: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """:func:`source_layer_weights` from a safetensors folder (``layers_path``: the adapter's, e.g.
+    ``model.layers``), tensor by tensor."""
+    from prunecomp.streamed import SafetensorsWeights
+
+    weights = SafetensorsWeights(folder)
+    return {j: weights.with_prefix(f"{layers_path}.{o}.") for j, o in layers.items()}

@@ -41,7 +41,15 @@ def step_description(step: Mapping[str, Any]) -> str:
             f"{'; guard: ' + guard_line(rec['guard']) if rec.get('guard') else ''}), quick perplexity "
             f"{_fmt(before)} -> {_fmt(after)}, {rec['seconds']:.1f} s"
             f"{' (reused from cache)' if step.get('reused') else ''}; {rec['layers_after']} layers left."
-            + _refined_sentence(step.get("refine")))
+            + _reconstructed_sentence(rec.get("reconstruct")) + _refined_sentence(step.get("refine")))
+
+
+def _reconstructed_sentence(rec: Mapping[str, Any] | None) -> str:
+    if not rec:
+        return ""
+    return (f" Reconstructed layer(s) {rec['layers']} ({rec['side']}, {rec['steps']} steps on {rec['windows']} "
+            f"windows) to write layer {rec['target']}'s output stream: relative error {rec['loss_before']:.4f} -> "
+            f"{rec['loss_after']:.4f}.")
 
 
 def _refined_sentence(fit: Mapping[str, Any] | None) -> str:

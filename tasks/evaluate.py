@@ -74,8 +74,18 @@ def _final_check(job: EvalJob, wc: Any, recipe: Any) -> dict[str, Any] | None:
         done = run_final_check(sm.model, wc.tokenizer, recipe, cal, job.data_dir,
                                nll=partial(sm.mean_nll, batch_size=cal.batch_size))
     else:
-        done = run_final_check(wc.model, wc.tokenizer, recipe, cal, job.data_dir)
+        done = run_final_check(wc.model, wc.tokenizer, recipe, cal, job.data_dir,
+                               originals=partial(_base_layers, job.base_uri, wc.model))
     return None if done is None else done.to_dict()
+
+
+def _base_layers(base_uri: str | None, model: Any, layers: dict[int, int]) -> dict[int, dict[str, Any]]:
+    """The base checkpoint's weights of the layers block reconstruction rewrote (pruned index -> original)."""
+    from prunecomp.adapters import get_adapter
+    from prunecomp.sources import folder_layer_weights, resolve_source
+
+    assert base_uri is not None
+    return folder_layer_weights(resolve_source(base_uri).local_dir, get_adapter(model).layers, layers)
 
 
 @task(name="evaluate", cache_policy=JOB_KEY, persist_result=True)

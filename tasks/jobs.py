@@ -98,7 +98,8 @@ class StepJob(StateJob):
 
     kind: ClassVar[str] = "steps"
     # candidate_scores: computed by fanned-out tasks from exactly the inputs in the key (see tasks.candidates)
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri", "candidate_scores"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri", "candidate_scores",
+                                                      "fit_uri"})
 
     calibration_uri: str
     calibration_digest: str
@@ -106,9 +107,14 @@ class StepJob(StateJob):
     step: int = Field(ge=0)
     batch_size: int = Field(gt=0)  # summation order of the scores: it can flip a near-tie
     candidate_scores: dict[int, float] | None = None
+    # The windows of block reconstruction's local fit (prune.reconstruct), when they are not the calibration ones.
+    fit_uri: str | None = None
+    fit_digest: str | None = None
 
     def key_payload(self) -> dict[str, object]:
         payload = super().key_payload()
+        if self.fit_digest is None:  # no local fit on windows of its own: the keys of earlier runs unchanged
+            payload.pop("fit_digest", None)
         # Refinement is its own task (RefineJob): a run refined at the end reuses the plain run's steps, and a
         # progressive run's steps after the first differ by their parent state's digest, which is in the key.
         payload["prune"] = {k: v for k, v in dict(payload["prune"]).items() if not k.startswith("refine")}

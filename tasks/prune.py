@@ -33,6 +33,7 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
         return read_meta(job.uri)
     parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
+    fit = None if job.fit_uri is None else load_windows(job.fit_uri, str(job.fit_digest))
     with checkout(job.base_uri, parent, stream=job.stream) as wc:
         if wc.streamed is not None:
             from prunecomp.streamed import check_streamed, streamed_step
@@ -44,12 +45,12 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
             scanner = wc.scanner if wc.scanner_for == for_key else make_scanner(
                 wc.model, windows, job.prune, batch_size=job.batch_size)
             record = prune_step(wc.model, windows, job.prune, step=job.step, batch_size=job.batch_size,
-                                scanner=scanner, scores=job.candidate_scores)
+                                scanner=scanner, scores=job.candidate_scores, fit_windows=fit)
             wc.scanner, wc.scanner_for = scanner, for_key  # told about this removal by prune_step
         compensated = job.prune.compensates
         part = RecipeStep(removed=record.chosen, current=record.chosen_current,
                           scale=record.applied_scale if compensated else None, gap_map=record.gap_map,
-                          record=record.to_dict())
+                          record=record.to_dict(), layers=record.layer_weights)
         wc.recipe = parent.plus(part)
         meta = {"uri": job.uri, "digest": wc.recipe.digest(), "parent_digest": job.state_digest, "step": job.step,
                 "record": part.record, "key": job.key, "code": job.code}

@@ -91,6 +91,11 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
             batch.append(Metric("step_score", float(score), ts, n))
         for name, value in (s.get("ppl_after") or {}).items():
             batch.append(Metric(f"quick_ppl_{name}", float(value), ts, n))
+        local = rec.get("reconstruct")
+        if local:  # block reconstruction beside this gap
+            batch += [Metric("step_reconstruct_error_before", float(local["loss_before"]), ts, n),
+                      Metric("step_reconstruct_error_after", float(local["loss_after"]), ts, n),
+                      Metric("step_reconstruct_seconds", float(local["seconds"]), ts, n)]
         fit = (s.get("refine") or {}).get("report")
         if fit:  # progressive refinement: the fit after this removal
             batch += [Metric("step_refine_kl_before", float(fit["loss_before"]), ts, n),

@@ -49,9 +49,18 @@ class RichProgress(JobProgress):
                       f"{record.seconds:.1f}s; {record.layers_after} layers left", highlight=False)
         if record.guard is not None and record.guard["decision"] != "paper":
             console.print(f"  guard: {guard_line(record.guard)}", highlight=False)
+        if record.reconstruct is not None:
+            console.print(f"  {reconstruct_line(record.reconstruct)}", highlight=False)
 
     def message(self, text: str) -> None:
         console.print(text, highlight=False)
+
+
+def reconstruct_line(rec: dict[str, Any]) -> str:
+    """One step's block reconstruction (:meth:`prunecomp.reconstruct.ReconstructReport.to_dict`) in words."""
+    return (f"reconstructed layer(s) {rec['layers']} to write layer {rec['target']}'s output stream: relative error "
+            f"{rec['loss_before']:.4f} -> {rec['loss_after']:.4f} ({rec['steps']} steps on {rec['windows']} windows, "
+            f"{rec['seconds']:.0f} s)")
 
 
 def print_summary(result: JobResult) -> None:
@@ -65,6 +74,12 @@ def print_summary(result: JobResult) -> None:
                       f"{s['measured_scale']:.4f}", f"{s['applied_scale']:.4f}", guard_cell(s.get("guard")),
                       str(s["layers_after"]), f"{s['seconds']:.1f}")
     out.print(steps)
+    local = [(s["step"] + 1, s["reconstruct"]) for s in report["steps"] if s.get("reconstruct")]
+    if local:
+        out.print(f"Reconstructed beside each gap ({local[0][1]['side']}, {local[0][1]['steps']} steps each, "
+                  "relative error of the stream the removed layer left): "
+                  + ", ".join(f"step {n} layers {r['layers']} {r['loss_before']:.4f} -> {r['loss_after']:.4f}"
+                              for n, r in local) + f" in {sum(r['seconds'] for _, r in local):.0f} s")
     fits = [(s["step"] + 1, s["refine"]) for s in report["steps"] if s.get("refine")]
     if fits:
         first = fits[0][1]

@@ -200,6 +200,36 @@ def test_prune_with_progressive_refinement(stories_dir, tmp_path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
+def test_prune_with_block_reconstruction(stories_dir, tmp_path) -> None:
+    """--reconstruct fits the layer(s) beside each gap: each step says which layers and how much the error fell,
+    the saved recipe (v3) replays to the same tensors with ``apply``, the final check compares with the source's
+    weights swapped back in; with lsq, and with layer streaming, it is one clear error before any work."""
+    from safetensors.torch import load_file
+
+    out, js = tmp_path / "out", tmp_path / "result.json"
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--reconstruct", "both",
+                         "--reconstruct-steps", "6", "--refine-samples", "6", "--out", str(out), "--json", str(js))
+    assert code == 0, text
+    assert "reconstructed layer(s)" in text and "Reconstructed beside each gap (both, 6 steps each" in text
+    report = json.loads(js.read_text())
+    for s in report["steps"]:
+        rec = s["reconstruct"]
+        assert rec["side"] == "both" and len(rec["layers"]) == 2 and rec["windows"] == 6
+        assert rec["loss_after"] < rec["loss_before"]
+    assert "reconstruct" in report["final_check"]["folded"] and "reconstructed layers" in text
+    assert report["final_check"]["uncompensated_ppl"] != report["final_check"]["ppl"]
+    assert json.loads((out / "recipe.json").read_text())["format"] == "prunecomp.recipe/v3"
+    code, text = _invoke("apply", str(out), "--model", str(stories_dir), "--out", str(tmp_path / "again"))
+    assert code == 0, text
+    ref, got = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    for extra, word in ((["--compensation", "lsq"], "lsq"), (["--stream-layers"], "--reconstruct")):
+        code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--reconstruct", "after",
+                             *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and "error:" in text and word in text and "Traceback" not in text, text
+        assert not (tmp_path / "bad").exists()
+
+
 def test_apply_recipe_reproduces_the_pruned_model(stories_dir, tmp_path) -> None:
     """``prune`` saves its recipe beside the weights; ``apply`` on the same source gives the same tensors, in
     memory and layer by layer; another source needs --other-source; the source folder is never an output."""

@@ -303,6 +303,54 @@ def test_progressive_lsq_run_matches_the_library(harness, tracking_uri, make_con
     _same_as_the_library(run, cfg, make_config(store, tracking_uri).model)
 
 
+def test_reconstructed_run_matches_the_library(harness, tracking_uri, make_config, tmp_path: Path) -> None:
+    """reconstruct through the pipeline, fitted on windows of its own (refine_samples) and refined at the end: each
+    step part carries the fitted layers, the final model equals the library's compress() bit for bit, the final
+    check swaps the base's weights back in, MLflow and the Prefect description say what was fitted, and the fit
+    windows are in the step keys."""
+    from flows.compress import compress
+    from prunecomp.compress import compress as compress_in_memory
+    from prunecomp.recipe import FORMAT_LAYERS, read_recipe
+    from prunecomp.sources import load_model
+    from tasks.artifacts import step_description
+    from tasks.calibrate import load_windows
+    from tasks.tracking import client
+
+    store = str(tmp_path / "store")
+    prune = {"n_layers": 2, "reconstruct": "after", "reconstruct_steps": 4, "refine_samples": 6,
+             "refine": "norms", "refine_steps": 3, "refine_lr": 2e-2}
+    cfg = make_config(store, tracking_uri, prune=prune, tracking={"registered_model": "stories-reconstruct"})
+    run = compress(config=cfg)
+    for s in run["steps"]:
+        rec = s["record"]["reconstruct"]
+        assert rec["side"] == "after" and rec["windows"] == 6 and rec["loss_after"] < rec["loss_before"]
+        assert "Reconstructed layer(s)" in step_description(s)
+    recipe = read_recipe(run["final"]["uri"])
+    assert all(st.layers for st in recipe.steps) and recipe.refine is not None
+    assert f'"{FORMAT_LAYERS}"' in Path(run["final"]["uri"], "recipe.json").read_text()
+    assert run["final_check"]["folded"] == "scales+reconstruct+refine"
+    lm = load_model(str(make_config(store, tracking_uri).model))
+    windows = load_windows(run["calibration"]["uri"])
+    six = [w for w in (load_windows(str(p.parent)) for p in Path(store, "calibration").glob("*/_COMPLETE"))
+           if w.n == 6]  # the fit windows the run built (refine_samples)
+    assert len(six) == 1
+    report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size,
+                                refine_windows=six[0])
+    assert report.removed == run["removed"]
+    final = load_model(run["final"]["uri"]).model.state_dict()
+    mine = lm.model.state_dict()
+    assert final.keys() == mine.keys() and all(torch.equal(final[k], mine[k]) for k in final)
+    mv = client(tracking_uri).get_model_version("stories-reconstruct", run["mlflow"]["version"])
+    assert mv.tags["method"] == "prune&comp-guarded+reconstruct-after+refine-norms"
+    history = client(tracking_uri).get_metric_history(run["mlflow"]["run_id"], "step_reconstruct_error_after")
+    assert [h.step for h in history] == [1, 2]
+    # the fit windows are in the step keys: other fit windows, other steps
+    other = make_config(store, tracking_uri, prune=prune | {"refine_samples": 5},
+                        tracking={"log_and_register": False})
+    again = compress(config=other)
+    assert again["steps_computed"] == 2
+
+
 def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config, tmp_path: Path,
                                              monkeypatch) -> None:
     """stream_layers runs the same flow one decoder layer at a time: same layers removed, same final tensors up to
