@@ -14,6 +14,9 @@ Variants per metric (``--variants``):
   refine+select  both
   refine-guarded / refine-none / refine-lsq   refinement from the guarded / the uncompensated / the lsq state
               instead of the paper's
+  reconstruct guarded + block reconstruction beside every gap (prunecomp's ``--reconstruct``: --reconstruct side,
+              --reconstruct-steps, on the --refine-samples windows)
+  refine-reconstruct  refinement from the reconstruct state (``--reconstruct both --refine channels``)
   replaceme / linearpatch   the published anchors (bench/anchors.py; they choose a contiguous block by cosine
               whatever --metrics says, so run them under --metrics block); LinearPatch adds a run-time matmul
 Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
@@ -160,12 +163,17 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
                args: argparse.Namespace, teacher: Any, fit_on: Any) -> dict:
     comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq", "select": "magnitude",
             "refine+select": "magnitude", "guarded": "guarded", "refine-guarded": "guarded",
-            "refine-none": "none", "refine-lsq": "lsq"}[variant]
+            "refine-none": "none", "refine-lsq": "lsq", "reconstruct": "guarded",
+            "refine-reconstruct": "guarded"}[variant]
+    local = {"reconstruct": args.reconstruct, "reconstruct_steps": args.reconstruct_steps,
+             "reconstruct_lr": args.reconstruct_lr} if variant.endswith("reconstruct") else {}
     selection = "loss" if variant.endswith("select") else "score"
     results: dict[int, Any] = {}
 
-    def finish(k: int, report_removed: list[int], scales: list[float], m: Any) -> None:
+    def finish(k: int, report_removed: list[int], scales: list[float], m: Any, seconds: float | None = None) -> None:
         extra: dict[str, Any] = {"scales": scales}
+        if seconds is not None:  # pruning (and reconstruction) up to k, refinement apart: the time budget
+            extra["prune_seconds"] = seconds
         if variant.startswith("refine"):
             m = copy.deepcopy(m)
             rep = refine(m, fit_on.ids, teacher, mode=args.refine, steps=args.refine_steps, lr=args.refine_lr,
@@ -193,10 +201,12 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
     def on_step(record: Any, current: Any) -> None:
         done.append(record)
         if len(done) in ks:
-            finish(len(done), [r.chosen for r in done], [r.applied_scale for r in done], current)
+            finish(len(done), [r.chosen for r in done], [r.applied_scale for r in done], current,
+                   sum(r.seconds for r in done))
 
-    prune_and_compensate(m, cal, PruneConfig(metric=metric, n_layers=max(ks), compensation=comp, selection=selection),
-                         batch_size=batch, on_step=on_step)
+    prune_and_compensate(m, cal, PruneConfig(metric=metric, n_layers=max(ks), compensation=comp, selection=selection,
+                                             **local),
+                         batch_size=batch, on_step=on_step, fit_windows=fit_on if local else None)
     return results
 
 
@@ -223,6 +233,9 @@ def main() -> None:
     ap.add_argument("--refine-batch", type=int, default=2)
     ap.add_argument("--refine-topk", type=int, default=256)
     ap.add_argument("--refine-samples", type=int, default=None, help="windows refinement fits on (default: calib)")
+    ap.add_argument("--reconstruct", default="both", help="side of the reconstruct variants")
+    ap.add_argument("--reconstruct-steps", type=int, default=100)
+    ap.add_argument("--reconstruct-lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--cache", default="bench/results/quality_eval_cache",
                     help="result-cache folder (prunecomp.evaluation.cache.ResultCache), shared by concurrent runs")
@@ -254,11 +267,12 @@ def main() -> None:
                                         max_windows=int(n) if n else args.eval_max_windows)
     evaluate = Evaluator(lm.tokenizer, windows, args)
     teacher, fit_on = None, cal
-    if any(v.startswith("refine") for v in args.variants.split(",")):
+    if any(v.startswith(("refine", "reconstruct")) for v in args.variants.split(",")):
         if args.refine_samples:
             fit_on = calibration_windows(lm.tokenizer, args.calib_source, n_samples=args.refine_samples,
                                          seq_len=args.calib_seq_len, seed=0)
-        teacher = teacher_targets(lm.model, fit_on.ids, topk=args.refine_topk, batch_size=args.batch_size)
+        if any(v.startswith("refine") for v in args.variants.split(",")):
+            teacher = teacher_targets(lm.model, fit_on.ids, topk=args.refine_topk, batch_size=args.batch_size)
     result: dict[str, Any] = {
         "settings": {**vars(args), "model_hash": lm.content_hash, "calibration": cal.origin,
                      "eval_tokens": {d: int(w.ids.numel()) for d, w in windows.items()},
@@ -305,9 +319,10 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]
 
 
 VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "guarded", "lsq", "select", "refine", "refine-guarded",
-                 "refine-none", "refine-lsq", "refine+select", "replaceme", "linearpatch")
+                 "refine-none", "refine-lsq", "refine+select", "reconstruct", "refine-reconstruct", "replaceme",
+                 "linearpatch")
 ANCHORS = ("replaceme", "linearpatch")
-REFINED = ("refine", "refine-guarded", "refine-none", "refine-lsq", "refine+select")
+REFINED = ("refine", "refine-guarded", "refine-none", "refine-lsq", "refine+select", "refine-reconstruct")
 
 
 def render(results: list[dict[str, Any]]) -> str:
