@@ -174,6 +174,8 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
         extra: dict[str, Any] = {"scales": scales}
         if seconds is not None:  # pruning (and reconstruction) up to k, refinement apart: the time budget
             extra["prune_seconds"] = seconds
+        if variant == "refine-reconstruct":  # the state refinement starts from, as the reconstruct variant
+            extra["unrefined"] = evaluate(m, False)["ppl"]
         if variant.startswith("refine"):
             m = copy.deepcopy(m)
             rep = refine(m, fit_on.ids, teacher, mode=args.refine, steps=args.refine_steps, lr=args.refine_lr,
