@@ -11,6 +11,8 @@ Checks, each a row of the table (and a non-zero exit when any fails):
   in-memory lsq           prune k layers, lsq compensation; the recipe replayed on a fresh copy gives the same
                           tensors bit for bit (on CUDA too)
   in-memory refine        magnitude compensation + refinement (channels); calibration KL lowered
+  in-memory reconstruct   block reconstruction (both sides) on float32 copies of bf16 layers: the error falls at
+                          every step, the weights stay bf16, the recipe replays bit for bit
   streamed magnitude      layer-streamed, one decoder layer on the GPU at a time; same layers as in-memory
   weight dtype            the in-memory model kept bf16 weights on CUDA; statistics (scales) finite
 """
@@ -115,6 +117,22 @@ def main() -> int:
             f"removed {report.removed}, KL {r.get('loss_before', float('nan')):.4f} -> "
             f"{r.get('loss_after', float('nan')):.4f} in {r.get('seconds', 0):.1f} s"), report.removed
 
+    def reconstruct() -> tuple[bool, str, Any]:
+        model = load()
+        cfg = PruneConfig(n_layers=args.k, metric="bi", reconstruct="both", reconstruct_steps=args.refine_steps,
+                          reconstruct_batch=2)
+        report = prune_and_compensate(model, ids, cfg, batch_size=4)
+        replay = apply_recipe(load(), report.recipe(source))
+        a, b = model.state_dict(), replay.state_dict()
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        fell = all(s.reconstruct and s.reconstruct["loss_after"] < s.reconstruct["loss_before"] for s in report.steps)
+        kept = all(p.dtype == dtype for p in model.parameters())
+        errors = ", ".join(f"{s.reconstruct['loss_before']:.3f}->{s.reconstruct['loss_after']:.3f}"
+                           for s in report.steps if s.reconstruct)
+        del model, replay
+        return same and fell and kept, (f"removed {report.removed}, errors {errors}, replay bit-identical: {same}, "
+                                        f"weights {dtype}: {kept}"), report.removed
+
     def magnitude() -> tuple[bool, str, Any]:
         model = load()
         report = prune_and_compensate(model, ids, PruneConfig(n_layers=args.k, metric="bi"), batch_size=4)
@@ -132,6 +150,7 @@ def main() -> int:
 
     timed("in-memory lsq", lsq)
     timed("in-memory refine", refine)
+    timed("in-memory reconstruct", reconstruct)
     removed = timed("in-memory magnitude", magnitude)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -74,7 +74,8 @@ class PruneConfig(_Frozen):
     step's fit, and the final check undoes maps and gains in fold order).
     ``reconstruct``: after every removal, fine-tune every weight of the layer ``before`` the gap, the one
     ``after`` it, or ``both``, in place, so that fed the pruned model's stream they write the stream the model had
-    there before the removal (block reconstruction, see :mod:`prunecomp.reconstruct`): ``reconstruct_steps`` Adam
+    there before the removal (block reconstruction, see :mod:`prunecomp.reconstruct`; beside the first or last
+    layer, where a side has no layer, the other neighbour is fitted): ``reconstruct_steps`` Adam
     steps at ``reconstruct_lr``, ``reconstruct_batch`` windows a step, on the fitting windows (``refine_samples``
     windows when given, else the scoring windows). Still zero run-time cost; not with ``lsq`` (a gap map changes
     the stream the fit reads). ``none`` (the default) fits nothing.

@@ -32,8 +32,8 @@ from prunecomp.errors import PrunecompError
 from prunecomp.hooks import _hidden_out
 from prunecomp.sequential import catch_layer_inputs, run_layer
 
-__all__ = ["RECONSTRUCT_SIDES", "GapStreams", "ReconstructReport", "capture_gap", "fit_layers", "layer_tensors",
-           "reconstruct", "relative_error"]
+__all__ = ["RECONSTRUCT_SIDES", "GapStreams", "ReconstructReport", "capture_gap", "effective_side", "fit_layers",
+           "layer_tensors", "reconstruct", "relative_error"]
 
 Side = Literal["none", "before", "after", "both"]
 RECONSTRUCT_SIDES: tuple[str, ...] = ("none", "before", "after", "both")
@@ -126,13 +126,17 @@ class GapStreams:
                 "both": [self.current - 1, self.current]}[self.side]
 
 
-def check_side(side: str, current: int, n_layers: int) -> str | None:
-    """Why layer ``current`` of ``n_layers`` has no neighbour on ``side`` (None: it has)."""
-    if side in ("before", "both") and current == 0:
-        return "the first layer has no layer before it"
-    if side in ("after", "both") and current >= n_layers - 1:
-        return "the last layer has no layer after it"
-    return None
+def effective_side(side: str, current: int, n_layers: int) -> str | None:
+    """The side a fit beside layer ``current`` of ``n_layers`` can use: ``side`` when those neighbours exist, else
+    the neighbour there is (the first layer has none before it, the last none after it); None without any."""
+    has_before, has_after = current > 0, current < n_layers - 1
+    if side == "both" and has_before and has_after:
+        return "both"
+    if side in ("before", "both") and has_before:
+        return "before" if side == "before" or not has_after else "both"
+    if has_after:
+        return "after"
+    return "before" if has_before else None
 
 
 @torch.no_grad()
@@ -140,9 +144,11 @@ def capture_gap(model: nn.Module, current: int, ids: Tensor, side: str, *, batch
     """One partial pass (it stops after the last layer needed) over ``ids`` while layer ``current`` is still
     there. ``before``: input of layer ``current - 1``, target the removed layer's output. ``after``: input of the
     removed layer (what the next layer reads once it is gone), target the next layer's output. ``both``: input of
-    ``current - 1``, target the next layer's output. None when the side has no layer (see :func:`check_side`)."""
+    ``current - 1``, target the next layer's output. Where a side has no layer the other one is fitted (see
+    :func:`effective_side`; the result says which); None for a model of one layer."""
     layers = decoder_layers(model)
-    if check_side(side, current, len(layers)) is not None:
+    side = effective_side(side, current, len(layers))  # type: ignore[assignment]
+    if side is None:
         return None
     first = current - 1 if side in ("before", "both") else current
     last_out = current + 1 if side in ("after", "both") else current  # the target: the output of this layer
@@ -179,14 +185,15 @@ class ReconstructReport:
 
 
 def layer_tensors(model: nn.Module, indices: Sequence[int]) -> dict[str, Tensor]:
-    """The parameters of decoder layers ``indices`` by their name in ``model`` (the recipe's record of a fit)."""
+    """The parameters of decoder layers ``indices`` by their name in ``model`` (the recipe's record of a fit), as
+    CPU copies: a run keeps every step's until its recipe is written, which on a GPU would hold device memory."""
     layers = decoder_layers(model)
     prefix = {id(layers[i]): i for i in indices}
     out = {}
     for name, module in model.named_modules():
         if id(module) in prefix:
             for pname, p in module.named_parameters():
-                out[f"{name}.{pname}"] = p.detach().clone()
+                out[f"{name}.{pname}"] = p.detach().to("cpu", copy=True)
     return out
 
 

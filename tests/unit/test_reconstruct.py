@@ -17,7 +17,7 @@ from prunecomp.final_check import final_check, reconstructed_layers, uncompensat
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
 from prunecomp.recipe import FORMAT_LAYERS, Recipe, apply_recipe, read_recipe, write_recipe_files
-from prunecomp.reconstruct import capture_gap, fit_layers, reconstruct, relative_error
+from prunecomp.reconstruct import capture_gap, effective_side, fit_layers, reconstruct, relative_error
 from tests.tiny_models import FAMILIES, tiny_model, tokens
 
 SOURCE = {"content_hash": "tiny", "architecture": "LlamaForCausalLM"}
@@ -47,11 +47,13 @@ def test_capture_gap_reads_the_streams_of_a_plain_forward(side: str) -> None:
     assert gap.fitted() == {"before": [2], "after": [3], "both": [2, 3]}[side]
 
 
-def test_no_neighbour_no_fit() -> None:
+def test_a_missing_neighbour_falls_back_to_the_other_side() -> None:
     model, ids = tiny_model("llama"), tokens(2, 8)
-    assert capture_gap(model, 0, ids, "before") is None
-    assert capture_gap(model, 5, ids, "after") is None
-    assert capture_gap(model, 0, ids, "after") is not None
+    for current, side, used in ((0, "before", "after"), (0, "both", "after"), (5, "after", "before"),
+                                (5, "both", "before"), (0, "after", "after"), (3, "both", "both")):
+        gap = capture_gap(model, current, ids, side)
+        assert gap is not None and gap.side == used, (current, side)
+    assert effective_side("both", 0, 1) is None
 
 
 def test_the_fit_lowers_the_error_and_touches_only_the_fitted_layer() -> None:
