@@ -249,9 +249,11 @@ class StreamedModel:
         """Replay ``recipe``'s removals and magnitude folds (pending, like :meth:`remove`) on this model."""
         from prunecomp.recipe import check_applicable
 
-        if recipe.refine is not None or recipe.progressive or any(s.gap_map is not None for s in recipe.steps):
+        if recipe.refine is not None or recipe.progressive or any(s.gap_map is not None or s.layers is not None
+                                                                  for s in recipe.steps):
             raise PrunecompError("layer streaming replays removals and magnitude scales only; this recipe also folds "
-                                 "lsq maps or refinement gains: apply it without --stream-layers")
+                                 "lsq maps, refinement gains or reconstructed layers: apply it without "
+                                 "--stream-layers")
         done = self.source_layers - len(decoder_layers(self.model, self.adapter))
         check_applicable(recipe, architecture=type(self.model).__name__, num_layers=self.source_layers,
                          kept=original_indices(self.model), start=done)

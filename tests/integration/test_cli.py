@@ -223,6 +223,9 @@ def test_prune_with_block_reconstruction(stories_dir, tmp_path) -> None:
     assert code == 0, text
     ref, got = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    code, text = _invoke("apply", str(out), "--model", str(stories_dir), "--stream-layers", "--out",
+                         str(tmp_path / "streamed"))  # a streamed replay cannot set whole layers: refused
+    assert code == 2 and "reconstructed layers" in text and not (tmp_path / "streamed").exists(), text
     for extra, word in ((["--compensation", "lsq"], "lsq"), (["--stream-layers"], "--reconstruct")):
         code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--reconstruct", "after",
                              *extra, "--out", str(tmp_path / "bad"))
