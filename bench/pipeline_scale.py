@@ -7,6 +7,9 @@ Rows (each in a fresh process; peak RSS from ``/usr/bin/time``, the largest proc
   pipeline           prunecomp run (registered in MLflow)
   pipeline streamed  prunecomp run --stream-layers
   pipeline resumed   prunecomp run killed (SIGKILL) inside step 2, then the same command again (the rerun is measured)
+With --reconstruct-only, the same two rows with block reconstruction beside every gap instead (--reconstruct both
+--reconstruct-steps N --refine channels --refine-steps N: the layers beside each gap fitted in place, the gains once
+at the end).
 With --refine-only, two rows of progressive refinement (--refine channels --refine-at each: a fit after every
 removal, back-propagated through the whole model, so never streamed) instead:
   library refined    prunecomp prune --refine channels --refine-at each --out DIR
@@ -23,6 +26,8 @@ counted; what the rows write to MLflow is.
                                                               # --stream-layers end to end (~60 GB of disk)
     .venv/bin/python bench/pipeline_scale.py --refine-only    # ~0.9B, progressive refinement (--refine-steps 4)
     .venv/bin/python bench/pipeline_scale.py --refine-only --compensation lsq   # the same with lsq gap maps
+    .venv/bin/python bench/pipeline_scale.py --reconstruct-only  # ~0.9B, block reconstruction (both sides, then
+                                                                 # the gains once at the end)
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class Bench:
             ([report["refine"]] if report.get("refine") else [])
         return {"row": name, "wall_s": wall, "peak_rss_mb": rss, "bytes_written": du(home / "out"),
                 "layer_forwards": forwards(report), "removed": report["removed"], "fits": [_fit(f) for f in fits],
+                "reconstructed": [_local(s) for s in report["steps"] if s.get("reconstruct")],
                 **_audit(report["steps"], report.get("final_check"))}
 
     def pipeline(self, name: str, extra: list[str], *, kill_in_step: int | None = None) -> dict[str, Any]:
@@ -148,6 +154,7 @@ class Bench:
                 "teacher_bytes": du(p / "store" / "teacher"),
                 "fits": [_fit(s["refine"]["report"]) for s in summary["steps"] if s.get("refine")] +
                         ([_fit(summary["refine"]["report"])] if summary.get("refine") else []),
+                "reconstructed": [_local(s["record"]) for s in summary["steps"] if s["record"].get("reconstruct")],
                 **_audit([s["record"] for s in summary["steps"] if s["kept"]], summary.get("final_check"))}
 
     def _kill(self, cmd: list[str], home: Path, step: int) -> dict[str, Any]:
@@ -183,6 +190,11 @@ def _fit(report: dict[str, Any]) -> dict[str, Any]:
     return {k: report[k] for k in ("mode", "steps", "parameters", "loss_before", "loss_after", "seconds")}
 
 
+def _local(step: dict[str, Any]) -> dict[str, Any]:
+    """The part of a step's block reconstruction the table shows."""
+    return {k: step["reconstruct"][k] for k in ("layers", "steps", "loss_before", "loss_after", "seconds")}
+
+
 def prefect_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     import socket
     import urllib.request
@@ -214,6 +226,10 @@ def table(rows: list[dict[str, Any]], model_bytes: int) -> str:
         notes = []
         if r.get("stream_layers"):
             notes.append("streamed")
+        if r.get("reconstructed"):
+            rs = r["reconstructed"]
+            notes.append(f"{len(rs)} reconstructions ({rs[0]['steps']} steps each, {sum(x['seconds'] for x in rs):.0f}"
+                         " s), error " + ", ".join(f"{x['loss_before']:.3f}->{x['loss_after']:.3f}" for x in rs))
         if r.get("fits"):
             notes.append(f"{len(r['fits'])} fits ({r['fits'][0]['mode']}, {r['fits'][0]['steps']} steps each, "
                          f"{sum(f['seconds'] for f in r['fits']):.0f} s), KL "
@@ -241,6 +257,7 @@ def main() -> None:
     ap.add_argument("--big-only", action="store_true", help="only the ~7B streamed pipeline row")
     ap.add_argument("--refine-only", action="store_true", help="only the progressive-refinement rows (~0.9B)")
     ap.add_argument("--refine-steps", type=int, default=4, help="Adam steps per fit of the refined rows")
+    ap.add_argument("--reconstruct-only", action="store_true", help="only the block-reconstruction rows (~0.9B)")
     ap.add_argument("--compensation", default=None, help="with --refine-only: the refined rows' --compensation "
                     "(default: the product's); a non-default one is named in the rows and the output file")
     ap.add_argument("--k", type=int, default=3)
@@ -260,7 +277,8 @@ def main() -> None:
     if args.kill_delay is None:
         args.kill_delay = 0.0 if args.quick else 0.5
     comp = f"_{args.compensation}" if args.refine_only and args.compensation else ""
-    suffix = ("_" + size if size != "0.9B" else "") + ("_refine" + comp if args.refine_only else "")
+    suffix = ("_" + size if size != "0.9B" else "") + ("_refine" + comp if args.refine_only else "") + \
+        ("_reconstruct" if args.reconstruct_only else "")
     out = Path(args.out or ROOT / "bench" / "results" / f"pipeline_scale{suffix}.json")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -281,7 +299,13 @@ def main() -> None:
         plan: list[tuple[str, Any]] = [("pipeline streamed", lambda: b.pipeline("pipeline streamed",
                                                                                  ["--stream-layers"]))]
         refined = ["--refine", "channels", "--refine-at", "each", "--refine-steps", str(args.refine_steps)]
-        if args.refine_only:
+        if args.reconstruct_only:
+            local = ["--reconstruct", "both", "--reconstruct-steps", str(args.refine_steps), "--refine", "channels",
+                     "--refine-steps", str(args.refine_steps)]
+            plan = [("library reconstructed", lambda: b.library("library reconstructed", local)),
+                    ("pipeline reconstructed",
+                     lambda: b.pipeline("pipeline reconstructed", ["--no-stream-layers", *local]))]
+        elif args.refine_only:
             tag = f" ({args.compensation})" if args.compensation else ""
             if args.compensation:
                 refined += ["--compensation", args.compensation]
