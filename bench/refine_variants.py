@@ -189,6 +189,10 @@ def main() -> None:
                     "fit the gains --branch-steps steps on a copy (end refinement from that state) and evaluate it at "
                     "--branch-evals; the run itself goes on from the unfitted state")
     ap.add_argument("--branch-steps", type=int, default=80)
+    ap.add_argument("--seq-steps", type=int, default=0, help="with --branch-at: before the branch's gains, refit every "
+                    "layer from the first gap on, in order, for this many steps each, fed the pruned model's stream "
+                    "(through the layers already refitted) to write the dense model's stream after the same original "
+                    "layer (sequential layer-wise reconstruction; --local-lr, --local-batch)")
     ap.add_argument("--branch-evals", default="40,80")
     ap.add_argument("--local-batch", type=int, default=4)
     ap.add_argument("--topk", type=int, default=256)
@@ -226,6 +230,7 @@ def main() -> None:
         or args.step_gains >= 0
     if args.hidden:
         DENSE.append(lm.model)
+    DENSE_MODEL.append(lm.model)
     local_gen = torch.Generator().manual_seed(1000 + args.seed)  # its own draws: the gains' batch order unchanged
     if args.lsq_samples:  # the gap maps see more tokens than the scores do
         import prunecomp.loop as loop_mod
@@ -374,6 +379,7 @@ def main() -> None:
 
 
 DENSE: list[nn.Module] = []  # with --hidden: the dense model, the teacher of the residual streams
+DENSE_MODEL: list[nn.Module] = []  # the dense model (--seq-steps reads its streams)
 HOLDOUT: list[tuple[int, float]] = []  # with --holdout: (step, held-out KL) of every check of the current fit
 
 
@@ -501,10 +507,15 @@ def _branch(model: nn.Module, ids: torch.Tensor, targets: TeacherTargets, args: 
     """End refinement from this state, on a copy: the gains (``--refine channels``) fitted ``--branch-steps``
     steps (batch order from seed 0, as the end experiment), mean PPL and fitting seconds at ``--branch-evals``."""
     m = copy.deepcopy(model)
+    rec: dict = {"steps": args.branch_steps, "ppl": {}, "ppl_corpus": {}, "seconds": {}}
+    if args.seq_steps:
+        rec["seq"] = _sequential(m, ids, args)
+        per = ev(m, False)["ppl"]
+        rec["ppl"][0], rec["ppl_corpus"][0], rec["seconds"][0] = per["mean"], per, rec["seq"]["seconds"]
+        print("  sequential", per["mean"], round(rec["seq"]["seconds"]), flush=True)
     items, lows = _trainables(m, args, torch.Generator())
     gen = torch.Generator().manual_seed(0)
     evals = {int(x) for x in args.branch_evals.split(",")}
-    rec: dict = {"steps": args.branch_steps, "ppl": {}, "ppl_corpus": {}, "seconds": {}}
     t = time.perf_counter()
 
     def at(step: int, loss: float) -> None:
@@ -517,8 +528,38 @@ def _branch(model: nn.Module, ids: torch.Tensor, targets: TeacherTargets, args: 
         print("  branch", step, round(loss, 4), per["mean"], round(el), flush=True)
         t = time.perf_counter() - el
 
-    _fit(m, ids, targets, items, lows, args, args.branch_steps, gen, at)
+    if args.branch_steps:
+        _fit(m, ids, targets, items, lows, args, args.branch_steps, gen, at)
     return rec
+
+
+def _sequential(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Refit every layer from the first gap on, in order (``--seq-steps`` Adam steps each, the library's
+    :func:`prunecomp.reconstruct.fit_layers`): fed the pruned model's stream through the layers already refitted,
+    each writes the dense model's stream after the same original layer."""
+    from prunecomp.reconstruct import fit_layers
+
+    t0 = time.perf_counter()
+    dense = DENSE_MODEL[0]
+    orig = original_indices(model)
+    first = next((j for j, o in enumerate(orig) if o != j), len(orig))
+    want = tuple(sorted({o + 1 for o in orig[first:]}))
+    targets, _ = _streams(dense, ids, args.local_batch, want)
+    caught = catch_layer_inputs(model, ids, args.local_batch)
+    layers = decoder_layers(model)
+    xs = caught.hidden
+    for j in range(first):
+        xs = run_layer(layers[j], xs, [kw[j] for kw in caught.kwargs])
+    errors = []
+    gen = torch.Generator().manual_seed(2000 + args.seed)
+    for j in range(first, len(layers)):
+        kws = [kw[j] for kw in caught.kwargs]
+        before, after = fit_layers([layers[j]], xs, targets[orig[j] + 1], [[kw] for kw in kws],
+                                   steps=args.seq_steps, lr=args.local_lr, generator=gen)
+        errors.append([int(orig[j]), before, after])
+        xs = run_layer(layers[j], xs, kws)
+    return {"first": int(orig[first]) if first < len(orig) else None, "errors": errors,
+            "seconds": time.perf_counter() - t0}
 
 
 def _only(n: int, layer: int) -> tuple[int, ...]:
