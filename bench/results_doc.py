@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import _merged, anchor_summary, guard_summary, render  # bench/ is not a package: imported by path
+from quality import _merged, anchor_summary, guard_summary, render, time_summary  # bench/: imported by path
 from refine_variants import render as render_variants
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -25,7 +25,8 @@ GUARDED = ("quality_guarded", "quality_guarded_tp", "quality_guarded_block", "qu
 ANCHORS = ("quality_anchors",)
 REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metrics", "quality_refine_mag",
            "quality_refine_taylor_k3", "quality_refine_taylor_k8", "quality_refine_guarded", "quality_refine_starts",
-           "quality_refine_lsq")
+           "quality_refine_lsq", "quality_reconstruct", "quality_reconstruct_s128")
+BUDGET = {3: 2 * 867.0, 5: 2 * 721.0, 8: 2 * 788.0}  # 2 x refinement s of refine (k = 3, 8), refine-guarded (5)
 MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themselves
     "pipeline_scale": "Pipeline at scale (`bench/pipeline_scale.py`, 0.92 B synthetic model)",
     "pipeline_scale_refine": "Pipeline at scale with progressive refinement (`bench/pipeline_scale.py --refine-only`, "
@@ -67,6 +68,11 @@ def build() -> str:
                       anchor_summary(_merged(everything), everything[0]["dense"]["ppl"]["mean"]), "",
                       render(anchors), ""]
     refined = _load(REFINED)
+    timed = [r for r in refined if any("prune_seconds" in x for p in r["metrics"].values() for v in p.values()
+                                       for x in v["results"].values())]
+    if timed:
+        parts += ["## Quality within the time budget (issue #16 item 4)", "",
+                  time_summary(_merged(quality + timed), quality[0]["dense"]["ppl"]["mean"], BUDGET), ""]
     if refined:
         parts += ["## Refinement runs (`bench/quality.py --variants refine...`)", ""]
         for name, result in zip([n for n in REFINED if (RESULTS / f"{n}.json").is_file()], refined, strict=True):
