@@ -453,26 +453,29 @@ def guard_summary(merged: dict[str, dict[str, dict[int, Any]]], dense: float) ->
     return "\n".join(lines)
 
 
-def time_summary(merged: dict[str, dict[str, dict[int, Any]]], dense: float, budget: dict[int, float]) -> str:
-    """Per (metric, k) of every run that recorded its pruning seconds: mean perplexity, the share of the one-shot
-    (naive) degradation recovered, and the fitting time (pruning with any reconstruction, plus refinement) against
-    ``budget`` (seconds per k: the issue's twice today's refinement)."""
-    lines = ["| metric | k | variant | removed | before refinement | mean PPL | recovered | pruning s | refinement s | "
-             "total s | budget s |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for metric, per in merged.items():
-        for variant, by_k in per.items():
-            for k, r in sorted(by_k.items()):
-                if r.get("prune_seconds") is None:
-                    continue
-                naive = per.get("one-shot", {}).get(k) or merged.get(metric, {}).get("one-shot", {}).get(k)
-                rec = f"{recovered(r['ppl']['mean'], naive['ppl']['mean'], dense):.0f}%" if naive else "-"
-                fit = (r.get("refine") or {}).get("seconds", 0.0)
-                total = r["prune_seconds"] + fit
-                unrefined = f"{r['unrefined']['mean']:.2f}" if r.get("unrefined") else "-"
-                cap = f"{budget[k]:.0f}" if k in budget else "-"
-                lines.append(f"| {metric} | {k} | {variant} | {sorted(r['removed'])} | {unrefined} | "
-                             f"{r['ppl']['mean']:.2f} | {rec} | {r['prune_seconds']:.0f} | {fit:.0f} | {total:.0f} | "
-                             f"{cap} |")
+def time_summary(results: list[dict[str, Any]], naive: dict[str, dict[str, dict[int, Any]]], dense: float,
+                 budget: dict[int, float]) -> str:
+    """Per run, (metric, k) that recorded its pruning seconds: mean perplexity, the share of the one-shot (naive,
+    from ``naive``: merged results) degradation recovered, and the fitting time (pruning with any reconstruction,
+    plus refinement) against ``budget`` (seconds per k: the issue's twice today's refinement)."""
+    lines = ["| metric | k | variant | settings | removed | before refinement | mean PPL | recovered | pruning s | "
+             "refinement s | total s | budget s |", "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [(result["settings"], metric, variant, int(k), r) for result in results
+            for metric, per in result["metrics"].items() for variant, v in per.items()
+            for k, r in v["results"].items()]
+    for st, metric, variant, k, r in rows:
+        if r.get("prune_seconds") is None:
+            continue
+        n = naive.get(metric, {}).get("one-shot", {}).get(k)
+        rec = f"{recovered(r['ppl']['mean'], n['ppl']['mean'], dense):.1f}%" if n else "-"
+        how = (f"{st.get('reconstruct')}, {st.get('reconstruct_steps')} steps, {st.get('refine_samples')} windows"
+               if variant.endswith("reconstruct") else f"{st.get('refine_samples')} windows")
+        fit = (r.get("refine") or {}).get("seconds", 0.0)
+        unrefined = f"{r['unrefined']['mean']:.2f}" if r.get("unrefined") else "-"
+        cap = f"{budget[k]:.0f}" if k in budget else "-"
+        lines.append(f"| {metric} | {k} | {variant} | {how} | {sorted(r['removed'])} | {unrefined} | "
+                     f"{r['ppl']['mean']:.2f} | {rec} | {r['prune_seconds']:.0f} | {fit:.0f} | "
+                     f"{r['prune_seconds'] + fit:.0f} | {cap} |")
     lines += ["", "Recovered = (one-shot - variant) / (one-shot - dense) of mean perplexity (the issue's measure); "
               "budget = twice the refinement seconds of the quality table's refine rows (k = 3 and 8) and of "
               "refine-guarded (k = 5), one CPU thread each."]

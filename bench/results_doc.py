@@ -72,7 +72,7 @@ def build() -> str:
                                        for x in v["results"].values())]
     if timed:
         parts += ["## Quality within the time budget (issue #16 item 4)", "",
-                  time_summary(_merged(quality + timed), quality[0]["dense"]["ppl"]["mean"], BUDGET), ""]
+                  time_summary(timed, _merged(quality), quality[0]["dense"]["ppl"]["mean"], BUDGET), ""]
     if refined:
         parts += ["## Refinement runs (`bench/quality.py --variants refine...`)", ""]
         for name, result in zip([n for n in REFINED if (RESULTS / f"{n}.json").is_file()], refined, strict=True):
