@@ -113,13 +113,23 @@ def render(path: str, dense: float = 44.58, naive: dict[int, float] | None = Non
     for row in map(json.loads, Path(path).read_text().splitlines()):
         a = row["args"]
         if a.get("progressive"):
-            points = [(int(i), int(i) * a["progressive"], v, row["seconds"].get(i)) for i, v in row["ppl"].items()]
+            per = a["progressive"] if a.get("step_gains", -1) < 0 else a["step_gains"]
+            points = [(int(i), int(i) * per, v, row["seconds"].get(i)) for i, v in row["ppl"].items()]
             chosen = row.get("chosen")
+            for i, br in (row.get("branch") or {}).items():  # fits on a copy at that point: time on top of it
+                base = row["seconds"].get(i, 0.0)
+                seq = br.get("seq", {}).get("seconds", 0.0)
+                for s, v in sorted(br["ppl"].items(), key=lambda kv: int(kv[0])):
+                    what = f"+ seq {a.get('seq_steps')}" if a.get("seq_steps") else ""
+                    what += f" + gains {s}" if int(s) else ""
+                    points.append((int(i), what.strip(" +") or "-", v,
+                                   base + seq + (br["seconds"][s] if int(s) else 0.0)))
+            points.sort(key=lambda p: p[0])
         else:
             points = [(a["k"], int(s), v, row["seconds"].get(s)) for s, v in row["ppl"].items() if int(s) > 0]
             chosen = None
         for k, steps, ppl, sec in points:
-            rec = f"{100 * (naive[k] - ppl) / (naive[k] - dense):.0f}%" if k in naive else "-"
+            rec = f"{100 * (naive[k] - ppl) / (naive[k] - dense):.1f}%" if k in naive else "-"
             lines.append(f"| {row.get('label', '')} | {k} | {steps} | {ppl:.2f} | {rec} | "
                          f"{'-' if sec is None else round(sec)} | "
                          f"{sorted(chosen[:k]) if chosen else sorted(row.get('removed', []))} |")
