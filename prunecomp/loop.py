@@ -160,9 +160,9 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
         fitted = gap.fitted()
         done = reconstruct(model, gap, applied, steps=config.reconstruct_steps, lr=config.reconstruct_lr,
                            seed=step, removed=chosen, originals=original_indices(model))
-        local, weights = done.to_dict(), layer_tensors(model, fitted)
-        log.info("layer %d: reconstructed layer(s) %s, error %.4f -> %.4f", chosen, done.layers, done.loss_before,
-                 done.loss_after)
+        local, weights = done.to_dict(), layer_tensors(model, fitted) if done.kept else None
+        log.info("layer %d: reconstructed layer(s) %s, error %.4f -> %.4f%s", chosen, done.layers, done.loss_before,
+                 done.loss_after, "" if done.kept else " (declined: the fit did not lower it)")
         del gap
     if guard is not None:
         log.info("layer %d: %s", chosen, guard.summary())
@@ -170,7 +170,7 @@ def _apply(model: nn.Module, config: PruneConfig, scan: LayerScan, orig: list[in
         scanner.removed(current, applied)
         if fit is not None:  # a gap map changes the output of the layer it is folded into (or the embedding's)
             scanner.invalidate(current - 1 if current > 0 else None)
-        if local is not None:  # the fitted layers' outputs changed beyond a rescale
+        if weights is not None:  # the fitted layers' outputs changed beyond a rescale
             scanner.invalidate(min(fitted))
     return StepRecord(
         step=step,

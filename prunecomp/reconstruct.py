@@ -73,8 +73,9 @@ def fit_layers(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[T
     per step, in a random order from ``generator``); ``kwargs[b][j]``: layer ``j``'s kwargs for batch ``b``.
 
     Adam at ``lr`` with cosine decay to a tenth, on float32 copies of the layers (a bf16 weight cannot take a small
-    Adam step), copied back in the layers' own dtype at the end. Returns the mean :func:`relative_error` over all
-    batches before and after."""
+    Adam step), copied back in the layers' own dtype at the end only when that lowers the mean
+    :func:`relative_error` over all batches (a fit that does not help is declined, like the guard's scales).
+    Returns that error before and after (after = before when declined)."""
     if steps < 1 or not xs:
         raise PrunecompError(f"a local fit needs steps >= 1 and at least one batch, got {steps} and {len(xs)}")
     work = [copy.deepcopy(layer).float().train(False) for layer in layers]
@@ -102,6 +103,8 @@ def fit_layers(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[T
         sched.step()
     with torch.no_grad():
         after = float(torch.stack([error(b) for b in range(len(xs))]).mean())
+        if not after < before:
+            return before, before
         for layer, fitted in zip(layers, work, strict=True):
             for p, q in zip(layer.parameters(), fitted.parameters(), strict=True):
                 p.copy_(q.to(p.dtype))
@@ -168,7 +171,8 @@ def capture_gap(model: nn.Module, current: int, ids: Tensor, side: str, *, batch
 @dataclass
 class ReconstructReport:
     """What one local fit did: the layers fitted (ORIGINAL indices), the stream reproduced (the output of original
-    layer ``target``), the error before and after, and its cost."""
+    layer ``target``), the error before and after, whether it was kept (declined when it does not lower the
+    error: the layers are left as they were), and its cost."""
 
     side: str
     layers: list[int]
@@ -179,6 +183,7 @@ class ReconstructReport:
     loss_before: float
     loss_after: float
     seconds: float
+    kept: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,4 +217,4 @@ def reconstruct(model: nn.Module, gap: GapStreams, scale: float, *, steps: int, 
     target = removed if gap.side == "before" else originals[gap.current]
     return ReconstructReport(side=gap.side, layers=[originals[j] for j in fitted], target=target, steps=steps,
                              lr=lr, windows=sum(x.shape[0] for x in gap.xs), loss_before=before, loss_after=after,
-                             seconds=time.perf_counter() - t0)
+                             seconds=time.perf_counter() - t0, kept=after < before)

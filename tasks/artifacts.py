@@ -47,6 +47,9 @@ def step_description(step: Mapping[str, Any]) -> str:
 def _reconstructed_sentence(rec: Mapping[str, Any] | None) -> str:
     if not rec:
         return ""
+    if not rec.get("kept", True):
+        return (f" Reconstruction of layer(s) {rec['layers']} declined: {rec['steps']} steps did not lower the "
+                f"relative error {rec['loss_before']:.4f}.")
     return (f" Reconstructed layer(s) {rec['layers']} ({rec['side']}, {rec['steps']} steps on {rec['windows']} "
             f"windows) to write layer {rec['target']}'s output stream: relative error {rec['loss_before']:.4f} -> "
             f"{rec['loss_after']:.4f}.")

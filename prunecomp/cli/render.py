@@ -58,6 +58,9 @@ class RichProgress(JobProgress):
 
 def reconstruct_line(rec: dict[str, Any]) -> str:
     """One step's block reconstruction (:meth:`prunecomp.reconstruct.ReconstructReport.to_dict`) in words."""
+    if not rec.get("kept", True):
+        return (f"reconstruction of layer(s) {rec['layers']} declined: {rec['steps']} steps did not lower the relative "
+                f"error {rec['loss_before']:.4f}; the layers are left as they were")
     return (f"reconstructed layer(s) {rec['layers']} to write layer {rec['target']}'s output stream: relative error "
             f"{rec['loss_before']:.4f} -> {rec['loss_after']:.4f} ({rec['steps']} steps on {rec['windows']} windows, "
             f"{rec['seconds']:.0f} s)")

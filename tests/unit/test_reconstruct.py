@@ -72,6 +72,22 @@ def test_the_fit_lowers_the_error_and_touches_only_the_fitted_layer() -> None:
     assert [p.requires_grad for p in model.parameters()] == flags  # the fit trains copies
 
 
+def test_a_fit_that_does_not_lower_the_error_is_declined() -> None:
+    model, ids = tiny_model("llama"), tokens(4, 8)
+    gap = capture_gap(model, 2, ids, "before", batch_size=2)
+    assert gap is not None
+    remove_layer(model, 2)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    done = reconstruct(model, gap, 1.0, steps=3, lr=50.0, seed=0, removed=2, originals=[0, 1, 3, 4, 5])
+    assert not done.kept and done.loss_after == done.loss_before
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    report = prune_and_compensate(tiny_model("llama"), ids, PruneConfig(n_layers=1, reconstruct="before",
+                                                                        reconstruct_steps=3, reconstruct_lr=50.0))
+    step = report.steps[0]
+    assert step.reconstruct is not None and not step.reconstruct["kept"] and step.layer_weights is None
+    assert report.recipe(SOURCE).steps[0].layers is None
+
+
 def test_fit_layers_keeps_a_low_precision_layer_in_its_dtype() -> None:
     model, ids = tiny_model("llama"), tokens(4, 8)
     gap = capture_gap(model, 2, ids, "before", batch_size=2)
