@@ -48,9 +48,9 @@ from prunecomp.calibration import TokenWindows, calibration_windows, evaluation_
 from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.hooks import _hidden_out
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.reconstruct import fit_layers
 from prunecomp.refine import (
     Gain,
     RefineReport,
@@ -369,20 +369,7 @@ def main() -> None:
     print(out, flush=True)
     gen = torch.Generator().manual_seed(0)
     items, lows = _trainables(model, args, gen)
-    evals = {int(x) for x in args.evals.split(",")}
-    t = time.perf_counter()
-
-    def at(step: int, loss: float) -> None:
-        nonlocal t
-        if step not in evals:
-            return
-        el = time.perf_counter() - t
-        out["seconds"][step] = el
-        snap = folded_copy(model, items, lows)
-        out["ppl"][step] = ev(snap, False)["ppl"]["mean"]
-        print(step, round(loss, 4), out["ppl"][step], round(el), flush=True)
-        t = time.perf_counter() - el  # time the fitting only
-
+    at = _checkpoints(args.evals, lambda: ev(folded_copy(model, items, lows), False)["ppl"], out, "")
     _fit(model, fit.ids, targets, items, lows, args, args.steps, gen, at)
     _append(args, out)
     print(json.dumps(out))
@@ -471,41 +458,9 @@ def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: 
     else:
         xs, kws = _stream(model, ids, args.local_batch, a)
         ys, _ = _stream(teacher, ids, args.local_batch, original_indices(teacher).index(target) + 1)
-    params = [q for j in range(a, b + 1) for q in layers[j].parameters()]
-    for q in model.parameters():
-        q.requires_grad_(False)
-    for q in params:
-        q.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=args.local_lr)
-    steps = args.local_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
-
-    def loss_of(j: int) -> torch.Tensor:
-        h = xs[j]
-        for layer in layers[a : b + 1]:
-            h = _hidden_out(layer(h, **kws[j]))
-        return ((h[:, 1:] - ys[j][:, 1:]) ** 2).sum(-1).mean() / (ys[j][:, 1:] ** 2).sum(-1).mean()
-
     t0 = time.perf_counter()
-    model.eval()
-    with torch.no_grad():
-        before = float(torch.stack([loss_of(j) for j in range(len(xs))]).mean())
-    order: list[int] = []
-    try:
-        for _ in range(steps):
-            if not order:
-                order = torch.randperm(len(xs), generator=gen).tolist()
-            loss = loss_of(order.pop())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    finally:
-        for q in params:
-            q.requires_grad_(False)
-    with torch.no_grad():
-        after = float(torch.stack([loss_of(j) for j in range(len(xs))]).mean())
+    before, after = fit_layers(layers[a : b + 1], xs, ys, [[kw] * (b + 1 - a) for kw in kws], steps=args.local_steps,
+                               lr=args.local_lr, generator=gen)  # the library's fit (declined when it does not help)
     rec = {"layers": [int(orig[j]) for j in range(a, b + 1)], "target": int(target),
            "loss_before": before, "loss_after": after, "seconds": time.perf_counter() - t0}
     print("  local", rec, flush=True)
@@ -525,30 +480,35 @@ def _branch(model: nn.Module, ids: torch.Tensor, targets: TeacherTargets, args: 
         print("  sequential", per["mean"], round(rec["seq"]["seconds"]), flush=True)
     items, lows = _trainables(m, args, torch.Generator())
     gen = torch.Generator().manual_seed(0)
-    evals = {int(x) for x in args.branch_evals.split(",")}
-    t = time.perf_counter()
-
-    def at(step: int, loss: float) -> None:
-        nonlocal t
-        if step not in evals:
-            return
-        el = time.perf_counter() - t
-        per = ev(folded_copy(m, items, lows), False)["ppl"]
-        rec["ppl"][step], rec["ppl_corpus"][step], rec["seconds"][step] = per["mean"], per, el
-        print("  branch", step, round(loss, 4), per["mean"], round(el), flush=True)
-        t = time.perf_counter() - el
+    at = _checkpoints(args.branch_evals, lambda: ev(folded_copy(m, items, lows), False)["ppl"], rec, "  branch")
 
     if args.branch_steps:
         _fit(m, ids, targets, items, lows, args, args.branch_steps, gen, at)
     return rec
 
 
+def _checkpoints(evals: str, measure: Callable[[], dict], rec: dict, tag: str) -> Callable[[int, float], None]:
+    """``at(step, loss)`` for :func:`_fit`: at the steps of ``evals`` (comma-separated) record into ``rec`` the
+    mean PPL (``ppl``), the per-corpus PPL (``ppl_corpus``) and the fitting seconds so far, evaluation excluded."""
+    wanted = {int(x) for x in evals.split(",")}
+    start = [time.perf_counter()]
+
+    def at(step: int, loss: float) -> None:
+        if step not in wanted:
+            return
+        el = time.perf_counter() - start[0]
+        per = measure()
+        rec["ppl"][step], rec.setdefault("ppl_corpus", {})[step], rec["seconds"][step] = per["mean"], per, el
+        print(tag, step, round(loss, 4), per["mean"], round(el), flush=True)
+        start[0] = time.perf_counter() - el  # time the fitting only
+
+    return at
+
+
 def _sequential(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     """Refit every layer from the first gap on, in order (``--seq-steps`` Adam steps each, the library's
     :func:`prunecomp.reconstruct.fit_layers`): fed the pruned model's stream through the layers already refitted,
     each writes the dense model's stream after the same original layer."""
-    from prunecomp.reconstruct import fit_layers
-
     t0 = time.perf_counter()
     dense = DENSE_MODEL[0]
     orig = original_indices(model)

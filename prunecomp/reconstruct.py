@@ -32,8 +32,8 @@ from prunecomp.errors import PrunecompError
 from prunecomp.hooks import _hidden_out
 from prunecomp.sequential import catch_layer_inputs, run_layer
 
-__all__ = ["RECONSTRUCT_SIDES", "GapStreams", "ReconstructReport", "capture_gap", "effective_side", "fit_layers",
-           "layer_tensors", "reconstruct", "relative_error"]
+__all__ = ["RECONSTRUCT_SIDES", "GapStreams", "ReconstructReport", "capture_gap", "describe", "effective_side",
+           "fit_layers", "layer_tensors", "reconstruct", "relative_error"]
 
 Side = Literal["none", "before", "after", "both"]
 RECONSTRUCT_SIDES: tuple[str, ...] = ("none", "before", "after", "both")
@@ -187,6 +187,16 @@ class ReconstructReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def describe(rec: dict[str, Any]) -> str:
+    """One step's reconstruction (:meth:`ReconstructReport.to_dict`) in words, for the CLI and run reports."""
+    if not rec.get("kept", True):
+        return (f"reconstruction of layer(s) {rec['layers']} declined: {rec['steps']} steps did not lower the relative "
+                f"error {rec['loss_before']:.4f}; the layers are left as they were")
+    return (f"reconstructed layer(s) {rec['layers']} ({rec['side']}) to write layer {rec['target']}'s output stream: "
+            f"relative error {rec['loss_before']:.4f} -> {rec['loss_after']:.4f} ({rec['steps']} steps on "
+            f"{rec['windows']} windows, {rec['seconds']:.0f} s)")
 
 
 def layer_tensors(model: nn.Module, indices: Sequence[int]) -> dict[str, Tensor]:

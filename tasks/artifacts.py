@@ -11,6 +11,7 @@ from typing import Any
 
 from prunecomp.final_check import line as final_line
 from prunecomp.guard import guard_cell, guard_line
+from prunecomp.reconstruct import describe as describe_reconstruct
 
 __all__ = ["publish_step", "publish_summary", "step_description", "step_rows", "summary_markdown"]
 
@@ -47,12 +48,8 @@ def step_description(step: Mapping[str, Any]) -> str:
 def _reconstructed_sentence(rec: Mapping[str, Any] | None) -> str:
     if not rec:
         return ""
-    if not rec.get("kept", True):
-        return (f" Reconstruction of layer(s) {rec['layers']} declined: {rec['steps']} steps did not lower the "
-                f"relative error {rec['loss_before']:.4f}.")
-    return (f" Reconstructed layer(s) {rec['layers']} ({rec['side']}, {rec['steps']} steps on {rec['windows']} "
-            f"windows) to write layer {rec['target']}'s output stream: relative error {rec['loss_before']:.4f} -> "
-            f"{rec['loss_after']:.4f}.")
+    text = describe_reconstruct(dict(rec))
+    return f" {text[0].upper()}{text[1:]}."
 
 
 def _refined_sentence(fit: Mapping[str, Any] | None) -> str:

@@ -13,6 +13,7 @@ from prunecomp.final_check import line as final_line
 from prunecomp.guard import guard_cell, guard_line
 from prunecomp.job import JobResult
 from prunecomp.job import Progress as JobProgress
+from prunecomp.reconstruct import describe as describe_reconstruct
 from prunecomp.report import StepRecord
 
 
@@ -50,20 +51,10 @@ class RichProgress(JobProgress):
         if record.guard is not None and record.guard["decision"] != "paper":
             console.print(f"  guard: {guard_line(record.guard)}", highlight=False)
         if record.reconstruct is not None:
-            console.print(f"  {reconstruct_line(record.reconstruct)}", highlight=False)
+            console.print(f"  {describe_reconstruct(record.reconstruct)}", highlight=False)
 
     def message(self, text: str) -> None:
         console.print(text, highlight=False)
-
-
-def reconstruct_line(rec: dict[str, Any]) -> str:
-    """One step's block reconstruction (:meth:`prunecomp.reconstruct.ReconstructReport.to_dict`) in words."""
-    if not rec.get("kept", True):
-        return (f"reconstruction of layer(s) {rec['layers']} declined: {rec['steps']} steps did not lower the relative "
-                f"error {rec['loss_before']:.4f}; the layers are left as they were")
-    return (f"reconstructed layer(s) {rec['layers']} to write layer {rec['target']}'s output stream: relative error "
-            f"{rec['loss_before']:.4f} -> {rec['loss_after']:.4f} ({rec['steps']} steps on {rec['windows']} windows, "
-            f"{rec['seconds']:.0f} s)")
 
 
 def print_summary(result: JobResult) -> None:
