@@ -259,8 +259,7 @@ def run_final_check(model: nn.Module, tokenizer: Any, recipe: Recipe, calibratio
     windows = held_out_windows(tokenizer, calibration.source, n_windows=calibration.held_out,
                                seq_len=calibration.seq_len, calibration_samples=calibration.n_samples,
                                seed=calibration.seed, data_dir=data_dir)
-    rewritten = reconstructed_layers(recipe, len(decoder_layers(model))) if any(s.layers for s in recipe.steps) \
-        else {}
+    rewritten = reconstructed_layers(recipe, len(decoder_layers(model)))
     if rewritten and originals is None:
         raise ValueError("this run reconstructed layers: the final check needs a reader of the source's weights")
     return final_check(model, recipe, windows.ids, windows.digest, batch_size=calibration.batch_size, nll=nll,

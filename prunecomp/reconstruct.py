@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,11 +32,9 @@ from prunecomp.errors import PrunecompError
 from prunecomp.hooks import _hidden_out
 from prunecomp.sequential import catch_layer_inputs, run_layer
 
-__all__ = ["RECONSTRUCT_SIDES", "GapStreams", "ReconstructReport", "capture_gap", "describe", "effective_side",
+__all__ = ["GapStreams", "ReconstructReport", "capture_gap", "describe", "effective_side",
            "fit_layers", "layer_tensors", "reconstruct", "relative_error"]
 
-Side = Literal["none", "before", "after", "both"]
-RECONSTRUCT_SIDES: tuple[str, ...] = ("none", "before", "after", "both")
 
 
 def relative_error(h: Tensor, y: Tensor) -> Tensor:
