@@ -17,6 +17,11 @@ Variants per metric (``--variants``):
   reconstruct guarded + block reconstruction beside every gap (prunecomp's ``--reconstruct``: --reconstruct side,
               --reconstruct-steps, on the --refine-samples windows)
   refine-reconstruct  refinement from the reconstruct state (``--reconstruct both --refine channels``)
+  reconstruct-refit  reconstruct, then at each k the sequential refit (prunecomp's ``--refit sequential``: every
+              layer after the first gap fitted to the dense stream, --refit-steps each, on the --refine-samples
+              windows), on a copy: the next removal starts from the unrefitted state, as the product refits once
+  refine-reconstruct-refit  the same, then refinement (the refitted model's perplexity before the gains is kept as
+              ``unrefined``: one run gives both rows)
   replaceme / linearpatch   the published anchors (bench/anchors.py; they choose a contiguous block by cosine
               whatever --metrics says, so run them under --metrics block); LinearPatch adds a run-time matmul
 Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
@@ -44,6 +49,7 @@ from typing import Any
 import torch
 
 from prunecomp.calibration import calibration_windows, evaluation_windows
+from prunecomp.compress import refit_as_configured
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.cache import ResultCache, weights_digest
 from prunecomp.evaluation.harness import DEFAULT_TASKS, evaluate_qa, retained
@@ -164,9 +170,10 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
     comp = {"iterative": "none", "prune&comp": "magnitude", "refine": "magnitude", "lsq": "lsq", "select": "magnitude",
             "refine+select": "magnitude", "guarded": "guarded", "refine-guarded": "guarded",
             "refine-none": "none", "refine-lsq": "lsq", "reconstruct": "guarded",
-            "refine-reconstruct": "guarded"}[variant]
+            "refine-reconstruct": "guarded", "reconstruct-refit": "guarded",
+            "refine-reconstruct-refit": "guarded"}[variant]
     local = {"reconstruct": args.reconstruct, "reconstruct_steps": args.reconstruct_steps,
-             "reconstruct_lr": args.reconstruct_lr} if variant.endswith("reconstruct") else {}
+             "reconstruct_lr": args.reconstruct_lr} if "reconstruct" in variant else {}
     selection = "loss" if variant.endswith("select") else "score"
     results: dict[int, Any] = {}
 
@@ -174,7 +181,13 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
         extra: dict[str, Any] = {"scales": scales}
         if seconds is not None:  # pruning (and reconstruction) up to k, refinement apart: the time budget
             extra["prune_seconds"] = seconds
-        if variant == "refine-reconstruct":  # the state refinement starts from, as the reconstruct variant
+        if variant.endswith("refit"):  # the product's refit after the last removal, on a copy (see the docstring)
+            m = copy.deepcopy(m)
+            cfg = PruneConfig(n_layers=k, refit="sequential", refit_steps=args.refit_steps, refit_lr=args.refit_lr)
+            done, _ = refit_as_configured(m, fit_on, cfg, model)
+            extra["refit"] = {k2: v for k2, v in done.to_dict().items() if k2 != "declined"}
+            print(f"    [{metric}/{variant}] k={k}: refit {done.seconds:.0f} s", file=sys.stderr, flush=True)
+        if variant.startswith("refine-reconstruct"):  # the state refinement starts from
             extra["unrefined"] = evaluate(m, False)["ppl"]
         if variant.startswith("refine"):
             m = copy.deepcopy(m)
@@ -238,6 +251,8 @@ def main() -> None:
     ap.add_argument("--reconstruct", default="both", help="side of the reconstruct variants")
     ap.add_argument("--reconstruct-steps", type=int, default=100)
     ap.add_argument("--reconstruct-lr", type=float, default=1e-3)
+    ap.add_argument("--refit-steps", type=int, default=50, help="Adam steps per layer of the refit variants")
+    ap.add_argument("--refit-lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--cache", default="bench/results/quality_eval_cache",
                     help="result-cache folder (prunecomp.evaluation.cache.ResultCache), shared by concurrent runs")
@@ -269,7 +284,7 @@ def main() -> None:
                                         max_windows=int(n) if n else args.eval_max_windows)
     evaluate = Evaluator(lm.tokenizer, windows, args)
     teacher, fit_on = None, cal
-    if any(v.startswith(("refine", "reconstruct")) for v in args.variants.split(",")):
+    if any(v.startswith(("refine", "reconstruct")) for v in args.variants.split(",")):  # the fitting windows
         if args.refine_samples:
             fit_on = calibration_windows(lm.tokenizer, args.calib_source, n_samples=args.refine_samples,
                                          seq_len=args.calib_seq_len, seed=0)
@@ -321,10 +336,11 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]
 
 
 VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "guarded", "lsq", "select", "refine", "refine-guarded",
-                 "refine-none", "refine-lsq", "refine+select", "reconstruct", "refine-reconstruct", "replaceme",
-                 "linearpatch")
+                 "refine-none", "refine-lsq", "refine+select", "reconstruct", "refine-reconstruct", "reconstruct-refit",
+                 "refine-reconstruct-refit", "replaceme", "linearpatch")
 ANCHORS = ("replaceme", "linearpatch")
-REFINED = ("refine", "refine-guarded", "refine-none", "refine-lsq", "refine+select", "refine-reconstruct")
+REFINED = ("refine", "refine-guarded", "refine-none", "refine-lsq", "refine+select", "refine-reconstruct",
+           "refine-reconstruct-refit")
 
 
 def render(results: list[dict[str, Any]]) -> str:
@@ -469,13 +485,17 @@ def time_summary(results: list[dict[str, Any]], naive: dict[str, dict[str, dict[
         n = naive.get(metric, {}).get("one-shot", {}).get(k)
         rec = f"{recovered(r['ppl']['mean'], n['ppl']['mean'], dense):.1f}%" if n else "-"
         how = (f"{st.get('reconstruct')}, {st.get('reconstruct_steps')} steps, {st.get('refine_samples')} windows"
-               if variant.endswith("reconstruct") else f"{st.get('refine_samples')} windows")
+               if "reconstruct" in variant else f"{st.get('refine_samples')} windows")
+        prune_s = r["prune_seconds"]
+        if r.get("refit"):
+            how += f", refit {r['refit']['steps']} steps ({r['refit']['seconds']:.0f} s, in pruning s)"
+            prune_s += r["refit"]["seconds"]
         fit = (r.get("refine") or {}).get("seconds", 0.0)
         unrefined = f"{r['unrefined']['mean']:.2f}" if r.get("unrefined") else "-"
         cap = f"{budget[k]:.0f}" if k in budget else "-"
         lines.append(f"| {metric} | {k} | {variant} | {how} | {sorted(r['removed'])} | {unrefined} | "
-                     f"{r['ppl']['mean']:.2f} | {rec} | {r['prune_seconds']:.0f} | {fit:.0f} | "
-                     f"{r['prune_seconds'] + fit:.0f} | {cap} |")
+                     f"{r['ppl']['mean']:.2f} | {rec} | {prune_s:.0f} | {fit:.0f} | "
+                     f"{prune_s + fit:.0f} | {cap} |")
     lines += ["", "Recovered = (one-shot - variant) / (one-shot - dense) of mean perplexity (the issue's measure); "
               "budget = twice the refinement seconds of the quality table's refine rows (k = 3 and 8) and of "
               "refine-guarded (k = 5), one CPU thread each."]

@@ -21,9 +21,10 @@ from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.loop import prune_and_compensate, source_num_layers
 from prunecomp.refine import RefineReport, TeacherTargets, refine, teacher_targets
+from prunecomp.refit import DenseLayers, InMemoryDense, RefitReport, sequential_refit
 from prunecomp.report import PruneReport, StepRecord
 
-__all__ = ["compress", "refine_as_configured", "teacher_for"]
+__all__ = ["compress", "refine_as_configured", "refit_as_configured", "teacher_for"]
 
 
 def _ids(windows: TokenWindows | Tensor) -> Tensor:
@@ -57,6 +58,18 @@ def refine_as_configured(model: nn.Module, windows: TokenWindows | Tensor, targe
                   batch_size=config.refine_batch)
 
 
+def refit_as_configured(model: nn.Module, windows: TokenWindows | Tensor, config: PruneConfig,
+                        dense: DenseLayers | nn.Module | None) -> tuple[RefitReport, dict[str, Tensor]]:
+    """:func:`prunecomp.refit.sequential_refit` with the ``refit_*`` settings of ``config`` (``reconstruct_batch``
+    windows a step); ``dense``: the dense source, a model in memory or a :class:`~prunecomp.refit.DenseLayers`."""
+    if dense is None:
+        raise PrunecompError("refit='sequential' fits to the dense model's streams: pass dense= (the dense model, or "
+                             "a prunecomp.streamed.StreamedModel of its folder)")
+    layers = InMemoryDense(dense) if isinstance(dense, nn.Module) else dense
+    return sequential_refit(model, _ids(windows), layers, steps=config.refit_steps, lr=config.refit_lr,
+                            batch_size=config.reconstruct_batch)
+
+
 def compress(
     model: nn.Module,
     calibration: TokenWindows | Tensor,
@@ -70,6 +83,8 @@ def compress(
     teacher: TeacherTargets | nn.Module | None = None,
     refine_windows: TokenWindows | Tensor | None = None,
     on_refine: Callable[[RefineReport, StepRecord | None, nn.Module], None] | None = None,
+    dense: DenseLayers | nn.Module | None = None,
+    on_refit: Callable[[RefitReport], None] | None = None,
 ) -> PruneReport:
     """:func:`prunecomp.loop.prune_and_compensate`, then (``config.refine`` not ``none``) refinement on
     ``refine_windows`` (default: ``calibration``) against the dense model's predictions, taken before the first
@@ -78,6 +93,10 @@ def compress(
     ``config.reconstruct``'s local fits after each removal run on ``refine_windows`` too;
     the report carries what refinement did (``report.refine``) and what it folded (``report.refine_edit``, for the
     recipe).
+
+    ``config.refit="sequential"``: after the last removal and before the end refinement, every layer after the
+    first gap is refitted to ``dense``'s streams (the dense source; see :func:`refit_as_configured`) on
+    ``refine_windows``; ``on_refit`` sees its report, ``report.refit`` keeps it and the recipe the layers.
 
     ``config.refine_at="each"`` (progressive): after every removal, refine ``config.refine_steps`` steps, then
     score the refined model for the next removal; each fit is recorded on its step (``StepRecord.refine``). The
@@ -88,8 +107,15 @@ def compress(
     loop = partial(prune_and_compensate, model, calibration, batch_size=batch_size, on_step=on_step,
                    on_batch=on_batch, calibration_config=calibration_config, cache_budget_bytes=cache_budget_bytes,
                    fit_windows=refine_windows)
+    if config.refit != "none" and dense is None:  # before any work
+        refit_as_configured(model, fit_on, config, None)
     if targets is None or config.refine_at == "end":
         report = loop(config)
+        if config.refit != "none":
+            done, weights = refit_as_configured(model, fit_on, config, dense)
+            report.add_refit(done.to_dict(), weights)
+            if on_refit is not None:
+                on_refit(done)
         if targets is not None:
             done = refine_as_configured(model, fit_on, targets, config)
             report.add_refine(done)

@@ -79,6 +79,11 @@ class PruneConfig(_Frozen):
     steps at ``reconstruct_lr``, ``reconstruct_batch`` windows a step, on the fitting windows (``refine_samples``
     windows when given, else the scoring windows). Still zero run-time cost; not with ``lsq`` (a gap map changes
     the stream the fit reads). ``none`` (the default) fits nothing.
+    ``refit``: ``sequential`` refits, after the last removal and before the end refinement, every layer from the
+    first gap on, in order, to the dense model's stream after the same original layer (see
+    :mod:`prunecomp.refit`): ``refit_steps`` Adam steps per layer at ``refit_lr``, ``reconstruct_batch`` windows a
+    step, on the fitting windows. Needs the dense source's layers (the job reads them one at a time); not with
+    ``lsq`` nor progressive refinement (``refine_at="each"`` fits after the last removal, where the refit runs).
     ``scoring``: ``incremental`` re-runs only the layers after each gap from cached activations (same choices,
     scores equal within float rounding; see :mod:`prunecomp.incremental`); ``exact`` recomputes everything.
     """
@@ -105,6 +110,9 @@ class PruneConfig(_Frozen):
     reconstruct_steps: int = Field(200, ge=1)
     reconstruct_lr: float = Field(1e-3, gt=0.0)
     reconstruct_batch: int = Field(4, ge=1)
+    refit: Literal["none", "sequential"] = "none"
+    refit_steps: int = Field(50, ge=1)
+    refit_lr: float = Field(1e-3, gt=0.0)
 
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:
@@ -120,6 +128,12 @@ class PruneConfig(_Frozen):
         if self.reconstruct != "none" and self.compensation == "lsq":
             raise ValueError("reconstruct fits the layers beside the gap to the stream before the removal, which an "
                              "lsq gap map changes: use compensation 'guarded', 'magnitude' or 'none' with it")
+        if self.refit != "none" and self.compensation == "lsq":
+            raise ValueError("refit is not supported with lsq gap maps yet: use compensation 'guarded', 'magnitude' "
+                             "or 'none' with it")
+        if self.refit != "none" and self.refine != "none" and self.refine_at == "each":
+            raise ValueError("refit runs after the last removal, where progressive refinement (refine_at='each') "
+                             "fits too: use refine_at='end' with it")
         return self
 
     @property

@@ -73,6 +73,8 @@ class PruneReport:
     refine: dict[str, Any] | None = None
     # Refinement's folded gains by module path (the recipe's sidecar; not part of the JSON report).
     refine_edit: dict[str, tuple[str, float, Tensor]] | None = field(default=None, repr=False)
+    # The sequential refit after the last removal (config.refit; prunecomp.refit.RefitReport.to_dict).
+    refit: dict[str, Any] | None = None
 
     @property
     def removed(self) -> list[int]:
@@ -86,6 +88,17 @@ class PruneReport:
             return
         self.refine = done.to_dict()
         self.refine_edit = done.folded
+
+    def add_refit(self, done: dict[str, Any], weights: dict[str, Tensor]) -> None:
+        """Record the sequential refit (``done``: its report as a dict) and the refitted layers' parameters. They
+        join the last step's ``layer_weights``: the refit runs right after that step's folds and before the end
+        refinement, which is exactly where a recipe step's layers are set on replay."""
+        self.refit = done
+        if weights:
+            if not self.steps:
+                raise ValueError("a refit with no removal: nothing to attach its layers to")
+            last = self.steps[-1]
+            last.layer_weights = {**(last.layer_weights or {}), **weights}
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("steps", "refine_edit")}

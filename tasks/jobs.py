@@ -117,7 +117,8 @@ class StepJob(StateJob):
             payload.pop("fit_digest", None)
         # Refinement is its own task (RefineJob): a run refined at the end reuses the plain run's steps, and a
         # progressive run's steps after the first differ by their parent state's digest, which is in the key.
-        payload["prune"] = {k: v for k, v in dict(payload["prune"]).items() if not k.startswith("refine")}
+        # The sequential refit after the last removal (prune.refit) is its own task too (RefitJob).
+        payload["prune"] = {k: v for k, v in dict(payload["prune"]).items() if not k.startswith(("refine", "refit"))}
         return payload
 
 
@@ -154,6 +155,21 @@ class RefineJob(StateJob):
     batch: int = Field(ge=1)
     topk: int = Field(ge=1)
     batch_size: int = Field(gt=0)
+
+
+class RefitJob(StateJob):
+    """Refit every layer after the first gap of a pruned state to the base model's streams (the sequential refit,
+    after the last step and before the end refinement); artifact: a layers part. The base model is the dense
+    source (its layers are read one at a time), so nothing beyond ``base_hash`` names it."""
+
+    kind: ClassVar[str] = "refit"
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri"})
+
+    calibration_uri: str
+    calibration_digest: str
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0.0)
+    batch: int = Field(ge=1)
 
 
 class FinalJob(StateJob):
