@@ -106,7 +106,8 @@ def _build_config(kw: dict[str, Any]) -> Any:
                   "scoring": kw["scoring"], "refine": kw["refine"], "refine_steps": kw["refine_steps"],
                   "refine_lr": kw["refine_lr"], "refine_samples": kw["refine_samples"],
                   "refine_at": kw["refine_at"], "reconstruct": kw["reconstruct"],
-                  "reconstruct_steps": kw["reconstruct_steps"], "reconstruct_lr": kw["reconstruct_lr"]},
+                  "reconstruct_steps": kw["reconstruct_steps"], "reconstruct_lr": kw["reconstruct_lr"],
+                  "refit": kw["refit"], "refit_steps": kw["refit_steps"], "refit_lr": kw["refit_lr"]},
         "calibration": cal, "evaluation": ev,
         "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
         if quick else None,

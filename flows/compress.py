@@ -27,6 +27,7 @@ from prunecomp.final_check import line as final_line
 from prunecomp.incremental import PER_CANDIDATE_METRICS
 from prunecomp.quiet import quiet_libraries
 from prunecomp.recipe import Recipe
+from prunecomp.refit import describe_refit
 from prunecomp.storage import check_writable, is_complete, write_json
 from tasks import working
 from tasks.artifacts import RunProgress, publish_step, publish_summary, summary_markdown
@@ -34,12 +35,13 @@ from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
 from tasks.candidates import CandidateJob, score_candidates, split
 from tasks.evaluate import evaluate_checkpoint
-from tasks.jobs import CalibrationJob, EvalJob, FinalJob, ModelJob, RefineJob, StepJob, TeacherJob
+from tasks.jobs import CalibrationJob, EvalJob, FinalJob, ModelJob, RefineJob, RefitJob, StepJob, TeacherJob
 from tasks.keys import code_version
 from tasks.locks import RunLock, run_lock
 from tasks.model_io import materialize_model, resolve_model, write_final
 from tasks.prune import prune_one_step
 from tasks.refine import refine_state, teacher_predictions
+from tasks.refit import refit_state
 from tasks.settings import Locations, configure_s3, locations, redact, redact_all
 from tasks.tracking import log_run_task, register_task
 
@@ -246,7 +248,7 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
     dense_quick = quick(parts, digest)
     p = config.prune
     fits = 0 if p.refine == "none" else (k if p.refine_at == "each" else 1)
-    progress = RunProgress(run_id, 1 + k + fits + 2 + config.tracking.log_and_register)
+    progress = RunProgress(run_id, 1 + k + fits + (p.refit != "none") + 2 + config.tracking.log_and_register)
     dense_eval = evaluate(parts, digest, config.evaluation, qa=True)  # now, while the working copy is dense
     progress.advance("dense model evaluated")
     fit = _teacher(config, store, base, cal, data_dir) if fits else None  # also while the copy is dense
@@ -319,6 +321,19 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         lock.beat()
         parts, digest, parent_ppl = new_parts, new_digest, after
     kept = [s for s in steps if s["kept"]]
+    refitted: dict[str, Any] | None = None
+    if p.refit != "none" and kept:  # after the last kept step, before the end refinement
+        windows = fit["windows"] if fit else _fit_windows(config, store, base, cal, data_dir)
+        meta, cached = run_cached(refit_state, RefitJob(
+            **state(parts, digest), calibration_uri=windows["uri"], calibration_digest=windows["digest"],
+            steps=p.refit_steps, lr=p.refit_lr, batch=p.reconstruct_batch))
+        progress.advance(f"refitted{' (cached)' if cached else ''}")
+        after = quick([*parts, meta["uri"]], meta["digest"])
+        refitted = {"uri": meta["uri"], "digest": meta["digest"], "report": meta["refit"], "reused": cached,
+                    "ppl_before": parent_ppl, "ppl_after": after}
+        log.info("%s; quick ppl %s -> %s%s", describe_refit(meta["refit"]), _fmt(_mean(parent_ppl)),
+                 _fmt(_mean(after)), " (cached)" if cached else "")
+        parts, digest, parent_ppl = [*parts, meta["uri"]], meta["digest"], after
     refined: dict[str, Any] | None = None
     if fits and p.refine_at == "end" and kept:
         meta, cached = fit_state(parts, digest)
@@ -350,13 +365,17 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         qa = {"dense": dense_eval["qa"].get("average"), "pruned": final_eval["qa"].get("average"),
               "tasks": {"dense": dense_eval["qa"].get("tasks"), "pruned": final_eval["qa"].get("tasks")}}
     metrics = run_metrics(ppl, qa, len(kept), check)
+    if refitted is not None and refitted["report"]["layers"]:  # the refit's mean relative error per layer
+        r = refitted["report"]
+        metrics |= {"refit_error_before": sum(r["loss_before"]) / len(r["layers"]),
+                    "refit_error_after": sum(r["loss_after"]) / len(r["layers"]), "refit_seconds": r["seconds"]}
     summary: dict[str, Any] = {
         "run_id": run_id, "config": config.model_dump(mode="json"), "code_version": code, "source": source,
         "base": {"uri": redact(base["uri"]), "hash": base["hash"], "num_layers": n_src,
                  "materialized": base["materialized"]},
         "calibration": cal, "stream_layers": stream, "stream_reason": stream_reason,
         "steps": steps, "removed": [s["record"]["chosen"] for s in kept], "stop_reason": stop_reason,
-        "refine": refined, "recipe": {"digest": digest, "parts": parts}, "final_check": check,
+        "refit": refitted, "refine": refined, "recipe": {"digest": digest, "parts": parts}, "final_check": check,
         "final": {"uri": final["uri"], "hash": final["hash"]}, "perplexity": ppl, "qa": qa, "metrics": metrics,
         "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
         "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
@@ -411,9 +430,9 @@ def _not_streamable(config: CompressConfig, base: dict[str, Any]) -> str | None:
 
     p = config.prune
     if p.metric not in STREAMED_METRICS or p.compensation == "lsq" or p.selection != "score" or p.refine != "none" \
-            or p.reconstruct != "none":
+            or p.reconstruct != "none" or p.refit != "none":
         return ("stream_layers runs BI/angular scoring with guarded, magnitude or no compensation, score selection "
-                "and no refinement or reconstruction")
+                "and no refinement, reconstruction or refit")
     if config.qa_tasks:
         return "stream_layers cannot run QA tasks (they need the whole model in memory)"
     if base.get("materialized"):
@@ -450,6 +469,7 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
         "method": {"magnitude": "prune&comp", "guarded": "prune&comp-guarded", "lsq": "prune&comp+lsq"}.get(
             prune.compensation, "naive-depth-pruning")
         + ("" if prune.reconstruct == "none" else f"+reconstruct-{prune.reconstruct}")
+        + ("" if prune.refit == "none" else f"+refit-{prune.refit}")
         + ("" if prune.refine == "none" else f"+refine-{prune.refine}{'-each' if prune.refine_at == 'each' else ''}"),
         "metric": prune.metric, "compensation": prune.compensation,
         "final_check": (summary.get("final_check") or {}).get("verdict", "not run"),

@@ -21,8 +21,9 @@ from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.final_check import run_final_check
 from prunecomp.planning import check_plan
 from prunecomp.refine import RefineReport
+from prunecomp.refit import describe_refit
 from prunecomp.report import StepRecord
-from prunecomp.sources import content_hash, load_model, resolve_source, source_layer_weights
+from prunecomp.sources import content_hash, dense_layers, load_model, resolve_source, source_layer_weights
 from prunecomp.storage import check_not_inside, check_writable
 
 __all__ = ["JobConfig", "JobResult", "Progress", "evaluate_perplexities", "run_job"]
@@ -143,15 +144,22 @@ def run_job(config: JobConfig, progress: Progress | None = None,
 
     progress.start("step 1: scoring layers", batches)
     refine_windows = None
-    fits = config.prune.refine != "none" or config.prune.reconstruct != "none"
+    fits = config.prune.refine != "none" or config.prune.reconstruct != "none" or config.prune.refit != "none"
     if fits and config.prune.refine_samples is not None:
         refine_windows = calibration_windows(lm.tokenizer, config.calibration.source,
                                              n_samples=config.prune.refine_samples,
                                              seq_len=config.calibration.seq_len, seed=config.calibration.seed,
                                              data_dir=config.data_dir)
+    dense = None
+    if config.prune.refit != "none":
+        dense = dense_layers(lm, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
+
+    def refitted(done: Any) -> None:
+        progress.message(f"  {describe_refit(done.to_dict())}")
+
     report = compress(lm.model, cal, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
                       on_batch=lambda: progress.advance(1), calibration_config=config.calibration,
-                      refine_windows=refine_windows, on_refine=refined)
+                      refine_windows=refine_windows, on_refine=refined, dense=dense, on_refit=refitted)
     times["prune"] = time.perf_counter() - t
     t = time.perf_counter()
     progress.message("final check: held-out calibration loss with and without what was folded")

@@ -29,8 +29,9 @@ from prunecomp.errors import PrunecompError
 from prunecomp.lsq import GapFit, apply_gap_map
 from prunecomp.pruning import original_indices, remove_layer
 
-__all__ = ["FORMAT", "FORMAT_LAYERS", "FORMAT_PROGRESSIVE", "RECIPE_FILE", "TENSORS_FILE", "Recipe", "RecipeStep",
-           "RefineEdit", "apply_layers", "apply_recipe", "read_recipe", "recipe_from_report", "write_recipe_files"]
+__all__ = ["FORMAT", "FORMAT_LAYERS", "FORMAT_PROGRESSIVE", "RECIPE_FILE", "TENSORS_FILE", "LayerEdit", "Recipe",
+           "RecipeStep", "RefineEdit", "apply_layers", "apply_recipe", "read_recipe", "recipe_from_report",
+           "write_recipe_files"]
 
 FORMAT = "prunecomp.recipe/v1"
 FORMAT_PROGRESSIVE = "prunecomp.recipe/v2"
@@ -66,6 +67,25 @@ class RefineEdit:
     def from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> RefineEdit:
         gains = {p: (str(g["kind"]), float(g["offset"]), tensors[g["tensor"]]) for p, g in doc["gains"].items()}
         return cls(gains=gains, report=dict(doc.get("report") or {}))
+
+
+@dataclass(frozen=True)
+class LayerEdit:
+    """Whole-layer parameters set after the last step (the sequential refit, :mod:`prunecomp.refit`), by name in
+    the model then; ``report`` is the refit's audit record. A recipe keeps them on its last step
+    (:meth:`Recipe.with_layers`): that is where a step's ``layers`` are set on replay. The pipeline stores one as
+    its own part."""
+
+    layers: dict[str, Tensor] = field(repr=False)
+    report: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
+        doc = {"layers": {name: f"{prefix}layers.{name}" for name in sorted(self.layers)}, "report": self.report}
+        return doc, {f"{prefix}layers.{name}": t for name, t in self.layers.items()}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> LayerEdit:
+        return cls(layers={n: tensors[t] for n, t in doc["layers"].items()}, report=dict(doc.get("report") or {}))
 
 
 @dataclass(frozen=True)
@@ -187,6 +207,19 @@ class Recipe:
                 raise PrunecompError("refinement before any removal: nothing to attach it to")
             steps = (*steps[:-1], replace(steps[-1], refine=self.refine))
         return replace(self, steps=(*steps, step), refine=None)
+
+    def with_layers(self, edit: LayerEdit) -> Recipe:
+        """This recipe with ``edit``'s parameters set after its last step's folds (they join that step's
+        ``layers``, later names replacing earlier ones); before the end refinement, so not on a refined recipe.
+        An empty edit (nothing refitted) changes nothing."""
+        if not edit.layers:
+            return self
+        if self.refine is not None:
+            raise PrunecompError("layers are set before the end refinement: this recipe is already refined")
+        if not self.steps:
+            raise PrunecompError("whole-layer parameters before any removal: nothing to attach them to")
+        last = self.steps[-1]
+        return replace(self, steps=(*self.steps[:-1], replace(last, layers={**(last.layers or {}), **edit.layers})))
 
     def with_refine(self, edit: RefineEdit) -> Recipe:
         """This recipe refined after its last step (once: a second fit there would be a different recipe)."""

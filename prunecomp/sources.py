@@ -328,6 +328,23 @@ def source_layer_weights(lm: LoadedModel, layers: dict[int, int], *, allow_pickl
     return {j: {n: p.detach().clone() for n, p in source_layers[o].named_parameters()} for j, o in layers.items()}
 
 
+def dense_layers(lm: LoadedModel, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Any:
+    """The dense source, layer by layer (:class:`prunecomp.refit.DenseLayers`), for the sequential refit: a
+    :class:`prunecomp.streamed.StreamedModel` of a safetensors source (one layer in memory at a time, in the pruned
+    model's dtype and on its device, so a refit of a large model holds one extra layer, not a second model); any
+    other source (GGUF, pickle) is loaded again, whole (such sources are small enough to hold twice)."""
+    from prunecomp.refit import InMemoryDense
+    from prunecomp.streamed import StreamedModel
+
+    param = next(lm.model.parameters())
+    if not lm.source.gguf_file and any(lm.source.local_dir.glob("*.safetensors")):
+        return StreamedModel(lm.source.local_dir, dtype=param.dtype, device=str(param.device))
+    again = load_model(lm.source.uri, lm.source.revision, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code, dtype=param.dtype, device=str(param.device),
+                       known_hash=lm.content_hash)
+    return InMemoryDense(again.model)
+
+
 def folder_layer_weights(folder: Path, layers_path: str, layers: dict[int, int]) -> dict[int, dict[str, Any]]:
     """:func:`source_layer_weights` from a safetensors folder (``layers_path``: the adapter's, e.g.
     ``model.layers``), tensor by tensor."""

@@ -325,6 +325,8 @@ def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
     if config.reconstruct != "none":
         raise PrunecompError("layer streaming does not support --reconstruct yet; prune without --stream-layers to "
                              "reconstruct")
+    if config.refit != "none":
+        raise PrunecompError("layer streaming does not support --refit yet; prune without --stream-layers to refit")
     if config.metric not in STREAMED_METRICS:
         raise PrunecompError(f"layer streaming supports metrics {sorted(STREAMED_METRICS)}, got {config.metric!r}")
     candidates(sm.model, config, config.layers_to_remove(sm.source_layers))

@@ -12,6 +12,7 @@ from typing import Any
 from prunecomp.final_check import line as final_line
 from prunecomp.guard import guard_cell, guard_line
 from prunecomp.reconstruct import describe as describe_reconstruct
+from prunecomp.refit import describe_refit
 
 __all__ = ["publish_step", "publish_summary", "step_description", "step_rows", "summary_markdown"]
 
@@ -77,6 +78,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     if check:
         lines[-1:-1] = [f"- {'**' if check['verdict'] == 'worse' else ''}{final_line(check)}"
                         f"{'**' if check['verdict'] == 'worse' else ''}"]
+    if summary.get("refit"):
+        lines[-1:-1] = [f"- {describe_refit(summary['refit']['report'])}"]
     progressive = any(s.get("refine") for s in summary["steps"])
     lines += ["| step | layer | score | measured s | folded | guard | quick ppl before | quick ppl after | seconds "
               f"| cached |{' refined: KL | refine (s) |' if progressive else ''}",

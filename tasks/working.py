@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prunecomp.errors import PrunecompError
-from prunecomp.recipe import Recipe, RecipeStep, RefineEdit, apply_recipe
+from prunecomp.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit, apply_recipe
 from prunecomp.storage import write_dir
 from tasks.files import exists, read_bytes, read_json
 
@@ -35,12 +35,17 @@ PART_FILE = "part.json"
 _TENSORS = "tensors.safetensors"
 
 
-def write_part(uri: str, part: RecipeStep | RefineEdit, meta: dict[str, Any]) -> None:
-    """Write one recipe part (a step's edit + record, or refinement gains) with ``meta``, atomically."""
+_TYPES: dict[str, type[RecipeStep] | type[RefineEdit] | type[LayerEdit]] = {
+    "step": RecipeStep, "refine": RefineEdit, "layers": LayerEdit}
+
+
+def write_part(uri: str, part: RecipeStep | RefineEdit | LayerEdit, meta: dict[str, Any]) -> None:
+    """Write one recipe part (a step's edit + record, refinement gains, or a refit's layers) with ``meta``,
+    atomically."""
     from safetensors.torch import save_file
 
     doc, tensors = part.to_doc()
-    doc["type"] = "step" if isinstance(part, RecipeStep) else "refine"
+    doc["type"] = next(name for name, cls in _TYPES.items() if isinstance(part, cls))
 
     def fill(tmp: Path) -> None:
         (tmp / PART_FILE).write_text(json.dumps(meta | {"part": doc}, indent=1, default=str))
@@ -57,13 +62,13 @@ def read_meta(uri: str) -> dict[str, Any]:
     return doc
 
 
-def read_part(uri: str) -> RecipeStep | RefineEdit:
+def read_part(uri: str) -> RecipeStep | RefineEdit | LayerEdit:
     from safetensors.torch import load as load_safetensors
 
     doc = read_json(f"{uri.rstrip('/')}/{PART_FILE}")["part"]
     tensor_uri = f"{uri.rstrip('/')}/{_TENSORS}"
     tensors = load_safetensors(read_bytes(tensor_uri)) if exists(tensor_uri) else {}
-    return (RecipeStep if doc["type"] == "step" else RefineEdit).from_doc(doc, tensors)
+    return _TYPES[doc["type"]].from_doc(doc, tensors)
 
 
 def recipe_of(base_hash: str, parts: tuple[str, ...] | list[str], expected_digest: str | None = None) -> Recipe:
@@ -71,7 +76,12 @@ def recipe_of(base_hash: str, parts: tuple[str, ...] | list[str], expected_diges
     recipe = Recipe(source={"content_hash": base_hash})
     for uri in parts:
         part = read_part(uri)
-        recipe = recipe.plus(part) if isinstance(part, RecipeStep) else recipe.with_refine(part)
+        if isinstance(part, RecipeStep):
+            recipe = recipe.plus(part)
+        elif isinstance(part, LayerEdit):
+            recipe = recipe.with_layers(part)
+        else:
+            recipe = recipe.with_refine(part)
     if expected_digest is not None and recipe.digest() != expected_digest:
         raise PrunecompError(f"the recipe parts in the store ({', '.join(parts) or 'none'}) no longer make the "
                              f"recorded state {expected_digest[:12]}; delete them to have them recomputed")

@@ -63,6 +63,14 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Adam steps of each --reconstruct fit."),
         click.option("--reconstruct-lr", type=float, default=1e-3, show_default=True,
                      help="Learning rate of --reconstruct."),
+        click.option("--refit", type=click.Choice(choices("refit")), default="none", show_default=True,
+                     help="sequential: after the last removal (before --refine), refit every layer after the first "
+                     "gap, in order, to the dense model's stream after the same original layer; the dense layers "
+                     "are read from the source one at a time (--refine-samples windows when given; zero run-time "
+                     "cost; not with --compensation lsq or --refine-at each)."),
+        click.option("--refit-steps", type=int, default=50, show_default=True,
+                     help="Adam steps per layer of --refit."),
+        click.option("--refit-lr", type=float, default=1e-3, show_default=True, help="Learning rate of --refit."),
         click.option("--protect", default=None, help="Original layer indices never removed, e.g. 0,-1 "
                      "(default: the last layer; Taylor+/Mag+ also the first four and second-to-last)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
@@ -125,7 +133,8 @@ def build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
                           scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
                           refine_lr=kw["refine_lr"], refine_samples=kw["refine_samples"],
                           refine_at=kw["refine_at"], reconstruct=kw["reconstruct"],
-                          reconstruct_steps=kw["reconstruct_steps"], reconstruct_lr=kw["reconstruct_lr"]),
+                          reconstruct_steps=kw["reconstruct_steps"], reconstruct_lr=kw["reconstruct_lr"],
+                          refit=kw["refit"], refit_steps=kw["refit_steps"], refit_lr=kw["refit_lr"]),
         calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
         data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],

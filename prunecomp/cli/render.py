@@ -14,6 +14,7 @@ from prunecomp.guard import guard_cell, guard_line
 from prunecomp.job import JobResult
 from prunecomp.job import Progress as JobProgress
 from prunecomp.reconstruct import describe as describe_reconstruct
+from prunecomp.refit import describe_refit
 from prunecomp.report import StepRecord
 
 
@@ -81,6 +82,9 @@ def print_summary(result: JobResult) -> None:
                   f"{first['parameters']} gains folded): calibration KL to the dense model "
                   + ", ".join(f"step {n} {f['loss_before']:.4f} -> {f['loss_after']:.4f}" for n, f in fits)
                   + f" in {sum(f['seconds'] for _, f in fits):.0f} s")
+    if report.get("refit"):
+        text = describe_refit(report["refit"])
+        out.print(text[0].upper() + text[1:], highlight=False)
     check = report.get("final_check")
     if check:
         out.print(("[bold red]" if check["verdict"] == "worse" else "") + escape(final_line(check)))

@@ -233,6 +233,36 @@ def test_prune_with_block_reconstruction(stories_dir, tmp_path) -> None:
         assert not (tmp_path / "bad").exists()
 
 
+def test_prune_with_sequential_refit(stories_dir, tmp_path) -> None:
+    """--refit sequential refits every layer after the first gap to the dense source's streams (read layer by
+    layer from the safetensors folder), before the gains: the summary says which layers and how much the error
+    fell, the recipe replays bit for bit, the final check swaps the source weights back; refused with layer
+    streaming and with progressive refinement, before any work."""
+    from safetensors.torch import load_file
+
+    out, js = tmp_path / "out", tmp_path / "result.json"
+    code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "2", *FAST, "--refit", "sequential",
+                         "--refit-steps", "4", "--refine", "norms", "--refine-steps", "2", "--out", str(out),
+                         "--json", str(js))
+    assert code == 0, text
+    report = json.loads(js.read_text())
+    refit = report["refit"]
+    first = min(report["removed"])
+    assert refit["layers"] == [o for o in range(5) if o > first and o not in report["removed"]], refit
+    assert refit["steps"] == 4 and len(refit["loss_after"]) == len(refit["layers"])
+    assert "efitted layers" in text or "nothing refitted" in text, text
+    assert report["refine"] is not None and "reconstruct" in report["final_check"]["folded"]
+    code, text = _invoke("apply", str(out), "--model", str(stories_dir), "--out", str(tmp_path / "again"))
+    assert code == 0, text
+    ref, got = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    for extra, word in ((["--stream-layers"], "--refit"), (["--refine", "norms", "--refine-at", "each"], "refine_at")):
+        code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--refit", "sequential",
+                             *extra, "--out", str(tmp_path / "bad"))
+        assert code == 2 and "error:" in text and word in text and "Traceback" not in text, text
+        assert not (tmp_path / "bad").exists()
+
+
 def test_apply_recipe_reproduces_the_pruned_model(stories_dir, tmp_path) -> None:
     """``prune`` saves its recipe beside the weights; ``apply`` on the same source gives the same tensors, in
     memory and layer by layer; another source needs --other-source; the source folder is never an output."""

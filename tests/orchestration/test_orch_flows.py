@@ -351,6 +351,52 @@ def test_reconstructed_run_matches_the_library(harness, tracking_uri, make_confi
     assert again["steps_computed"] == 2
 
 
+def test_refitted_run_matches_the_library(harness, tracking_uri, make_config, tmp_path: Path) -> None:
+    """refit='sequential' through the pipeline: its own task after the last step (the dense streams read layer by
+    layer from the base checkpoint), before the end refinement; the final model equals the library's compress()
+    bit for bit, the recipe holds the refitted layers, the final check swaps the base's weights back in, MLflow
+    says what was done, and a second run reuses every step and the refit."""
+    from flows.compress import compress
+    from prunecomp.compress import compress as compress_in_memory
+    from prunecomp.recipe import read_recipe
+    from prunecomp.sources import load_model, resolve_source
+    from prunecomp.streamed import StreamedModel
+    from tasks.calibrate import load_windows
+    from tasks.tracking import client
+
+    store = str(tmp_path / "store")
+    prune = {"n_layers": 2, "refit": "sequential", "refit_steps": 3, "refine_samples": 6, "refine": "norms",
+             "refine_steps": 2}
+    cfg = make_config(store, tracking_uri, prune=prune, tracking={"registered_model": "stories-refit"})
+    run = compress(config=cfg)
+    refit = run["refit"]["report"]
+    first = min(run["removed"])
+    assert refit["layers"] == [o for o in range(5) if o > first and o not in run["removed"]] and refit["windows"] == 6
+    assert run["refine"] is not None and run["recipe"]["parts"][-2] == run["refit"]["uri"]
+    recipe = read_recipe(run["final"]["uri"])
+    assert recipe.steps[-1].layers and recipe.refine is not None
+    assert "reconstruct" in run["final_check"]["folded"]
+    source = str(make_config(store, tracking_uri).model)
+    lm = load_model(source)
+    six = [w for w in (load_windows(str(p.parent)) for p in Path(store, "calibration").glob("*/_COMPLETE"))
+           if w.n == 6]
+    dense = StreamedModel(resolve_source(source).local_dir, device="cpu", dtype=torch.float32)
+    report = compress_in_memory(lm.model, load_windows(run["calibration"]["uri"]), cfg.prune,
+                                batch_size=cfg.calibration.batch_size, refine_windows=six[0], dense=dense)
+    assert report.removed == run["removed"] and report.refit["layers"] == refit["layers"]  # type: ignore[index]
+    final = load_model(run["final"]["uri"]).model.state_dict()
+    mine = lm.model.state_dict()
+    assert final.keys() == mine.keys() and all(torch.equal(final[k], mine[k]) for k in final)
+    mv = client(tracking_uri).get_model_version("stories-refit", run["mlflow"]["version"])
+    assert mv.tags["method"] == "prune&comp-guarded+refit-sequential+refine-norms"
+    got = client(tracking_uri).get_run(run["mlflow"]["run_id"]).data.metrics
+    assert got["refit_error_after"] <= got["refit_error_before"]
+    again = compress(config=cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+        update={"log_and_register": False})}))
+    assert again["steps_computed"] == 0 and again["refit"]["reused"]
+    assert again["final"]["hash"] == run["final"]["hash"]
+
+
 def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config, tmp_path: Path,
                                              monkeypatch) -> None:
     """stream_layers runs the same flow one decoder layer at a time: same layers removed, same final tensors up to
