@@ -10,6 +10,9 @@ Rows (each in a fresh process; peak RSS from ``/usr/bin/time``, the largest proc
 With --reconstruct-only, the same two rows with block reconstruction beside every gap instead (--reconstruct both
 --reconstruct-steps N --refine channels --refine-steps N: the layers beside each gap fitted in place, the gains once
 at the end).
+With --refit-only, the same two rows with the sequential refit after the last removal instead (--refit sequential
+--refit-steps N: every layer after the first gap fitted to the dense streams, the dense layers read one at a time
+from the source folder beside the pruned model).
 With --refine-only, two rows of progressive refinement (--refine channels --refine-at each: a fit after every
 removal, back-propagated through the whole model, so never streamed) instead:
   library refined    prunecomp prune --refine channels --refine-at each --out DIR
@@ -28,6 +31,7 @@ counted; what the rows write to MLflow is.
     .venv/bin/python bench/pipeline_scale.py --refine-only --compensation lsq   # the same with lsq gap maps
     .venv/bin/python bench/pipeline_scale.py --reconstruct-only  # ~0.9B, block reconstruction (both sides, then
                                                                  # the gains once at the end)
+    .venv/bin/python bench/pipeline_scale.py --refit-only        # ~0.9B, the sequential refit
 """
 
 from __future__ import annotations
@@ -130,7 +134,7 @@ class Bench:
         return {"row": name, "wall_s": wall, "peak_rss_mb": rss, "bytes_written": du(home / "out"),
                 "layer_forwards": forwards(report), "removed": report["removed"], "fits": [_fit(f) for f in fits],
                 "reconstructed": [_local(s) for s in report["steps"] if s.get("reconstruct")],
-                **_audit(report["steps"], report.get("final_check"))}
+                "refit": _refit(report.get("refit")), **_audit(report["steps"], report.get("final_check"))}
 
     def pipeline(self, name: str, extra: list[str], *, kill_in_step: int | None = None) -> dict[str, Any]:
         home = self.work / name
@@ -155,6 +159,7 @@ class Bench:
                 "fits": [_fit(s["refine"]["report"]) for s in summary["steps"] if s.get("refine")] +
                         ([_fit(summary["refine"]["report"])] if summary.get("refine") else []),
                 "reconstructed": [_local(s["record"]) for s in summary["steps"] if s["record"].get("reconstruct")],
+                "refit": _refit((summary.get("refit") or {}).get("report")),
                 **_audit([s["record"] for s in summary["steps"] if s["kept"]], summary.get("final_check"))}
 
     def _kill(self, cmd: list[str], home: Path, step: int) -> dict[str, Any]:
@@ -195,6 +200,15 @@ def _local(step: dict[str, Any]) -> dict[str, Any]:
     return {k: step["reconstruct"][k] for k in ("layers", "steps", "loss_before", "loss_after", "seconds")}
 
 
+def _refit(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The part of a sequential refit's report the table shows."""
+    if not report:
+        return None
+    n = max(len(report["layers"]), 1)
+    return {"layers": report["layers"], "steps": report["steps"], "seconds": report["seconds"],
+            "error_before": sum(report["loss_before"]) / n, "error_after": sum(report["loss_after"]) / n}
+
+
 def prefect_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:
     import socket
     import urllib.request
@@ -230,6 +244,10 @@ def table(rows: list[dict[str, Any]], model_bytes: int) -> str:
             rs = r["reconstructed"]
             notes.append(f"{len(rs)} reconstructions ({rs[0]['steps']} steps each, {sum(x['seconds'] for x in rs):.0f}"
                          " s), error " + ", ".join(f"{x['loss_before']:.3f}->{x['loss_after']:.3f}" for x in rs))
+        if r.get("refit"):
+            f = r["refit"]
+            notes.append(f"refit of {len(f['layers'])} layers ({f['steps']} steps each, {f['seconds']:.0f} s), mean "
+                         f"error {f['error_before']:.3f}->{f['error_after']:.3f}")
         if r.get("fits"):
             notes.append(f"{len(r['fits'])} fits ({r['fits'][0]['mode']}, {r['fits'][0]['steps']} steps each, "
                          f"{sum(f['seconds'] for f in r['fits']):.0f} s), KL "
@@ -258,6 +276,7 @@ def main() -> None:
     ap.add_argument("--refine-only", action="store_true", help="only the progressive-refinement rows (~0.9B)")
     ap.add_argument("--refine-steps", type=int, default=4, help="Adam steps per fit of the refined rows")
     ap.add_argument("--reconstruct-only", action="store_true", help="only the block-reconstruction rows (~0.9B)")
+    ap.add_argument("--refit-only", action="store_true", help="only the sequential-refit rows (~0.9B)")
     ap.add_argument("--compensation", default=None, help="with --refine-only: the refined rows' --compensation "
                     "(default: the product's); a non-default one is named in the rows and the output file")
     ap.add_argument("--k", type=int, default=3)
@@ -278,7 +297,7 @@ def main() -> None:
         args.kill_delay = 0.0 if args.quick else 0.5
     comp = f"_{args.compensation}" if args.refine_only and args.compensation else ""
     suffix = ("_" + size if size != "0.9B" else "") + ("_refine" + comp if args.refine_only else "") + \
-        ("_reconstruct" if args.reconstruct_only else "")
+        ("_reconstruct" if args.reconstruct_only else "") + ("_refit" if args.refit_only else "")
     out = Path(args.out or ROOT / "bench" / "results" / f"pipeline_scale{suffix}.json")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -299,7 +318,11 @@ def main() -> None:
         plan: list[tuple[str, Any]] = [("pipeline streamed", lambda: b.pipeline("pipeline streamed",
                                                                                  ["--stream-layers"]))]
         refined = ["--refine", "channels", "--refine-at", "each", "--refine-steps", str(args.refine_steps)]
-        if args.reconstruct_only:
+        if args.refit_only:
+            seq = ["--refit", "sequential", "--refit-steps", str(args.refine_steps)]
+            plan = [("library refitted", lambda: b.library("library refitted", seq)),
+                    ("pipeline refitted", lambda: b.pipeline("pipeline refitted", ["--no-stream-layers", *seq]))]
+        elif args.reconstruct_only:
             local = ["--reconstruct", "both", "--reconstruct-steps", str(args.refine_steps), "--refine", "channels",
                      "--refine-steps", str(args.refine_steps)]
             plan = [("library reconstructed", lambda: b.library("library reconstructed", local)),
