@@ -20,7 +20,8 @@ Variants per metric (``--variants``):
   reconstruct-refit  reconstruct, then at each k the sequential refit (prunecomp's ``--refit sequential``: every
               layer after the first gap fitted to the dense stream, --refit-steps each, on the --refine-samples
               windows), on a copy: the next removal starts from the unrefitted state, as the product refits once
-  refine-reconstruct-refit  the same, then refinement (the refitted model's perplexity before the gains is kept as
+  refit / refine-refit  guarded, then the refit at each k (no block reconstruction), then (refine-refit) refinement
+  refine-reconstruct-refit  reconstruct-refit, then refinement (the refitted model's perplexity before the gains is kept as
               ``unrefined``: one run gives both rows)
   replaceme / linearpatch   the published anchors (bench/anchors.py; they choose a contiguous block by cosine
               whatever --metrics says, so run them under --metrics block); LinearPatch adds a run-time matmul
@@ -171,7 +172,7 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
             "refine+select": "magnitude", "guarded": "guarded", "refine-guarded": "guarded",
             "refine-none": "none", "refine-lsq": "lsq", "reconstruct": "guarded",
             "refine-reconstruct": "guarded", "reconstruct-refit": "guarded",
-            "refine-reconstruct-refit": "guarded"}[variant]
+            "refine-reconstruct-refit": "guarded", "refit": "guarded", "refine-refit": "guarded"}[variant]
     local = {"reconstruct": args.reconstruct, "reconstruct_steps": args.reconstruct_steps,
              "reconstruct_lr": args.reconstruct_lr} if "reconstruct" in variant else {}
     selection = "loss" if variant.endswith("select") else "score"
@@ -187,7 +188,7 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
             done, _ = refit_as_configured(m, fit_on, cfg, model)
             extra["refit"] = {k2: v for k2, v in done.to_dict().items() if k2 != "declined"}
             print(f"    [{metric}/{variant}] k={k}: refit {done.seconds:.0f} s", file=sys.stderr, flush=True)
-        if variant.startswith("refine-reconstruct"):  # the state refinement starts from
+        if variant.startswith("refine-re"):  # the state refinement starts from
             extra["unrefined"] = evaluate(m, False)["ppl"]
         if variant.startswith("refine"):
             m = copy.deepcopy(m)
@@ -284,7 +285,7 @@ def main() -> None:
                                         max_windows=int(n) if n else args.eval_max_windows)
     evaluate = Evaluator(lm.tokenizer, windows, args)
     teacher, fit_on = None, cal
-    if any(v.startswith(("refine", "reconstruct")) for v in args.variants.split(",")):  # the fitting windows
+    if any(v.startswith(("refine", "reconstruct", "refit")) for v in args.variants.split(",")):  # fitting windows
         if args.refine_samples:
             fit_on = calibration_windows(lm.tokenizer, args.calib_source, n_samples=args.refine_samples,
                                          seq_len=args.calib_seq_len, seed=0)
@@ -337,10 +338,10 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]
 
 VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "guarded", "lsq", "select", "refine", "refine-guarded",
                  "refine-none", "refine-lsq", "refine+select", "reconstruct", "refine-reconstruct", "reconstruct-refit",
-                 "refine-reconstruct-refit", "replaceme", "linearpatch")
+                 "refine-reconstruct-refit", "refit", "refine-refit", "replaceme", "linearpatch")
 ANCHORS = ("replaceme", "linearpatch")
 REFINED = ("refine", "refine-guarded", "refine-none", "refine-lsq", "refine+select", "refine-reconstruct",
-           "refine-reconstruct-refit")
+           "refine-reconstruct-refit", "refine-refit")
 
 
 def render(results: list[dict[str, Any]]) -> str:
@@ -486,6 +487,8 @@ def time_summary(results: list[dict[str, Any]], naive: dict[str, dict[str, dict[
         rec = f"{recovered(r['ppl']['mean'], n['ppl']['mean'], dense):.1f}%" if n else "-"
         how = (f"{st.get('reconstruct')}, {st.get('reconstruct_steps')} steps, {st.get('refine_samples')} windows"
                if "reconstruct" in variant else f"{st.get('refine_samples')} windows")
+        if variant.endswith("refit") and "reconstruct" not in variant:
+            how = f"{st.get('refine_samples')} windows"
         prune_s = r["prune_seconds"]
         if r.get("refit"):
             how += f", refit {r['refit']['steps']} steps ({r['refit']['seconds']:.0f} s, in pruning s)"
