@@ -21,8 +21,8 @@ Variants per metric (``--variants``):
               layer after the first gap fitted to the dense stream, --refit-steps each, on the --refine-samples
               windows), on a copy: the next removal starts from the unrefitted state, as the product refits once
   refit / refine-refit  guarded, then the refit at each k (no block reconstruction), then (refine-refit) refinement
-  refine-reconstruct-refit  reconstruct-refit, then refinement (the refitted model's perplexity before the gains is kept as
-              ``unrefined``: one run gives both rows)
+  refine-reconstruct-refit  reconstruct-refit, then refinement (the refitted model's perplexity before the gains
+              is kept as ``unrefined``: one run gives both rows)
   replaceme / linearpatch   the published anchors (bench/anchors.py; they choose a contiguous block by cosine
               whatever --metrics says, so run them under --metrics block); LinearPatch adds a run-time matmul
 Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
