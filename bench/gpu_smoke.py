@@ -13,6 +13,8 @@ Checks, each a row of the table (and a non-zero exit when any fails):
   in-memory refine        magnitude compensation + refinement (channels); calibration KL lowered
   in-memory reconstruct   block reconstruction (both sides) on float32 copies of bf16 layers: the error falls at
                           every step (or the fit is declined), the weights stay bf16, the recipe replays bit for bit
+  in-memory refit         the sequential refit after the last removal, the dense layers read one at a time from
+                          the folder onto the device: errors fall (or fits are declined), bf16 kept, replay exact
   streamed magnitude      layer-streamed, one decoder layer on the GPU at a time; same layers as in-memory
   weight dtype            the in-memory model kept bf16 weights on CUDA; statistics (scales) finite
 """
@@ -134,6 +136,22 @@ def main() -> int:
         return same and fell and kept, (f"removed {report.removed}, errors {errors}, replay bit-identical: {same}, "
                                         f"weights {dtype}: {kept}"), report.removed
 
+    def refit() -> tuple[bool, str, Any]:
+        model = load()
+        cfg = PruneConfig(n_layers=args.k, metric="bi", refit="sequential", refit_steps=args.refine_steps,
+                          reconstruct_batch=2)
+        report = compress(model, ids, cfg, batch_size=4, dense=StreamedModel(folder, device=device, dtype=dtype))
+        replay = apply_recipe(load(), report.recipe(source))
+        a, b = model.state_dict(), replay.state_dict()
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        r = report.refit or {}
+        fell = all(x <= y for x, y in zip(r.get("loss_after", []), r.get("loss_before", []), strict=True))
+        kept = all(p.dtype == dtype for p in model.parameters())
+        del model, replay
+        return same and fell and kept, (f"removed {report.removed}, refitted {r.get('layers')} in "
+                                        f"{r.get('seconds', 0):.1f} s, errors fell: {fell}, replay bit-identical: "
+                                        f"{same}, weights {dtype}: {kept}"), report.removed
+
     def magnitude() -> tuple[bool, str, Any]:
         model = load()
         report = prune_and_compensate(model, ids, PruneConfig(n_layers=args.k, metric="bi"), batch_size=4)
@@ -152,6 +170,7 @@ def main() -> int:
     timed("in-memory lsq", lsq)
     timed("in-memory refine", refine)
     timed("in-memory reconstruct", reconstruct)
+    timed("in-memory refit", refit)
     removed = timed("in-memory magnitude", magnitude)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
