@@ -9,7 +9,7 @@ from typing import Any
 from prunecomp.errors import PrunecompError
 from prunecomp.storage import is_remote
 
-__all__ = ["exists", "list_dirs", "read_bytes", "read_json"]
+__all__ = ["exists", "list_dirs", "read_bytes", "read_json", "size"]
 
 
 def read_bytes(uri: str) -> bytes:
@@ -37,6 +37,16 @@ def exists(uri: str) -> bool:
 
     fs, path = fsspec.core.url_to_fs(uri)
     return bool(fs.exists(path))
+
+
+def size(uri: str) -> int:
+    """Bytes of the file at ``uri``."""
+    if not is_remote(uri):
+        return Path(uri.removeprefix("file://")).expanduser().stat().st_size
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return int(fs.size(path))
 
 
 def list_dirs(uri: str) -> list[str]:

@@ -122,19 +122,31 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
         with tempfile.TemporaryDirectory(prefix="prunecomp-plots-") as tmp:
             save_report_plots(report, tmp)
             c.log_artifacts(run_id, tmp, "plots")
-    if recipe_uri is not None:  # the recipe of the registered model (kilobytes), not its weights
+    if recipe_uri is not None:  # the recipe of the registered model, not its weights
         from prunecomp.recipe import RECIPE_FILE, TENSORS_FILE
-        from tasks.files import exists, read_bytes
+        from tasks.files import exists, read_bytes, size
 
         with tempfile.TemporaryDirectory(prefix="prunecomp-recipe-") as tmp:
             for name in (RECIPE_FILE, TENSORS_FILE):
-                if exists(f"{recipe_uri.rstrip('/')}/{name}"):
-                    (Path(tmp) / name).write_bytes(read_bytes(f"{recipe_uri.rstrip('/')}/{name}"))
+                uri = f"{recipe_uri.rstrip('/')}/{name}"
+                if not exists(uri):
+                    continue
+                if name == TENSORS_FILE and size(uri) > RECIPE_TENSORS_LIMIT:
+                    # whole layers (block reconstruction, the refit): a copy would be a second model's worth
+                    (Path(tmp) / f"{name}.uri").write_text(uri + "\n")
+                    continue
+                (Path(tmp) / name).write_bytes(read_bytes(uri))
             c.log_artifacts(run_id, tmp, "recipe")
     c.finalize_logged_model(logged.model_id, "READY")
     c.set_tag(run_id, MODEL_ID_TAG, logged.model_id)
     c.set_terminated(run_id)
     return {"run_id": run_id, "model_id": logged.model_id, "model_uri": model_uri, "reused": "false"}
+
+
+RECIPE_TENSORS_LIMIT = 64 * 2**20
+"""Largest recipe sidecar copied into the MLflow run (gains and lsq maps are kilobytes to a few MB; a recipe with
+refitted or reconstructed layers holds their weights, which stay beside the final model, named by a ``.uri``
+file)."""
 
 
 def _model_params(flat: Mapping[str, str]) -> list[str]:

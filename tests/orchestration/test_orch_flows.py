@@ -351,11 +351,13 @@ def test_reconstructed_run_matches_the_library(harness, tracking_uri, make_confi
     assert again["steps_computed"] == 2
 
 
-def test_refitted_run_matches_the_library(harness, tracking_uri, make_config, tmp_path: Path) -> None:
+def test_refitted_run_matches_the_library(harness, tracking_uri, make_config, tmp_path: Path, monkeypatch) -> None:
     """refit='sequential' through the pipeline: its own task after the last step (the dense streams read layer by
     layer from the base checkpoint), before the end refinement; the final model equals the library's compress()
     bit for bit, the recipe holds the refitted layers, the final check swaps the base's weights back in, MLflow
-    says what was done, and a second run reuses every step and the refit."""
+    says what was done (a recipe sidecar over the size limit is named, not copied), and a second run reuses every
+    step and the refit."""
+    import tasks.tracking
     from flows.compress import compress
     from prunecomp.compress import compress as compress_in_memory
     from prunecomp.recipe import read_recipe
@@ -368,6 +370,7 @@ def test_refitted_run_matches_the_library(harness, tracking_uri, make_config, tm
     prune = {"n_layers": 2, "refit": "sequential", "refit_steps": 3, "refine_samples": 6, "refine": "norms",
              "refine_steps": 2}
     cfg = make_config(store, tracking_uri, prune=prune, tracking={"registered_model": "stories-refit"})
+    monkeypatch.setattr(tasks.tracking, "RECIPE_TENSORS_LIMIT", 1000)  # whole layers: far over it
     run = compress(config=cfg)
     refit = run["refit"]["report"]
     first = min(run["removed"])
@@ -391,6 +394,8 @@ def test_refitted_run_matches_the_library(harness, tracking_uri, make_config, tm
     assert mv.tags["method"] == "prune&comp-guarded+refit-sequential+refine-norms"
     got = client(tracking_uri).get_run(run["mlflow"]["run_id"]).data.metrics
     assert got["refit_error_after"] <= got["refit_error_before"]
+    logged = {f.path for f in client(tracking_uri).list_artifacts(run["mlflow"]["run_id"], "recipe")}
+    assert logged == {"recipe/recipe.json", "recipe/recipe.safetensors.uri"}
     again = compress(config=cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
         update={"log_and_register": False})}))
     assert again["steps_computed"] == 0 and again["refit"]["reused"]
