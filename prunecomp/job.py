@@ -133,6 +133,10 @@ def run_job(config: JobConfig, progress: Progress | None = None,
         if progressive:
             progress.message(f"  refining ({config.prune.refine}, {config.prune.refine_steps} steps) before "
                              "the next scoring")
+        elif config.prune.refit != "none" and record.step + 1 == config.prune.layers_to_remove(record.step + 1
+                                                                                             + record.layers_after):
+            progress.message(f"refitting every layer after the first gap to the dense model's streams "
+                             f"({config.prune.refit_steps} steps each)")
         else:
             progress.start(f"step {record.step + 2}: scoring layers", batches)
 

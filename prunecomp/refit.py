@@ -96,7 +96,8 @@ def describe_refit(rec: dict[str, Any]) -> str:
         return "refit: no layer after a gap (only the last layers were removed), nothing refitted"
     n, declined = len(rec["layers"]), rec.get("declined") or []
     mean = sum(rec["loss_before"]) / n, sum(rec["loss_after"]) / n
-    return (f"refitted layers {rec['layers'][0]}..{rec['layers'][-1]} ({n}) to the dense stream: mean relative error "
+    which = f"layer {rec['layers'][0]}" if n == 1 else f"layers {rec['layers'][0]}..{rec['layers'][-1]} ({n})"
+    return (f"refitted {which} to the dense stream: mean relative error "
             f"{mean[0]:.4f} -> {mean[1]:.4f} ({rec['steps']} steps each on {rec['windows']} windows, "
             f"{rec['seconds']:.0f} s)" + (f"; declined for {declined}" if declined else ""))
 

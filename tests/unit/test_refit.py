@@ -50,7 +50,7 @@ def test_each_layer_is_fitted_to_the_dense_stream_after_its_original_layer() -> 
     # the error is the mean over the batches of 2 windows
     got = sum(float(relative_error(pruned[3][b : b + 2], dense[4][b : b + 2])) for b in range(0, 8, 2)) / 4
     assert got == pytest.approx(report.loss_after[0], rel=1e-4)
-    assert "refitted layers 3..5 (2)" in describe_refit(report.to_dict())
+    assert "refitted layers 3..5 (2) to the dense stream" in describe_refit(report.to_dict())
 
 
 def test_only_the_last_layers_removed_leaves_nothing_to_refit() -> None:
