@@ -124,3 +124,31 @@ def test_refit_needs_the_dense_model_and_is_refused_where_unsupported() -> None:
         PruneConfig(n_layers=1, compensation="lsq", refit="sequential")
     with pytest.raises(ValidationError, match="refine_at='end'"):
         PruneConfig(n_layers=1, refit="sequential", refine="norms", refine_at="each")
+
+
+def test_the_job_reads_the_dense_layers_from_the_source(stories_dir, tmp_path) -> None:
+    """dense_layers: a safetensors source is read layer by layer (StreamedModel); any other source is loaded a
+    second time, whole, with every layer."""
+    import shutil
+
+    from prunecomp.sources import dense_layers, load_model
+    from prunecomp.streamed import StreamedModel
+
+    source = tiny_model("llama")
+    source.save_pretrained(tmp_path / "st")
+    source.save_pretrained(tmp_path / "pickle")
+    for f in (tmp_path / "pickle").glob("*.safetensors"):  # a pickle checkpoint in its place
+        f.unlink()
+    torch.save(source.state_dict(), tmp_path / "pickle" / "pytorch_model.bin")
+    for folder in ("st", "pickle"):  # any tokenizer will do: the model is never run on text here
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+            shutil.copy(stories_dir / name, tmp_path / folder / name)
+    st = load_model(str(tmp_path / "st"))
+    pk = load_model(str(tmp_path / "pickle"), allow_pickle=True)
+    assert isinstance(dense_layers(st), StreamedModel)
+    again = dense_layers(pk, allow_pickle=True)
+    assert isinstance(again, InMemoryDense) and again.model is not pk.model
+    for o in range(6):
+        for (n, a), b in zip(decoder_layers(source)[o].state_dict().items(),
+                             again.load_layer(o).state_dict().values(), strict=True):
+            assert torch.equal(a, b), (o, n)
