@@ -496,6 +496,11 @@ def time_summary(results: list[dict[str, Any]], naive: dict[str, dict[str, dict[
         fit = (r.get("refine") or {}).get("seconds", 0.0)
         unrefined = f"{r['unrefined']['mean']:.2f}" if r.get("unrefined") else "-"
         cap = f"{budget[k]:.0f}" if k in budget else "-"
+        if r.get("refit") and r.get("unrefined"):  # the refitted state before the gains is a row of its own
+            m = r["unrefined"]["mean"]
+            rec0 = f"{recovered(m, n['ppl']['mean'], dense):.1f}%" if n else "-"
+            lines.append(f"| {metric} | {k} | {variant.removeprefix('refine-')} | {how} | {sorted(r['removed'])} | - | "
+                         f"{m:.2f} | {rec0} | {prune_s:.0f} | 0 | {prune_s:.0f} | {cap} |")
         lines.append(f"| {metric} | {k} | {variant} | {how} | {sorted(r['removed'])} | {unrefined} | "
                      f"{r['ppl']['mean']:.2f} | {rec} | {prune_s:.0f} | {fit:.0f} | "
                      f"{prune_s + fit:.0f} | {cap} |")

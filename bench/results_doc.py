@@ -25,7 +25,8 @@ GUARDED = ("quality_guarded", "quality_guarded_tp", "quality_guarded_block", "qu
 ANCHORS = ("quality_anchors",)
 REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metrics", "quality_refine_mag",
            "quality_refine_taylor_k3", "quality_refine_taylor_k8", "quality_refine_guarded", "quality_refine_starts",
-           "quality_refine_lsq", "quality_reconstruct", "quality_reconstruct_s128", "quality_reconstruct_s256")
+           "quality_refine_lsq", "quality_reconstruct", "quality_reconstruct_s128", "quality_reconstruct_s256",
+           "quality_refit64", "quality_refit100")
 BUDGET = {3: 2 * 867.0, 5: 2 * 721.0, 8: 2 * 788.0}  # 2 x refinement s of refine (k = 3, 8), refine-guarded (5)
 MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themselves
     "pipeline_scale": "Pipeline at scale (`bench/pipeline_scale.py`, 0.92 B synthetic model)",
@@ -33,6 +34,10 @@ MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themse
                              "0.92 B synthetic model)",
     "pipeline_scale_refine_lsq": "The same with lsq gap maps (`bench/pipeline_scale.py --refine-only --compensation "
                                  "lsq`, 0.92 B synthetic model)",
+    "pipeline_scale_reconstruct": "Pipeline at scale with block reconstruction (`bench/pipeline_scale.py "
+                                  "--reconstruct-only`, 0.92 B synthetic model)",
+    "pipeline_scale_refit": "Pipeline at scale with the sequential refit (`bench/pipeline_scale.py --refit-only`, "
+                            "0.92 B synthetic model)",
     "pipeline_scale_7B": "Pipeline at scale, 6.9 B synthetic model larger than RAM (`bench/pipeline_scale.py`)",
     "resume": "Kill and resume (`bench/resume.py`)",
     "memory": "Memory of the three scoring modes (`bench/memory.py`)",
