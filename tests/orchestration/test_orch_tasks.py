@@ -30,6 +30,7 @@ def test_step_key_covers_what_determines_the_result() -> None:
     assert _step(parts=("/other/steps/a",)).key == ref.key
     assert _step(calibration_uri="/other").key == ref.key
     assert _step(prune=PruneConfig(n_layers=2, refine="norms")).key == ref.key  # refinement is its own task
+    assert _step(prune=PruneConfig(n_layers=2, refit="sequential", refit_steps=7)).key == ref.key  # so is the refit
     for change in ({"base_hash": "q" * 64}, {"state_digest": "y" * 64}, {"calibration_digest": "e"}, {"step": 1},
                    {"batch_size": 2}, {"stream": True}, {"code": "v2"}, {"store": "s3://b/p"},
                    {"prune": PruneConfig(n_layers=2, metric="angular")},
