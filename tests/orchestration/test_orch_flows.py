@@ -474,7 +474,8 @@ def test_redaction_covers_nested_documents_and_mlflow_params() -> None:
 
 def test_cli_keeps_credentials_out_of_prefect_parameters(harness, stories, tmp_path: Path, monkeypatch) -> None:
     """`prunecomp run --tracking-uri` with a password: the run gets the URI through the environment, and the flow
-    run's parameters that Prefect stores (and shows in its UI) never contain it."""
+    run's parameters that Prefect stores (and shows in its UI) never contain it. The pruning options reach the flow's
+    parameters (``--refit``)."""
     from click.testing import CliRunner
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
@@ -489,10 +490,13 @@ def test_cli_keeps_credentials_out_of_prefect_parameters(harness, stories, tmp_p
         "run", "--model", str(stories), "--layers", "1", "--calib-source", "tinystories", "--calib-samples", "4",
         "--calib-seq-len", "64", "--eval-datasets", "tinystories", "--eval-seq-len", "64", "--eval-max-windows", "2",
         "--quick-datasets", "", "--data-dir", data, "--store", str(tmp_path / "store"), "--no-register",
-        "--run-name", "credentials", "--tracking-uri", f"postgresql://alice:{secret}@db.internal:5432/mlflow"])
+        "--run-name", "credentials", "--tracking-uri", f"postgresql://alice:{secret}@db.internal:5432/mlflow",
+        "--refit", "sequential", "--refit-steps", "2"])
     assert result.exit_code == 0, result.output
     assert secret not in result.output, result.output
     assert "passed to the run through" in result.output
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="credentials")))
     assert runs and all(secret not in json.dumps(r.parameters, default=str) for r in runs)
+    prune = json.loads(json.dumps(runs[0].parameters, default=str))["config"]["prune"]
+    assert prune["refit"] == "sequential" and prune["refit_steps"] == 2
