@@ -1,5 +1,6 @@
 """The ``compress`` flow: source model -> calibration cache -> k x (score -> prune -> compensate -> recipe part ->
-quick eval) -> [refit] -> [refine] -> final model, written once -> full evaluation -> MLflow run + registered model version.
+quick eval) -> [refit] -> [refine] -> final model, written once -> full evaluation -> MLflow run + registered model
+version.
 
 Every box is a cached task keyed by what determines its result (:mod:`tasks.jobs`). Steps exchange recipe parts
 (kilobytes), not models: one working copy of the model stays in the process from step to step
