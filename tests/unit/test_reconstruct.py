@@ -16,8 +16,9 @@ from prunecomp.errors import PrunecompError
 from prunecomp.final_check import final_check, reconstructed_layers, uncompensated_view
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
-from prunecomp.recipe import FORMAT_LAYERS, Recipe, apply_recipe, read_recipe, write_recipe_files
+from prunecomp.recipe import FORMAT_LAYERS, Recipe
 from prunecomp.reconstruct import capture_gap, effective_side, fit_layers, reconstruct, relative_error
+from tests.layer_checks import replays_and_views
 from tests.tiny_models import FAMILIES, tiny_model, tokens
 
 SOURCE = {"content_hash": "tiny", "architecture": "LlamaForCausalLM"}
@@ -110,27 +111,10 @@ def test_recipe_replays_bit_for_bit_and_the_view_is_the_plain_removal(family: st
     assert all(s.reconstruct["loss_after"] < s.reconstruct["loss_before"] for s in report.steps)  # type: ignore[index]
     assert "layer_weights" not in report.steps[0].to_dict()
     recipe = report.recipe(SOURCE | {"architecture": type(model).__name__})
-    write_recipe_files(recipe, tmp_path)
-    again = read_recipe(tmp_path)
-    assert again.digest() == recipe.digest()
+    originals = replays_and_views(source, model, recipe, ids, tmp_path)
     assert f'"{FORMAT_LAYERS}"' in (tmp_path / "recipe.json").read_text()
-    replayed = apply_recipe(copy.deepcopy(source), again)
-    for (n, a), b in zip(model.state_dict().items(), replayed.state_dict().values(), strict=True):
-        assert torch.equal(a, b), n
-    # The final check's view: the source weights swapped into the rewritten layers, every other fold undone.
-    plain = copy.deepcopy(source)
-    for s in recipe.steps:
-        remove_layer(plain, s.current)
     rewritten = reconstructed_layers(recipe, 4)
     assert set(rewritten.values()) <= set(range(6)) - set(report.removed) and rewritten
-    originals = {j: {n: p.detach().clone() for n, p in decoder_layers(source)[o].named_parameters()}
-                 for j, o in rewritten.items()}
-    with torch.no_grad():
-        final = model(input_ids=ids).logits
-        with uncompensated_view(model, recipe, originals):
-            viewed = model(input_ids=ids).logits
-        torch.testing.assert_close(viewed, plain(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
-        assert torch.equal(model(input_ids=ids).logits, final)  # weights restored after the view
     with pytest.raises(ValueError, match="reconstructed"), uncompensated_view(model, recipe):
         pass
     check = final_check(model, recipe, ids, "d", originals=originals)
