@@ -202,11 +202,13 @@ def _local(step: dict[str, Any]) -> dict[str, Any]:
 
 def _refit(report: dict[str, Any] | None) -> dict[str, Any] | None:
     """The part of a sequential refit's report the table shows."""
+    from prunecomp.refit import mean_errors
+
     if not report:
         return None
-    n = max(len(report["layers"]), 1)
+    before, after = mean_errors(report)
     return {"layers": report["layers"], "steps": report["steps"], "seconds": report["seconds"],
-            "error_before": sum(report["loss_before"]) / n, "error_after": sum(report["loss_after"]) / n}
+            "error_before": before, "error_after": after}
 
 
 def prefect_server(work: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -28,7 +28,7 @@ from prunecomp.final_check import line as final_line
 from prunecomp.incremental import PER_CANDIDATE_METRICS
 from prunecomp.quiet import quiet_libraries
 from prunecomp.recipe import Recipe
-from prunecomp.refit import describe_refit
+from prunecomp.refit import describe_refit, mean_errors
 from prunecomp.storage import check_writable, is_complete, write_json
 from tasks import working
 from tasks.artifacts import RunProgress, publish_step, publish_summary, summary_markdown
@@ -367,9 +367,9 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
               "tasks": {"dense": dense_eval["qa"].get("tasks"), "pruned": final_eval["qa"].get("tasks")}}
     metrics = run_metrics(ppl, qa, len(kept), check)
     if refitted is not None and refitted["report"]["layers"]:  # the refit's mean relative error per layer
-        r = refitted["report"]
-        metrics |= {"refit_error_before": sum(r["loss_before"]) / len(r["layers"]),
-                    "refit_error_after": sum(r["loss_after"]) / len(r["layers"]), "refit_seconds": r["seconds"]}
+        before, after = mean_errors(refitted["report"])
+        metrics |= {"refit_error_before": before, "refit_error_after": after,
+                    "refit_seconds": refitted["report"]["seconds"]}
     summary: dict[str, Any] = {
         "run_id": run_id, "config": config.model_dump(mode="json"), "code_version": code, "source": source,
         "base": {"uri": redact(base["uri"]), "hash": base["hash"], "num_layers": n_src,

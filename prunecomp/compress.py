@@ -24,7 +24,7 @@ from prunecomp.refine import RefineReport, TeacherTargets, refine, teacher_targe
 from prunecomp.refit import DenseLayers, InMemoryDense, RefitReport, sequential_refit
 from prunecomp.report import PruneReport, StepRecord
 
-__all__ = ["compress", "refine_as_configured", "refit_as_configured", "teacher_for"]
+__all__ = ["DenseSource", "compress", "refine_as_configured", "refit_as_configured", "teacher_for"]
 
 
 def _ids(windows: TokenWindows | Tensor) -> Tensor:
@@ -58,15 +58,29 @@ def refine_as_configured(model: nn.Module, windows: TokenWindows | Tensor, targe
                   batch_size=config.refine_batch)
 
 
-def refit_as_configured(model: nn.Module, windows: TokenWindows | Tensor, config: PruneConfig,
-                        dense: DenseLayers | nn.Module | None) -> tuple[RefitReport, dict[str, Tensor]]:
-    """:func:`prunecomp.refit.sequential_refit` with the ``refit_*`` settings of ``config`` (``reconstruct_batch``
-    windows a step); ``dense``: the dense source, a model in memory or a :class:`~prunecomp.refit.DenseLayers`."""
+DenseSource = DenseLayers | nn.Module | Callable[[], DenseLayers | nn.Module]
+"""The dense source of a refit: its layers (:class:`~prunecomp.refit.DenseLayers`), the dense model in memory, or a
+function that opens one of them (called when the refit runs, so nothing is held while the layers are pruned)."""
+
+_NO_DENSE = ("refit='sequential' fits to the dense model's streams: pass dense= (the dense model, a "
+             "prunecomp.streamed.StreamedModel of its folder, or a function returning one)")
+
+
+def _as_dense(dense: DenseSource | None) -> DenseLayers:
     if dense is None:
-        raise PrunecompError("refit='sequential' fits to the dense model's streams: pass dense= (the dense model, or "
-                             "a prunecomp.streamed.StreamedModel of its folder)")
-    layers = InMemoryDense(dense) if isinstance(dense, nn.Module) else dense
-    return sequential_refit(model, _ids(windows), layers, steps=config.refit_steps, lr=config.refit_lr,
+        raise PrunecompError(_NO_DENSE)
+    if isinstance(dense, nn.Module):
+        return InMemoryDense(dense)
+    if hasattr(dense, "load_layer"):
+        return dense  # type: ignore[return-value]
+    return _as_dense(dense())  # type: ignore[operator]
+
+
+def refit_as_configured(model: nn.Module, windows: TokenWindows | Tensor, config: PruneConfig,
+                        dense: DenseSource | None) -> tuple[RefitReport, dict[str, Tensor]]:
+    """:func:`prunecomp.refit.sequential_refit` with the ``refit_*`` settings of ``config`` (``reconstruct_batch``
+    windows a step) against ``dense`` (see :data:`DenseSource`)."""
+    return sequential_refit(model, _ids(windows), _as_dense(dense), steps=config.refit_steps, lr=config.refit_lr,
                             batch_size=config.reconstruct_batch)
 
 
@@ -83,7 +97,7 @@ def compress(
     teacher: TeacherTargets | nn.Module | None = None,
     refine_windows: TokenWindows | Tensor | None = None,
     on_refine: Callable[[RefineReport, StepRecord | None, nn.Module], None] | None = None,
-    dense: DenseLayers | nn.Module | None = None,
+    dense: DenseSource | None = None,
     on_refit: Callable[[RefitReport], None] | None = None,
 ) -> PruneReport:
     """:func:`prunecomp.loop.prune_and_compensate`, then (``config.refine`` not ``none``) refinement on
@@ -108,7 +122,7 @@ def compress(
                    on_batch=on_batch, calibration_config=calibration_config, cache_budget_bytes=cache_budget_bytes,
                    fit_windows=refine_windows)
     if config.refit != "none" and dense is None:  # before any work
-        refit_as_configured(model, fit_on, config, None)
+        raise PrunecompError(_NO_DENSE)
     if targets is None or config.refine_at == "end":
         report = loop(config)
         if config.refit != "none":

@@ -154,9 +154,9 @@ def run_job(config: JobConfig, progress: Progress | None = None,
                                              n_samples=config.prune.refine_samples,
                                              seq_len=config.calibration.seq_len, seed=config.calibration.seed,
                                              data_dir=config.data_dir)
-    dense = None
-    if config.prune.refit != "none":
-        dense = dense_layers(lm, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code)
+    # opened when the refit runs (a GGUF source is loaded a second time): nothing is held while layers are pruned
+    dense = None if config.prune.refit == "none" else partial(dense_layers, lm, allow_pickle=config.allow_pickle,
+                                                              trust_remote_code=config.trust_remote_code)
 
     def refitted(done: Any) -> None:
         progress.message(f"  {describe_refit(done.to_dict())}")

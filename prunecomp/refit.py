@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -31,11 +32,13 @@ from torch import Tensor, nn
 
 from prunecomp.adapters import decoder_layers
 from prunecomp.errors import PrunecompError
+from prunecomp.planning import source_num_layers
 from prunecomp.pruning import original_indices
 from prunecomp.reconstruct import fit_layers, layer_tensors
 from prunecomp.sequential import catch_layer_inputs, run_layer
 
-__all__ = ["DenseLayers", "InMemoryDense", "RefitReport", "describe_refit", "first_gap", "sequential_refit"]
+__all__ = ["DenseLayers", "InMemoryDense", "RefitReport", "dense_from_folder", "describe_refit", "first_gap",
+           "mean_errors", "sequential_refit"]
 
 SEED = 2000
 """Seed of the batch order (fixed: a refit is reproducible, and the recipe replays it bit for bit anyway)."""
@@ -90,12 +93,27 @@ class RefitReport:
         return asdict(self) | {"declined": self.declined}
 
 
+def dense_from_folder(folder: Path, like: nn.Module) -> DenseLayers:
+    """The dense source of a safetensors folder, read one layer at a time in ``like``'s dtype and on its device
+    (:class:`prunecomp.streamed.StreamedModel`): what a refit of a large model needs beside it."""
+    from prunecomp.streamed import StreamedModel
+
+    param = next(like.parameters())
+    return StreamedModel(folder, dtype=param.dtype, device=str(param.device))
+
+
+def mean_errors(rec: dict[str, Any]) -> tuple[float, float]:
+    """Mean relative error over the refitted layers of a refit (:meth:`RefitReport.to_dict`), before and after."""
+    n = max(len(rec["layers"]), 1)
+    return sum(rec["loss_before"]) / n, sum(rec["loss_after"]) / n
+
+
 def describe_refit(rec: dict[str, Any]) -> str:
     """A refit (:meth:`RefitReport.to_dict`) in words, for the CLI and run reports."""
     if not rec["layers"]:
         return "refit: no layer after a gap (only the last layers were removed), nothing refitted"
     n, declined = len(rec["layers"]), rec.get("declined") or []
-    mean = sum(rec["loss_before"]) / n, sum(rec["loss_after"]) / n
+    mean = mean_errors(rec)
     which = f"layer {rec['layers'][0]}" if n == 1 else f"layers {rec['layers'][0]}..{rec['layers'][-1]} ({n})"
     return (f"refitted {which} to the dense stream: mean relative error "
             f"{mean[0]:.4f} -> {mean[1]:.4f} ({rec['steps']} steps each on {rec['windows']} windows, "
@@ -132,10 +150,9 @@ def sequential_refit(model: nn.Module, ids: Tensor, dense: DenseLayers, *, steps
     t0 = time.perf_counter()
     layers = decoder_layers(model)
     orig = original_indices(model)
-    n_dense = len(decoder_layers(dense.model))
-    if n_dense != int((getattr(model.config, "prunecomp", None) or {}).get("source_num_layers", len(orig))):
-        raise PrunecompError(f"the dense model has {n_dense} layers, the pruned model's source "
-                             f"{model.config.prunecomp['source_num_layers']}")
+    n_dense, n_source = len(decoder_layers(dense.model)), source_num_layers(model)
+    if n_dense != n_source:
+        raise PrunecompError(f"the dense model has {n_dense} layers, the pruned model's source {n_source}")
     report = RefitReport(steps=steps, lr=lr, windows=int(ids.shape[0]))
     start = first_gap(model)
     if start == len(layers):

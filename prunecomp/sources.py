@@ -330,15 +330,15 @@ def source_layer_weights(lm: LoadedModel, layers: dict[int, int], *, allow_pickl
 
 def dense_layers(lm: LoadedModel, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Any:
     """The dense source, layer by layer (:class:`prunecomp.refit.DenseLayers`), for the sequential refit: a
-    :class:`prunecomp.streamed.StreamedModel` of a safetensors source (one layer in memory at a time, in the pruned
-    model's dtype and on its device, so a refit of a large model holds one extra layer, not a second model); any
-    other source (GGUF, pickle) is loaded again, whole (such sources are small enough to hold twice)."""
-    from prunecomp.refit import InMemoryDense
-    from prunecomp.streamed import StreamedModel
+    safetensors source read one layer at a time (:func:`prunecomp.refit.dense_from_folder`, so a refit of a large
+    model holds one extra layer, not a second model); any other source (GGUF, pickle) is loaded again, whole (such
+    sources are small enough to hold twice). Call it when the refit runs, not before the pruning: what it opens is
+    held until it is dropped."""
+    from prunecomp.refit import InMemoryDense, dense_from_folder
 
-    param = next(lm.model.parameters())
     if not lm.source.gguf_file and any(lm.source.local_dir.glob("*.safetensors")):
-        return StreamedModel(lm.source.local_dir, dtype=param.dtype, device=str(param.device))
+        return dense_from_folder(lm.source.local_dir, lm.model)
+    param = next(lm.model.parameters())
     again = load_model(lm.source.uri, lm.source.revision, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, dtype=param.dtype, device=str(param.device),
                        known_hash=lm.content_hash)

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import task
 
 from prunecomp.recipe import LayerEdit
-from prunecomp.refit import sequential_refit
+from prunecomp.refit import dense_from_folder, sequential_refit
 from prunecomp.storage import is_complete
 from tasks.caching import JOB_KEY
 from tasks.calibrate import load_windows
@@ -29,15 +29,13 @@ __all__ = ["refit_state"]
 def refit_state(job: RefitJob) -> dict[str, Any]:
     """Refit the state ``job.parts`` to the base's streams; the layers part goes to ``job.uri``."""
     from prunecomp.sources import resolve_source
-    from prunecomp.streamed import StreamedModel
 
     if is_complete(job.uri):
         return read_meta(job.uri)
     parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
     with checkout(job.base_uri, parent) as wc:
-        param = next(wc.model.parameters())
-        dense = StreamedModel(resolve_source(job.base_uri).local_dir, dtype=param.dtype, device=str(param.device))
+        dense = dense_from_folder(resolve_source(job.base_uri).local_dir, wc.model)
         report, weights = sequential_refit(wc.model, windows.ids, dense, steps=job.steps, lr=job.lr,
                                            batch_size=job.batch)
         wc.scanner = wc.scanner_for = None  # layers changed: nothing scores this state again, but never stale

@@ -102,6 +102,17 @@ def test_dense_layers_read_from_a_folder_give_the_same_refit(tmp_path) -> None:
     assert ra.refit["layers"] == rb.refit["layers"]  # type: ignore[index]
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=n)
+    opened: list[int] = []  # a function that opens the source (the job's form) is called once, at the refit
+
+    def open_source() -> StreamedModel:
+        opened.append(len(decoder_layers(c)))
+        return StreamedModel(tmp_path / "src", device="cpu", dtype=torch.float32)
+
+    c = copy.deepcopy(source)
+    compress(c, ids, config, dense=open_source)
+    assert opened == [4]  # after both removals
+    for (n, x), y in zip(b.state_dict().items(), c.state_dict().values(), strict=True):
+        assert torch.equal(x, y), n
 
 
 def test_refit_needs_the_dense_model_and_is_refused_where_unsupported() -> None:
