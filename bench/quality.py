@@ -193,7 +193,7 @@ def _iterative(model: Any, cal: Any, metric: str, ks: list[int], variant: str, e
         if variant.startswith("refine"):
             m = copy.deepcopy(m)
             rep = refine(m, fit_on.ids, teacher, mode=args.refine, steps=args.refine_steps, lr=args.refine_lr,
-                         batch_size=args.refine_batch)
+                         batch_size=args.refine_batch, loss=args.refine_loss)
             extra["refine"] = {k2: v for k2, v in rep.to_dict().items() if k2 != "losses"}
         if variant in ("prune&comp", "guarded"):  # the bar: the same layers removed with nothing folded
             plain = copy.deepcopy(model)
@@ -248,6 +248,7 @@ def main() -> None:
     ap.add_argument("--refine-lr", type=float, default=3e-3)
     ap.add_argument("--refine-batch", type=int, default=2)
     ap.add_argument("--refine-topk", type=int, default=256)
+    ap.add_argument("--refine-loss", default="tail", help="tail or topk (the loss of every run before session 15)")
     ap.add_argument("--refine-samples", type=int, default=None, help="windows refinement fits on (default: calib)")
     ap.add_argument("--reconstruct", default="both", help="side of the reconstruct variants")
     ap.add_argument("--reconstruct-steps", type=int, default=100)

@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--topk", type=int, default=256)
+    ap.add_argument("--loss", default="topk",
+                    help="refinement loss (topk: the loss refine_sweep.jsonl was measured with)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--evals", default="40,80")
     ap.add_argument("--refine-samples", type=int, default=32)
@@ -57,7 +59,7 @@ def main() -> None:
             print(i, out["ppl"][i], flush=True)
 
     refine(model, fit_on.ids, targets, mode=args.mode, steps=args.steps, lr=args.lr, batch_size=args.batch,
-           on_step=on_step)
+           loss=args.loss, on_step=on_step)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write(json.dumps(out) + "\n")

@@ -140,6 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--render", default=None, help="only print the table of this JSON-lines file")
     ap.add_argument("--k", type=int, default=5)
+    ap.add_argument("--loss", default="topk",
+                    help="refinement loss (topk: the loss refine_variants.jsonl was measured with)")
     ap.add_argument("--metric", default="bi")
     ap.add_argument("--start", default="guarded")
     ap.add_argument("--selection", default="score")
@@ -624,7 +626,7 @@ def _fit(model: nn.Module, ids: torch.Tensor, targets, items: list[Gain], lows: 
                 batch, order = order[: args.batch], order[args.batch:]
                 sel = torch.tensor(batch)
                 res = model(input_ids=ids[sel], use_cache=False, output_hidden_states=bool(args.hidden))
-                loss = distill_loss(res.logits, targets.logprobs[sel], targets.indices[sel])
+                loss = distill_loss(res.logits, targets.logprobs[sel], targets.indices[sel], loss=args.loss)
                 if args.hidden:
                     loss = loss + args.hidden * _hidden_loss(model, res.hidden_states, ids[sel],
                                                                args.hidden_layers == "last")

@@ -104,7 +104,8 @@ def _build_config(kw: dict[str, Any]) -> Any:
                   "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
                   "selection_pool": kw["selection_pool"],
                   "scoring": kw["scoring"], "refine": kw["refine"], "refine_steps": kw["refine_steps"],
-                  "refine_lr": kw["refine_lr"], "refine_samples": kw["refine_samples"],
+                  "refine_lr": kw["refine_lr"], "refine_loss": kw["refine_loss"],
+                  "refine_samples": kw["refine_samples"],
                   "refine_at": kw["refine_at"], "reconstruct": kw["reconstruct"],
                   "reconstruct_steps": kw["reconstruct_steps"], "reconstruct_lr": kw["reconstruct_lr"],
                   "refit": kw["refit"], "refit_steps": kw["refit_steps"], "refit_lr": kw["refit_lr"]},
@@ -187,7 +188,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         fits.append(("after the last step", summary["refine"]))
     for when, fit in fits:
         r = fit["report"]
-        out.print(f"refined {when} ({r['mode']}, {r['steps']} steps): calibration KL to the dense model "
+        out.print(f"refined {when} ({r['mode']}, {r['steps']} steps, {r.get('loss', 'topk')} loss): calibration KL "
+                  f"to the dense model "
                   f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}, quick ppl {_mean(fit['ppl_before'])} -> "
                   f"{_mean(fit['ppl_after'])}{' (cached)' if fit['reused'] else ''}", highlight=False)
     check = summary.get("final_check")

@@ -259,7 +259,7 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         return run_cached(refine_state, RefineJob(
             **state(parts, digest), calibration_uri=fit["windows"]["uri"],
             calibration_digest=fit["windows"]["digest"], teacher_uri=fit["teacher"]["uri"], mode=p.refine,
-            steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch, topk=p.refine_topk,
+            steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch, topk=p.refine_topk, loss=p.refine_loss,
             batch_size=config.calibration.batch_size))
 
     local = {}  # block reconstruction's windows, when not the calibration ones (they then enter the step keys)

@@ -55,7 +55,7 @@ def refine_as_configured(model: nn.Module, windows: TokenWindows | Tensor, targe
                          config: PruneConfig) -> RefineReport:
     """:func:`prunecomp.refine.refine` with the ``refine_*`` settings of ``config``."""
     return refine(model, _ids(windows), targets, mode=config.refine, steps=config.refine_steps, lr=config.refine_lr,
-                  batch_size=config.refine_batch)
+                  batch_size=config.refine_batch, loss=config.refine_loss)
 
 
 DenseSource = DenseLayers | nn.Module | Callable[[], DenseLayers | nn.Module]

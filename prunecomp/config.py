@@ -65,7 +65,9 @@ class PruneConfig(_Frozen):
     model's predictions on the calibration windows into per-channel gains folded into the norms (``norms``), also
     the residual writers (``norms+writers``), also every other linear of the layers (``channels``):
     ``refine_steps`` Adam steps at ``refine_lr`` on ``refine_batch`` windows, teacher kept as top-``refine_topk``
-    log-probs (see :mod:`prunecomp.refine`), on ``refine_samples`` windows of the calibration source (same seed
+    log-probs and fitted to them by ``refine_loss`` (``tail``: the KL over those tokens and one bucket for the rest;
+    ``topk``: renormalised over the top ones, the loss before session 15; see :func:`prunecomp.refine.distill_loss`),
+    on ``refine_samples`` windows of the calibration source (same seed
     and length, so a superset of the scoring windows; None = the scoring windows themselves). Still zero run-time
     cost. ``none`` is the paper's method. ``refine_at``: ``end`` fits once, after the last removal; ``each`` fits
     ``refine_steps`` after EVERY removal and re-scores the refined model before choosing the next layer
@@ -104,6 +106,7 @@ class PruneConfig(_Frozen):
     refine_lr: float = Field(3e-3, gt=0.0)
     refine_batch: int = Field(2, ge=1)
     refine_topk: int = Field(256, ge=1)
+    refine_loss: Literal["tail", "topk"] = "tail"
     refine_samples: int | None = Field(None, gt=0)
     refine_at: Literal["end", "each"] = "end"
     reconstruct: Literal["none", "before", "after", "both"] = "none"

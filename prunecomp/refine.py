@@ -10,9 +10,16 @@ cheapest degrees of freedom that can still be folded exactly:
 * writer gain ``g`` on ``W x + b``  ->  ``W' = diag(g) W``, ``b' = g * b`` (the output rows).
 
 They are fitted with a few dozen Adam steps on the *calibration* windows against the dense model's own
-predictions (KL to the teacher's top-``k`` next-token probabilities: no labels, no extra data). The teacher is
-computed once, before the first removal, and stored sparsely (top-``k`` log-probs in float32 and their indices),
-so its memory is ``n * T * k * 8`` bytes whatever the vocabulary.
+predictions (KL to the teacher's next-token distribution: no labels, no extra data). The teacher is computed once,
+before the first removal, and stored sparsely (top-``k`` log-probs in float32 and their indices), so its memory is
+``n * T * k * 8`` bytes whatever the vocabulary.
+
+The loss (:func:`distill_loss`, ``loss=``): ``tail`` (the default) is the exact KL over the teacher's top ``k``
+tokens plus one bucket for all the others, whose teacher mass is ``1 - sum(top-k probs)``. ``topk`` (sessions
+before 15) renormalises the teacher over its top ``k`` and so asks the student for zero mass on every other token:
+an overconfident student whose perplexity on real text rises while that loss falls. Measured on SmolLM2-135M
+(``bench/quality.py``, the same states and settings): ``topk`` made a refitted k = 5 model worse (60.87 -> 62.12),
+``tail`` better (-> 59.31); at k = 8 from block reconstruction 83.79 (``topk``) against 80.83 (``tail``).
 
 The gains live in float32 forward hooks during fitting (the model's own weights are frozen, in any dtype) and are
 folded at the end; :func:`fold_gains` is exact up to float rounding, which the tests check on saved models.
@@ -34,6 +41,7 @@ from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.errors import PrunecompError
 
 __all__ = [
+    "REFINE_LOSSES",
     "REFINE_MODES",
     "Gain",
     "RefineReport",
@@ -47,6 +55,8 @@ __all__ = [
 
 RefineMode = Literal["none", "norms", "norms+writers", "channels"]
 REFINE_MODES: tuple[str, ...] = ("none", "norms", "norms+writers", "channels")
+RefineLoss = Literal["tail", "topk"]
+REFINE_LOSSES: tuple[str, ...] = ("tail", "topk")
 
 
 @dataclass
@@ -81,15 +91,30 @@ def teacher_targets(model: nn.Module, ids: Tensor, *, topk: int = 256, batch_siz
     return TeacherTargets(torch.cat(values), torch.cat(indices))
 
 
-def distill_loss(student_logits: Tensor, teacher_logprobs: Tensor, teacher_indices: Tensor) -> Tensor:
-    """Cross-entropy from the teacher's top-k distribution (renormalised over its support) to the student.
+def distill_loss(student_logits: Tensor, teacher_logprobs: Tensor, teacher_indices: Tensor, *,
+                 loss: str = "tail") -> Tensor:
+    """Cross-entropy from the teacher's stored top-``k`` distribution to the student, mean over positions.
 
-    Equals ``KL(p_teacher || p_student)`` on that support up to a constant that does not depend on the student;
-    mean over positions.
+    ``tail``: over the ``k`` tokens plus one bucket for the rest of the vocabulary (teacher mass ``1 - sum p``,
+    student mass from a log-sum-exp over the other logits, so it is exact however small): ``KL(teacher || student)``
+    on that partition up to a constant; with ``k`` = the vocabulary it is the full KL. ``topk``: the teacher
+    renormalised over its ``k`` tokens (the tail asked to be zero; kept by name for earlier results).
     """
-    p = torch.softmax(teacher_logprobs.float(), dim=-1)
-    logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_indices)
-    return -(p * logq).sum(-1).mean()
+    if loss == "topk":
+        p = torch.softmax(teacher_logprobs.float(), dim=-1)
+        logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_indices)
+        return -(p * logq).sum(-1).mean()
+    if loss != "tail":
+        raise PrunecompError(f"refine loss must be one of {', '.join(REFINE_LOSSES)}, got {loss!r}")
+    logits = student_logits.float()
+    logz = torch.logsumexp(logits, dim=-1)
+    p = teacher_logprobs.float().exp()
+    ce = -(p * (logits.gather(-1, teacher_indices) - logz[..., None])).sum(-1)
+    if teacher_indices.shape[-1] < logits.shape[-1]:  # else no tail: the full KL (and no log-sum-exp over nothing)
+        p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
+        logq_tail = torch.logsumexp(logits.scatter(-1, teacher_indices, float("-inf")), dim=-1) - logz
+        ce = ce - p_tail * logq_tail
+    return ce.mean()
 
 
 @dataclass
@@ -187,6 +212,7 @@ class RefineReport:
     loss_before: float
     loss_after: float
     seconds: float
+    loss: str = "tail"
     losses: list[float] = field(default_factory=list)
     # What was folded, by module path: (kind, norm offset, gains); the recipe's sidecar, not the JSON report.
     folded: dict[str, tuple[str, float, Tensor]] = field(default_factory=dict, repr=False)
@@ -196,26 +222,30 @@ class RefineReport:
 
 
 @torch.no_grad()
-def _eval_loss(model: nn.Module, ids: Tensor, targets: TeacherTargets, batch_size: int) -> float:
+def _eval_loss(model: nn.Module, ids: Tensor, targets: TeacherTargets, batch_size: int, loss: str) -> float:
     device = next(model.parameters()).device
     total = 0.0
     for start in range(0, ids.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         logits = model(input_ids=ids[sl].to(device), use_cache=False).logits
         n = ids[sl].shape[0]
-        total += float(distill_loss(logits, targets.logprobs[sl].to(device), targets.indices[sl].to(device))) * n
+        total += float(distill_loss(logits, targets.logprobs[sl].to(device), targets.indices[sl].to(device),
+                                    loss=loss)) * n
     return total / ids.shape[0]
 
 
 def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str = "channels", steps: int = 80,
-           lr: float = 3e-3, batch_size: int = 2, seed: int = 0,
+           lr: float = 3e-3, batch_size: int = 2, seed: int = 0, loss: str = "tail",
            on_step: Callable[[int], None] | None = None) -> RefineReport:
     """Fit per-channel gains (see module doc) so ``model`` matches ``targets`` on ``ids``; fold them; report.
 
     Adam with a cosine decay to 10% of ``lr``; each step uses ``batch_size`` windows drawn without replacement
     from a seeded permutation (a new one each epoch), so the result is reproducible. ``on_step(i)`` runs after
     step ``i`` (from 1) with the gains applied as hooks, i.e. on the model as it would be folded at that point.
+    ``loss``: see :func:`distill_loss`.
     """
+    if loss not in REFINE_LOSSES:
+        raise PrunecompError(f"refine loss must be one of {', '.join(REFINE_LOSSES)}, got {loss!r}")
     if ids.dim() != 2 or targets.logprobs.shape[:2] != ids.shape:
         raise PrunecompError(f"refine: teacher targets of shape {tuple(targets.logprobs.shape[:2])} do not match the "
                              f"calibration windows {tuple(ids.shape)}: compute them on the same windows")
@@ -232,7 +262,7 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
         for p, _ in frozen:
             p.requires_grad_(False)
         with gains_applied(items):
-            before = _eval_loss(model, ids, targets, batch_size)
+            before = _eval_loss(model, ids, targets, batch_size, loss)
             opt = torch.optim.Adam([g.value for g in items], lr=lr)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
@@ -244,22 +274,23 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
                 batch, order = order[:batch_size], order[batch_size:]
                 sel = torch.tensor(batch)
                 logits = model(input_ids=ids[sel].to(device), use_cache=False).logits
-                loss = distill_loss(logits, targets.logprobs[sel].to(device), targets.indices[sel].to(device))
+                value = distill_loss(logits, targets.logprobs[sel].to(device), targets.indices[sel].to(device),
+                                     loss=loss)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                value.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(value.detach()))
                 if on_step is not None:
                     on_step(len(losses))
         fold_gains(items)
         names = {id(m): n for n, m in model.named_modules()}
         folded = {names[id(g.module)]: (g.kind, g.offset, g.value.detach().cpu().clone()) for g in items}
-        after = _eval_loss(model, ids, targets, batch_size)
+        after = _eval_loss(model, ids, targets, batch_size, loss)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
     return RefineReport(mode=mode, steps=steps, lr=lr, batch_size=batch_size, topk=int(targets.indices.shape[-1]),
                         parameters=sum(g.value.numel() for g in items), loss_before=before, loss_after=after,
-                        seconds=time.perf_counter() - t0, losses=losses, folded=folded)
+                        seconds=time.perf_counter() - t0, loss=loss, losses=losses, folded=folded)

@@ -154,6 +154,7 @@ class RefineJob(StateJob):
     lr: float = Field(gt=0.0)
     batch: int = Field(ge=1)
     topk: int = Field(ge=1)
+    loss: Literal["tail", "topk"] = "tail"
     batch_size: int = Field(gt=0)
 
 

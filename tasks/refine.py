@@ -78,7 +78,7 @@ def refine_state(job: RefineJob) -> dict[str, Any]:
     targets = load_teacher(job.teacher_uri)
     with checkout(job.base_uri, parent) as wc:
         report = refine(wc.model, windows.ids, targets, mode=job.mode, steps=job.steps, lr=job.lr,
-                        batch_size=job.batch)
+                        batch_size=job.batch, loss=job.loss)
         wc.scanner = wc.scanner_for = None  # every layer changed: the next step scores from a fresh pass
         part = RefineEdit(gains=report.folded, report=report.to_dict())
         wc.recipe = parent.with_refine(part)

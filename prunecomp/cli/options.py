@@ -52,6 +52,10 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--refine-steps", type=int, default=80, show_default=True,
                      help="Adam steps of --refine (per removal with --refine-at each)."),
         click.option("--refine-lr", type=float, default=3e-3, show_default=True, help="Learning rate of --refine."),
+        click.option("--refine-loss", type=click.Choice(choices("refine_loss")), default="tail", show_default=True,
+                     help="tail: KL to the dense model over its top tokens plus one bucket for the rest of the "
+                     "vocabulary; topk: the teacher renormalised over its top tokens (the loss before session 15: it "
+                     "makes the student overconfident, and perplexity rose where tail lowered it)."),
         click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on (same "
                      "source, seed and length: a superset of the scoring windows). Default: the scoring windows."),
         click.option("--reconstruct", type=click.Choice(choices("reconstruct")), default="none",
@@ -131,7 +135,8 @@ def build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
                           compensation=kw["compensation"], protect=csv_ints(kw["protect"]),
                           selection=kw["selection"], selection_pool=kw["selection_pool"],
                           scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
-                          refine_lr=kw["refine_lr"], refine_samples=kw["refine_samples"],
+                          refine_lr=kw["refine_lr"], refine_loss=kw["refine_loss"],
+                          refine_samples=kw["refine_samples"],
                           refine_at=kw["refine_at"], reconstruct=kw["reconstruct"],
                           reconstruct_steps=kw["reconstruct_steps"], reconstruct_lr=kw["reconstruct_lr"],
                           refit=kw["refit"], refit_steps=kw["refit_steps"], refit_lr=kw["refit_lr"]),

@@ -90,8 +90,9 @@ def print_summary(result: JobResult) -> None:
         out.print(("[bold red]" if check["verdict"] == "worse" else "") + escape(final_line(check)))
     refined = report.get("refine")
     if refined:
-        out.print(f"Refined ({refined['mode']}, {refined['steps']} steps, {refined['parameters']} gains folded into "
-                  f"the weights): calibration KL to the dense model {refined['loss_before']:.4f} -> "
+        out.print(f"Refined ({refined['mode']}, {refined['steps']} steps, {refined.get('loss', 'topk')} loss, "
+                  f"{refined['parameters']} gains folded into the weights): calibration KL to the dense model "
+                  f"{refined['loss_before']:.4f} -> "
                   f"{refined['loss_after']:.4f} in {refined['seconds']:.0f} s")
     if result.perplexity:
         table = Table(title="Perplexity")

@@ -149,9 +149,10 @@ def test_prune_with_refine(stories_dir, tmp_path) -> None:
                          "--refine-steps", "6", "--refine-lr", "0.02", "--refine-samples", "6", "--out", str(out),
                          "--json", str(js))
     assert code == 0, text
-    assert "Refined (norms+writers, 6 steps" in text
+    assert "Refined (norms+writers, 6 steps, tail loss" in text
     report = json.loads(js.read_text())
     assert report["refine"]["mode"] == "norms+writers" and report["refine"]["steps"] == 6
+    assert report["refine"]["loss"] == "tail" and report["config"]["refine_loss"] == "tail"
     assert report["refine"]["loss_after"] < report["refine"]["loss_before"]
     assert report["config"]["refine"] == "norms+writers" and report["config"]["refine_samples"] == 6
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3

@@ -491,7 +491,8 @@ def test_cli_keeps_credentials_out_of_prefect_parameters(harness, stories, tmp_p
         "--calib-seq-len", "64", "--eval-datasets", "tinystories", "--eval-seq-len", "64", "--eval-max-windows", "2",
         "--quick-datasets", "", "--data-dir", data, "--store", str(tmp_path / "store"), "--no-register",
         "--run-name", "credentials", "--tracking-uri", f"postgresql://alice:{secret}@db.internal:5432/mlflow",
-        "--refit", "sequential", "--refit-steps", "2"])
+        "--refit", "sequential", "--refit-steps", "2", "--refine", "norms", "--refine-steps", "2",
+        "--refine-loss", "topk"])
     assert result.exit_code == 0, result.output
     assert secret not in result.output, result.output
     assert "passed to the run through" in result.output
@@ -500,3 +501,4 @@ def test_cli_keeps_credentials_out_of_prefect_parameters(harness, stories, tmp_p
     assert runs and all(secret not in json.dumps(r.parameters, default=str) for r in runs)
     prune = json.loads(json.dumps(runs[0].parameters, default=str))["config"]["prune"]
     assert prune["refit"] == "sequential" and prune["refit_steps"] == 2
+    assert prune["refine"] == "norms" and prune["refine_loss"] == "topk"

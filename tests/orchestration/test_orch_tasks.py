@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.storage import is_complete
 from tasks.gates import DEFAULT_GATES, MetricGate, decide
-from tasks.jobs import CalibrationJob, StepJob
+from tasks.jobs import CalibrationJob, RefineJob, StepJob
 
 pytestmark = pytest.mark.orchestration
 
@@ -30,6 +30,7 @@ def test_step_key_covers_what_determines_the_result() -> None:
     assert _step(parts=("/other/steps/a",)).key == ref.key
     assert _step(calibration_uri="/other").key == ref.key
     assert _step(prune=PruneConfig(n_layers=2, refine="norms")).key == ref.key  # refinement is its own task
+    assert _step(prune=PruneConfig(n_layers=2, refine="norms", refine_loss="topk")).key == ref.key
     assert _step(prune=PruneConfig(n_layers=2, refit="sequential", refit_steps=7)).key == ref.key  # so is the refit
     for change in ({"base_hash": "q" * 64}, {"state_digest": "y" * 64}, {"calibration_digest": "e"}, {"step": 1},
                    {"batch_size": 2}, {"stream": True}, {"code": "v2"}, {"store": "s3://b/p"},
@@ -37,6 +38,20 @@ def test_step_key_covers_what_determines_the_result() -> None:
                    {"prune": PruneConfig(n_layers=2, compensation="none")}):
         assert _step(**change).key != ref.key, change
     assert ref.uri == f"/s/steps/{ref.key}"
+
+
+def test_refine_key_covers_the_loss() -> None:
+    """The refinement loss changes the fitted gains, so it is in the refine task's key (a run with the default
+    ``tail`` loss does not reuse a gains part fitted with ``topk`` before session 15)."""
+    def job(**kw: object) -> RefineJob:
+        base = dict(store="/s", base_uri="/m", base_hash="p" * 64, parts=("/s/steps/a",), state_digest="x" * 64,
+                    calibration_uri="/s/c", calibration_digest="d", teacher_uri="/s/t", mode="channels", steps=8,
+                    lr=1e-3, batch=2, topk=16, batch_size=4, code="v1")
+        return RefineJob(**(base | kw))
+
+    assert job().loss == "tail"
+    assert job(loss="topk").key != job().key
+    assert job(teacher_uri="/other").key == job().key
 
 
 def test_calibration_key_ignores_batch_size_only() -> None:

@@ -33,11 +33,44 @@ def test_distill_loss_matches_cross_entropy_formula() -> None:
     entropy = -(torch.softmax(t, -1) * torch.log_softmax(t, -1)).sum(-1).mean()
     assert_close(distill_loss(t, top.values, top.indices), entropy)
     assert distill_loss(s, top.values, top.indices) > entropy
-    # top-k: renormalised over the k most likely tokens
+    assert_close(distill_loss(s, top.values, top.indices, loss="topk"), expected)  # full support: the same
+    # topk (the loss before session 15): renormalised over the k most likely tokens
     k3 = torch.log_softmax(t, -1).topk(3, -1)
     p = torch.softmax(k3.values, -1)
     manual = -(p * torch.log_softmax(s, -1).gather(-1, k3.indices)).sum(-1).mean()
+    assert_close(distill_loss(s, k3.values, k3.indices, loss="topk"), manual)
+
+
+def test_tail_loss_is_the_kl_over_top_k_and_one_bucket() -> None:
+    torch.manual_seed(1)
+    t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11) * 3
+    k3 = torch.log_softmax(t, -1).topk(3, -1)
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    p_top, q_top = p.gather(-1, k3.indices), q.gather(-1, k3.indices)
+    p_tail, q_tail = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    manual = -((p_top * q_top.log()).sum(-1) + p_tail * q_tail.log()).mean()
     assert_close(distill_loss(s, k3.values, k3.indices), manual)
+    # the teacher minimises it; topk's minimiser (all mass on the k tokens) does not: it is overconfident
+    entropy = -((p_top * p_top.log()).sum(-1) + p_tail * p_tail.log()).mean()
+    assert_close(distill_loss(t, k3.values, k3.indices), entropy)
+    assert distill_loss(s, k3.values, k3.indices) > entropy
+    overconfident = torch.full_like(t, -30.0).scatter(-1, k3.indices, k3.values)
+    assert distill_loss(overconfident, k3.values, k3.indices, loss="topk") < distill_loss(t, k3.values, k3.indices,
+                                                                                           loss="topk") + 1e-6
+    assert distill_loss(overconfident, k3.values, k3.indices) > distill_loss(t, k3.values, k3.indices) + 1.0
+    # exact where the student's tail is far below float32's resolution of 1 - sum(top-k)
+    far = t.clone().scatter(-1, k3.indices, k3.values + 40.0).double()
+    logz = torch.logsumexp(far, -1)
+    q_far_tail = torch.logsumexp(far.scatter(-1, k3.indices, float("-inf")), -1) - logz
+    expected = -((p_top * (far.gather(-1, k3.indices) - logz[..., None])).sum(-1) + p_tail * q_far_tail).mean()
+    assert_close(distill_loss(far, k3.values, k3.indices).double(), expected, rtol=1e-5, atol=1e-5)
+    # gradients are finite, with and without a tail
+    for top in (k3, torch.log_softmax(t, -1).topk(11, -1)):
+        x = s.clone().requires_grad_(True)
+        distill_loss(x, top.values, top.indices).backward()
+        assert torch.isfinite(x.grad).all()
+    with pytest.raises(PrunecompError, match="refine loss"):
+        distill_loss(s, k3.values, k3.indices, loss="kl")
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "gemma2"])
@@ -111,6 +144,31 @@ def test_compress_refines_after_the_last_removal() -> None:
     assert report.refine["loss_after"] < report.refine["loss_before"]
     assert base.refine is None
     assert "refine" in report.to_dict()
+
+
+def test_compress_fits_with_the_configured_loss() -> None:
+    """``refine_loss`` reaches the fit: compress() with topk equals refine(..., loss="topk") by hand, bit for bit,
+    and differs from the default tail fit."""
+    ids = tokens(n=4, t=16)
+    cfg = PruneConfig(n_layers=1, refine="norms", refine_steps=6, refine_lr=2e-2, refine_topk=8, refine_loss="topk")
+    dense = tiny_model("llama")
+    targets = teacher_targets(dense, ids, topk=8, batch_size=2)
+    by_hand = copy.deepcopy(dense)
+    prune_and_compensate(by_hand, ids, cfg, batch_size=2)
+    rep = refine(by_hand, ids, targets, mode="norms", steps=6, lr=2e-2, batch_size=2, loss="topk")
+    fitted = {}
+    for loss in ("topk", "tail"):
+        m = copy.deepcopy(dense)
+        report = compress(m, ids, cfg.model_copy(update={"refine_loss": loss}), batch_size=2)
+        assert report.refine is not None and report.refine["loss"] == loss
+        fitted[loss] = m
+    assert rep.loss == "topk"
+    for (name, x), (_, y) in zip(by_hand.state_dict().items(), fitted["topk"].state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert any(not torch.equal(x, y) for x, y in zip(fitted["topk"].state_dict().values(),
+                                                     fitted["tail"].state_dict().values(), strict=True))
+    with pytest.raises(PrunecompError, match="refine loss"):
+        refine(copy.deepcopy(by_hand), ids, targets, loss="kl")
 
 
 def test_the_loop_alone_does_not_refine() -> None:
