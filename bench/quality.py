@@ -495,6 +495,8 @@ def time_summary(results: list[dict[str, Any]], naive: dict[str, dict[str, dict[
             how += f", refit {r['refit']['steps']} steps ({r['refit']['seconds']:.0f} s, in pruning s)"
             prune_s += r["refit"]["seconds"]
         fit = (r.get("refine") or {}).get("seconds", 0.0)
+        if r.get("refine"):  # runs before session 15 have no refine_loss: theirs was topk
+            how += f", gains {st.get('refine_loss', 'topk')} loss"
         unrefined = f"{r['unrefined']['mean']:.2f}" if r.get("unrefined") else "-"
         cap = f"{budget[k]:.0f}" if k in budget else "-"
         if r.get("refit") and r.get("unrefined"):  # the refitted state before the gains is a row of its own

@@ -18,8 +18,8 @@ The loss (:func:`distill_loss`, ``loss=``): ``tail`` (the default) is the exact 
 tokens plus one bucket for all the others, whose teacher mass is ``1 - sum(top-k probs)``. ``topk`` (sessions
 before 15) renormalises the teacher over its top ``k`` and so asks the student for zero mass on every other token:
 an overconfident student whose perplexity on real text rises while that loss falls. Measured on SmolLM2-135M
-(``bench/quality.py``, the same states and settings): ``topk`` made a refitted k = 5 model worse (60.87 -> 62.12),
-``tail`` better (-> 59.31); at k = 8 from block reconstruction 83.79 (``topk``) against 80.83 (``tail``).
+(``bench/quality.py --variants refine-reconstruct``, the same reconstructed states and settings): ``topk`` 52.89 /
+61.05 / 83.79 mean perplexity at k = 3 / 5 / 8, ``tail`` 50.70 / 58.74 / 80.83.
 
 The gains live in float32 forward hooks during fitting (the model's own weights are frozen, in any dtype) and are
 folded at the end; :func:`fold_gains` is exact up to float rounding, which the tests check on saved models.

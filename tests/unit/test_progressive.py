@@ -36,7 +36,7 @@ from tests.unit.test_recipe import SOURCE, _model, _same
 
 def _cfg(**kw: object) -> PruneConfig:
     base = dict(n_layers=3, metric="bi", protect=[], refine="channels", refine_at="each", refine_steps=4,
-                refine_lr=2e-2, refine_topk=8)
+                refine_lr=1e-2, refine_topk=8)  # 2e-2 overshot the first fit under the tail loss
     return PruneConfig(**(base | kw))
 
 
@@ -54,7 +54,7 @@ def test_each_removal_is_refined_and_the_refined_model_is_rescored() -> None:
     targets = teacher_targets(by_hand, ids, topk=8)
     for n in (1, 2, 3):
         prune_and_compensate(by_hand, ids, cfg.model_copy(update={"n_layers": n, "refine": "none"}), batch_size=2)
-        refine(by_hand, ids, targets, mode="channels", steps=4, lr=2e-2, batch_size=2)
+        refine(by_hand, ids, targets, mode="channels", steps=4, lr=1e-2, batch_size=2)
     _same(by_hand, ran)
     # the scores of step 2 are those of the refined model: they differ from a run refined only at the end
     end = tiny_model("llama")
