@@ -189,8 +189,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for when, fit in fits:
         r = fit["report"]
         out.print(f"refined {when} ({r['mode']}, {r['steps']} steps, {r.get('loss', 'topk')} loss): calibration KL "
-                  f"to the dense model "
-                  f"{r['loss_before']:.4f} -> {r['loss_after']:.4f}, quick ppl {_mean(fit['ppl_before'])} -> "
+                  f"to the dense model {r['loss_before']:.4f} -> {r['loss_after']:.4f}, "
+                  f"quick ppl {_mean(fit['ppl_before'])} -> "
                   f"{_mean(fit['ppl_after'])}{' (cached)' if fit['reused'] else ''}", highlight=False)
     check = summary.get("final_check")
     if check:

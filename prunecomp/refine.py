@@ -55,7 +55,6 @@ __all__ = [
 
 RefineMode = Literal["none", "norms", "norms+writers", "channels"]
 REFINE_MODES: tuple[str, ...] = ("none", "norms", "norms+writers", "channels")
-RefineLoss = Literal["tail", "topk"]
 REFINE_LOSSES: tuple[str, ...] = ("tail", "topk")
 
 
@@ -91,6 +90,11 @@ def teacher_targets(model: nn.Module, ids: Tensor, *, topk: int = 256, batch_siz
     return TeacherTargets(torch.cat(values), torch.cat(indices))
 
 
+def _check_loss(loss: str) -> None:
+    if loss not in REFINE_LOSSES:
+        raise PrunecompError(f"refine loss must be one of {', '.join(REFINE_LOSSES)}, got {loss!r}")
+
+
 def distill_loss(student_logits: Tensor, teacher_logprobs: Tensor, teacher_indices: Tensor, *,
                  loss: str = "tail") -> Tensor:
     """Cross-entropy from the teacher's stored top-``k`` distribution to the student, mean over positions.
@@ -100,12 +104,11 @@ def distill_loss(student_logits: Tensor, teacher_logprobs: Tensor, teacher_indic
     on that partition up to a constant; with ``k`` = the vocabulary it is the full KL. ``topk``: the teacher
     renormalised over its ``k`` tokens (the tail asked to be zero; kept by name for earlier results).
     """
+    _check_loss(loss)
     if loss == "topk":
         p = torch.softmax(teacher_logprobs.float(), dim=-1)
         logq = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, teacher_indices)
         return -(p * logq).sum(-1).mean()
-    if loss != "tail":
-        raise PrunecompError(f"refine loss must be one of {', '.join(REFINE_LOSSES)}, got {loss!r}")
     logits = student_logits.float()
     logz = torch.logsumexp(logits, dim=-1)
     p = teacher_logprobs.float().exp()
@@ -208,11 +211,11 @@ class RefineReport:
     lr: float
     batch_size: int
     topk: int
+    loss: str
     parameters: int
     loss_before: float
     loss_after: float
     seconds: float
-    loss: str = "tail"
     losses: list[float] = field(default_factory=list)
     # What was folded, by module path: (kind, norm offset, gains); the recipe's sidecar, not the JSON report.
     folded: dict[str, tuple[str, float, Tensor]] = field(default_factory=dict, repr=False)
@@ -244,8 +247,7 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
     step ``i`` (from 1) with the gains applied as hooks, i.e. on the model as it would be folded at that point.
     ``loss``: see :func:`distill_loss`.
     """
-    if loss not in REFINE_LOSSES:
-        raise PrunecompError(f"refine loss must be one of {', '.join(REFINE_LOSSES)}, got {loss!r}")
+    _check_loss(loss)  # before any forward pass
     if ids.dim() != 2 or targets.logprobs.shape[:2] != ids.shape:
         raise PrunecompError(f"refine: teacher targets of shape {tuple(targets.logprobs.shape[:2])} do not match the "
                              f"calibration windows {tuple(ids.shape)}: compute them on the same windows")
