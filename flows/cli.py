@@ -22,6 +22,7 @@ from rich.table import Table
 from prunecomp.cli import main as _lib
 from prunecomp.cli import preset_settings, pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
+from prunecomp.cli.render import on_windows
 from prunecomp.errors import PrunecompError
 from prunecomp.final_check import line as final_line
 from prunecomp.guard import guard_cell
@@ -189,7 +190,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for when, fit in fits:
         r = fit["report"]
         out.print(f"refined {when} ({r['mode']}, {r['steps']} steps, {r.get('loss', 'topk')} loss): calibration KL "
-                  f"to the dense model {r['loss_before']:.4f} -> {r['loss_after']:.4f}, "
+                  f"to the dense model{on_windows(r)} {r['loss_before']:.4f} -> {r['loss_after']:.4f}, "
                   f"quick ppl {_mean(fit['ppl_before'])} -> "
                   f"{_mean(fit['ppl_after'])}{' (cached)' if fit['reused'] else ''}", highlight=False)
     check = summary.get("final_check")

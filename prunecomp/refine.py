@@ -21,6 +21,11 @@ an overconfident student whose perplexity on real text rises while that loss fal
 (``bench/quality.py --variants refine-reconstruct``, the same reconstructed states and settings): ``topk`` 52.89 /
 61.05 / 83.79 mean perplexity at k = 3 / 5 / 8, ``tail`` 50.70 / 58.74 / 80.83.
 
+The loss before and after the fit (the audit trail's "calibration KL") is measured on at most ``eval_windows``
+windows spread over the fitting set (16 by default), not all of them: it decides nothing (the final check and the
+gates judge the model), and two passes over every window cost a large share of the refinement's time when the
+windows are many. The fit itself sees every window, so the gains do not depend on it.
+
 The gains live in float32 forward hooks during fitting (the model's own weights are frozen, in any dtype) and are
 folded at the end; :func:`fold_gains` is exact up to float rounding, which the tests check on saved models.
 """
@@ -46,6 +51,7 @@ __all__ = [
     "Gain",
     "RefineReport",
     "TeacherTargets",
+    "audit_rows",
     "distill_loss",
     "fold_gains",
     "gains",
@@ -216,6 +222,7 @@ class RefineReport:
     loss_before: float
     loss_after: float
     seconds: float
+    loss_windows: int  # how many of the fitting windows loss_before/loss_after are measured on
     losses: list[float] = field(default_factory=list)
     # What was folded, by module path: (kind, norm offset, gains); the recipe's sidecar, not the JSON report.
     folded: dict[str, tuple[str, float, Tensor]] = field(default_factory=dict, repr=False)
@@ -225,34 +232,45 @@ class RefineReport:
 
 
 @torch.no_grad()
-def _eval_loss(model: nn.Module, ids: Tensor, targets: TeacherTargets, batch_size: int, loss: str) -> float:
+def _eval_loss(model: nn.Module, ids: Tensor, targets: TeacherTargets, batch_size: int, loss: str,
+               rows: Tensor) -> float:
+    """Mean :func:`distill_loss` over the windows ``rows`` of ``ids``."""
     device = next(model.parameters()).device
     total = 0.0
-    for start in range(0, ids.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        logits = model(input_ids=ids[sl].to(device), use_cache=False).logits
-        n = ids[sl].shape[0]
-        total += float(distill_loss(logits, targets.logprobs[sl].to(device), targets.indices[sl].to(device),
-                                    loss=loss)) * n
-    return total / ids.shape[0]
+    for start in range(0, len(rows), batch_size):
+        sel = rows[start:start + batch_size]
+        logits = model(input_ids=ids[sel].to(device), use_cache=False).logits
+        total += float(distill_loss(logits, targets.logprobs[sel].to(device), targets.indices[sel].to(device),
+                                    loss=loss)) * len(sel)
+    return total / len(rows)
+
+
+def audit_rows(n: int, limit: int | None) -> Tensor:
+    """Indices of at most ``limit`` of ``n`` windows, spread evenly (windows may come ordered by source); all of
+    them when ``limit`` is None or at least ``n``."""
+    m = n if limit is None else min(n, limit)
+    return torch.arange(m) * n // m
 
 
 def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str = "channels", steps: int = 80,
-           lr: float = 3e-3, batch_size: int = 2, seed: int = 0, loss: str = "tail",
+           lr: float = 3e-3, batch_size: int = 2, seed: int = 0, loss: str = "tail", eval_windows: int | None = 16,
            on_step: Callable[[int], None] | None = None) -> RefineReport:
     """Fit per-channel gains (see module doc) so ``model`` matches ``targets`` on ``ids``; fold them; report.
 
     Adam with a cosine decay to 10% of ``lr``; each step uses ``batch_size`` windows drawn without replacement
     from a seeded permutation (a new one each epoch), so the result is reproducible. ``on_step(i)`` runs after
     step ``i`` (from 1) with the gains applied as hooks, i.e. on the model as it would be folded at that point.
-    ``loss``: see :func:`distill_loss`.
+    ``loss``: see :func:`distill_loss`. ``eval_windows``: how many windows the reported loss before and after is
+    measured on (None: all; see the module doc).
     """
     _check_loss(loss)  # before any forward pass
     if ids.dim() != 2 or targets.logprobs.shape[:2] != ids.shape:
         raise PrunecompError(f"refine: teacher targets of shape {tuple(targets.logprobs.shape[:2])} do not match the "
                              f"calibration windows {tuple(ids.shape)}: compute them on the same windows")
-    if steps < 0 or batch_size < 1 or not lr > 0:
-        raise PrunecompError(f"refine: need steps >= 0, batch_size >= 1, lr > 0; got {steps}, {batch_size}, {lr}")
+    if steps < 0 or batch_size < 1 or not lr > 0 or (eval_windows is not None and eval_windows < 1):
+        raise PrunecompError(f"refine: need steps >= 0, batch_size >= 1, lr > 0, eval_windows >= 1 or None; got "
+                             f"{steps}, {batch_size}, {lr}, {eval_windows}")
+    rows = audit_rows(ids.shape[0], eval_windows)
     t0 = time.perf_counter()
     items = gains(model, mode)
     device = next(model.parameters()).device
@@ -264,7 +282,7 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
         for p, _ in frozen:
             p.requires_grad_(False)
         with gains_applied(items):
-            before = _eval_loss(model, ids, targets, batch_size, loss)
+            before = _eval_loss(model, ids, targets, batch_size, loss, rows)
             opt = torch.optim.Adam([g.value for g in items], lr=lr)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
@@ -288,11 +306,12 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
         fold_gains(items)
         names = {id(m): n for n, m in model.named_modules()}
         folded = {names[id(g.module)]: (g.kind, g.offset, g.value.detach().cpu().clone()) for g in items}
-        after = _eval_loss(model, ids, targets, batch_size, loss)
+        after = _eval_loss(model, ids, targets, batch_size, loss, rows)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
     return RefineReport(mode=mode, steps=steps, lr=lr, batch_size=batch_size, topk=int(targets.indices.shape[-1]),
                         parameters=sum(g.value.numel() for g in items), loss_before=before, loss_after=after,
-                        seconds=time.perf_counter() - t0, loss=loss, losses=losses, folded=folded)
+                        seconds=time.perf_counter() - t0, loss=loss, loss_windows=len(rows), losses=losses,
+                        folded=folded)

@@ -91,8 +91,8 @@ def print_summary(result: JobResult) -> None:
     refined = report.get("refine")
     if refined:
         out.print(f"Refined ({refined['mode']}, {refined['steps']} steps, {refined.get('loss', 'topk')} loss, "
-                  f"{refined['parameters']} gains folded into the weights): calibration KL to the dense model "
-                  f"{refined['loss_before']:.4f} -> "
+                  f"{refined['parameters']} gains folded into the weights): calibration KL to the dense model"
+                  f"{on_windows(refined)} {refined['loss_before']:.4f} -> "
                   f"{refined['loss_after']:.4f} in {refined['seconds']:.0f} s")
     if result.perplexity:
         table = Table(title="Perplexity")
@@ -171,3 +171,10 @@ def eval_notes(res: dict[str, Any]) -> list[str]:
         if res[who] and res[who]["cached"]:
             notes.append(f"{who} results reused from the cache: {', '.join(res[who]['cached'])}")
     return notes
+
+
+def on_windows(refined: dict) -> str:
+    """" on N windows" when the report says how many windows its loss was measured on (runs before session 16
+    measured it on every fitting window and do not say)."""
+    n = refined.get("loss_windows")
+    return f" on {n} windows" if n else ""

@@ -15,7 +15,16 @@ from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
-from prunecomp.refine import TeacherTargets, distill_loss, fold_gains, gains, gains_applied, refine, teacher_targets
+from prunecomp.refine import (
+    TeacherTargets,
+    audit_rows,
+    distill_loss,
+    fold_gains,
+    gains,
+    gains_applied,
+    refine,
+    teacher_targets,
+)
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -123,6 +132,43 @@ def test_refine_lowers_the_calibration_loss_and_is_reproducible() -> None:
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert all(p.requires_grad for p in m1.parameters())  # the caller's flags are restored
+
+
+def test_audit_rows_spread_over_the_windows() -> None:
+    assert audit_rows(128, 16).tolist() == list(range(0, 128, 8))
+    assert audit_rows(10, 4).tolist() == [0, 2, 5, 7]
+    assert audit_rows(3, 16).tolist() == [0, 1, 2] and audit_rows(5, None).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_refine_audit_windows_change_the_report_not_the_fit() -> None:
+    """``eval_windows`` only decides where loss_before/loss_after are measured: the fit (its losses and the folded
+    weights) is the same bit for bit, and the reported loss is the mean of distill_loss over exactly those
+    windows, before the fit (the gains at 1) and after the fold."""
+    dense = tiny_model("llama")
+    ids = tokens(n=6, t=16)
+    targets = teacher_targets(dense, ids, topk=16)
+    pruned = copy.deepcopy(dense)
+    remove_layer(pruned, 2)
+    runs = {}
+    for limit in (None, 2):
+        m = copy.deepcopy(pruned)
+        runs[limit] = (m, refine(m, ids, targets, mode="channels", steps=6, lr=2e-2, batch_size=2,
+                                 eval_windows=limit))
+    (m_all, r_all), (m_two, r_two) = runs[None], runs[2]
+    assert r_all.losses == r_two.losses and (r_all.loss_windows, r_two.loss_windows) == (6, 2)
+    for a, b in zip(m_all.state_dict().values(), m_two.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    rows = [0, 3]
+
+    def by_hand(model: torch.nn.Module) -> torch.Tensor:
+        return torch.stack([distill_loss(_logits(model, ids[[r]]), targets.logprobs[[r]], targets.indices[[r]])
+                            for r in rows]).mean()
+
+    assert_close(torch.tensor(r_two.loss_before), by_hand(pruned), rtol=1e-5, atol=1e-6)
+    assert_close(torch.tensor(r_two.loss_after), by_hand(m_two), rtol=1e-5, atol=1e-6)
+    assert r_two.loss_before != r_all.loss_before  # a different set of windows, so a different number
+    with pytest.raises(PrunecompError, match="eval_windows"):
+        refine(copy.deepcopy(pruned), ids, targets, eval_windows=0)
 
 
 def test_refine_rejects_targets_of_other_windows() -> None:
