@@ -192,7 +192,8 @@ def _audit(steps: list[dict[str, Any]], final: dict[str, Any] | None) -> dict[st
 
 def _fit(report: dict[str, Any]) -> dict[str, Any]:
     """The part of a refinement report the table shows."""
-    return {k: report[k] for k in ("mode", "steps", "parameters", "loss_before", "loss_after", "seconds")}
+    return {k: report[k] for k in ("mode", "steps", "parameters", "loss_before", "loss_after", "seconds")} | \
+        {"loss": report.get("loss", "topk"), "loss_windows": report.get("loss_windows")}
 
 
 def _local(step: dict[str, Any]) -> dict[str, Any]:
@@ -252,6 +253,7 @@ def table(rows: list[dict[str, Any]], model_bytes: int) -> str:
                          f"error {f['error_before']:.3f}->{f['error_after']:.3f}")
         if r.get("fits"):
             notes.append(f"{len(r['fits'])} fits ({r['fits'][0]['mode']}, {r['fits'][0]['steps']} steps each, "
+                         f"{r['fits'][0].get('loss', 'topk')} loss, "
                          f"{sum(f['seconds'] for f in r['fits']):.0f} s), KL "
                          + ", ".join(f"{f['loss_before']:.3f}->{f['loss_after']:.3f}" for f in r["fits"]))
         if r.get("teacher_bytes"):
@@ -277,6 +279,8 @@ def main() -> None:
     ap.add_argument("--big-only", action="store_true", help="only the ~7B streamed pipeline row")
     ap.add_argument("--refine-only", action="store_true", help="only the progressive-refinement rows (~0.9B)")
     ap.add_argument("--refine-steps", type=int, default=4, help="Adam steps per fit of the refined rows")
+    ap.add_argument("--refine-loss", default="tail", help="the refined and reconstructed rows' --refine-loss (the "
+                    "rows before session 16 were measured with topk, the default before session 15)")
     ap.add_argument("--reconstruct-only", action="store_true", help="only the block-reconstruction rows (~0.9B)")
     ap.add_argument("--refit-only", action="store_true", help="only the sequential-refit rows (~0.9B)")
     ap.add_argument("--compensation", default=None, help="with --refine-only: the refined rows' --compensation "
@@ -319,14 +323,15 @@ def main() -> None:
         b = Bench(args, model, work, api)
         plan: list[tuple[str, Any]] = [("pipeline streamed", lambda: b.pipeline("pipeline streamed",
                                                                                  ["--stream-layers"]))]
-        refined = ["--refine", "channels", "--refine-at", "each", "--refine-steps", str(args.refine_steps)]
+        refined = ["--refine", "channels", "--refine-at", "each", "--refine-steps", str(args.refine_steps),
+                   "--refine-loss", args.refine_loss]
         if args.refit_only:
             seq = ["--refit", "sequential", "--refit-steps", str(args.refine_steps)]
             plan = [("library refitted", lambda: b.library("library refitted", seq)),
                     ("pipeline refitted", lambda: b.pipeline("pipeline refitted", ["--no-stream-layers", *seq]))]
         elif args.reconstruct_only:
             local = ["--reconstruct", "both", "--reconstruct-steps", str(args.refine_steps), "--refine", "channels",
-                     "--refine-steps", str(args.refine_steps)]
+                     "--refine-steps", str(args.refine_steps), "--refine-loss", args.refine_loss]
             plan = [("library reconstructed", lambda: b.library("library reconstructed", local)),
                     ("pipeline reconstructed",
                      lambda: b.pipeline("pipeline reconstructed", ["--no-stream-layers", *local]))]
