@@ -431,9 +431,9 @@ def _not_streamable(config: CompressConfig, base: dict[str, Any]) -> str | None:
 
     p = config.prune
     if p.metric not in STREAMED_METRICS or p.compensation == "lsq" or p.selection != "score" or p.refine != "none" \
-            or p.reconstruct != "none" or p.refit != "none":
+            or p.refit != "none":
         return ("stream_layers runs BI/angular scoring with guarded, magnitude or no compensation, score selection "
-                "and no refinement, reconstruction or refit")
+                "and block reconstruction, without refinement or refit")
     if config.qa_tasks:
         return "stream_layers cannot run QA tasks (they need the whole model in memory)"
     if base.get("materialized"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,20 +171,28 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
+Sourced = Callable[[dict[int, int]], AbstractContextManager[Any]]
+"""How a layer-streamed model puts the source's weights in for the layers block reconstruction rewrote: given
+:func:`reconstructed_layers` (final index -> original), a context inside which those layers load the source's
+weights with nothing folded (:meth:`prunecomp.streamed.StreamedModel.sourced`)."""
+
+
 @contextmanager
 def uncompensated_view(model: nn.Module, recipe: Recipe,
-                       originals: Mapping[int, Mapping[str, Tensor]] | None = None) -> Iterator[None]:
+                       originals: Mapping[int, Mapping[str, Tensor]] | None = None, *,
+                       sourced: Sourced | None = None) -> Iterator[None]:
     """Inside the block ``model`` computes the same layers removed with nothing folded (hooks always removed).
 
     ``originals``: for every layer block reconstruction rewrote (final index, see :func:`reconstructed_layers`),
-    the source's parameters by name inside the layer; swapped in for the block and restored after."""
+    the source's parameters by name inside the layer; swapped in for the block and restored after. ``sourced``:
+    instead of ``originals``, for a model whose layers are loaded on use (see :data:`Sourced`)."""
     adapter = get_adapter(model)
     known = recipe.source.get("num_layers")
     layers = decoder_layers(model, adapter)
     if known is not None and len(layers) != int(known) - len(recipe.steps):
         raise ValueError("the recipe does not describe this model's removals")
     rewritten = reconstructed_layers(recipe, len(layers))
-    missing = sorted(set(rewritten) - set(originals or {}))
+    missing = sorted(set(rewritten) - set(originals or {})) if sourced is None else []
     if missing:
         raise ValueError(f"layers {[rewritten[j] for j in missing]} were reconstructed: the view needs their source "
                          "weights (originals=)")
@@ -201,38 +209,42 @@ def uncompensated_view(model: nn.Module, recipe: Recipe,
 
         return fn
 
-    try:
-        with torch.no_grad():
-            for j in rewritten:
-                params = dict(layers[j].named_parameters())
-                for name, src in (originals or {})[j].items():
-                    if name not in params or params[name].shape != src.shape:
-                        raise ValueError(f"source weights {name!r} do not fit layer {rewritten[j]}")
-                    saved.append((params[name], params[name].detach().clone()))
-                    params[name].copy_(src.to(device=params[name].device, dtype=params[name].dtype))
-        for path, (scale, these) in output_edits(model, recipe).items():
-            if path.startswith(inside):  # the source's weights are in: nothing there to undo
-                continue
-            undo = [(kind, torch.linalg.inv(t.double()) if kind == "map" else t) for kind, t in reversed(these)]
-            handles.append(resolve(model, path).register_forward_hook(hook(scale, undo)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for p, value in saved:
-                p.copy_(value)
+    with ExitStack() as stack:
+        if sourced is not None and rewritten:  # the streamed model loads those layers from the source meanwhile
+            stack.enter_context(sourced(rewritten))
+        try:
+            with torch.no_grad():
+                for j in rewritten if sourced is None else ():
+                    params = dict(layers[j].named_parameters())
+                    for name, src in (originals or {})[j].items():
+                        if name not in params or params[name].shape != src.shape:
+                            raise ValueError(f"source weights {name!r} do not fit layer {rewritten[j]}")
+                        saved.append((params[name], params[name].detach().clone()))
+                        params[name].copy_(src.to(device=params[name].device, dtype=params[name].dtype))
+            for path, (scale, these) in output_edits(model, recipe).items():
+                if path.startswith(inside):  # the source's weights are in: nothing there to undo
+                    continue
+                undo = [(kind, torch.linalg.inv(t.double()) if kind == "map" else t) for kind, t in reversed(these)]
+                handles.append(resolve(model, path).register_forward_hook(hook(scale, undo)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)
 
 
 def final_check(model: nn.Module, recipe: Recipe, ids: Tensor, digest: str, *, batch_size: int = 4,
                 nll: Callable[[Tensor], float] | None = None,
-                originals: Mapping[int, Mapping[str, Tensor]] | None = None) -> FinalCheck:
+                originals: Mapping[int, Mapping[str, Tensor]] | None = None,
+                sourced: Sourced | None = None) -> FinalCheck:
     """Held-out NLL of ``model`` (pruned as ``recipe`` says) with and without what the run folded. ``nll``: how to
     measure the model's mean NLL on windows (default: a plain forward; a layer-streamed model passes its own).
-    ``originals``: the source weights of reconstructed layers (see :func:`uncompensated_view`)."""
+    ``originals`` / ``sourced``: the source weights of reconstructed layers (see :func:`uncompensated_view`)."""
     measure = nll or (lambda x: mean_nll(model, x, batch_size=batch_size))
     loss = measure(ids)
-    with uncompensated_view(model, recipe, originals):
+    with uncompensated_view(model, recipe, originals, sourced=sourced):
         base = measure(ids)
     parts = []
     if any(s.scale not in (None, 1.0) for s in recipe.steps):
@@ -249,18 +261,19 @@ def final_check(model: nn.Module, recipe: Recipe, ids: Tensor, digest: str, *, b
 
 def run_final_check(model: nn.Module, tokenizer: Any, recipe: Recipe, calibration: CalibrationConfig,
                     data_dir: str | None, *, nll: Callable[[Tensor], float] | None = None,
-                    originals: Callable[[dict[int, int]], Mapping[int, Mapping[str, Tensor]]] | None = None
-                    ) -> FinalCheck | None:
+                    originals: Callable[[dict[int, int]], Mapping[int, Mapping[str, Tensor]]] | None = None,
+                    sourced: Sourced | None = None) -> FinalCheck | None:
     """The final check on ``calibration.held_out`` held-out windows (``None`` when that is 0). ``originals``:
     given :func:`reconstructed_layers` of the recipe, the source weights of those layers by final index (called
-    only when some layer was reconstructed)."""
+    only when some layer was reconstructed); ``sourced``: the layer-streamed alternative (:data:`Sourced`)."""
     if calibration.held_out == 0:
         return None
     windows = held_out_windows(tokenizer, calibration.source, n_windows=calibration.held_out,
                                seq_len=calibration.seq_len, calibration_samples=calibration.n_samples,
                                seed=calibration.seed, data_dir=data_dir)
     rewritten = reconstructed_layers(recipe, len(decoder_layers(model)))
-    if rewritten and originals is None:
+    if rewritten and originals is None and sourced is None:
         raise ValueError("this run reconstructed layers: the final check needs a reader of the source's weights")
     return final_check(model, recipe, windows.ids, windows.digest, batch_size=calibration.batch_size, nll=nll,
-                       originals=originals(rewritten) if rewritten and originals is not None else None)
+                       originals=originals(rewritten) if rewritten and originals is not None else None,
+                       sourced=sourced)

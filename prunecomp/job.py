@@ -249,15 +249,21 @@ def _run_streamed(config: JobConfig, progress: Progress,
             progress.message(f"  refined: calibration KL to the dense model {done.loss_before:.4f} -> "
                              f"{done.loss_after:.4f} in {done.seconds:.0f} s")
 
+    fit_on = None
+    if config.prune.reconstruct != "none" and config.prune.refine_samples is not None:  # as in memory (run_job)
+        fit_on = calibration_windows(tokenizer, config.calibration.source, n_samples=config.prune.refine_samples,
+                                     seq_len=config.calibration.seq_len, seed=config.calibration.seed,
+                                     data_dir=config.data_dir).ids
     t = time.perf_counter()
-    report = streamed_prune(sm, cal.ids, config.prune, batch_size=config.calibration.batch_size, on_step=observe)
+    report = streamed_prune(sm, cal.ids, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
+                            fit_ids=fit_on)
     report.calibration = {"origin": cal.origin, "digest": cal.digest, "n_samples": cal.n, "seq_len": cal.seq_len,
                           "config": config.calibration.model_dump(mode="json")}
     times["prune"] = time.perf_counter() - t
     t = time.perf_counter()
     progress.message("final check: held-out calibration loss with and without what was folded (layer by layer)")
     check = run_final_check(sm.model, tokenizer, report.recipe(provenance), config.calibration, config.data_dir,
-                            nll=partial(sm.mean_nll, batch_size=config.calibration.batch_size))
+                            nll=partial(sm.mean_nll, batch_size=config.calibration.batch_size), sourced=sm.sourced)
     times["final_check"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from prunecomp.compensation import compensate
 from prunecomp.errors import PrunecompError
 from prunecomp.lsq import GapFit, apply_gap_map
 from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.tensorfiles import Renamed, tensor_digest, write_safetensors
 
 __all__ = ["FORMAT", "FORMAT_LAYERS", "FORMAT_PROGRESSIVE", "RECIPE_FILE", "TENSORS_FILE", "LayerEdit", "Recipe",
            "RecipeStep", "RefineEdit", "apply_layers", "apply_recipe", "read_recipe", "recipe_from_report",
@@ -76,16 +79,16 @@ class LayerEdit:
     (:meth:`Recipe.with_layers`): that is where a step's ``layers`` are set on replay. The pipeline stores one as
     its own part."""
 
-    layers: dict[str, Tensor] = field(repr=False)
+    layers: Mapping[str, Tensor] = field(repr=False)
     report: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
+    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], Mapping[str, Tensor]]:
         doc = {"layers": {name: f"{prefix}layers.{name}" for name in sorted(self.layers)}, "report": self.report}
-        return doc, {f"{prefix}layers.{name}": t for name, t in self.layers.items()}
+        return doc, Renamed(self.layers, {f"{prefix}layers.{name}": name for name in self.layers})
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> LayerEdit:
-        return cls(layers={n: tensors[t] for n, t in doc["layers"].items()}, report=dict(doc.get("report") or {}))
+    def from_doc(cls, doc: dict[str, Any], tensors: Mapping[str, Tensor]) -> LayerEdit:
+        return cls(layers=Renamed(tensors, doc["layers"]), report=dict(doc.get("report") or {}))
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ class RecipeStep:
     gap_map: Tensor | None = field(default=None, repr=False, compare=False)
     record: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     refine: RefineEdit | None = field(default=None, repr=False, compare=False)
-    layers: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    layers: Mapping[str, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def edit(self) -> dict[str, Any]:
         """What this step does to the tensors, as JSON (``gap_map`` as its sha256). A step without refinement has
@@ -116,13 +119,15 @@ class RecipeStep:
         if self.refine is not None:
             out["refine"] = self.refine.edit()
         if self.layers is not None:  # only when present: older digests unchanged
-            out["layers"] = {name: _tensor_digest(t) for name, t in sorted(self.layers.items())}
+            out["layers"] = {name: tensor_digest(self.layers, name, _tensor_digest) for name in sorted(self.layers)}
         return out
 
-    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """JSON of this step and its tensors (named ``<prefix>gap_map``, ``<prefix>refine.<path>``)."""
+    def to_doc(self, prefix: str = "") -> tuple[dict[str, Any], Mapping[str, Tensor]]:
+        """JSON of this step and its tensors (named ``<prefix>gap_map``, ``<prefix>refine.<path>``,
+        ``<prefix>layers.<name>``; lazy ``layers`` stay lazy)."""
         doc: dict[str, Any] = {"removed": self.removed, "current": self.current, "scale": self.scale}
-        tensors = {}
+        tensors: dict[str, Tensor] = {}
+        parts: list[Mapping[str, Tensor]] = [tensors]
         if self.gap_map is not None:
             doc["gap_map"] = f"{prefix}gap_map"
             tensors[doc["gap_map"]] = self.gap_map
@@ -131,17 +136,17 @@ class RecipeStep:
             tensors |= named
         if self.layers is not None:
             doc["layers"] = {name: f"{prefix}layers.{name}" for name in sorted(self.layers)}
-            tensors |= {f"{prefix}layers.{name}": t for name, t in self.layers.items()}
-        return doc | {"record": self.record}, tensors
+            parts.append(Renamed(self.layers, {f"{prefix}layers.{name}": name for name in self.layers}))
+        return doc | {"record": self.record}, ChainMap(*parts)
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> RecipeStep:
+    def from_doc(cls, doc: dict[str, Any], tensors: Mapping[str, Tensor]) -> RecipeStep:
         return cls(removed=int(doc["removed"]), current=int(doc["current"]),
                    scale=None if doc["scale"] is None else float(doc["scale"]),
                    gap_map=tensors[doc["gap_map"]] if doc.get("gap_map") else None,
                    record=dict(doc.get("record") or {}),
                    refine=RefineEdit.from_doc(doc["refine"], tensors) if doc.get("refine") else None,
-                   layers={n: tensors[t] for n, t in doc["layers"].items()} if doc.get("layers") else None)
+                   layers=Renamed(tensors, doc["layers"]) if doc.get("layers") else None)
 
 
 @dataclass(frozen=True)
@@ -219,7 +224,8 @@ class Recipe:
         if not self.steps:
             raise PrunecompError("whole-layer parameters before any removal: nothing to attach them to")
         last = self.steps[-1]
-        return replace(self, steps=(*self.steps[:-1], replace(last, layers={**(last.layers or {}), **edit.layers})))
+        layers = edit.layers if last.layers is None else ChainMap(edit.layers, last.layers)  # type: ignore[arg-type]
+        return replace(self, steps=(*self.steps[:-1], replace(last, layers=layers)))
 
     def with_refine(self, edit: RefineEdit) -> Recipe:
         """This recipe refined after its last step (once: a second fit there would be a different recipe)."""
@@ -227,14 +233,15 @@ class Recipe:
             raise PrunecompError("this recipe is already refined after its last step")
         return replace(self, refine=edit)
 
-    def to_json(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """The document and its tensors (names as referenced in the document)."""
-        tensors: dict[str, Tensor] = {}
+    def to_json(self) -> tuple[dict[str, Any], Mapping[str, Tensor]]:
+        """The document and its tensors (names as referenced in the document; read through, so lazy layer
+        records stay on disk until written)."""
+        parts: list[Mapping[str, Tensor]] = []
         steps = []
         for i, step in enumerate(self.steps):
             entry, named = step.to_doc(f"steps.{i}.")
             steps.append(entry)
-            tensors |= named
+            parts.append(named)
         fmt = FORMAT_LAYERS if any(s.layers is not None for s in self.steps) else \
             FORMAT_PROGRESSIVE if self.progressive else FORMAT
         doc: dict[str, Any] = {"format": fmt, "source": self.source,
@@ -242,8 +249,8 @@ class Recipe:
                                "steps": steps, "refine": None}
         if self.refine is not None:
             doc["refine"], named = self.refine.to_doc("refine.")
-            tensors |= named
-        return doc, tensors
+            parts.append(named)
+        return doc, ChainMap(*parts) if parts else {}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Recipe:
@@ -271,12 +278,10 @@ def _tensor_digest(t: Tensor) -> str:
 
 def write_recipe_files(recipe: Recipe, folder: Path) -> None:
     """Write ``recipe.json`` (and ``recipe.safetensors`` when it has tensors) into ``folder``."""
-    from safetensors.torch import save_file
-
     doc, tensors = recipe.to_json()
     (folder / RECIPE_FILE).write_text(json.dumps(doc, indent=1, default=str))
-    if tensors:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / TENSORS_FILE))
+    if tensors:  # one tensor in memory at a time (a streamed run's fitted layers are read from its spill files)
+        write_safetensors(tensors, folder / TENSORS_FILE)
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -428,10 +433,12 @@ def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0, refined: b
     return model
 
 
-def apply_layers(model: nn.Module, weights: dict[str, Tensor]) -> None:
-    """Set the parameters block reconstruction fitted, by name (exactly the values the fit left)."""
+def apply_layers(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
+    """Set the parameters block reconstruction fitted, by name (exactly the values the fit left); one tensor read
+    at a time from a lazy record."""
     params = dict(model.named_parameters())
-    for name, t in sorted(weights.items()):
+    for name in sorted(weights):
+        t = weights[name]
         p = params.get(name)
         if p is None:
             raise PrunecompError(f"recipe reconstruction names parameter {name!r}, which the model does not have")

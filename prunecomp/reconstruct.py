@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from prunecomp.hooks import _hidden_out
 from prunecomp.sequential import catch_layer_inputs, run_layer
 
 __all__ = ["GapStreams", "ReconstructReport", "capture_gap", "describe", "effective_side",
-           "fit_layers", "layer_tensors", "reconstruct", "relative_error"]
+           "fit_layers", "layer_tensors", "reconstruct", "reconstruct_layers", "relative_error"]
 
 
 
@@ -141,12 +141,17 @@ def effective_side(side: str, current: int, n_layers: int) -> str | None:
 
 
 @torch.no_grad()
-def capture_gap(model: nn.Module, current: int, ids: Tensor, side: str, *, batch_size: int = 4) -> GapStreams | None:
+def capture_gap(model: nn.Module, current: int, ids: Tensor, side: str, *, batch_size: int = 4,
+                layer_at: Callable[[int], nn.Module] | None = None,
+                release: Callable[[nn.Module], None] | None = None) -> GapStreams | None:
     """One partial pass (it stops after the last layer needed) over ``ids`` while layer ``current`` is still
     there. ``before``: input of layer ``current - 1``, target the removed layer's output. ``after``: input of the
     removed layer (what the next layer reads once it is gone), target the next layer's output. ``both``: input of
     ``current - 1``, target the next layer's output. Where a side has no layer the other one is fitted (see
-    :func:`effective_side`; the result says which); None for a model of one layer."""
+    :func:`effective_side`; the result says which); None for a model of one layer.
+
+    ``layer_at(j)`` / ``release(layer)``: how a layer-streamed model loads and frees layer ``j`` (default: the
+    model's own layers, in memory)."""
     layers = decoder_layers(model)
     side = effective_side(side, current, len(layers))  # type: ignore[assignment]
     if side is None:
@@ -158,7 +163,10 @@ def capture_gap(model: nn.Module, current: int, ids: Tensor, side: str, *, batch
     for j in range(last_out + 1):
         if j == first:
             xs = h
-        h = run_layer(layers[j], h, [kw[j] for kw in caught.kwargs])
+        layer = layers[j] if layer_at is None else layer_at(j)
+        h = run_layer(layer, h, [kw[j] for kw in caught.kwargs])
+        if release is not None:
+            release(layer)
     fitted = [j for j in (current - 1, current + 1) if (j < current and side != "after") or
               (j > current and side != "before")]
     assert xs is not None
@@ -216,13 +224,20 @@ def reconstruct(model: nn.Module, gap: GapStreams, scale: float, *, steps: int, 
     upstream (the stream before the gap is the old one times ``scale``: every writer there was multiplied by it
     and every reader normalises). ``removed``: the removed layer's original index; ``originals``: the original
     indices of ``model``'s layers now (for the report)."""
-    t0 = time.perf_counter()
     layers = decoder_layers(model)
-    fitted = gap.fitted()
+    return reconstruct_layers([layers[j] for j in gap.fitted()], gap, scale, steps=steps, lr=lr, seed=seed,
+                              removed=removed, originals=originals)
+
+
+def reconstruct_layers(layers: Sequence[nn.Module], gap: GapStreams, scale: float, *, steps: int, lr: float,
+                       seed: int, removed: int, originals: Sequence[int]) -> ReconstructReport:
+    """:func:`reconstruct` on the layers ``gap.fitted()`` names, given as modules (a layer-streamed model loads
+    them for the fit and keeps them when the report says ``kept``)."""
+    t0 = time.perf_counter()
     xs = [x * scale for x in gap.xs] if scale != 1.0 else gap.xs
-    before, after = fit_layers([layers[j] for j in fitted], xs, gap.ys, gap.kwargs, steps=steps, lr=lr,
+    before, after = fit_layers(layers, xs, gap.ys, gap.kwargs, steps=steps, lr=lr,
                                generator=torch.Generator().manual_seed(seed))
     target = removed if gap.side == "before" else originals[gap.current]
-    return ReconstructReport(side=gap.side, layers=[originals[j] for j in fitted], target=target, steps=steps,
+    return ReconstructReport(side=gap.side, layers=[originals[j] for j in gap.fitted()], target=target, steps=steps,
                              lr=lr, windows=sum(x.shape[0] for x in gap.xs), loss_before=before, loss_after=after,
                              seconds=time.perf_counter() - t0, kept=after < before)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,7 @@ class StepRecord:
     # Block reconstruction (config.reconstruct): what the local fit after this removal did, and the fitted layers'
     # parameters by name in the model as it was then (the recipe's sidecar, not part of the JSON record).
     reconstruct: dict[str, Any] | None = None
-    layer_weights: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    layer_weights: Mapping[str, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe: string layer keys, non-finite scores as ``None``, no tensors."""

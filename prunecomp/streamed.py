@@ -21,8 +21,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +41,14 @@ from prunecomp.guard import GuardResult, candidate_scales, pick, tail_losses
 from prunecomp.planning import candidates, check_finite, choose
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.recipe import Recipe, write_recipe_files
+from prunecomp.reconstruct import capture_gap, reconstruct_layers
 from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scanners import StatelessScanner, memory_budget
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.sources import read_safetensors_header
 from prunecomp.storage import write_dir
+from prunecomp.tensorfiles import DTYPES, LazyTensors, Renamed
 
 __all__ = [
     "STREAMED_METRICS",
@@ -56,11 +61,6 @@ __all__ = [
 ]
 
 STREAMED_METRICS = frozenset({"bi", "angular"})
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 class SafetensorsWeights:
@@ -82,7 +82,7 @@ class SafetensorsWeights:
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                if info["dtype"] not in _DTYPES:
+                if info["dtype"] not in DTYPES:
                     raise PrunecompError(f"{f.name}: tensor {name!r} has unsupported dtype {info['dtype']}")
                 start, end = info["data_offsets"]
                 self.where[name] = (f, info["dtype"], info["shape"], data_start + start, end - start)
@@ -95,8 +95,8 @@ class SafetensorsWeights:
             if fh.readinto(buf) != length:
                 raise PrunecompError(f"{path.name} is truncated (tensor {name!r})")
         if length == 0:
-            return torch.empty(shape, dtype=_DTYPES[dtype])
-        return torch.frombuffer(buf, dtype=_DTYPES[dtype]).reshape(shape)
+            return torch.empty(shape, dtype=DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
 
     def with_prefix(self, prefix: str) -> dict[str, Tensor]:
         return {n[len(prefix):]: self.get(n) for n in self.where if n.startswith(prefix)}
@@ -105,8 +105,11 @@ class SafetensorsWeights:
 class StreamedModel:
     """A causal LM whose decoder layers stay on disk until used; see the module docstring."""
 
-    def __init__(self, folder: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None) -> None:
-        """``device``: CUDA when available, else CPU; ``dtype``: bf16 on CUDA, fp32 on CPU (statistics are fp32)."""
+    def __init__(self, folder: str | Path, *, dtype: torch.dtype | None = None, device: str | None = None,
+                 spill_dir: str | Path | None = None) -> None:
+        """``device``: CUDA when available, else CPU; ``dtype``: bf16 on CUDA, fp32 on CPU (statistics are fp32).
+        ``spill_dir``: where the weights of fitted layers (block reconstruction) are kept, one file per fit (default:
+        a temporary folder, removed with this object)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder = Path(folder)
@@ -124,6 +127,10 @@ class StreamedModel:
         self.source_layers = len(decoder_layers(self.model, self.adapter))
         self.pending = [1.0] * self.source_layers  # compensation factor per ORIGINAL layer, applied on load
         self.layer_loads = 0
+        # ORIGINAL layer -> the file holding its weights since a fit (see keep_layer); read instead of the source
+        self.overrides: dict[int, Path] = {}
+        self._spill_root = Path(spill_dir) if spill_dir is not None else None
+        self._spill_tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def _materialize_shell(self) -> None:
         """Load everything but the decoder layers for real."""
@@ -154,7 +161,12 @@ class StreamedModel:
         """Current layer ``current`` materialized with its pending compensation folded in (caller frees it)."""
         layer = decoder_layers(self.model, self.adapter)[current]
         orig = original_indices(self.model)[current]
-        state = self.weights.with_prefix(f"{self.adapter.layers}.{orig}.")
+        if orig in self.overrides:
+            from safetensors.torch import load_file
+
+            state = load_file(str(self.overrides[orig]))
+        else:
+            state = self.weights.with_prefix(f"{self.adapter.layers}.{orig}.")
         layer.to_empty(device=self.device)
         missing, unexpected = layer.load_state_dict({k: v.to(self.dtype) for k, v in state.items()}, strict=False)
         if missing or unexpected:
@@ -168,6 +180,46 @@ class StreamedModel:
     @staticmethod
     def free(layer: nn.Module) -> None:
         layer.to("meta")
+
+    @contextmanager
+    def sourced(self, layers: Mapping[int, int]) -> Iterator[None]:
+        """Inside the block the layers ``layers`` names (current index -> ORIGINAL index) load the source's weights
+        with nothing folded: the final check's view of the plain layer-removed model, for reconstructed layers
+        (:data:`prunecomp.final_check.Sourced`)."""
+        saved = {o: (self.overrides.pop(o, None), self.pending[o]) for o in layers.values()}
+        try:
+            for o in saved:
+                self.pending[o] = 1.0
+            yield
+        finally:
+            for o, (path, factor) in saved.items():
+                if path is not None:
+                    self.overrides[o] = path
+                self.pending[o] = factor
+
+    def _spill(self) -> Path:
+        if self._spill_root is not None:
+            self._spill_root.mkdir(parents=True, exist_ok=True)
+            return self._spill_root
+        if self._spill_tmp is None:
+            self._spill_tmp = tempfile.TemporaryDirectory(prefix="prunecomp-layers-")
+        return Path(self._spill_tmp.name)
+
+    def keep_layer(self, current: int, layer: nn.Module, *, tag: str) -> dict[str, Tensor]:
+        """Make ``layer``'s weights (current layer ``current``, loaded with :meth:`load_layer` and then changed in
+        place, e.g. by a local fit) the layer's weights from now on. They go to a new file of the spill folder
+        (``tag`` names it: one file per fit, never overwritten, so earlier fits stay readable), not to memory;
+        the layer's pending compensation is in them, so its pending factor restarts at 1. Returns the weights by
+        their name in the model (current index), read lazily from that file: the record a recipe keeps."""
+        from safetensors.torch import save_file
+
+        orig = original_indices(self.model)[current]
+        path = self._spill() / f"{tag}-layer{orig}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}, str(path),
+                  metadata={"format": "pt"})
+        self.overrides[orig] = path
+        self.pending[orig] = 1.0
+        return LazyTensors(path, prefix=f"{self.adapter.layers}.{current}.")
 
     @torch.no_grad()
     def scan(self, ids: Tensor, metric: str, *, batch_size: int,
@@ -249,10 +301,9 @@ class StreamedModel:
         """Replay ``recipe``'s removals and magnitude folds (pending, like :meth:`remove`) on this model."""
         from prunecomp.recipe import check_applicable
 
-        if recipe.refine is not None or recipe.progressive or any(s.gap_map is not None or s.layers is not None
-                                                                  for s in recipe.steps):
-            raise PrunecompError("layer streaming replays removals and magnitude scales only; this recipe also folds "
-                                 "lsq maps, refinement gains or reconstructed layers: apply it without "
+        if recipe.refine is not None or recipe.progressive or any(s.gap_map is not None for s in recipe.steps):
+            raise PrunecompError("layer streaming replays removals, magnitude scales and reconstructed layers only; "
+                                 "this recipe also folds lsq maps or refinement gains: apply it without "
                                  "--stream-layers")
         done = self.source_layers - len(decoder_layers(self.model, self.adapter))
         check_applicable(recipe, architecture=type(self.model).__name__, num_layers=self.source_layers,
@@ -261,6 +312,34 @@ class StreamedModel:
             if original_indices(self.model)[s.current] != s.removed:
                 raise PrunecompError(f"recipe step {i}: layer {s.removed} is not at index {s.current} of the model")
             self.remove(s.current, 1.0 if s.scale is None else s.scale)
+            if s.layers is not None:
+                self._set_layers(s.layers, tag=f"recipe{i}")
+
+    def _set_layers(self, weights: Mapping[str, Tensor], *, tag: str) -> None:
+        """A recipe step's layer record (parameters by name in the model then, as
+        :func:`prunecomp.recipe.apply_layers` sets them in memory), one layer at a time into the spill folder."""
+        from prunecomp.recipe import apply_layers
+
+        prefix = self.adapter.layers + "."
+        by_layer: dict[int, list[str]] = {}
+        for name in weights:
+            j, dot, _rest = name.removeprefix(prefix).partition(".")
+            if not name.startswith(prefix) or not dot or not j.isdigit():
+                raise PrunecompError(f"recipe reconstruction names parameter {name!r}, which is not in a decoder "
+                                     "layer: a layer-streamed model sets whole decoder layers only")
+            by_layer.setdefault(int(j), []).append(name)
+        n = len(decoder_layers(self.model, self.adapter))
+        for j, names in sorted(by_layer.items()):
+            if j >= n:
+                raise PrunecompError(f"recipe reconstruction names layer {j}; the model has {n} at that step")
+            layer = self.load_layer(j)
+            try:
+                with torch.no_grad():
+                    own = {name.removeprefix(f"{prefix}{j}."): name for name in names}
+                    apply_layers(layer, Renamed(weights, own))
+                self.keep_layer(j, layer, tag=tag)
+            finally:
+                self.free(layer)
 
     def save(self, uri: str, *, tokenizer: Any = None, report: dict[str, Any] | None = None,
              recipe: Recipe | None = None, overwrite: bool = False,
@@ -322,9 +401,6 @@ def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
     if config.refine != "none":
         raise PrunecompError("layer streaming does not support --refine (it back-propagates through the whole "
                              "model); prune without --stream-layers to refine")
-    if config.reconstruct != "none":
-        raise PrunecompError("layer streaming does not support --reconstruct yet; prune without --stream-layers to "
-                             "reconstruct")
     if config.refit != "none":
         raise PrunecompError("layer streaming does not support --refit yet; prune without --stream-layers to refit")
     if config.metric not in STREAMED_METRICS:
@@ -333,8 +409,11 @@ def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
 
 
 def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: int,
-                  batch_size: int = 4) -> StepRecord:
-    """One iteration on a layer-streamed model: score every layer, remove the lowest, fold its scale."""
+                  batch_size: int = 4, fit_ids: Tensor | None = None) -> StepRecord:
+    """One iteration on a layer-streamed model: score every layer, remove the lowest, fold its scale; with
+    ``config.reconstruct``, fit the layer(s) beside the gap on ``fit_ids`` (default ``ids``) as the in-memory loop
+    does (:func:`prunecomp.reconstruct.reconstruct`: same streams, same fit, same seed), one fitted layer pair in
+    memory, the result kept in the spill folder (:meth:`StreamedModel.keep_layer`)."""
     ts = time.perf_counter()
     k = config.layers_to_remove(sm.source_layers)
     done = sm.source_layers - len(decoder_layers(sm.model, sm.adapter))
@@ -348,24 +427,45 @@ def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: 
     s = scan.scales[current]
     guard = sm.guard(ids, current, s, config.guard_exponents, batch_size=batch_size) if config.guarded else None
     applied = guard.scale if guard is not None else (s if config.compensation == "magnitude" else 1.0)
+    gap = None
+    if config.reconstruct != "none":  # read while the layer is still there, one layer at a time
+        gap = capture_gap(sm.model, current, ids if fit_ids is None else fit_ids, config.reconstruct,
+                          batch_size=config.reconstruct_batch, layer_at=sm.load_layer, release=sm.free)
     sm.remove(current, applied)
+    local, weights = None, None
+    if gap is not None:
+        layers = [sm.load_layer(j) for j in gap.fitted()]
+        try:
+            done = reconstruct_layers(layers, gap, applied, steps=config.reconstruct_steps,
+                                      lr=config.reconstruct_lr, seed=step, removed=orig[current],
+                                      originals=original_indices(sm.model))
+            if done.kept:
+                weights = ChainMap(*(sm.keep_layer(j, layer, tag=f"step{step}")
+                                     for j, layer in zip(gap.fitted(), layers, strict=True)))
+        finally:
+            for layer in layers:
+                sm.free(layer)
+        local = done.to_dict()
+        del gap
     return StepRecord(step=step, metric=config.metric, scores={orig[i]: scan.scores[i] for i in range(len(orig))},
                       candidates=[orig[i] for i in cands], chosen=orig[current], chosen_current=current,
                       measured_scale=s, applied_scale=applied, layers_after=len(decoder_layers(sm.model, sm.adapter)),
                       seconds=time.perf_counter() - ts, layer_forwards=scan.layer_forwards,
-                      guard=None if guard is None else guard.to_dict())
+                      guard=None if guard is None else guard.to_dict(), reconstruct=local, layer_weights=weights)
 
 
 def streamed_prune(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, batch_size: int = 4,
-                   on_step: Callable[[StepRecord, StreamedModel], None] | None = None) -> PruneReport:
-    """The iterative Prune&Comp loop on a layer-streamed model (guarded, magnitude or no compensation)."""
+                   on_step: Callable[[StepRecord, StreamedModel], None] | None = None,
+                   fit_ids: Tensor | None = None) -> PruneReport:
+    """The iterative Prune&Comp loop on a layer-streamed model (guarded, magnitude or no compensation; block
+    reconstruction on ``fit_ids``, default ``ids``)."""
     check_streamed(sm, config)
     t0 = time.perf_counter()
     k = config.layers_to_remove(sm.source_layers)
     report = PruneReport(config=config.model_dump(mode="json"), source_num_layers=sm.source_layers,
                          scoring="streamed")
     for step in range(k):
-        record = streamed_step(sm, ids, config, step=step, batch_size=batch_size)
+        record = streamed_step(sm, ids, config, step=step, batch_size=batch_size, fit_ids=fit_ids)
         report.steps.append(record)
         if on_step is not None:
             on_step(record, sm)

@@ -72,7 +72,7 @@ def _final_check(job: EvalJob, wc: Any, recipe: Any) -> dict[str, Any] | None:
     if wc.streamed is not None:
         sm = wc.streamed
         done = run_final_check(sm.model, wc.tokenizer, recipe, cal, job.data_dir,
-                               nll=partial(sm.mean_nll, batch_size=cal.batch_size))
+                               nll=partial(sm.mean_nll, batch_size=cal.batch_size), sourced=sm.sourced)
     else:
         done = run_final_check(wc.model, wc.tokenizer, recipe, cal, job.data_dir,
                                originals=partial(_base_layers, job.base_uri, wc.model))

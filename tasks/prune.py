@@ -39,7 +39,8 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
             from prunecomp.streamed import check_streamed, streamed_step
 
             check_streamed(wc.streamed, job.prune)
-            record = streamed_step(wc.streamed, windows.ids, job.prune, step=job.step, batch_size=job.batch_size)
+            record = streamed_step(wc.streamed, windows.ids, job.prune, step=job.step, batch_size=job.batch_size,
+                                   fit_ids=None if fit is None else fit.ids)
         else:
             for_key = f"{windows.digest}:{job.batch_size}"
             scanner = wc.scanner if wc.scanner_for == for_key else make_scanner(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import json
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,8 @@ from typing import Any
 
 from prunecomp.errors import PrunecompError
 from prunecomp.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit, apply_recipe
-from prunecomp.storage import write_dir
+from prunecomp.storage import is_remote, write_dir
+from prunecomp.tensorfiles import LazyTensors, write_safetensors
 from tasks.files import exists, read_bytes, read_json
 
 __all__ = ["PART_FILE", "Working", "checkout", "load_state", "read_part", "recipe_of", "stats", "write_part"]
@@ -42,15 +44,13 @@ _TYPES: dict[str, type[RecipeStep] | type[RefineEdit] | type[LayerEdit]] = {
 def write_part(uri: str, part: RecipeStep | RefineEdit | LayerEdit, meta: dict[str, Any]) -> None:
     """Write one recipe part (a step's edit + record, refinement gains, or a refit's layers) with ``meta``,
     atomically."""
-    from safetensors.torch import save_file
-
     doc, tensors = part.to_doc()
     doc["type"] = next(name for name, cls in _TYPES.items() if isinstance(part, cls))
 
     def fill(tmp: Path) -> None:
         (tmp / PART_FILE).write_text(json.dumps(meta | {"part": doc}, indent=1, default=str))
         if tensors:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / _TENSORS))
+            write_safetensors(tensors, tmp / _TENSORS)  # one tensor in memory at a time
 
     write_dir(uri, fill, overwrite=True)
 
@@ -63,12 +63,33 @@ def read_meta(uri: str) -> dict[str, Any]:
 
 
 def read_part(uri: str) -> RecipeStep | RefineEdit | LayerEdit:
-    from safetensors.torch import load as load_safetensors
-
+    """A recipe part; its tensors are read when used (:class:`~prunecomp.tensorfiles.LazyTensors`): a part of
+    block reconstruction holds two whole layers, and a task reads every part of its state."""
     doc = read_json(f"{uri.rstrip('/')}/{PART_FILE}")["part"]
     tensor_uri = f"{uri.rstrip('/')}/{_TENSORS}"
-    tensors = load_safetensors(read_bytes(tensor_uri)) if exists(tensor_uri) else {}
+    tensors = LazyTensors(_local_copy(tensor_uri)) if exists(tensor_uri) else {}
     return _TYPES[doc["type"]].from_doc(doc, tensors)
+
+
+_FETCHED: dict[str, Path] = {}
+_FETCH_DIR: tempfile.TemporaryDirectory[str] | None = None
+_FETCH_LOCK = threading.Lock()
+
+
+def _local_copy(uri: str) -> Path:
+    """``uri`` as a local file: itself when local, else a copy fetched once per process (parts are written once,
+    atomically, and checked against the state's digest when read)."""
+    global _FETCH_DIR
+    if not is_remote(uri):
+        return Path(uri.removeprefix("file://")).expanduser()
+    with _FETCH_LOCK:
+        if uri not in _FETCHED or not _FETCHED[uri].is_file():
+            if _FETCH_DIR is None:
+                _FETCH_DIR = tempfile.TemporaryDirectory(prefix="prunecomp-parts-")
+            local = Path(_FETCH_DIR.name) / f"{len(_FETCHED)}.safetensors"
+            local.write_bytes(read_bytes(uri))
+            _FETCHED[uri] = local
+        return _FETCHED[uri]
 
 
 def recipe_of(base_hash: str, parts: tuple[str, ...] | list[str], expected_digest: str | None = None) -> Recipe:

@@ -1,0 +1,141 @@
+"""Safetensors files read and written one tensor at a time, for records too large to hold at once.
+
+Why: block reconstruction on a layer-streamed model fits whole decoder layers; a recipe records every fitted
+layer (2 per removal), which for a 70B model is tens of GiB. The streamed model keeps each fit in a file of its
+spill folder, the recipe refers to it through :class:`LazyTensors` (a ``Mapping`` that reads a tensor when asked),
+renaming goes through :class:`Renamed` (still lazy), and :func:`write_safetensors` writes any such mapping
+holding one tensor in memory at a time. Plain ``dict`` s work everywhere the lazy mappings do.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["DTYPES", "LazyTensors", "Renamed", "tensor_meta", "write_safetensors"]
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+_CODES = {v: k for k, v in DTYPES.items()}
+
+
+class LazyTensors(Mapping[str, Tensor]):
+    """The tensors of one safetensors file, each read when asked for; keys get ``prefix`` in front."""
+
+    def __init__(self, path: str | Path, *, prefix: str = "") -> None:
+        from safetensors import safe_open
+
+        self.path, self.prefix = Path(path), prefix
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._names: dict[str, str] = {}
+        self._digests: dict[str, str] = {}
+        with safe_open(str(self.path), framework="pt") as f:
+            for k in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                sl = f.get_slice(k)
+                self._names[prefix + k] = k
+                self._meta[prefix + k] = (DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+
+    def __getitem__(self, key: str) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(self._names[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of ``key`` without reading it."""
+        return self._meta[key]
+
+    def digest(self, key: str, fn: object) -> str:
+        """``fn(tensor)`` for ``key``, computed once (a recipe's digest reads every tensor; a run asks often)."""
+        if key not in self._digests:
+            self._digests[key] = fn(self[key])  # type: ignore[operator]
+        return self._digests[key]
+
+
+class Renamed(Mapping[str, Tensor]):
+    """``source`` under other names (``names``: new -> old), read through, so a lazy source stays lazy."""
+
+    def __init__(self, source: Mapping[str, Tensor], names: Mapping[str, str]) -> None:
+        missing = sorted(old for old in names.values() if old not in source)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise KeyError(f"no tensor {missing[0]!r}{more}")
+        self.source, self.names = source, dict(names)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.source[self.names[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        return tensor_meta(self.source, self.names[key])
+
+    def digest(self, key: str, fn: object) -> str:
+        return tensor_digest(self.source, self.names[key], fn)
+
+
+def tensor_meta(tensors: Mapping[str, Tensor], key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """dtype and shape of ``tensors[key]``, without reading it when the mapping can tell."""
+    if isinstance(tensors, ChainMap):
+        return tensor_meta(next(m for m in tensors.maps if key in m), key)
+    meta = getattr(tensors, "meta", None)
+    if meta is not None:
+        return meta(key)
+    t = tensors[key]
+    return t.dtype, tuple(t.shape)
+
+
+def tensor_digest(tensors: Mapping[str, Tensor], key: str, fn: object) -> str:
+    """``fn(tensors[key])``, cached by a lazy mapping (see :meth:`LazyTensors.digest`)."""
+    if isinstance(tensors, ChainMap):
+        return tensor_digest(next(m for m in tensors.maps if key in m), key, fn)
+    cached = getattr(tensors, "digest", None)
+    return cached(key, fn) if cached is not None else fn(tensors[key])  # type: ignore[operator]
+
+
+def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file, reading (and holding) one tensor at a time. The file is what
+    ``safetensors.torch.save_file`` would accept back: a little-endian u64 header length, the JSON header
+    (padded with spaces to 8 bytes), then the tensors' bytes back to back in header order."""
+    names = list(tensors)
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in names:
+        dtype, shape = tensor_meta(tensors, name)
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
