@@ -9,7 +9,8 @@ Rows (each in a fresh process; peak RSS from ``/usr/bin/time``, the largest proc
   pipeline resumed   prunecomp run killed (SIGKILL) inside step 2, then the same command again (the rerun is measured)
 With --reconstruct-only, the same two rows with block reconstruction beside every gap instead (--reconstruct both
 --reconstruct-steps N --refine channels --refine-steps N: the layers beside each gap fitted in place, the gains once
-at the end).
+at the end), then both layer-streamed with block reconstruction alone (--stream-layers --reconstruct both
+--reconstruct-steps N: one fitted layer pair in memory, the fits kept in spill files; the gains cannot stream).
 With --refit-only, the same two rows with the sequential refit after the last removal instead (--refit sequential
 --refit-steps N: every layer after the first gap fitted to the dense streams, the dense layers read one at a time
 from the source folder beside the pruned model).
@@ -332,9 +333,14 @@ def main() -> None:
         elif args.reconstruct_only:
             local = ["--reconstruct", "both", "--reconstruct-steps", str(args.refine_steps), "--refine", "channels",
                      "--refine-steps", str(args.refine_steps), "--refine-loss", args.refine_loss]
+            alone = local[:4]  # streamed: block reconstruction without the gains (they back-propagate the model)
             plan = [("library reconstructed", lambda: b.library("library reconstructed", local)),
                     ("pipeline reconstructed",
-                     lambda: b.pipeline("pipeline reconstructed", ["--no-stream-layers", *local]))]
+                     lambda: b.pipeline("pipeline reconstructed", ["--no-stream-layers", *local])),
+                    ("library reconstructed streamed",
+                     lambda: b.library("library reconstructed streamed", ["--stream-layers", *alone])),
+                    ("pipeline reconstructed streamed",
+                     lambda: b.pipeline("pipeline reconstructed streamed", ["--stream-layers", *alone]))]
         elif args.refine_only:
             tag = f" ({args.compensation})" if args.compensation else ""
             if args.compensation:

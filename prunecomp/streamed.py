@@ -12,6 +12,12 @@ in-memory embedding (and, when tied, divides the final norm) right away and reco
 of every kept layer upstream of the gap, applied whenever that layer is loaded, for a pass or for the output.
 The output is a plain sharded safetensors HF folder (one shard per layer) written atomically.
 
+Block reconstruction (``config.reconstruct``) runs here too: the gap's streams are read in a layer-by-layer pass,
+the two layers beside the gap are loaded for the fit (:func:`prunecomp.reconstruct.reconstruct_layers`, the
+in-memory fit), and a kept fit goes to a file of the spill folder (:meth:`StreamedModel.keep_layer`), which
+:meth:`StreamedModel.load_layer` reads instead of the source from then on. The step's record of those weights is
+lazy (:class:`~prunecomp.tensorfiles.LazyTensors`), so a long run holds none of them in memory.
+
 Scoring here is exact (every step re-runs every kept layer): the incremental cache of
 :mod:`prunecomp.incremental` holds every boundary, which is exactly what a model too large for memory cannot.
 """
@@ -205,12 +211,13 @@ class StreamedModel:
             self._spill_tmp = tempfile.TemporaryDirectory(prefix="prunecomp-layers-")
         return Path(self._spill_tmp.name)
 
-    def keep_layer(self, current: int, layer: nn.Module, *, tag: str) -> dict[str, Tensor]:
+    def keep_layer(self, current: int, layer: nn.Module, *, tag: str) -> Mapping[str, Tensor]:
         """Make ``layer``'s weights (current layer ``current``, loaded with :meth:`load_layer` and then changed in
         place, e.g. by a local fit) the layer's weights from now on. They go to a new file of the spill folder
         (``tag`` names it: one file per fit, never overwritten, so earlier fits stay readable), not to memory;
         the layer's pending compensation is in them, so its pending factor restarts at 1. Returns the weights by
-        their name in the model (current index), read lazily from that file: the record a recipe keeps."""
+        their name in the model (current index), parameters only (as the in-memory loop records them), read lazily
+        from that file: the record a recipe keeps. It keeps the spill folder alive as long as it is referenced."""
         from safetensors.torch import save_file
 
         orig = original_indices(self.model)[current]
@@ -219,7 +226,9 @@ class StreamedModel:
                   metadata={"format": "pt"})
         self.overrides[orig] = path
         self.pending[orig] = 1.0
-        return LazyTensors(path, prefix=f"{self.adapter.layers}.{current}.")
+        prefix = f"{self.adapter.layers}.{current}."
+        lazy = LazyTensors(path, keep=self._spill_tmp)
+        return Renamed(lazy, {prefix + name: name for name, _ in layer.named_parameters()})
 
     @torch.no_grad()
     def scan(self, ids: Tensor, metric: str, *, batch_size: int,

@@ -29,10 +29,11 @@ _CODES = {v: k for k, v in DTYPES.items()}
 class LazyTensors(Mapping[str, Tensor]):
     """The tensors of one safetensors file, each read when asked for; keys get ``prefix`` in front."""
 
-    def __init__(self, path: str | Path, *, prefix: str = "") -> None:
+    def __init__(self, path: str | Path, *, prefix: str = "", keep: object = None) -> None:
+        """``keep``: an object to keep alive while this mapping is (the temporary folder holding ``path``)."""
         from safetensors import safe_open
 
-        self.path, self.prefix = Path(path), prefix
+        self.path, self.prefix, self._keep = Path(path), prefix, keep
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         self._names: dict[str, str] = {}
         self._digests: dict[str, str] = {}
