@@ -488,6 +488,8 @@ def time_summary(results: list[dict[str, Any]], naive: dict[str, dict[str, dict[
         rec = f"{recovered(r['ppl']['mean'], n['ppl']['mean'], dense):.1f}%" if n else "-"
         how = (f"{st.get('reconstruct')}, {st.get('reconstruct_steps')} steps, {st.get('refine_samples')} windows"
                if "reconstruct" in variant else f"{st.get('refine_samples')} windows")
+        if "reconstruct" in variant and st.get("reconstruct_lr", 1e-3) != 1e-3:
+            how += f", lr {st['reconstruct_lr']:g}"
         if variant.endswith("refit") and "reconstruct" not in variant:
             how = f"{st.get('refine_samples')} windows"
         prune_s = r["prune_seconds"]
@@ -497,6 +499,10 @@ def time_summary(results: list[dict[str, Any]], naive: dict[str, dict[str, dict[
         fit = (r.get("refine") or {}).get("seconds", 0.0)
         if r.get("refine"):  # runs before session 15 have no refine_loss: theirs was topk
             how += f", gains {st.get('refine_loss', 'topk')} loss"
+            if st.get("refine_lr", 3e-3) != 3e-3:
+                how += f" lr {st['refine_lr']:g}"
+            if r["refine"].get("loss_windows"):  # since session 16; before, the audit loss ran on every window
+                how += f" (audit KL on {r['refine']['loss_windows']} windows)"
         unrefined = f"{r['unrefined']['mean']:.2f}" if r.get("unrefined") else "-"
         cap = f"{budget[k]:.0f}" if k in budget else "-"
         if r.get("refit") and r.get("unrefined"):  # the refitted state before the gains is a row of its own
