@@ -282,6 +282,10 @@ def main() -> None:
     ap.add_argument("--refine-steps", type=int, default=4, help="Adam steps per fit of the refined rows")
     ap.add_argument("--refine-loss", default="tail", help="the refined and reconstructed rows' --refine-loss (the "
                     "rows before session 16 were measured with topk, the default before session 15)")
+    ap.add_argument("--reconstruct-lr", type=float, default=1e-3,
+                    help="the reconstructed rows' --reconstruct-lr (on random weights 1e-3 raises every fit's error, "
+                         "so every fit is declined; a smaller one keeps them, which the streamed rows need to "
+                         "exercise their spill files)")
     ap.add_argument("--reconstruct-only", action="store_true", help="only the block-reconstruction rows (~0.9B)")
     ap.add_argument("--refit-only", action="store_true", help="only the sequential-refit rows (~0.9B)")
     ap.add_argument("--compensation", default=None, help="with --refine-only: the refined rows' --compensation "
@@ -331,9 +335,10 @@ def main() -> None:
             plan = [("library refitted", lambda: b.library("library refitted", seq)),
                     ("pipeline refitted", lambda: b.pipeline("pipeline refitted", ["--no-stream-layers", *seq]))]
         elif args.reconstruct_only:
-            local = ["--reconstruct", "both", "--reconstruct-steps", str(args.refine_steps), "--refine", "channels",
-                     "--refine-steps", str(args.refine_steps), "--refine-loss", args.refine_loss]
-            alone = local[:4]  # streamed: block reconstruction without the gains (they back-propagate the model)
+            local = ["--reconstruct", "both", "--reconstruct-steps", str(args.refine_steps), "--reconstruct-lr",
+                     str(args.reconstruct_lr), "--refine", "channels", "--refine-steps", str(args.refine_steps),
+                     "--refine-loss", args.refine_loss]
+            alone = local[:6]  # streamed: block reconstruction without the gains (they back-propagate the model)
             plan = [("library reconstructed", lambda: b.library("library reconstructed", local)),
                     ("pipeline reconstructed",
                      lambda: b.pipeline("pipeline reconstructed", ["--no-stream-layers", *local])),
