@@ -16,6 +16,9 @@ Checks, each a row of the table (and a non-zero exit when any fails):
   in-memory refit         the sequential refit after the last removal, the dense layers read one at a time from
                           the folder onto the device: errors fall (or fits are declined), bf16 kept, replay exact
   streamed magnitude      layer-streamed, one decoder layer on the GPU at a time; same layers as in-memory
+  streamed reconstruct    layer-streamed block reconstruction (one layer pair on the GPU for the fit, kept fits
+                          in spill files): same layers as in-memory reconstruct, errors fall or fits are declined,
+                          the recorded layers keep the model's dtype
   weight dtype            the in-memory model kept bf16 weights on CUDA; statistics (scales) finite
 """
 
@@ -167,14 +170,33 @@ def main() -> int:
                                                 f"{sm.layer_loads} layer loads, peak GPU {peak:.2f} GiB"), None
         return run
 
+    def streamed_reconstruct(expected: Any) -> Any:
+        def run() -> tuple[bool, str, Any]:
+            sm = StreamedModel(folder, device=device, dtype=dtype)
+            cfg = PruneConfig(n_layers=args.k, metric="bi", reconstruct="both", reconstruct_steps=args.refine_steps,
+                              reconstruct_batch=2)
+            report = streamed_prune(sm, ids, cfg, batch_size=4)
+            fell = all(s.reconstruct and (s.reconstruct["loss_after"] < s.reconstruct["loss_before"]
+                                          or not s.reconstruct["kept"]) for s in report.steps)
+            records = [s.layer_weights for s in report.steps if s.layer_weights is not None]
+            kept = all(w[name].dtype == dtype for w in records for name in list(w)[:2])
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            return (report.removed == expected and fell and kept,
+                    f"removed {report.removed} (in-memory {expected}), {len(records)} fits kept in spill files, "
+                    f"records {dtype}: {kept}, peak GPU {peak:.2f} GiB", None)
+        return run
+
     timed("in-memory lsq", lsq)
     timed("in-memory refine", refine)
-    timed("in-memory reconstruct", reconstruct)
+    rebuilt = timed("in-memory reconstruct", reconstruct)
     timed("in-memory refit", refit)
     removed = timed("in-memory magnitude", magnitude)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timed("streamed magnitude", streamed(removed))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    timed("streamed reconstruct", streamed_reconstruct(rebuilt))
     ok = all(r["ok"] for r in rows)
     info = {"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype),
