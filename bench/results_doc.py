@@ -35,6 +35,8 @@ MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themse
     "pipeline_scale": "Pipeline at scale (`bench/pipeline_scale.py`, 0.92 B synthetic model)",
     "pipeline_scale_refine": "Pipeline at scale with progressive refinement (`bench/pipeline_scale.py --refine-only`, "
                              "0.92 B synthetic model)",
+    "pipeline_scale_refine_tail": "The same with the tail loss, session 16 (`bench/pipeline_scale.py --refine-only`, "
+                                  "0.92 B synthetic model; the rows above used the topk loss)",
     "pipeline_scale_refine_lsq": "The same with lsq gap maps (`bench/pipeline_scale.py --refine-only --compensation "
                                  "lsq`, 0.92 B synthetic model)",
     "pipeline_scale_reconstruct": "Pipeline at scale with block reconstruction (`bench/pipeline_scale.py "
