@@ -402,12 +402,24 @@ def test_refitted_run_matches_the_library(harness, tracking_uri, make_config, tm
     assert again["final"]["hash"] == run["final"]["hash"]
 
 
+def _same_weights(in_memory: str, streamed: str, *, rtol: float, atol: float) -> None:
+    """The in-memory final model (one file) and the streamed one (a shard per layer) hold the same tensors."""
+    from safetensors.torch import load_file
+
+    a = load_file(Path(in_memory) / "model.safetensors")
+    b: dict = {}
+    for f in Path(streamed).glob("model-*.safetensors"):
+        b |= load_file(f)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=rtol, atol=atol)
+
+
 def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config, tmp_path: Path,
                                              monkeypatch) -> None:
     """stream_layers runs the same flow one decoder layer at a time: same layers removed, same final tensors up to
     float rounding, a final model with its recipe. Unset, it is chosen automatically (with a log line) when the
     weights exceed the memory budget."""
-    from safetensors.torch import load_file
 
     import flows.compress as compress_module
     from prunecomp.recipe import read_recipe
@@ -420,13 +432,7 @@ def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config,
                                                            tracking=no_mlflow("st"), stream_layers=True))
     assert streamed["stream_layers"] and not ref["stream_layers"]
     assert streamed["removed"] == ref["removed"]
-    a = load_file(Path(ref["final"]["uri"]) / "model.safetensors")
-    b: dict = {}
-    for f in Path(streamed["final"]["uri"]).glob("*.safetensors"):
-        b |= load_file(f)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    _same_weights(ref["final"]["uri"], streamed["final"]["uri"], rtol=1e-5, atol=1e-6)
     for name, v in ref["perplexity"].items():
         assert abs(streamed["perplexity"][name]["pruned"] - v["pruned"]) < 1e-3 * v["pruned"]
     assert read_recipe(streamed["final"]["uri"]).removed == ref["removed"]
@@ -445,7 +451,6 @@ def test_streamed_pipeline_reconstructs(harness, tracking_uri, make_config, tmp_
     """stream_layers with reconstruct: each step's part carries the two fitted layers (written one tensor at a
     time from the spill files), the final model matches the in-memory pipeline's up to float rounding, its recipe
     replays, and the final check loads the base's weights for the rewritten layers (the same verdict and losses)."""
-    from safetensors.torch import load_file
 
     import flows.compress as compress_module
     from prunecomp.recipe import read_recipe
@@ -461,13 +466,7 @@ def test_streamed_pipeline_reconstructs(harness, tracking_uri, make_config, tmp_
     for a, b in zip(ref["steps"], streamed["steps"], strict=True):
         assert b["record"]["reconstruct"]["layers"] == a["record"]["reconstruct"]["layers"]
         assert b["record"]["reconstruct"]["windows"] == 6
-    a = load_file(Path(ref["final"]["uri"]) / "model.safetensors")
-    b: dict = {}
-    for f in Path(streamed["final"]["uri"]).glob("model-*.safetensors"):
-        b |= load_file(f)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+    _same_weights(ref["final"]["uri"], streamed["final"]["uri"], rtol=1e-3, atol=1e-4)
     recipe = read_recipe(streamed["final"]["uri"])
     assert all(st.layers for st in recipe.steps)
     check_a, check_b = ref["final_check"], streamed["final_check"]
