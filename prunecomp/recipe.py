@@ -30,7 +30,7 @@ from prunecomp.compensation import compensate
 from prunecomp.errors import PrunecompError
 from prunecomp.lsq import GapFit, apply_gap_map
 from prunecomp.pruning import original_indices, remove_layer
-from prunecomp.tensorfiles import Renamed, tensor_digest, write_safetensors
+from prunecomp.tensorfiles import LazyTensors, Renamed, tensor_digest, write_safetensors
 
 __all__ = ["FORMAT", "FORMAT_LAYERS", "FORMAT_PROGRESSIVE", "RECIPE_FILE", "TENSORS_FILE", "LayerEdit", "Recipe",
            "RecipeStep", "RefineEdit", "apply_layers", "apply_recipe", "read_recipe", "recipe_from_report",
@@ -253,7 +253,7 @@ class Recipe:
         return doc, ChainMap(*parts) if parts else {}
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Recipe:
+    def from_json(cls, doc: dict[str, Any], tensors: Mapping[str, Tensor]) -> Recipe:
         if doc.get("format") not in FORMATS:
             raise PrunecompError(f"not a prunecomp recipe (format {doc.get('format')!r}, expected one of "
                                  f"{', '.join(FORMATS)})")
@@ -315,13 +315,15 @@ def read_recipe(path: str | Path) -> Recipe:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PrunecompError(f"recipe {doc_uri!r} is not valid JSON: {exc}") from exc
-    tensors: dict[str, Tensor] = {}
-    blob = read(tensors_uri)
-    if blob is not None:
-        try:
+    tensors: Mapping[str, Tensor] = {}
+    local = None if is_remote(tensors_uri) else Path(tensors_uri.removeprefix("file://")).expanduser()
+    try:
+        if local is not None:  # read lazily: a reconstructed run's recipe holds whole layers
+            tensors = LazyTensors(local) if local.is_file() else {}
+        elif (blob := read(tensors_uri)) is not None:
             tensors = load_safetensors(blob)
-        except Exception as exc:
-            raise PrunecompError(f"recipe tensors {tensors_uri!r} are unreadable: {exc}") from exc
+    except Exception as exc:
+        raise PrunecompError(f"recipe tensors {tensors_uri!r} are unreadable: {exc}") from exc
     if not isinstance(doc, dict):
         raise PrunecompError(f"recipe {doc_uri!r} is not a JSON object")
     return Recipe.from_json(doc, tensors)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import struct
 from collections import ChainMap
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPES", "LazyTensors", "Renamed", "tensor_meta", "write_safetensors"]
+__all__ = ["DTYPES", "LazyTensors", "Renamed", "tensor_digest", "tensor_meta", "write_safetensors"]
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -62,10 +62,10 @@ class LazyTensors(Mapping[str, Tensor]):
         """dtype and shape of ``key`` without reading it."""
         return self._meta[key]
 
-    def digest(self, key: str, fn: object) -> str:
+    def digest(self, key: str, fn: Callable[[Tensor], str]) -> str:
         """``fn(tensor)`` for ``key``, computed once (a recipe's digest reads every tensor; a run asks often)."""
         if key not in self._digests:
-            self._digests[key] = fn(self[key])  # type: ignore[operator]
+            self._digests[key] = fn(self[key])
         return self._digests[key]
 
 
@@ -94,7 +94,7 @@ class Renamed(Mapping[str, Tensor]):
     def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         return tensor_meta(self.source, self.names[key])
 
-    def digest(self, key: str, fn: object) -> str:
+    def digest(self, key: str, fn: Callable[[Tensor], str]) -> str:
         return tensor_digest(self.source, self.names[key], fn)
 
 
@@ -109,12 +109,12 @@ def tensor_meta(tensors: Mapping[str, Tensor], key: str) -> tuple[torch.dtype, t
     return t.dtype, tuple(t.shape)
 
 
-def tensor_digest(tensors: Mapping[str, Tensor], key: str, fn: object) -> str:
+def tensor_digest(tensors: Mapping[str, Tensor], key: str, fn: Callable[[Tensor], str]) -> str:
     """``fn(tensors[key])``, cached by a lazy mapping (see :meth:`LazyTensors.digest`)."""
     if isinstance(tensors, ChainMap):
         return tensor_digest(next(m for m in tensors.maps if key in m), key, fn)
     cached = getattr(tensors, "digest", None)
-    return cached(key, fn) if cached is not None else fn(tensors[key])  # type: ignore[operator]
+    return cached(key, fn) if cached is not None else fn(tensors[key])
 
 
 def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path,
