@@ -134,3 +134,15 @@ def test_recipe_naming_a_missing_tensor_is_malformed() -> None:
            "steps": [{"removed": 1, "current": 1, "scale": None, "layers": {"model.layers.1.w": "steps.0.layers.w"}}]}
     with pytest.raises(PrunecompError, match="malformed recipe"):
         Recipe.from_json(doc, {})
+
+
+def test_unreadable_recipe_tensors_are_one_error(tmp_path) -> None:
+    """read_recipe opens a local recipe's tensors lazily; a file that is not safetensors is still refused up front."""
+    from prunecomp.recipe import write_recipe_files
+
+    step = RecipeStep(removed=1, current=1, scale=None, layers={"model.layers.1.w": torch.ones(2)})
+    write_recipe_files(Recipe(source={"content_hash": "x"}, steps=(step,)), tmp_path)
+    assert torch.equal(read_recipe(tmp_path).steps[0].layers["model.layers.1.w"], torch.ones(2))  # type: ignore[index]
+    (tmp_path / "recipe.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PrunecompError, match="unreadable"):
+        read_recipe(tmp_path)
