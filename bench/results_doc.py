@@ -29,7 +29,7 @@ REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metric
            "quality_refit64", "quality_refit100", "quality_refit100_gains", "quality_refit128_k3",
            "quality_tail64", "quality_tail128", "quality_tail128_lr5",
            "quality_tail128_s200", "quality_tail128_rlr2", "quality_tail128_s150", "quality_tail128_rlr3",
-           "quality_tail128_rlr2_s140")
+           "quality_tail128_rlr2_s140", "quality_tail64_rlr3")
 BUDGET = {3: 2 * 867.0, 5: 2 * 721.0, 8: 2 * 788.0}  # 2 x refinement s of refine (k = 3, 8), refine-guarded (5)
 MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themselves
     "pipeline_scale": "Pipeline at scale (`bench/pipeline_scale.py`, 0.92 B synthetic model)",
