@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from prunecomp.calibration import calibration_windows, check_context, evaluation_windows
+from prunecomp.calibration import TokenWindows, calibration_windows, check_context, evaluation_windows
 from prunecomp.checkpoint import save_pruned
 from prunecomp.compress import compress
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
@@ -147,13 +147,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
             progress.start(f"step {step.step + 2}: scoring layers", batches)
 
     progress.start("step 1: scoring layers", batches)
-    refine_windows = None
-    fits = config.prune.refine != "none" or config.prune.reconstruct != "none" or config.prune.refit != "none"
-    if fits and config.prune.refine_samples is not None:
-        refine_windows = calibration_windows(lm.tokenizer, config.calibration.source,
-                                             n_samples=config.prune.refine_samples,
-                                             seq_len=config.calibration.seq_len, seed=config.calibration.seed,
-                                             data_dir=config.data_dir)
+    refine_windows = _fit_windows(config, lm.tokenizer)
     # opened when the refit runs (a GGUF source is loaded a second time): nothing is held while layers are pruned
     dense = None if config.prune.refit == "none" else partial(dense_layers, lm, allow_pickle=config.allow_pickle,
                                                               trust_remote_code=config.trust_remote_code)
@@ -192,6 +186,18 @@ def run_job(config: JobConfig, progress: Progress | None = None,
         times["save"] = time.perf_counter() - t
     return JobResult(provenance=lm.provenance(), report=report_dict, perplexity=ppl, out=config.out,
                      seconds=times)
+
+
+def _fit_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
+    """The windows refinement, block reconstruction and the refit fit on: ``refine_samples`` windows of the
+    calibration source (same seed and length), or None to fit on the calibration windows themselves."""
+    p = config.prune
+    fits = p.refine != "none" or p.reconstruct != "none" or p.refit != "none"
+    if not fits or p.refine_samples is None:
+        return None
+    return calibration_windows(tokenizer, config.calibration.source, n_samples=p.refine_samples,
+                               seq_len=config.calibration.seq_len, seed=config.calibration.seed,
+                               data_dir=config.data_dir)
 
 
 def _run_streamed(config: JobConfig, progress: Progress,
@@ -249,14 +255,10 @@ def _run_streamed(config: JobConfig, progress: Progress,
             progress.message(f"  refined: calibration KL to the dense model {done.loss_before:.4f} -> "
                              f"{done.loss_after:.4f} in {done.seconds:.0f} s")
 
-    fit_on = None
-    if config.prune.reconstruct != "none" and config.prune.refine_samples is not None:  # as in memory (run_job)
-        fit_on = calibration_windows(tokenizer, config.calibration.source, n_samples=config.prune.refine_samples,
-                                     seq_len=config.calibration.seq_len, seed=config.calibration.seed,
-                                     data_dir=config.data_dir).ids
+    fit_on = _fit_windows(config, tokenizer)
     t = time.perf_counter()
     report = streamed_prune(sm, cal.ids, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
-                            fit_ids=fit_on)
+                            fit_ids=None if fit_on is None else fit_on.ids)
     report.calibration = {"origin": cal.origin, "digest": cal.digest, "n_samples": cal.n, "seq_len": cal.seq_len,
                           "config": config.calibration.model_dump(mode="json")}
     times["prune"] = time.perf_counter() - t

@@ -52,9 +52,8 @@ from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scanners import StatelessScanner, memory_budget
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
-from prunecomp.sources import read_safetensors_header
 from prunecomp.storage import write_dir
-from prunecomp.tensorfiles import DTYPES, LazyTensors, Renamed
+from prunecomp.tensorfiles import LazyTensors, Renamed
 
 __all__ = [
     "STREAMED_METRICS",
@@ -70,42 +69,27 @@ STREAMED_METRICS = frozenset({"bi", "angular"})
 
 
 class SafetensorsWeights:
-    """Tensors of a safetensors folder (one file or index-sharded), each read on demand with one positioned read.
-
-    Deliberately not memory-mapped: pages of a mapped file count as resident once touched, so a pass over a
-    model larger than RAM would look (and, under pressure, behave) like holding all of it. Here a tensor's bytes
-    live exactly as long as the tensor.
-    """
+    """Tensors of a safetensors folder (one file or index-sharded), each read on demand with one positioned read
+    (:class:`~prunecomp.tensorfiles.LazyTensors` per file)."""
 
     def __init__(self, folder: Path) -> None:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise PrunecompError(f"layer streaming reads safetensors weights; {folder} has none (convert GGUF/pickle "
                                  "checkpoints with save_pretrained first)")
-        self.where: dict[str, tuple[Path, str, list[int], int, int]] = {}
+        self._file_of: dict[str, LazyTensors] = {}
         for f in files:
-            header, data_start = read_safetensors_header(f)
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if info["dtype"] not in DTYPES:
-                    raise PrunecompError(f"{f.name}: tensor {name!r} has unsupported dtype {info['dtype']}")
-                start, end = info["data_offsets"]
-                self.where[name] = (f, info["dtype"], info["shape"], data_start + start, end - start)
+            lazy = LazyTensors(f)
+            self._file_of |= dict.fromkeys(lazy, lazy)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
 
     def get(self, name: str) -> Tensor:
-        path, dtype, shape, offset, length = self.where[name]
-        buf = bytearray(length)
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            if fh.readinto(buf) != length:
-                raise PrunecompError(f"{path.name} is truncated (tensor {name!r})")
-        if length == 0:
-            return torch.empty(shape, dtype=DTYPES[dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[dtype]).reshape(shape)
+        return self._file_of[name][name]
 
     def with_prefix(self, prefix: str) -> dict[str, Tensor]:
-        return {n[len(prefix):]: self.get(n) for n in self.where if n.startswith(prefix)}
+        return {n[len(prefix):]: self.get(n) for n in self._file_of if n.startswith(prefix)}
 
 
 class StreamedModel:
@@ -154,7 +138,7 @@ class StreamedModel:
             self.model._init_weights(module)
             for pname, tensor in module.named_parameters(recurse=False):
                 key = f"{name}.{pname}"
-                if key not in self.weights.where:
+                if key not in self.weights:
                     if tied and name == self.adapter.lm_head:
                         continue
                     raise PrunecompError(f"checkpoint in {self.folder} has no tensor {key!r}")

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from prunecomp.errors import PrunecompError
+
 __all__ = ["DTYPES", "LazyTensors", "Renamed", "tensor_digest", "tensor_meta", "write_safetensors"]
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -27,40 +29,53 @@ _CODES = {v: k for k, v in DTYPES.items()}
 
 
 class LazyTensors(Mapping[str, Tensor]):
-    """The tensors of one safetensors file, each read when asked for; keys get ``prefix`` in front."""
+    """The tensors of one safetensors file, each read when asked for with one positioned read (not memory-mapped:
+    pages of a mapped file count as resident once touched, so a pass over a model larger than RAM would look like
+    holding all of it; here a tensor's bytes live exactly as long as the tensor). Keys get ``prefix`` in front."""
 
     def __init__(self, path: str | Path, *, prefix: str = "", keep: object = None) -> None:
-        """``keep``: an object to keep alive while this mapping is (the temporary folder holding ``path``)."""
-        from safetensors import safe_open
+        """``keep``: an object to keep alive while this mapping is (the temporary folder holding ``path``).
+        A file that is not safetensors, is truncated or holds an unsupported dtype is refused here, before any
+        tensor is read."""
+        from prunecomp.sources import read_safetensors_header
 
         self.path, self.prefix, self._keep = Path(path), prefix, keep
-        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-        self._names: dict[str, str] = {}
+        header, data_start = read_safetensors_header(self.path)
+        self._where: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}
         self._digests: dict[str, str] = {}
-        with safe_open(str(self.path), framework="pt") as f:
-            for k in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                sl = f.get_slice(k)
-                self._names[prefix + k] = k
-                self._meta[prefix + k] = (DTYPES[sl.get_dtype()], tuple(sl.get_shape()))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in DTYPES:
+                raise PrunecompError(f"{self.path.name}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            self._where[prefix + name] = (name, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + start,
+                                          end - start)
 
     def __getitem__(self, key: str) -> Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(self._names[key])
+        name, dtype, shape, offset, length = self._where[key]
+        buf = bytearray(length)
+        with self.path.open("rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf) != length:
+                raise PrunecompError(f"{self.path.name} is truncated (tensor {name!r})")
+        if length == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self._where)
 
     def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
-        return key in self._names
+        return key in self._where
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._where)
 
     def meta(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
         """dtype and shape of ``key`` without reading it."""
-        return self._meta[key]
+        _name, dtype, shape, _offset, _length = self._where[key]
+        return dtype, shape
 
     def digest(self, key: str, fn: Callable[[Tensor], str]) -> str:
         """``fn(tensor)`` for ``key``, computed once (a recipe's digest reads every tensor; a run asks often)."""

@@ -29,7 +29,7 @@ from prunecomp.errors import PrunecompError
 from prunecomp.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit, apply_recipe
 from prunecomp.storage import is_remote, write_dir
 from prunecomp.tensorfiles import LazyTensors, write_safetensors
-from tasks.files import exists, read_bytes, read_json
+from tasks.files import exists, read_json
 
 __all__ = ["PART_FILE", "Working", "checkout", "load_state", "read_part", "recipe_of", "stats", "write_part"]
 
@@ -86,8 +86,11 @@ def _local_copy(uri: str) -> Path:
         if uri not in _FETCHED or not _FETCHED[uri].is_file():
             if _FETCH_DIR is None:
                 _FETCH_DIR = tempfile.TemporaryDirectory(prefix="prunecomp-parts-")
+            import fsspec
+
             local = Path(_FETCH_DIR.name) / f"{len(_FETCHED)}.safetensors"
-            local.write_bytes(read_bytes(uri))
+            fs, inner = fsspec.core.url_to_fs(uri)
+            fs.get_file(inner, str(local))  # streamed to disk: a reconstruction part holds two whole layers
             _FETCHED[uri] = local
         return _FETCHED[uri]
 

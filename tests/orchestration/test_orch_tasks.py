@@ -236,3 +236,27 @@ def test_s3_run_lock_is_created_atomically_and_taken_over_when_dead(s3) -> None:
     with run_lock(uri, "run", on_stale=lambda h, why: seen.append((h["token"], why))) as held:
         assert _json.loads(fs.cat(uri))["token"] == held.owner["token"] != "dead"
     assert seen and seen[0][0] == "dead" and "gone" in seen[0][1]
+
+
+def test_recipe_part_with_layers_round_trips_through_s3(s3) -> None:
+    """A part holding fitted layers is written to S3 one tensor at a time and read back lazily from one local copy
+    per process (fetched to disk, not through memory), with the same tensors and digest."""
+    from prunecomp.recipe import Recipe, RecipeStep
+    from tasks import working
+    from tasks.working import read_part, write_part
+
+    layers = {"model.layers.1.mlp.up_proj.weight": torch.randn(6, 4),
+              "model.layers.1.input_layernorm.weight": torch.randn(4).to(torch.bfloat16)}
+    part = RecipeStep(removed=2, current=2, scale=1.25, layers=layers)
+    uri = "s3://prunecomp/parts-test/steps/k1"
+    write_part(uri, part, {"uri": uri})
+    back = read_part(uri)
+    assert isinstance(back, RecipeStep) and back.layers is not None and sorted(back.layers) == sorted(layers)
+    for name, t in layers.items():
+        assert back.layers[name].dtype == t.dtype and torch.equal(back.layers[name], t)
+    source = {"content_hash": "h"}
+    assert Recipe(source=source, steps=(back,)).digest() == Recipe(source=source, steps=(part,)).digest()
+    local = working._FETCHED[f"{uri}/tensors.safetensors"]
+    assert local.is_file()
+    read_part(uri)
+    assert working._FETCHED[f"{uri}/tensors.safetensors"] == local  # fetched once
