@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--first", type=int, default=14, help="the layer removed first (original index)")
     ap.add_argument("--candidates", default="15,17,13", help="the layers tried second")
-    ap.add_argument("--cache", default="bench/results/quality_eval_cache")
+    ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default="bench/results/near_tie.json")
     args = ap.parse_args()
     torch.set_num_threads(1)

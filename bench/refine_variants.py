@@ -212,7 +212,7 @@ def main() -> None:
     ap.add_argument("--label", default="")
     ap.add_argument("--progressive", type=int, default=0, help="refine this many steps after every removal")
     ap.add_argument("--out", default="bench/results/refine_variants.jsonl")
-    ap.add_argument("--cache", default="bench/results/quality_eval_cache")
+    ap.add_argument("--cache", default=None)
     ap.add_argument("--work", default="/tmp/refine_variants", help="where pruned start states are cached")
     args = ap.parse_args()
     if args.render:
