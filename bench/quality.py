@@ -258,7 +258,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--cache", default=None,
                     help="result-cache folder (prunecomp.evaluation.cache.ResultCache), shared by concurrent runs; "
-                    "default: the library's cache, <$PRUNECOMP_CACHE_DIR or ~/.cache/prunecomp>/eval, outside the checkout")
+                    "default: the library's cache, <$PRUNECOMP_CACHE_DIR or ~/.cache/prunecomp>/eval, outside "
+                    "the checkout")
     ap.add_argument("--import-cache", nargs="+", default=None,
                     help="only copy these one-file JSON caches of earlier versions into --cache")
     ap.add_argument("--out", default="bench/results/quality.json")
