@@ -19,12 +19,12 @@ from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.final_check import run_final_check
+from prunecomp.outputs import check_output
 from prunecomp.planning import check_plan
 from prunecomp.refine import RefineReport
 from prunecomp.refit import describe_refit
 from prunecomp.report import StepRecord
 from prunecomp.sources import content_hash, dense_layers, load_model, resolve_source, source_layer_weights
-from prunecomp.storage import check_not_inside, check_writable
 
 __all__ = ["JobConfig", "JobResult", "Progress", "evaluate_perplexities", "run_job"]
 
@@ -97,8 +97,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     """
     progress = progress or Progress()
     if config.out:
-        check_writable(config.out, overwrite=config.overwrite)
-        check_not_inside(config.out, config.model)
+        check_output(config.out, sources=[config.model], overwrite=config.overwrite)
     if config.stream_layers:
         return _run_streamed(config, progress, on_step)
     times: dict[str, float] = {}
@@ -106,6 +105,8 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     progress.message(f"loading model {config.model or 'SmolLM2-135M-Instruct (default)'}")
     lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
                     trust_remote_code=config.trust_remote_code)
+    if config.out:  # where the source really lies (a hub snapshot, a downloaded s3:// folder)
+        check_output(config.out, sources=[lm.source.local_dir], overwrite=config.overwrite)
     check_plan(lm.model, config.prune)  # --layers / --protect against the real depth, before any compute
     _check_windows(lm.model.config, config)
     times["load"] = time.perf_counter() - t
@@ -213,6 +214,8 @@ def _run_streamed(config: JobConfig, progress: Progress,
     if source.gguf_file is not None:
         raise PrunecompError("--stream-layers reads safetensors folders; this model is a GGUF file (load it "
                              "without streaming, or convert it with save_pretrained)")
+    if config.out:
+        check_output(config.out, sources=[source.local_dir], overwrite=config.overwrite)
     progress.message(f"opening {source.uri} layer by layer")
     sm = StreamedModel(source.local_dir)
     check_streamed(sm, config.prune)

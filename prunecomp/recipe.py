@@ -460,6 +460,12 @@ def apply_refine(model: nn.Module, edit: RefineEdit) -> None:
             module = resolve(model, path)
         except AttributeError as exc:
             raise PrunecompError(f"recipe refinement names module {path!r}, which the model does not have") from exc
+        if not isinstance(module, nn.Module) or not isinstance(getattr(module, "weight", None), Tensor):
+            raise PrunecompError(f"recipe refinement names {path!r}, which is not a module with a weight (gains are "
+                                 "recorded by module path, e.g. 'model.layers.0.input_layernorm')")
+        if kind not in ("norm", "linear") or g.ndim != 1:
+            raise PrunecompError(f"recipe gains for {path!r} must be one vector of kind 'norm' or 'linear', got "
+                                 f"kind {kind!r} with shape {tuple(g.shape)}")
         if module.weight.shape[0] != g.shape[0]:
             raise PrunecompError(f"recipe gains for {path!r} have {g.shape[0]} channels, the module "
                                  f"{module.weight.shape[0]}")

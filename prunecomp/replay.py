@@ -16,9 +16,9 @@ from typing import Any
 
 from prunecomp.checkpoint import save_pruned
 from prunecomp.errors import PrunecompError
+from prunecomp.outputs import check_output
 from prunecomp.recipe import RECIPE_FILE, Recipe, apply_recipe, read_recipe, recipe_from_report
 from prunecomp.sources import content_hash, load_model, resolve_source
-from prunecomp.storage import check_not_inside, check_writable
 
 __all__ = ["apply_to_source"]
 
@@ -43,9 +43,9 @@ def apply_to_source(recipe_path: str, model: str | None, out: str, *, revision: 
     """Read ``recipe_path``, apply it to ``model`` and save the result (with its recipe) to ``out``."""
     t0 = time.perf_counter()
     recipe = _recipe_or_report(recipe_path)
-    check_writable(out, overwrite=overwrite)
+    check_output(out, sources=[model], inputs=[recipe_path], overwrite=overwrite)
     source = resolve_source(model, revision, allow_pickle=allow_pickle)
-    check_not_inside(out, source.local_dir)
+    check_output(out, sources=[source.local_dir], inputs=[recipe_path], overwrite=overwrite)
     digest = content_hash(source)
     same = digest == recipe.source.get("content_hash")
     if not same and not other_source:

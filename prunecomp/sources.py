@@ -78,6 +78,28 @@ def _default_source() -> ModelSource:
     return ModelSource("default", DEFAULT_MODEL, folder, gguf_file=_DEFAULT_GGUF, weight_files=(_DEFAULT_GGUF,))
 
 
+_SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                      "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+def _tensor_extent(name: str, entry: Any) -> int:
+    """Where tensor ``name``'s bytes end, after checking that its offsets hold exactly ``shape`` x dtype size: a
+    header that disagrees with itself would otherwise fail deep inside torch or safetensors on first read."""
+    begin, end = (int(x) for x in entry["data_offsets"])
+    width = _SAFETENSORS_BYTES.get(str(entry["dtype"]))
+    if width is None:
+        raise ValueError(f"tensor {name!r} has unknown dtype {entry['dtype']!r}")
+    count = 1
+    for dim in entry["shape"]:
+        if int(dim) < 0:
+            raise ValueError(f"tensor {name!r} has a negative dimension")
+        count *= int(dim)
+    if begin < 0 or end - begin != count * width:
+        raise ValueError(f"tensor {name!r}: offsets [{begin}, {end}] hold {end - begin} bytes, its shape "
+                         f"{list(entry['shape'])} x {entry['dtype']} needs {count * width}")
+    return end
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file and where its data starts; a clear error when the file is truncated
     or not safetensors (checked from the header alone: no tensor is read)."""
@@ -90,7 +112,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
             header = json.loads(fh.read(n))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        end = 0
+        for name, entry in header.items():
+            if name != "__metadata__":
+                end = max(end, _tensor_extent(name, entry))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise PrunecompError(f"weights file {str(path)!r} is not a readable safetensors file ({exc}); expected a "
                              "complete safetensors file (re-download or re-save it)") from exc

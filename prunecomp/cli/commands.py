@@ -20,10 +20,9 @@ from prunecomp.evaluation.harness import DEFAULT_TASKS as DEFAULT_QA_TASKS
 from prunecomp.evaluation.harness import KNOWN_TASKS as KNOWN_QA_TASKS
 from prunecomp.job import JobConfig, JobResult
 
-
-def _check_plots_dir(plots_dir: str | None, option: str = "--plots") -> None:
-    if plots_dir is not None and "://" in plots_dir and not plots_dir.startswith("file://"):
-        raise PrunecompError(f"{option} writes PNG files to a local folder, got {plots_dir!r}")
+PLOT_NAMES = ("layer_scores.png", "gap_scales.png", "perplexity_steps.png")
+"""The files ``--plots`` may write (``prunecomp.plots.PLOT_FILES``, named here so checking an option does not
+import the plotting stack)."""
 
 
 def _write_plots(report: dict[str, Any], plots_dir: str) -> None:
@@ -35,7 +34,7 @@ def _write_plots(report: dict[str, Any], plots_dir: str) -> None:
 
 def _run(job: JobConfig, json_out: str | None) -> JobResult:
     from prunecomp.job import run_job
-    from prunecomp.storage import write_json
+    from prunecomp.outputs import write_output_json
 
     if job.prune.n_layers is None and job.prune.fraction is None:
         raise PrunecompError("say how many layers to remove: --layers K or --fraction F")
@@ -43,7 +42,7 @@ def _run(job: JobConfig, json_out: str | None) -> JobResult:
         result = run_job(job, progress)
     print_summary(result)
     if json_out:
-        write_json(json_out, result.report | {"seconds": result.seconds})
+        write_output_json(json_out, result.report | {"seconds": result.seconds}, "prune-report")
     return result
 
 
@@ -65,8 +64,14 @@ def main() -> None:
 @user_errors
 def prune(out_dir: str, json_out: str | None, plots_dir: str | None, stream_layers: bool, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
-    _check_plots_dir(plots_dir)
+    from prunecomp.outputs import check_file_output, check_plots_dir
+
     job = build_job(kw, out_dir)
+    sources = [job.model]
+    if plots_dir is not None:
+        check_plots_dir(plots_dir, PLOT_NAMES, sources=sources, overwrite=job.overwrite)
+    if json_out:
+        check_file_output(json_out, sources=sources, overwrite=job.overwrite)
     result = _run(job.model_copy(update={"stream_layers": stream_layers}), json_out)
     if plots_dir is not None:
         _write_plots(result.report, plots_dir)
@@ -129,8 +134,9 @@ def _read_report(path: Path) -> dict[str, Any]:
 @main.command("plot")
 @click.argument("report_path", metavar="REPORT", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", default=None, help="Local folder for the PNGs (default: the report's folder).")
+@click.option("--overwrite", is_flag=True, help="Replace plots of the same names already in the folder.")
 @user_errors
-def plot(report_path: Path, out_dir: str | None) -> None:
+def plot(report_path: Path, out_dir: str | None, overwrite: bool) -> None:
     """Redraw the PNG plots of a finished run from its JSON report.
 
     REPORT: the JSON of `prunecomp prune --json`, a pruned model folder (its prunecomp_report.json), or a pipeline
@@ -140,12 +146,13 @@ def plot(report_path: Path, out_dir: str | None) -> None:
     import shutil
     import tempfile
 
+    from prunecomp.outputs import check_plots_dir
     from prunecomp.plots import save_report_plots
 
-    _check_plots_dir(out_dir, "--out")
     report = _read_report(report_path)
-    target = Path(out_dir.removeprefix("file://")).expanduser() if out_dir is not None else (
-        report_path if report_path.is_dir() else report_path.parent)
+    target = check_plots_dir(out_dir if out_dir is not None else str(
+        report_path if report_path.is_dir() else report_path.parent), PLOT_NAMES, overwrite=overwrite,
+        option="--out")
     with tempfile.TemporaryDirectory(prefix="prunecomp-plots-") as tmp:
         drawn = save_report_plots(report, tmp)  # every plot drawn before any lands in the output folder
         written = []
@@ -173,15 +180,18 @@ def plot(report_path: Path, out_dir: str | None) -> None:
 @click.option("--allow-pickle", is_flag=True)
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("--json", "json_out", default=None, help="Write results as JSON to this path.")
+@click.option("--overwrite", is_flag=True, help="Replace a JSON file prunecomp wrote earlier at --json.")
 @user_errors
 def eval_ppl(model: str | None, revision: str | None, datasets: str, seq_len: int, max_windows: int | None,
              batch_size: int, data_dir: str | None, allow_pickle: bool, trust_remote_code: bool,
-             json_out: str | None) -> None:
+             json_out: str | None, overwrite: bool) -> None:
     """Perplexity of a model on WikiText-2 / C4 / PTB (non-overlapping windows)."""
     from prunecomp.job import evaluate_perplexities
+    from prunecomp.outputs import check_file_output, write_output_json
     from prunecomp.sources import load_model
-    from prunecomp.storage import write_json
 
+    if json_out:
+        check_file_output(json_out, sources=[model], overwrite=overwrite)
     names = tuple(d for d in datasets.split(",") if d.strip())
     if not names:
         raise PrunecompError("--datasets is empty")
@@ -196,7 +206,8 @@ def eval_ppl(model: str | None, revision: str | None, datasets: str, seq_len: in
         table.add_row(name, f"{value:.3f}")
     out.print(table)
     if json_out:
-        write_json(json_out, {"model": lm.provenance(), "evaluation": ev.model_dump(mode="json"), "perplexity": ppl})
+        write_output_json(json_out, {"model": lm.provenance(), "evaluation": ev.model_dump(mode="json"),
+                                     "perplexity": ppl}, "perplexity")
 
 
 @main.command("eval")
@@ -222,11 +233,12 @@ def eval_ppl(model: str | None, revision: str | None, datasets: str, seq_len: in
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin/.pt) checkpoints.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow models that ship their own Python code.")
 @click.option("--json", "json_out", default=None, help="Also write the results as JSON to this path.")
+@click.option("--overwrite", is_flag=True, help="Replace a JSON file prunecomp wrote earlier at --json.")
 @user_errors
 def eval_cmd(model: str | None, revision: str | None, dense_model: str | None, dense_revision: str | None,
              no_dense: bool, tasks: str, limit: int | None, seed: int, mmlu: bool, batch_size: int,
              data_dir: str | None, no_cache: bool, allow_pickle: bool, trust_remote_code: bool,
-             json_out: str | None) -> None:
+             json_out: str | None, overwrite: bool) -> None:
     """Zero-shot QA accuracy (lm-eval, local data) of a model, next to its dense reference, with retained %.
 
     Dense results are cached by model content hash (under $PRUNECOMP_CACHE_DIR, default ~/.cache/prunecomp), so
@@ -237,8 +249,10 @@ def eval_cmd(model: str | None, revision: str | None, dense_model: str | None, d
 
     from prunecomp.data import resolve_data_dir
     from prunecomp.evaluation.compare import compare_models
-    from prunecomp.storage import write_json
+    from prunecomp.outputs import check_file_output, write_output_json
 
+    if json_out:
+        check_file_output(json_out, sources=[model, dense_model], overwrite=overwrite)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if limit is not None and limit <= 0:
         raise PrunecompError(f"--limit must be a positive number of items per task, got {limit}")
@@ -258,4 +272,4 @@ def eval_cmd(model: str | None, revision: str | None, dense_model: str | None, d
     for note in eval_notes(res):
         out.print(escape(note), highlight=False)
     if json_out:
-        write_json(json_out, res)
+        write_output_json(json_out, res, "evaluation")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 
@@ -10,9 +11,10 @@ import torch
 
 from prunecomp.checkpoint import save_pruned
 from prunecomp.errors import PrunecompError
+from prunecomp.outputs import check_output
 from prunecomp.pruning import remove_layer
 from prunecomp.sources import load_model
-from prunecomp.storage import check_writable, is_complete
+from prunecomp.storage import MARKER, is_complete
 
 pytestmark = pytest.mark.integration
 
@@ -60,12 +62,13 @@ def test_load_from_s3_prune_and_save_back(s3, stories_dir) -> None:
     with torch.no_grad():
         torch.testing.assert_close(remote.model(ids).logits, local.model(ids).logits)
     remove_layer(remote.model, 2)
-    check_writable("s3://models/pruned")
+    check_output("s3://models/pruned", sources=["s3://models/stories"])
     save_pruned(remote.model, remote.tokenizer, "s3://models/pruned", report={"removed": [2]})
     assert is_complete("s3://models/pruned")
     assert fs.exists("models/pruned/model.safetensors")
-    with pytest.raises(PrunecompError, match="already holds a result"):
-        check_writable("s3://models/pruned")
+    with pytest.raises(PrunecompError, match="already exists and is not empty; pass --overwrite"):
+        check_output("s3://models/pruned")
+    check_output("s3://models/pruned", overwrite=True)  # an earlier prunecomp result: may be replaced
     again = load_model("s3://models/pruned")
     assert again.model.config.num_hidden_layers == 4
 
@@ -74,7 +77,7 @@ def test_missing_s3_model_is_a_clear_error(s3) -> None:
     with pytest.raises(PrunecompError, match="does not exist"):
         load_model("s3://models/no-such-model")
     with pytest.raises(PrunecompError, match="not writable"):
-        check_writable("s3://no-such-bucket/out")
+        check_output("s3://no-such-bucket/out")
 
 
 def test_stale_temp_folders_of_dead_writers_are_cleaned(tmp_path) -> None:
@@ -142,7 +145,11 @@ def _fill(version: str, names: tuple[str, ...]):
 
 
 def _read(fs, path: str) -> dict[str, str]:
-    return {p.rsplit("/", 1)[1]: fs.cat(p).decode() for p in fs.find(path)}
+    """File name -> content; the marker's content is its manifest, shown as the files it lists."""
+    out = {p.rsplit("/", 1)[1]: fs.cat(p).decode() for p in fs.find(path)}
+    if MARKER in out:
+        out[MARKER] = ",".join(json.loads(out[MARKER])["files"])
+    return out
 
 
 def test_s3_overwrite_never_loses_the_old_result_before_the_new_one_is_complete(s3, monkeypatch) -> None:
@@ -150,7 +157,7 @@ def test_s3_overwrite_never_loses_the_old_result_before_the_new_one_is_complete(
 
     fs = s3
     write_dir("s3://models/out", _fill("v1", ("a.txt", "b.txt")))
-    assert _read(fs, "models/out") == {"a.txt": "a.txt:v1", "b.txt": "b.txt:v1", "_COMPLETE": ""}
+    assert _read(fs, "models/out") == {"a.txt": "a.txt:v1", "b.txt": "b.txt:v1", "_COMPLETE": "a.txt,b.txt"}
     real, calls = fs.put_file, []
 
     def failing(lpath, rpath, *args, **kwargs):
@@ -164,11 +171,11 @@ def test_s3_overwrite_never_loses_the_old_result_before_the_new_one_is_complete(
         write_dir("s3://models/out", _fill("v2", ("a.txt", "c.txt")), overwrite=True)
     monkeypatch.undo()
     fs.invalidate_cache()
-    assert _read(fs, "models/out") == {"a.txt": "a.txt:v1", "b.txt": "b.txt:v1", "_COMPLETE": ""}
+    assert _read(fs, "models/out") == {"a.txt": "a.txt:v1", "b.txt": "b.txt:v1", "_COMPLETE": "a.txt,b.txt"}
     assert is_complete("s3://models/out") and not [p for p in fs.ls("models") if "staging" in p]
     write_dir("s3://models/out", _fill("v2", ("a.txt", "c.txt")), overwrite=True)
     fs.invalidate_cache()
-    assert _read(fs, "models/out") == {"a.txt": "a.txt:v2", "c.txt": "c.txt:v2", "_COMPLETE": ""}
+    assert _read(fs, "models/out") == {"a.txt": "a.txt:v2", "c.txt": "c.txt:v2", "_COMPLETE": "a.txt,c.txt"}
     assert not [p for p in fs.ls("models") if "staging" in p]
 
 
@@ -190,7 +197,7 @@ def test_stale_staging_of_a_killed_writer_is_cleaned_by_the_next_write(s3) -> No
     fs.invalidate_cache()
     left = {p.rsplit("/", 1)[-1] for p in fs.ls("models") if "staging" in p}
     assert left == {fresh.rsplit("/", 1)[-1], other.rsplit("/", 1)[-1]}
-    assert _read(fs, "models/kept") == {"a.txt": "a.txt:v1", "_COMPLETE": ""}
+    assert _read(fs, "models/kept") == {"a.txt": "a.txt:v1", "_COMPLETE": "a.txt"}
 
 
 def test_s3_server_stopped_mid_upload_then_rerun(tmp_path, monkeypatch) -> None:
@@ -232,11 +239,11 @@ def test_s3_server_stopped_mid_upload_then_rerun(tmp_path, monkeypatch) -> None:
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
         assert {k: v for k, v in _read(fs, "faults/run").items()} == {"a.txt": "a.txt:v1", "b.txt": "b.txt:v1",
-                                                                       "_COMPLETE": ""}
+                                                                       "_COMPLETE": "a.txt,b.txt"}
         write_dir("s3://faults/run", _fill("v2", ("a.txt", "b.txt", "c.txt")), overwrite=True)
         fs.invalidate_cache()
         assert _read(fs, "faults/run") == {"a.txt": "a.txt:v2", "b.txt": "b.txt:v2", "c.txt": "c.txt:v2",
-                                           "_COMPLETE": ""}
+                                           "_COMPLETE": "a.txt,b.txt,c.txt"}
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
