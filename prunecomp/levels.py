@@ -1,0 +1,75 @@
+"""Quality levels: one table that turns a goal (``fast``, ``balanced``, ``best``) into the method's stages and
+their settings, so a user gives k and a level and nothing else.
+
+- ``fast``: Prune&Comp with guarded compensation (the paper's gap scale, folded only as far as it lowers the
+  calibration loss); minutes on a CPU for 135M.
+- ``balanced``: ``fast`` plus per-channel gains fitted to the dense model's predictions after the last removal
+  (``refine: channels``, the tail loss), about a quarter of an hour more on one CPU core for 135M.
+- ``best``: block reconstruction of the layers on both sides of every gap (100 Adam steps) plus the gains.
+
+Every level keeps zero run-time cost: whatever is fitted is folded into the remaining weights.
+
+Settings are rules, not values fitted to one model: the fitting windows are ``max(64, calibration windows)``
+(a superset of the scoring windows, as refinement requires). Flags a user gives explicitly override the level;
+:func:`apply_level` returns what was overridden so reports, recipes and MLflow record it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, get_args
+
+from prunecomp.config import PruneConfig
+from prunecomp.errors import PrunecompError
+
+__all__ = ["DEFAULT_LEVEL", "LEVELS", "Level", "apply_level", "level_settings"]
+
+Level = Literal["fast", "balanced", "best"]
+DEFAULT_LEVEL: Level = "fast"
+
+FIT_WINDOWS_MIN = 64
+"""Fewest windows the gains and block reconstruction fit on: 8 windows (the cpu preset's scoring windows)
+overfit the gains; 64 recovered most of the degradation at k = 3, 5 and 8 on the quality protocol."""
+
+_OFF: dict[str, Any] = {"refine": "none", "reconstruct": "none", "refit": "none"}
+_GAINS: dict[str, Any] = {"refine": "channels", "refine_at": "end", "refine_steps": 80, "refine_lr": 3e-3,
+                          "refine_loss": "tail"}
+
+LEVELS: dict[str, dict[str, Any]] = {
+    "fast": {"compensation": "guarded", **_OFF},
+    "balanced": {"compensation": "guarded", **_OFF, **_GAINS},
+    "best": {"compensation": "guarded", **_OFF, **_GAINS, "reconstruct": "both", "reconstruct_steps": 100,
+             "reconstruct_lr": 1e-3},
+}
+"""Level -> :class:`~prunecomp.config.PruneConfig` fields. ``refine_samples`` is a rule (:func:`level_settings`)."""
+
+
+def level_settings(level: str, calibration_windows: int) -> dict[str, Any]:
+    """The :class:`~prunecomp.config.PruneConfig` fields ``level`` sets for a run scoring on
+    ``calibration_windows`` windows."""
+    if level not in LEVELS:
+        raise PrunecompError(f"--quality must be one of {', '.join(get_args(Level))}, got {level!r}")
+    settings = dict(LEVELS[level])
+    if settings["refine"] != "none" or settings["reconstruct"] != "none":
+        settings["refine_samples"] = max(FIT_WINDOWS_MIN, int(calibration_windows))
+    return settings
+
+
+def apply_level(config: PruneConfig, level: str, calibration_windows: int,
+                explicit: Iterable[str] = ()) -> tuple[PruneConfig, dict[str, Any]]:
+    """``config`` with ``level``'s settings, except the fields in ``explicit`` (the flags the user gave), which
+    keep ``config``'s values. Returns the new config and ``{field: {"level": v, "given": v}}`` for every explicit
+    field that differs from the level's value: the record of what the user overrode."""
+    settings = level_settings(level, calibration_windows)
+    given = set(explicit)
+    overridden = {name: {"level": value, "given": getattr(config, name)} for name, value in settings.items()
+                  if name in given and getattr(config, name) != value}
+    update = {name: value for name, value in settings.items() if name not in given}
+    return PruneConfig.model_validate(config.model_dump() | update), overridden
+
+
+def describe(level: str, overridden: Mapping[str, Any]) -> str:
+    """One line for logs and summaries: the level and what the user overrode."""
+    if not overridden:
+        return f"quality {level}"
+    return f"quality {level}, overridden: " + ", ".join(f"{k}={v['given']}" for k, v in sorted(overridden.items()))
