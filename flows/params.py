@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prunecomp.config import PRESETS, CalibrationConfig, EvalConfig, PruneConfig
 from tasks.evaluate import QA_MODULE, qa_available
@@ -28,7 +28,8 @@ class TrackingConfig(_Params):
     store: str | None = Field(None, description="Checkpoints/caches: local path or s3:// URL ($PRUNECOMP_STORE)")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI ($MLFLOW_TRACKING_URI; default sqlite)")
     experiment: str = "prunecomp"
-    registered_model: str | None = Field(None, pattern=_NAME, description="default: prunecomp-<model>")
+    registered_model: str | None = Field(None, pattern=_NAME, description="default: prunecomp-<model>-adhoc (the "
+                                         "deployments name theirs; see CompressConfig.model_name)")
     log_and_register: bool = Field(True, description="log the run to MLflow and register the model version")
 
 
@@ -87,8 +88,13 @@ class CompressConfig(_Params):
         return f"{self.model_slug()}-{self.prune.metric}-k{k}-{digest}"
 
     def model_name(self) -> str:
-        """The registered model name: explicit, else ``prunecomp-<model slug>``."""
-        return self.tracking.registered_model or f"prunecomp-{self.model_slug()}"
+        """The registered model name: explicit, else ``prunecomp-<model slug>-adhoc``.
+
+        Why a suffix: the deployments (``deployments/configs/compress-*.yaml``) name their registered model,
+        ``prunecomp-<model slug>``, and the promote deployment moves its ``champion``. An ad-hoc ``prunecomp run``
+        with other settings must not add versions there: the newest version is what a promotion gates by default,
+        and its metrics would not be comparable with the line's champion."""
+        return self.tracking.registered_model or f"prunecomp-{self.model_slug()}-adhoc"
 
 
 class EvaluateConfig(_Params):
@@ -109,10 +115,22 @@ class EvaluateConfig(_Params):
 
 
 class PromoteConfig(_Params):
-    """Move ``alias`` to ``version`` (default newest) of ``registered_model`` when every gate passes."""
+    """Move ``alias`` to ``version`` (default newest) of ``registered_model`` when every gate passes.
+
+    At least one gate (a promotion that checks nothing would move the alias to anything); each gate's metric is a
+    known final metric (:data:`tasks.gates.METRIC_PATTERNS`), so a misspelt gate fails here, before any work."""
 
     registered_model: str = Field(pattern=_NAME)
     version: str | None = Field(None, pattern=r"^[0-9]+$")
     alias: str = Field("champion", pattern=r"^[a-z][a-z0-9_-]*$")
-    gates: tuple[MetricGate, ...] = DEFAULT_GATES
+    gates: tuple[MetricGate, ...] = Field(DEFAULT_GATES, description="at least one; see tasks.gates for what a "
+                                          "gate reads")
     tracking_uri: str | None = None
+
+    @field_validator("gates")
+    @classmethod
+    def _some_gate(cls, gates: tuple[MetricGate, ...]) -> tuple[MetricGate, ...]:
+        if not gates:
+            raise ValueError("at least one gate is needed (a promotion that checks nothing would move the alias to "
+                             "any version); leave gates out for the default gates, or list the ones to apply")
+        return gates

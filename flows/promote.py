@@ -1,7 +1,10 @@
 """The ``promote`` flow: move the ``champion`` alias to a registered version when its declared gates pass.
 
-The decision itself is Prefect-free (:func:`tasks.gates.decide`, :func:`tasks.tracking.promote_version`); a
-failing gate fails the flow run with a message that names it, and leaves the registry unchanged.
+The decision itself is Prefect-free (:func:`tasks.gates.decide`, :func:`tasks.tracking.promote_version`). A
+failing gate, or a version that must not become champion (an unfinished, truncated or mismatched checkpoint; a
+comparison with a champion evaluated differently), fails the flow run with one message that names the reason
+and what to do instead, and leaves the registry unchanged. Promotions of one registered model are serialized
+(a lock in the registry), so two flow runs at once end with the better version as champion.
 """
 
 from __future__ import annotations

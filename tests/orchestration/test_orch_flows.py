@@ -138,14 +138,18 @@ def test_gate_failure_leaves_the_champion_alone(harness, tracking_uri, stories, 
     """Two versions, v1 champion; v2 is worse: the flow fails naming the gate, and the alias stays on v1."""
     from flows.params import PromoteConfig
     from flows.promote import promote
+    from prunecomp.config import EvalConfig
     from tasks.gates import GateFailed
     from tasks.mlflow_model import write_mlflow_model
-    from tasks.tracking import client, promote_version
+    from tasks.tracking import client, eval_settings_tags, promote_version
 
-    model = tmp_path / "model"  # a loadable MLflow Model (promotion checks that first)
+    model = tmp_path / "model"  # a complete, loadable MLflow Model (promotion checks that first)
     shutil.copytree(stories, model)
     write_mlflow_model(model, architecture="LlamaForCausalLM", tokenizer_class="LlamaTokenizer",
                        dtype="torch.float32", source_name=str(stories))
+    (model / "prunecomp_report.json").write_text(json.dumps({"pipeline": {"hash": "gated-model"}}))
+    (model / "_COMPLETE").write_text("")
+    tags = {"checkpoint_hash": "gated-model", **eval_settings_tags(EvalConfig(), device="cpu", dtype="float32")}
     c = client(tracking_uri)
     exp = c.create_experiment(f"gates-{time.time_ns()}", artifact_location=f"file:///tmp/gates-{time.time_ns()}")
     c.create_registered_model("gated")
@@ -153,7 +157,7 @@ def test_gate_failure_leaves_the_champion_alone(harness, tracking_uri, stories, 
         run = c.create_run(exp)
         c.log_metric(run.info.run_id, "ppl_mean_pruned", ppl)
         c.log_metric(run.info.run_id, "ppl_ratio_mean", ppl / 5)
-        c.create_model_version("gated", source=str(model), run_id=run.info.run_id)
+        c.create_model_version("gated", source=str(model), run_id=run.info.run_id, tags=tags)
     assert promote_version(tracking_uri=tracking_uri, name="gated", version="1",
                            gates=[*PromoteConfig(registered_model="gated").gates])["changed"]
     with pytest.raises(GateFailed, match="beat_champion") as info:

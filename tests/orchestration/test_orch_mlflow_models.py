@@ -112,7 +112,8 @@ def test_champion_never_moves_to_a_version_that_does_not_load(registered, tracki
     plain = c.create_model_version("stories-models", source=str(stories), run_id=registered["mlflow"]["run_id"],
                                    tags={"checkpoint_hash": "plain-folder"})
     with pytest.raises(PrunecompError, match="not a loadable MLflow Model"):
-        promote_version(tracking_uri=tracking_uri, name="stories-models", version=str(plain.version), gates=[])
+        promote_version(tracking_uri=tracking_uri, name="stories-models", version=str(plain.version),
+                        gates=[{"name": "max_ppl_increase", "metric": "ppl_ratio_mean", "threshold": 100.0}])
     try:
         champion = str(c.get_model_version_by_alias("stories-models", "champion").version)
     except Exception:

@@ -84,7 +84,7 @@ def test_gates_name_what_failed() -> None:
 
 def test_compress_parameters_are_validated(make_config, tmp_path: Path) -> None:
     cfg = make_config(str(tmp_path), "sqlite:///x.db")
-    assert cfg.run_id().startswith("stories260k-bi-k2-") and cfg.model_name() == "prunecomp-stories260k"
+    assert cfg.run_id().startswith("stories260k-bi-k2-") and cfg.model_name() == "prunecomp-stories260k-adhoc"
     assert make_config(str(tmp_path), "sqlite:///x.db").run_id() == cfg.run_id()  # same parameters, same run
     assert make_config(str(tmp_path), "sqlite:///x.db", prune={"metric": "angular"}).run_id() != cfg.run_id()
     for bad, match in (({"prune": {"metric": "nope"}}, "metric"), ({"prune": {"mode": "one-shot"}}, "iterative"),
@@ -217,7 +217,7 @@ def test_s3_run_lock_is_created_atomically_and_taken_over_when_dead(s3) -> None:
     import s3fs
 
     from prunecomp.errors import PrunecompError
-    from tasks.locks import _create_remote, run_lock
+    from tasks.locks import _create_remote, machine, run_lock
 
     uri = "s3://prunecomp/locks-test/run/lock.json"
     assert _create_remote(uri, {"who": "first"}) and not _create_remote(uri, {"who": "second"})
@@ -229,8 +229,8 @@ def test_s3_run_lock_is_created_atomically_and_taken_over_when_dead(s3) -> None:
             pass
         assert _json.loads(fs.cat(uri))["token"] == held.owner["token"]
     assert not fs.exists(uri)  # released
-    dead = {"run_id": "run", "host": socket.gethostname(), "pid": 2**22 + 12345, "started": 0, "heartbeat": 0,
-            "token": "dead"}
+    dead = {"run_id": "run", **machine(), "pid": 2**22 + 12345, "started": 0, "heartbeat": 0, "token": "dead"}
+    assert dead["host"] == socket.gethostname()  # a dead pid is probed only on the same host, boot and container
     fs.pipe(uri, _json.dumps(dead).encode())
     seen = []
     with run_lock(uri, "run", on_stale=lambda h, why: seen.append((h["token"], why))) as held:
