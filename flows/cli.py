@@ -9,7 +9,6 @@ when it is first imported, so they are set here, before that import, and only wh
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -149,7 +148,12 @@ def _where_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _run_flow(config: Any, json_out: str | None, runner: str | None = None) -> dict[str, Any]:
+def _run_flow(config: Any, json_out: str | None, runner: str | None = None, *,
+              overwrite: bool = False) -> dict[str, Any]:
+    from prunecomp.outputs import check_file_output, write_output_json
+
+    if json_out:  # before the run: a bad path costs an error line, not the run
+        check_file_output(json_out, sources=[config.model], overwrite=overwrite)
     _embedded_defaults()
     from flows.compress import compress
     from flows.runners import task_runner
@@ -162,7 +166,7 @@ def _run_flow(config: Any, json_out: str | None, runner: str | None = None) -> d
     summary = compress.with_options(**options)(config=config)
     _print_summary(summary)
     if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2, default=str))
+        write_output_json(json_out, summary, "run-summary")
     return summary
 
 
@@ -233,47 +237,75 @@ def _print_summary(summary: dict[str, Any]) -> None:
               "exceeds this multiple of the dense one.")
 @click.option("--qa-tasks", default=None, help="lm-eval tasks for the final evaluation (comma-separated).")
 @click.option("--qa-limit", type=int, default=None)
-@click.option("--registered-model", default=None, help="MLflow registered model (default prunecomp-<model>).")
+@click.option("--registered-model", default=None, help="MLflow registered model (default prunecomp-<model>-adhoc; "
+              "the deployments register under their own names).")
 @click.option("--register/--no-register", default=True, show_default=True)
 @click.option("--run-name", default=None, help="Run id (default: derived from the parameters).")
+@click.option("--overwrite", is_flag=True, help="Replace a JSON file prunecomp wrote earlier at --json.")
 @_where_options
 @_errors
-def run_cmd(json_out: str | None, task_runner: str | None, **kw: Any) -> None:
+def run_cmd(json_out: str | None, task_runner: str | None, overwrite: bool, **kw: Any) -> None:
     """Run the compress flow end to end (cached, resumable): default SmolLM2-135M, k=5, BI, Prune&Comp, cpu
     preset. Prints perplexity before/after and where to look."""
-    _run_flow(_build_config(kw), json_out, task_runner)
+    _run_flow(_build_config(kw), json_out, task_runner, overwrite=overwrite)
 
 
 def _journal(run: str, store: str | None) -> dict[str, Any]:
     from flows.compress import journal_uri
     from tasks.files import read_json
-    from tasks.settings import configure_s3, locations
+    from tasks.settings import configure_s3, locations, redact
 
     configure_s3()
     loc = locations(store)
     try:
         return dict(read_json(journal_uri(loc, run)))
     except FileNotFoundError as exc:
-        raise PrunecompError(f"no run {run!r} in {loc.store} (see `prunecomp status`)") from exc
+        raise PrunecompError(f"no run {run!r} in {redact(loc.store)} (see `prunecomp status`)") from exc
 
 
 @main.command("resume")
 @click.argument("run")
 @click.option("--json", "json_out", default=None)
+@click.option("--allow-pickle", is_flag=True, help="Needed again when RUN was started with it: the journal, in a "
+              "possibly shared store, does not grant it.")
+@click.option("--trust-remote-code", is_flag=True, help="Needed again when RUN was started with it, as "
+              "--allow-pickle.")
 @_where_options
 @_errors
-def resume_cmd(run: str, store: str | None, tracking_uri: str | None, json_out: str | None) -> None:
-    """Finish RUN with the parameters it was started with: finished steps come from the cache."""
-    _run_flow(resume_config(_journal(run, store), tracking_uri), json_out)
+def resume_cmd(run: str, store: str | None, tracking_uri: str | None, json_out: str | None, allow_pickle: bool,
+               trust_remote_code: bool) -> None:
+    """Finish RUN with the parameters it was started with: finished steps come from the cache. A run started with
+    --allow-pickle or --trust-remote-code needs the same flag again."""
+    _run_flow(resume_config(_journal(run, store), tracking_uri, allow_pickle=allow_pickle,
+                            trust_remote_code=trust_remote_code), json_out)
 
 
-def resume_config(journal: dict[str, Any], tracking_uri: str | None = None) -> Any:
+# options that let a model run code of its own: a resume must be asked for them again, never read them from a
+# journal that anyone with write access to the store could have edited
+_CODE_FLAGS = {"allow_pickle": "--allow-pickle", "trust_remote_code": "--trust-remote-code"}
+
+
+def resume_config(journal: dict[str, Any], tracking_uri: str | None = None, *, allow_pickle: bool = False,
+                  trust_remote_code: bool = False) -> Any:
     """The parameters a run was started with, pinned to the store its journal was found in (a run started with
     ``$PRUNECOMP_STORE`` has no store in its parameters: resumed from another shell it must not start over in the
-    default store)."""
+    default store).
+
+    ``allow_pickle`` / ``trust_remote_code`` are the resume command's own flags: a journal that records either
+    option is refused unless the same flag is given again, since the journal lies in a store others may write
+    (a flag the journal does not record changes nothing: the run keeps its parameters, hence its id)."""
     from flows.params import CompressConfig
 
     config = CompressConfig.model_validate(journal["config"])
+    given = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    missing = [flag for name, flag in _CODE_FLAGS.items() if getattr(config, name) and not given[name]]
+    if missing:
+        run = journal.get("run_id") or config.run_id()
+        raise PrunecompError(
+            f"run {run!r} was started with {' and '.join(missing)}, which {'lets' if len(missing) == 1 else 'let'} "
+            "the model run code of its own; a "
+            f"resume does not take that from the run's journal: resume with `prunecomp resume {run} "
+            f"{' '.join(missing)}` if you trust the model")
     update: dict[str, Any] = {}
     if config.tracking.store is None and journal.get("store"):
         update["store"] = journal["store"]

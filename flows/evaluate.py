@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.params import EvaluateConfig
 from prunecomp.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
+from prunecomp.redact import redact
 from prunecomp.storage import is_complete
 from tasks.caching import run_cached
 from tasks.evaluate import evaluate_checkpoint
@@ -39,7 +40,7 @@ def resolve_checkpoint(ref: str, tracking_uri: str) -> tuple[str, tuple[str, str
             name, version = spec.rsplit("/", 1)
             mv = c.get_model_version(name, version)
     except (MlflowException, ValueError) as exc:
-        raise PrunecompError(f"cannot resolve {ref!r} in the MLflow registry at {tracking_uri}: {exc}") from exc
+        raise PrunecompError(redact(f"cannot resolve {ref!r} in the MLflow registry at {tracking_uri}: {exc}")) from exc
     uri = mv.tags.get("checkpoint_uri")
     if not uri:
         raise PrunecompError(f"{ref!r} has no checkpoint_uri tag: it was not registered by the compress flow")

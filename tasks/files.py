@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prunecomp.errors import PrunecompError
+from prunecomp.redact import redact
 from prunecomp.storage import is_remote
 
 __all__ = ["exists", "list_dirs", "read_bytes", "read_json", "size"]
@@ -23,7 +24,7 @@ def read_bytes(uri: str) -> bytes:
     except FileNotFoundError:
         raise
     except Exception as exc:
-        raise PrunecompError(f"cannot read {uri!r}: {type(exc).__name__}: {exc}") from exc
+        raise PrunecompError(redact(f"cannot read {uri!r}: {type(exc).__name__}: {exc}")) from exc
 
 
 def read_json(uri: str) -> Any:

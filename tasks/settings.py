@@ -12,16 +12,19 @@ Embedded defaults (nothing configured): everything lives under one local directo
 
 ``$PRUNECOMP_STORE`` may be any fsspec URL (``s3://bucket/prefix``). The S3 endpoint comes from the usual variables
 (``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``MLFLOW_S3_ENDPOINT_URL``) and the
-credentials from the AWS chain; neither is ever logged. Nothing here imports Prefect or MLflow.
+credentials from the AWS chain; neither is ever logged. :func:`redact` and :func:`redact_all` (from
+:mod:`prunecomp.redact`, so the library's error lines follow the same rule) mask userinfo and query-string
+credentials in whatever a run writes or shows. Nothing here imports Prefect or MLflow.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prunecomp.redact import redact, redact_all  # one rule for the library and the pipeline
 
 __all__ = ["ENDPOINT_VARS", "Locations", "configure_s3", "locations", "redact", "redact_all", "s3_endpoint"]
 
@@ -103,26 +106,3 @@ def configure_s3() -> None:
         s3fs.S3FileSystem.clear_instance_cache()  # instances built before this call kept the old options
     except ImportError:  # pragma: no cover - s3fs is a core dependency
         pass
-
-
-_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-
-
-def redact_all(obj: Any) -> Any:
-    """``obj`` (dicts, lists, strings, pydantic dumps) with every ``scheme://user:password@`` reduced to
-    ``scheme://***@``: what a run writes to its journal, report, logs, console and MLflow."""
-    if isinstance(obj, str):
-        return _CREDENTIALS.sub(r"\1***@", obj)
-    if isinstance(obj, dict):
-        return {k: redact_all(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(redact_all(v) for v in obj)
-    return obj
-
-
-def redact(uri: str) -> str:
-    """``uri`` without any ``user:password@`` part, for logs and tags."""
-    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri

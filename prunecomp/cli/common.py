@@ -14,6 +14,7 @@ from rich.markup import escape
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.quiet import QUIET_ENV, quiet_environment, quiet_libraries
+from prunecomp.redact import redact
 
 __all__ = ["QUIET_ENV", "choices", "console", "csv_ints", "out", "quiet_environment", "quiet_libraries",
            "user_errors"]
@@ -30,18 +31,21 @@ out = Console()
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """User errors (bad options, unreadable inputs, unreachable storage, failing gates): one line, exit code 2."""
+    """User errors (bad options, unreadable inputs, unreachable storage, failing gates): one line, exit code 2,
+    with credentials masked (:func:`~prunecomp.redact.redact`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except PrunecompError as exc:
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            # the last line of defence: whatever URI a message quotes, its credentials are not printed
+            console.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", highlight=False, soft_wrap=True)
             sys.exit(2)
         except ValidationError as exc:
             msgs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            console.print(f"[bold red]error:[/] invalid option: {msgs}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] invalid option: {escape(redact(msgs))}", highlight=False,
+                          soft_wrap=True)
             sys.exit(2)
 
     return wrapper

@@ -89,7 +89,7 @@ def test_dense_from_report_is_computed_once_and_reused(variants, data_dir, tmp_p
 
     # Same command again: nothing evaluated, no model even loaded, same numbers.
     n_loads = len(counted["load"])
-    code, text = _eval("--model", str(variants[2]), *common, "--json", str(js))
+    code, text = _eval("--model", str(variants[2]), *common, "--json", str(js), "--overwrite")
     assert code == 0, text
     assert len(counted["qa"]) == 2 and len(counted["load"]) == n_loads
     again = json.loads(js.read_text())
