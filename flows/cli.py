@@ -265,19 +265,20 @@ def _journal(run: str, store: str | None) -> dict[str, Any]:
 
 @main.command("resume")
 @click.argument("run")
-@click.option("--json", "json_out", default=None)
+@click.option("--json", "json_out", default=None, help="Also write the run's summary as JSON to this path.")
+@click.option("--overwrite", is_flag=True, help="Replace a JSON file prunecomp wrote earlier at --json.")
 @click.option("--allow-pickle", is_flag=True, help="Needed again when RUN was started with it: the journal, in a "
               "possibly shared store, does not grant it.")
 @click.option("--trust-remote-code", is_flag=True, help="Needed again when RUN was started with it, as "
               "--allow-pickle.")
 @_where_options
 @_errors
-def resume_cmd(run: str, store: str | None, tracking_uri: str | None, json_out: str | None, allow_pickle: bool,
-               trust_remote_code: bool) -> None:
+def resume_cmd(run: str, store: str | None, tracking_uri: str | None, json_out: str | None, overwrite: bool,
+               allow_pickle: bool, trust_remote_code: bool) -> None:
     """Finish RUN with the parameters it was started with: finished steps come from the cache. A run started with
     --allow-pickle or --trust-remote-code needs the same flag again."""
     _run_flow(resume_config(_journal(run, store), tracking_uri, allow_pickle=allow_pickle,
-                            trust_remote_code=trust_remote_code), json_out)
+                            trust_remote_code=trust_remote_code), json_out, overwrite=overwrite)
 
 
 # options that let a model run code of its own: a resume must be asked for them again, never read them from a
