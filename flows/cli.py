@@ -18,8 +18,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from prunecomp.cli import explicit_options, preset_settings, pruning_options, quiet_environment
 from prunecomp.cli import main as _lib
-from prunecomp.cli import preset_settings, pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
 from prunecomp.cli.render import on_windows
 from prunecomp.errors import PrunecompError
@@ -97,18 +97,12 @@ def _build_config(kw: dict[str, Any]) -> Any:
     tracking = where | {"log_and_register": kw["register"]}
     if kw["registered_model"]:
         tracking["registered_model"] = kw["registered_model"]
+    prune = _prune_fields(kw, n_layers, protect)
+    given = explicit_options() | {"n_layers", "fraction"}  # the rest comes from the --quality level
     return CompressConfig.model_validate({
         "model": kw["model"], "revision": kw["revision"], "allow_pickle": kw["allow_pickle"],
-        "trust_remote_code": kw["trust_remote_code"],
-        "prune": {"metric": kw["metric"], "n_layers": n_layers, "fraction": kw["fraction"],
-                  "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
-                  "selection_pool": kw["selection_pool"],
-                  "scoring": kw["scoring"], "refine": kw["refine"], "refine_steps": kw["refine_steps"],
-                  "refine_lr": kw["refine_lr"], "refine_loss": kw["refine_loss"],
-                  "refine_samples": kw["refine_samples"],
-                  "refine_at": kw["refine_at"], "reconstruct": kw["reconstruct"],
-                  "reconstruct_steps": kw["reconstruct_steps"], "reconstruct_lr": kw["reconstruct_lr"],
-                  "refit": kw["refit"], "refit_steps": kw["refit_steps"], "refit_lr": kw["refit_lr"]},
+        "trust_remote_code": kw["trust_remote_code"], "quality": kw["quality"],
+        "prune": {k: v for k, v in prune.items() if k in given},
         "calibration": cal, "evaluation": ev,
         "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
         if quick else None,
@@ -116,6 +110,18 @@ def _build_config(kw: dict[str, Any]) -> Any:
         "data_dir": kw["data_dir"], "run_name": kw["run_name"], "tracking": tracking,
         "parallel_candidates": kw["parallel_candidates"], "stream_layers": kw["stream_layers"],
     })
+
+
+def _prune_fields(kw: dict[str, Any], n_layers: int | None, protect: tuple[int, ...] | None) -> dict[str, Any]:
+    return {"metric": kw["metric"], "n_layers": n_layers, "fraction": kw["fraction"],
+                  "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
+                  "selection_pool": kw["selection_pool"],
+                  "scoring": kw["scoring"], "refine": kw["refine"], "refine_steps": kw["refine_steps"],
+                  "refine_lr": kw["refine_lr"], "refine_loss": kw["refine_loss"],
+                  "refine_samples": kw["refine_samples"],
+                  "refine_at": kw["refine_at"], "reconstruct": kw["reconstruct"],
+                  "reconstruct_steps": kw["reconstruct_steps"], "reconstruct_lr": kw["reconstruct_lr"],
+                  "refit": kw["refit"], "refit_steps": kw["refit_steps"], "refit_lr": kw["refit_lr"]}
 
 
 _ENV_OF = {"store": "PRUNECOMP_STORE", "tracking_uri": "MLFLOW_TRACKING_URI"}

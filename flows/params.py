@@ -5,10 +5,12 @@ config files validate through the same classes, so a bad parameter fails before 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prunecomp.config import PRESETS, CalibrationConfig, EvalConfig, PruneConfig
+from prunecomp.levels import DEFAULT_LEVEL, Level, level_settings
 from tasks.evaluate import QA_MODULE, qa_available
 from tasks.gates import DEFAULT_GATES, MetricGate
 from tasks.keys import stable_hash
@@ -34,12 +36,21 @@ class TrackingConfig(_Params):
 
 
 class CompressConfig(_Params):
-    """Everything the ``compress`` flow needs. Defaults: SmolLM2-135M, 5 layers, BI, magnitude, ``cpu`` preset."""
+    """Everything the ``compress`` flow needs. Defaults: SmolLM2-135M, 5 layers, BI, quality ``fast`` (guarded
+    compensation), ``cpu`` preset.
+
+    ``quality`` picks the stages and their settings (:mod:`prunecomp.levels`); the fields given under ``prune``
+    override it, and what they changed is kept in ``quality_overridden`` (in the run's report and MLflow params)."""
 
     model: str | None = Field(None, description="hub id, local folder, .gguf, s3:// URL; default SmolLM2-135M")
     revision: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    quality: Level = Field(DEFAULT_LEVEL, description="fast | balanced | best: the stages and their settings "
+                           "(prunecomp.levels); fields given under prune override it")
+    quality_overridden: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="filled in: the prune fields given against the level, {field: {level, "
+        "given}}")
     prune: PruneConfig = PruneConfig(n_layers=5)
     calibration: CalibrationConfig = PRESETS["cpu"].calibration
     quick_eval: EvalConfig | None = Field(
@@ -58,6 +69,33 @@ class CompressConfig(_Params):
                                        "fit the memory budget")
     parallel_candidates: int = Field(1, ge=1, description="split a per-candidate metric's scoring (PPL-on-skip) "
                                      "into this many tasks, run by the flow's task runner (threads or Dask)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_level(cls, data: Any) -> Any:
+        """Fill the prune fields the level sets and the parameters did not give; record the ones they gave
+        against it. Idempotent: a validated config dumped and validated again (Prefect's parameters) is
+        unchanged."""
+        if not isinstance(data, dict):
+            return data
+        level = data.get("quality") or DEFAULT_LEVEL
+        prune = data.get("prune", {"n_layers": 5})
+        if isinstance(prune, PruneConfig):
+            given = {name: getattr(prune, name) for name in prune.model_fields_set}
+        elif isinstance(prune, dict):
+            given = dict(prune)
+        else:
+            return data
+        calibration = data.get("calibration", PRESETS["cpu"].calibration)
+        windows = (calibration.n_samples if isinstance(calibration, CalibrationConfig)
+                   else dict(calibration).get("n_samples", CalibrationConfig().n_samples))
+        try:
+            settings = level_settings(str(level), int(windows))
+        except ValueError:
+            return data  # an unknown level: the field's own validation names it
+        overridden = {k: {"level": v, "given": given[k]} for k, v in settings.items() if k in given and given[k] != v
+                      and not (isinstance(v, float) and isinstance(given[k], int | float) and float(given[k]) == v)}
+        return {**data, "prune": {**settings, **given}, "quality": level, "quality_overridden": overridden}
 
     @model_validator(mode="after")
     def _consistent(self) -> CompressConfig:

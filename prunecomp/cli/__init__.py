@@ -11,6 +11,7 @@ derived from the config types), :mod:`~prunecomp.cli.render` (progress, tables),
 
 from prunecomp.cli.commands import main
 from prunecomp.cli.common import QUIET_ENV, choices, quiet_environment, user_errors
-from prunecomp.cli.options import preset_settings, pruning_options
+from prunecomp.cli.options import explicit_options, preset_settings, pruning_options
 
-__all__ = ["QUIET_ENV", "choices", "main", "preset_settings", "pruning_options", "quiet_environment", "user_errors"]
+__all__ = ["QUIET_ENV", "choices", "explicit_options", "main", "preset_settings", "pruning_options",
+           "quiet_environment", "user_errors"]

@@ -1,0 +1,51 @@
+"""Quality levels through the pipeline's parameters: ``run --quality``, config files and Prefect's round trip."""
+
+from __future__ import annotations
+
+import yaml
+from click.testing import CliRunner
+
+from flows.params import CompressConfig
+from prunecomp.config import PruneConfig
+from prunecomp.levels import FIT_WINDOWS_MIN
+
+
+def test_level_fills_the_prune_fields_the_parameters_leave_out() -> None:
+    best = CompressConfig.model_validate({"quality": "best", "prune": {"n_layers": 3}})
+    assert (best.prune.reconstruct, best.prune.refine, best.prune.reconstruct_steps) == ("both", "channels", 100)
+    assert best.prune.refine_samples == FIT_WINDOWS_MIN and best.quality_overridden == {}
+    assert CompressConfig().prune == PruneConfig(n_layers=5)  # fast, the default, is today's guarded default
+
+
+def test_fields_given_under_prune_override_the_level_and_are_recorded() -> None:
+    config = CompressConfig.model_validate({"quality": "best",
+                                            "prune": {"n_layers": 5, "reconstruct_lr": 0.003, "refine_samples": 128}})
+    assert config.prune.reconstruct_lr == 0.003 and config.prune.refine_samples == 128
+    assert config.quality_overridden == {"reconstruct_lr": {"level": 0.001, "given": 0.003},
+                                         "refine_samples": {"level": FIT_WINDOWS_MIN, "given": 128}}
+    again = CompressConfig.model_validate(config.model_dump(mode="json"))  # Prefect's parameter round trip
+    assert again == config
+    assert CompressConfig.model_validate(CompressConfig(quality="best", prune=PruneConfig(n_layers=2)).model_dump(
+        mode="json")).prune.reconstruct == "both"
+
+
+def test_run_cli_passes_the_level_and_only_the_flags_given(monkeypatch) -> None:
+    from flows import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_flow", lambda config, *a, **k: seen.setdefault("config", config))
+    result = CliRunner().invoke(cli.main, ["run", "--quality", "balanced", "--layers", "3", "--refine-steps", "7"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert config.quality == "balanced" and config.prune.refine == "channels" and config.prune.refine_steps == 7
+    assert config.quality_overridden == {"refine_steps": {"level": 80, "given": 7}}
+
+
+def test_the_reconstruct_deployment_runs_best(tmp_path) -> None:
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "deployments" / "configs" / "compress-smollm2-reconstruct.yaml"
+    config = CompressConfig.model_validate(yaml.safe_load(path.read_text()))
+    assert config.quality == "best" and config.prune.reconstruct == "both" and config.prune.refine == "channels"
+    assert set(config.quality_overridden) == {"reconstruct_lr", "refine_samples"}
