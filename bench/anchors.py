@@ -1,4 +1,4 @@
-"""The strongest published training-free fixes, as named baselines for bench/quality.py (issue #16), built from
+"""The strongest published training-free fixes, as named baselines for bench/quality.py, built from
 the library's machinery (block scores, layer-at-a-time forwards, the lsq normal equations and fold).
 
 * ReplaceMe (Shopkhoev et al. 2025, github.com/mts-ai/ReplaceMe, ``lstsq`` method): remove the contiguous block

@@ -1,4 +1,4 @@
-"""Why no calibration-based judge breaks the step-2 near-tie of progressive BI (issue #16 item 4).
+"""Why no calibration-based judge breaks the step-2 near-tie of progressive BI.
 
 On the quality protocol (SmolLM2-135M, BI, guarded compensation, pruning calibration 8 x 512 tokens of C4) the
 progressive runs remove layer 14 first and then face a near-tie between layers 15 and 17 (BI within 0.4-1.3%).

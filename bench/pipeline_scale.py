@@ -281,7 +281,7 @@ def main() -> None:
     ap.add_argument("--refine-only", action="store_true", help="only the progressive-refinement rows (~0.9B)")
     ap.add_argument("--refine-steps", type=int, default=4, help="Adam steps per fit of the refined rows")
     ap.add_argument("--refine-loss", default="tail", help="the refined and reconstructed rows' --refine-loss (the "
-                    "rows before session 16 were measured with topk, the default before session 15)")
+                    "older rows were measured with topk, the default before the tail loss)")
     ap.add_argument("--reconstruct-lr", type=float, default=1e-3,
                     help="the reconstructed rows' --reconstruct-lr (on random weights 1e-3 raises every fit's error, "
                          "so every fit is declined; a smaller one keeps them, which the streamed rows need to "

@@ -248,7 +248,8 @@ def main() -> None:
     ap.add_argument("--refine-lr", type=float, default=3e-3)
     ap.add_argument("--refine-batch", type=int, default=2)
     ap.add_argument("--refine-topk", type=int, default=256)
-    ap.add_argument("--refine-loss", default="tail", help="tail or topk (the loss of every run before session 15)")
+    ap.add_argument("--refine-loss", default="tail",
+                    help="tail or topk (the loss of rows measured before the tail loss existed)")
     ap.add_argument("--refine-samples", type=int, default=None, help="windows refinement fits on (default: calib)")
     ap.add_argument("--reconstruct", default="both", help="side of the reconstruct variants")
     ap.add_argument("--reconstruct-steps", type=int, default=100)
@@ -499,11 +500,11 @@ def time_summary(results: list[dict[str, Any]], naive: dict[str, dict[str, dict[
             how += f", refit {r['refit']['steps']} steps ({r['refit']['seconds']:.0f} s, in pruning s)"
             prune_s += r["refit"]["seconds"]
         fit = (r.get("refine") or {}).get("seconds", 0.0)
-        if r.get("refine"):  # runs before session 15 have no refine_loss: theirs was topk
+        if r.get("refine"):  # rows older than the tail loss have no refine_loss: theirs was topk
             how += f", gains {st.get('refine_loss', 'topk')} loss"
             if st.get("refine_lr", 3e-3) != 3e-3:
                 how += f" lr {st['refine_lr']:g}"
-            if r["refine"].get("loss_windows"):  # since session 16; before, the audit loss ran on every window
+            if r["refine"].get("loss_windows"):  # newer rows say; older ones measured the audit loss on every window
                 how += f" (audit KL on {r['refine']['loss_windows']} windows)"
         unrefined = f"{r['unrefined']['mean']:.2f}" if r.get("unrefined") else "-"
         cap = f"{budget[k]:.0f}" if k in budget else "-"

@@ -1,4 +1,4 @@
-"""Refinement variants for the next quality step (issue #16 item 4), on the quality protocol of bench/quality.py
+"""Refinement variants for the next quality step, on the quality protocol of bench/quality.py
 (SmolLM2-135M; pruning calibration 8 x 512 tokens of C4, seed 0; mean perplexity of the first 8 x 512-token
 windows of WikiText-2, C4 and PTB; evaluations cached by weights digest with bench/quality.py's cache).
 

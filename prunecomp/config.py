@@ -66,7 +66,7 @@ class PruneConfig(_Frozen):
     the residual writers (``norms+writers``), also every other linear of the layers (``channels``):
     ``refine_steps`` Adam steps at ``refine_lr`` on ``refine_batch`` windows, teacher kept as top-``refine_topk``
     log-probs and fitted to them by ``refine_loss`` (``tail``: the KL over those tokens and one bucket for the rest;
-    ``topk``: renormalised over the top ones, the loss before session 15; see :func:`prunecomp.refine.distill_loss`),
+    ``topk``: renormalised over the top ones, which rewards overconfidence; see :func:`prunecomp.refine.distill_loss`),
     on ``refine_samples`` windows of the calibration source (same seed
     and length, so a superset of the scoring windows; None = the scoring windows themselves). Still zero run-time
     cost. ``none`` is the paper's method. ``refine_at``: ``end`` fits once, after the last removal; ``each`` fits

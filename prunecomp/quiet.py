@@ -1,6 +1,6 @@
 """Quiet libraries: no telemetry, no progress bars of their own.
 
-Why: the CLI draws its own progress bars, and a Prefect worker's log is the run's story (issue #13): transformers'
+Why: the CLI draws its own progress bars, and a Prefect worker's log is the run's story: transformers'
 weight-loading and GGUF de-quantising bars, hub download bars and tokenizer fork warnings would flood both.
 Nothing happens at import; callers opt in.
 """

@@ -4,7 +4,7 @@ the removed layer left. The fit is in place and full rank, so the pruned model i
 run-time cost.
 
 Why: the gap scale fixes one number and the refinement gains one per channel; on the quality protocol both
-plateau (issue #16). One layer's forward and backward cost about a model's depth less than the whole model's, so
+plateau. One layer's forward and backward cost about a model's depth less than the whole model's, so
 a local fit can afford many more steps per token than any global one, and it needs no teacher: the target is the
 model's own stream before the removal (the output of the removed layer, or of the layer after it), read in the
 same pass that feeds the fit. Measured on SmolLM2-135M (``bench/refine_variants.py``): the local fit alone after

@@ -2,7 +2,7 @@
 folded into existing weights, so the pruned model stays a plain HF model with no run-time cost.
 
 Why: magnitude compensation fixes one number per gap (the stream's scale). On a small model that recovers only a
-fifth of the damage (issue #6); the rest is the *direction* of the stream each later layer and the head now see.
+fifth of the damage (docs/RESULTS.md); the rest is the *direction* of the stream each later layer and the head now see.
 Per-channel gains on every norm output (and, for pre-norm families, on every residual writer's output) are the
 cheapest degrees of freedom that can still be folded exactly:
 

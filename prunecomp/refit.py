@@ -7,7 +7,7 @@ just before that removal, so the errors of earlier removals and of the fits them
 (``refine``) fix one number per channel. Refitting each later layer against the dense model's own stream
 corrects what every gap upstream left, one layer's forward and backward at a time. Measured on SmolLM2-135M
 (``bench/refine_variants.py --seq-steps``): it was the only step that reached 75% of the naive degradation
-recovered at k = 3 within the time budget of issue #16.
+recovered at k = 3 within a time budget of twice the refinement's (docs/RESULTS.md).
 
 The dense streams need the removed layers too, so they come from the source (``dense``): a model in memory, or
 a :class:`prunecomp.streamed.StreamedModel` of the source folder that reads one layer at a time. Memory: two

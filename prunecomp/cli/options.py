@@ -60,8 +60,8 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--refine-lr", type=float, default=3e-3, show_default=True, help="Learning rate of --refine."),
         click.option("--refine-loss", type=click.Choice(choices("refine_loss")), default="tail", show_default=True,
                      help="tail: KL to the dense model over its top tokens plus one bucket for the rest of the "
-                     "vocabulary; topk: the teacher renormalised over its top tokens (the loss before session 15: it "
-                     "makes the student overconfident, and perplexity rose where tail lowered it)."),
+                     "vocabulary; topk: the teacher renormalised over its top tokens (it makes the student "
+                     "overconfident, and perplexity rose where tail lowered it)."),
         click.option("--refine-samples", type=int, default=None, help="Calibration windows --refine fits on (same "
                      "source, seed and length: a superset of the scoring windows). Default: the scoring windows."),
         click.option("--reconstruct", type=click.Choice(choices("reconstruct")), default="none",

@@ -174,7 +174,7 @@ def eval_notes(res: dict[str, Any]) -> list[str]:
 
 
 def on_windows(refined: dict) -> str:
-    """" on N windows" when the report says how many windows its loss was measured on (runs before session 16
+    """" on N windows" when the report says how many windows its loss was measured on (reports of older versions
     measured it on every fitting window and do not say)."""
     n = refined.get("loss_windows")
     return f" on {n} windows" if n else ""
