@@ -9,6 +9,7 @@ when it is first imported, so they are set here, before that import, and only wh
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +17,15 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from prunecomp.cli import explicit_options, preset_settings, pruning_options, quiet_environment
 from prunecomp.cli import main as _lib
 from prunecomp.cli import user_errors as _errors
-from prunecomp.cli.render import on_windows
+from prunecomp.cli.options import given_prune_fields
+from prunecomp.cli.render import effective_config, on_windows
+from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.final_check import line as final_line
 from prunecomp.guard import guard_cell
@@ -74,54 +78,72 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
+_OPTION_PATHS: dict[str, tuple[str, ...]] = {
+    **{name: (name,) for name in ("model", "revision", "allow_pickle", "trust_remote_code", "quality",
+                                  "max_ppl_ratio", "qa_tasks", "qa_limit", "data_dir", "run_name",
+                                  "parallel_candidates", "stream_layers")},
+    "preset": ("calibration",), "calib_source": ("calibration", "source"),
+    "calib_samples": ("calibration", "n_samples"), "calib_seq_len": ("calibration", "seq_len"),
+    "seed": ("calibration", "seed"),
+    "batch_size": ("calibration", "batch_size"), "eval_datasets": ("evaluation", "datasets"),
+    "eval_seq_len": ("evaluation", "seq_len"), "eval_max_windows": ("evaluation", "max_windows"),
+    "quick_datasets": ("quick_eval",), "quick_max_windows": ("quick_eval",),
+    "registered_model": ("tracking", "registered_model"), "register": ("tracking", "log_and_register"),
+}
+"""Where an option lands in a config file (``prune`` fields land under ``prune``): a flag given beside
+``--config`` replaces that entry of the file."""
+
+
 def _build_config(kw: dict[str, Any]) -> Any:
-    """Options -> validated :class:`~flows.params.CompressConfig` (a config file, when given, replaces them)."""
+    """Options -> validated :class:`~flows.params.CompressConfig`. With ``--config FILE`` the file is the base and
+    every flag given on the command line replaces its entry (flags win); unknown keys in the file are errors."""
     from flows.params import CompressConfig
 
     where = _credentials_to_env({k: v for k, v in (("store", kw["store"]), ("tracking_uri", kw["tracking_uri"]))
                                  if v})
-    if kw["config"]:
-        data = _load_file(kw["config"])
-        data.setdefault("tracking", {}).update(where)
-        data["tracking"] = _credentials_to_env(data["tracking"])
-        for key in ("data_dir", "run_name"):
-            if kw[key]:
-                data[key] = kw[key]
-        if kw["stream_layers"] is not None:
-            data["stream_layers"] = kw["stream_layers"]
-        return CompressConfig.model_validate(data)
+    explicit = explicit_options()
+    flags = _flag_config(kw, where, explicit)
+    if not kw["config"]:
+        return CompressConfig.model_validate(flags)
+    data = _load_file(kw["config"])
+    data["tracking"] = _credentials_to_env(dict(data.get("tracking") or {}) | where)
+    prune = dict(data.get("prune") or {})
+    for name in explicit:
+        if name in PruneConfig.model_fields:
+            prune[name] = flags["prune"][name]
+            if name in ("n_layers", "fraction"):  # one way of saying how many: the flag's
+                prune.pop("fraction" if name == "n_layers" else "n_layers", None)
+        elif name in _OPTION_PATHS:
+            section, *field = _OPTION_PATHS[name]
+            if field and isinstance(data.get(section), dict):
+                data[section][field[0]] = flags[section][field[0]]
+            else:  # a whole section, or one the file leaves out: the flags' (preset included)
+                data[section] = copy.deepcopy(flags[section])
+            if name == "preset":
+                data["evaluation"] = copy.deepcopy(flags["evaluation"])
+    data["prune"] = prune
+    return CompressConfig.model_validate(data)
+
+
+def _flag_config(kw: dict[str, Any], where: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The parameters the flags alone describe (their defaults included, except the pruning fields a
+    ``--quality`` level fills: only the ones given)."""
     cal, ev = preset_settings(kw)
     quick = _csv(kw["quick_datasets"])
-    protect = tuple(int(x) for x in _csv(kw["protect"])) if kw["protect"] else None
-    n_layers = kw["n_layers"] if kw["n_layers"] is not None or kw["fraction"] is not None else 5
     tracking = where | {"log_and_register": kw["register"]}
     if kw["registered_model"]:
         tracking["registered_model"] = kw["registered_model"]
-    prune = _prune_fields(kw, n_layers, protect)
-    given = explicit_options() | {"n_layers", "fraction"}  # the rest comes from the --quality level
-    return CompressConfig.model_validate({
+    return {
         "model": kw["model"], "revision": kw["revision"], "allow_pickle": kw["allow_pickle"],
         "trust_remote_code": kw["trust_remote_code"], "quality": kw["quality"],
-        "prune": {k: v for k, v in prune.items() if k in given},
+        "prune": given_prune_fields(kw, explicit),
         "calibration": cal, "evaluation": ev,
         "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
         if quick else None,
         "max_ppl_ratio": kw["max_ppl_ratio"], "qa_tasks": _csv(kw["qa_tasks"]), "qa_limit": kw["qa_limit"],
         "data_dir": kw["data_dir"], "run_name": kw["run_name"], "tracking": tracking,
         "parallel_candidates": kw["parallel_candidates"], "stream_layers": kw["stream_layers"],
-    })
-
-
-def _prune_fields(kw: dict[str, Any], n_layers: int | None, protect: tuple[int, ...] | None) -> dict[str, Any]:
-    return {"metric": kw["metric"], "n_layers": n_layers, "fraction": kw["fraction"],
-                  "compensation": kw["compensation"], "protect": protect, "selection": kw["selection"],
-                  "selection_pool": kw["selection_pool"],
-                  "scoring": kw["scoring"], "refine": kw["refine"], "refine_steps": kw["refine_steps"],
-                  "refine_lr": kw["refine_lr"], "refine_loss": kw["refine_loss"],
-                  "refine_samples": kw["refine_samples"],
-                  "refine_at": kw["refine_at"], "reconstruct": kw["reconstruct"],
-                  "reconstruct_steps": kw["reconstruct_steps"], "reconstruct_lr": kw["reconstruct_lr"],
-                  "refit": kw["refit"], "refit_steps": kw["refit_steps"], "refit_lr": kw["refit_lr"]}
+    }
 
 
 _ENV_OF = {"store": "PRUNECOMP_STORE", "tracking_uri": "MLFLOW_TRACKING_URI"}
@@ -166,6 +188,8 @@ def _run_flow(config: Any, json_out: str | None, runner: str | None = None, *,
 
     err.print(f"run [bold]{config.run_id()}[/] (re-run the same command, or `prunecomp resume "
               f"{config.run_id()}`, to resume it)", highlight=False)
+    err.print(escape(effective_config(config.model_dump(mode="json", exclude={"tracking"}), config.quality,
+                                      config.quality_overridden)), highlight=False)
     options: dict[str, Any] = {"flow_run_name": config.run_id()}
     if runner is not None or config.parallel_candidates > 1:
         options["task_runner"] = task_runner(runner, config.parallel_candidates)
@@ -228,7 +252,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 @main.command("run")
 @click.option("--config", default=None, help="YAML/JSON file of compress parameters (deployments/configs/*.yaml); "
-              "replaces the pruning options below.")
+              "the options below that you give replace its entries (flags win); unknown keys are errors.")
 @pruning_options
 @click.option("--parallel-candidates", type=int, default=1, show_default=True,
               help="Split PPL-on-skip candidate scoring into N tasks run by --task-runner.")

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prunecomp.config import PRESETS, CalibrationConfig, EvalConfig, PruneConfig
-from prunecomp.levels import DEFAULT_LEVEL, Level, level_settings
+from prunecomp.levels import DEFAULT_LEVEL, Level, resolve
 from tasks.evaluate import QA_MODULE, qa_available
 from tasks.gates import DEFAULT_GATES, MetricGate
 from tasks.keys import stable_hash
@@ -90,12 +90,10 @@ class CompressConfig(_Params):
         windows = (calibration.n_samples if isinstance(calibration, CalibrationConfig)
                    else dict(calibration).get("n_samples", CalibrationConfig().n_samples))
         try:
-            settings = level_settings(str(level), int(windows))
+            fields, overridden = resolve(str(level), given, int(windows))
         except ValueError:
             return data  # an unknown level: the field's own validation names it
-        overridden = {k: {"level": v, "given": given[k]} for k, v in settings.items() if k in given and given[k] != v
-                      and not (isinstance(v, float) and isinstance(given[k], int | float) and float(given[k]) == v)}
-        return {**data, "prune": {**settings, **given}, "quality": level, "quality_overridden": overridden}
+        return {**data, "prune": fields, "quality": level, "quality_overridden": overridden}
 
     @model_validator(mode="after")
     def _consistent(self) -> CompressConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -22,6 +22,7 @@ from prunecomp.final_check import run_final_check
 from prunecomp.levels import DEFAULT_LEVEL, Level
 from prunecomp.outputs import check_output
 from prunecomp.planning import check_plan
+from prunecomp.recipe import Recipe
 from prunecomp.refine import RefineReport
 from prunecomp.refit import describe_refit
 from prunecomp.report import StepRecord
@@ -188,8 +189,8 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     if config.out:
         t = time.perf_counter()
         progress.message(f"saving pruned model to {config.out}")
-        save_pruned(lm.model, lm.tokenizer, config.out, report=report_dict, recipe=report.recipe(lm.provenance()),
-                    overwrite=config.overwrite)
+        save_pruned(lm.model, lm.tokenizer, config.out, report=report_dict,
+                    recipe=_recorded(report.recipe(lm.provenance()), config), overwrite=config.overwrite)
         times["save"] = time.perf_counter() - t
     return JobResult(provenance=lm.provenance(), report=report_dict, perplexity=ppl, out=config.out,
                      seconds=times)
@@ -198,6 +199,12 @@ def run_job(config: JobConfig, progress: Progress | None = None,
 def _quality(config: JobConfig) -> dict[str, Any]:
     """The report's record of the level and what the user overrode (the effective settings are its config)."""
     return {"level": config.quality, "overridden": dict(config.quality_overridden)}
+
+
+def _recorded(recipe: Recipe, config: JobConfig) -> Recipe:
+    """The saved recipe also says which quality level the run was built from and what was overridden (metadata:
+    not part of the recipe's digest, which covers what the tensors are)."""
+    return replace(recipe, config={**recipe.config, "quality": _quality(config)})
 
 
 def _fit_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
@@ -293,7 +300,7 @@ def _run_streamed(config: JobConfig, progress: Progress,
     if config.out:
         t = time.perf_counter()
         progress.message(f"saving pruned model to {config.out} layer by layer")
-        sm.save(config.out, tokenizer=tokenizer, report=report_dict, recipe=report.recipe(provenance),
-                overwrite=config.overwrite)
+        sm.save(config.out, tokenizer=tokenizer, report=report_dict,
+                recipe=_recorded(report.recipe(provenance), config), overwrite=config.overwrite)
         times["save"] = time.perf_counter() - t
     return JobResult(provenance=provenance, report=report_dict, perplexity=ppl, out=config.out, seconds=times)

@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 
-__all__ = ["DEFAULT_LEVEL", "LEVELS", "Level", "apply_level", "level_settings"]
+__all__ = ["DEFAULT_LEVEL", "LEVELS", "Level", "apply_level", "describe", "level_settings", "resolve"]
 
 Level = Literal["fast", "balanced", "best"]
 DEFAULT_LEVEL: Level = "fast"
@@ -55,17 +55,31 @@ def level_settings(level: str, calibration_windows: int) -> dict[str, Any]:
     return settings
 
 
+def resolve(level: str, given: Mapping[str, Any], calibration_windows: int) -> tuple[dict[str, Any],
+                                                                                  dict[str, Any]]:
+    """The prune fields of a run: ``level``'s settings under the fields the user ``given`` (flags, or the ``prune``
+    section of a config file). Returns them and ``{field: {"level": v, "given": v}}`` for every given field that
+    differs from the level: the record of what the user overrode. The one rule shared by ``prune``, ``run``, config
+    files, the deployments and the library."""
+    settings = level_settings(level, calibration_windows)
+    overridden = {name: {"level": value, "given": given[name]} for name, value in settings.items()
+                  if name in given and not _same(given[name], value)}
+    return {**settings, **given}, overridden
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return bool(a == b)
+
+
 def apply_level(config: PruneConfig, level: str, calibration_windows: int,
                 explicit: Iterable[str] = ()) -> tuple[PruneConfig, dict[str, Any]]:
     """``config`` with ``level``'s settings, except the fields in ``explicit`` (the flags the user gave), which
-    keep ``config``'s values. Returns the new config and ``{field: {"level": v, "given": v}}`` for every explicit
-    field that differs from the level's value: the record of what the user overrode."""
-    settings = level_settings(level, calibration_windows)
-    given = set(explicit)
-    overridden = {name: {"level": value, "given": getattr(config, name)} for name, value in settings.items()
-                  if name in given and getattr(config, name) != value}
-    update = {name: value for name, value in settings.items() if name not in given}
-    return PruneConfig.model_validate(config.model_dump() | update), overridden
+    keep ``config``'s values; and what was overridden (:func:`resolve`)."""
+    given = {name: getattr(config, name) for name in explicit if name in PruneConfig.model_fields}
+    fields, overridden = resolve(level, given, calibration_windows)
+    return PruneConfig.model_validate(config.model_dump() | fields), overridden
 
 
 def describe(level: str, overridden: Mapping[str, Any]) -> str:

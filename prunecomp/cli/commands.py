@@ -12,7 +12,7 @@ from rich.table import Table
 
 from prunecomp.cli.common import console, out, quiet_environment, quiet_libraries, user_errors
 from prunecomp.cli.options import build_job, job_options
-from prunecomp.cli.render import RichProgress, eval_notes, eval_table, print_summary
+from prunecomp.cli.render import RichProgress, effective_config, eval_notes, eval_table, print_summary
 from prunecomp.config import EvalConfig
 from prunecomp.data import DATA_DIR_ENV
 from prunecomp.errors import PrunecompError
@@ -64,14 +64,17 @@ def main() -> None:
 @user_errors
 def prune(out_dir: str, json_out: str | None, plots_dir: str | None, stream_layers: bool, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
-    from prunecomp.outputs import check_file_output, check_plots_dir
+    from prunecomp.outputs import check_file_output, check_output, check_plots_dir
 
     job = build_job(kw, out_dir)
     sources = [job.model]
+    check_output(out_dir, sources=sources, overwrite=job.overwrite)
     if plots_dir is not None:
         check_plots_dir(plots_dir, PLOT_NAMES, sources=sources, overwrite=job.overwrite)
     if json_out:
         check_file_output(json_out, sources=sources, overwrite=job.overwrite)
+    console.print(escape(effective_config(job.model_dump(mode="json", exclude={"quality", "quality_overridden"}),
+                                          job.quality, job.quality_overridden)), highlight=False)
     result = _run(job.model_copy(update={"stream_layers": stream_layers}), json_out)
     if plots_dir is not None:
         _write_plots(result.report, plots_dir)

@@ -11,8 +11,11 @@ from prunecomp.cli.common import choices, csv_ints
 from prunecomp.config import PRESETS, CalibrationConfig, EvalConfig, PruneConfig, default_preset_name
 from prunecomp.data import DATA_DIR_ENV
 from prunecomp.job import JobConfig
-from prunecomp.levels import DEFAULT_LEVEL, Level, apply_level
+from prunecomp.levels import DEFAULT_LEVEL, Level, resolve
 from prunecomp.scoring import METRICS
+
+DEFAULT_LAYERS = 5
+"""Layers removed when neither ``--layers`` nor ``--fraction`` is given: the same for ``prune`` and ``run``."""
 
 
 def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,7 +30,8 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "guarded compensation; balanced = + per-channel gains fitted to the dense model after the "
                      "last removal; best = + block reconstruction of the layers beside every gap. Flags below that "
                      "you give override the level (and are recorded)."),
-        click.option("--layers", "n_layers", type=int, default=None, help="Number of decoder layers to remove."),
+        click.option("--layers", "n_layers", type=int, default=None, help="Number of decoder layers to remove "
+                     f"(default {DEFAULT_LAYERS}, unless --fraction)."),
         click.option("--fraction", type=float, default=None, help="Or: fraction of the layers to remove (0-1)."),
         click.option("--metric", type=click.Choice(METRICS), default="bi", show_default=True,
                      help="Layer importance: bi (Block Influence, 1-cos), angular, block (contiguous-block cosine), "
@@ -141,31 +145,31 @@ def explicit_options(ctx: click.Context | None = None) -> set[str]:
     return {name for name in ctx.params if ctx.get_parameter_source(name) in given}
 
 
+def prune_fields(kw: dict[str, Any]) -> dict[str, Any]:
+    """Every :class:`~prunecomp.config.PruneConfig` field as the flags give it: the one mapping from options to
+    the pruning configuration, shared by ``prune`` and ``run``."""
+    fields = {name: kw[name] for name in PruneConfig.model_fields if name in kw}
+    fields["protect"] = csv_ints(kw.get("protect"))
+    if kw.get("n_layers") is None and kw.get("fraction") is None:
+        fields["n_layers"] = DEFAULT_LAYERS
+    return fields
+
+
+def given_prune_fields(kw: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The pruning fields the user gave (plus how many layers go): what a ``--quality`` level does not override."""
+    return {k: v for k, v in prune_fields(kw).items() if k in explicit or k in ("n_layers", "fraction")}
+
+
 def build_job(kw: dict[str, Any], out_dir: str | None, explicit: set[str] | None = None) -> JobConfig:
-    """Options -> :class:`~prunecomp.job.JobConfig`: the flags' values, then the ``--quality`` level over every
-    pruning field the user did not give (``explicit``: default, the options given on the current command line)."""
+    """Options -> :class:`~prunecomp.job.JobConfig`: the ``--quality`` level under the pruning flags the user gave
+    (``explicit``: default, the options given on the current command line), :func:`prunecomp.levels.resolve`."""
     cal, ev = preset_settings(kw)
-    datasets = ev["datasets"]
-    n_layers = kw["n_layers"]
     explicit = explicit_options() if explicit is None else explicit
     level = kw.get("quality") or DEFAULT_LEVEL
-    prune, overridden = apply_level(_prune_config(kw, n_layers), level, cal["n_samples"], explicit)
+    fields, overridden = resolve(level, given_prune_fields(kw, explicit), cal["n_samples"])
     return JobConfig(
-        model=kw["model"], revision=kw["revision"], prune=prune, quality=level, quality_overridden=overridden,
-        calibration=CalibrationConfig(**cal), evaluation=EvalConfig(**ev) if datasets else None,
-        data_dir=kw["data_dir"], out=out_dir, overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"],
-        trust_remote_code=kw["trust_remote_code"],
+        model=kw["model"], revision=kw["revision"], prune=PruneConfig.model_validate(fields), quality=level,
+        quality_overridden=overridden, calibration=CalibrationConfig(**cal),
+        evaluation=EvalConfig(**ev) if ev["datasets"] else None, data_dir=kw["data_dir"], out=out_dir,
+        overwrite=kw["overwrite"], allow_pickle=kw["allow_pickle"], trust_remote_code=kw["trust_remote_code"],
     )
-
-
-def _prune_config(kw: dict[str, Any], n_layers: int | None) -> PruneConfig:
-    """The pruning fields as the flags give them (before the quality level)."""
-    return PruneConfig(metric=kw["metric"], n_layers=n_layers, fraction=kw["fraction"], mode=kw["mode"],
-                       compensation=kw["compensation"], protect=csv_ints(kw["protect"]),
-                       selection=kw["selection"], selection_pool=kw["selection_pool"],
-                       scoring=kw["scoring"], refine=kw["refine"], refine_steps=kw["refine_steps"],
-                       refine_lr=kw["refine_lr"], refine_loss=kw["refine_loss"],
-                       refine_samples=kw["refine_samples"],
-                       refine_at=kw["refine_at"], reconstruct=kw["reconstruct"],
-                       reconstruct_steps=kw["reconstruct_steps"], reconstruct_lr=kw["reconstruct_lr"],
-                       refit=kw["refit"], refit_steps=kw["refit_steps"], refit_lr=kw["refit_lr"])

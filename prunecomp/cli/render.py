@@ -178,3 +178,23 @@ def on_windows(refined: dict) -> str:
     measured it on every fitting window and do not say)."""
     n = refined.get("loss_windows")
     return f" on {n} windows" if n else ""
+
+
+def effective_config(doc: dict[str, Any], level: str, overridden: dict[str, Any]) -> str:
+    """The effective configuration, printed at the start of ``prune`` and ``run``: one line per section (flow
+    style, wrapped), headed by the quality level and what the flags overrode, so a log says what ran."""
+    import textwrap
+
+    import yaml
+
+    from prunecomp.levels import describe
+    from prunecomp.redact import redact_all
+
+    lines = [f"configuration ({describe(level, overridden)}):"]
+    for key, value in redact_all(doc).items():
+        if key in ("quality", "quality_overridden"):
+            continue
+        text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6, sort_keys=False).strip()
+        lines += textwrap.wrap(text.removeprefix("{").removesuffix("}"), width=116, initial_indent="  ",
+                               subsequent_indent="      ", break_on_hyphens=False)
+    return "\n".join(lines)

@@ -49,3 +49,59 @@ def test_the_reconstruct_deployment_runs_best(tmp_path) -> None:
     config = CompressConfig.model_validate(yaml.safe_load(path.read_text()))
     assert config.quality == "best" and config.prune.reconstruct == "both" and config.prune.refine == "channels"
     assert set(config.quality_overridden) == {"reconstruct_lr", "refine_samples"}
+
+
+def _build(monkeypatch, *args: str):
+    from flows import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_flow", lambda config, *a, **k: seen.setdefault("config", config))
+    result = CliRunner().invoke(cli.main, ["run", *args], catch_exceptions=False)
+    return result, seen.get("config")
+
+
+def test_config_file_and_flags_merge_flags_win(monkeypatch, tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"quality": "best",
+                                    "prune": {"metric": "bi", "n_layers": 5, "reconstruct_lr": 0.003},
+                                    "calibration": {"source": "c4", "n_samples": 32, "seq_len": 512, "seed": 0,
+                                                    "batch_size": 4},
+                                    "tracking": {"registered_model": "from-file"}}))
+    result, config = _build(monkeypatch, "--config", str(path), "--layers", "3", "--calib-samples", "16",
+                            "--refine-steps", "9", "--registered-model", "from-flag")
+    assert result.exit_code == 0, result.output
+    assert config.prune.n_layers == 3 and config.prune.refine_steps == 9 and config.prune.reconstruct_lr == 0.003
+    assert config.calibration.n_samples == 16 and config.calibration.seq_len == 512  # the rest from the file
+    assert config.tracking.registered_model == "from-flag" and config.quality == "best"
+    assert config.quality_overridden == {"reconstruct_lr": {"level": 0.001, "given": 0.003},
+                                         "refine_steps": {"level": 80, "given": 9}}
+    result, config = _build(monkeypatch, "--config", str(path))  # no flags: the file as written
+    assert config.prune.n_layers == 5 and config.calibration.n_samples == 32
+
+
+def test_unknown_key_in_a_config_file_is_one_error_line(monkeypatch, tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"prune": {"n_layers": 5, "refine_stpes": 3}}))
+    result, config = _build(monkeypatch, "--config", str(path))
+    assert result.exit_code == 2 and config is None
+    assert "error:" in result.output and "refine_stpes" in result.output and "Traceback" not in result.output
+
+
+def test_effective_configuration_is_printed_at_the_start(monkeypatch) -> None:
+    from flows import cli
+
+    monkeypatch.setattr(cli, "_embedded_defaults", lambda: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    import flows.compress
+
+    monkeypatch.setattr(flows.compress.compress, "with_options", stop)
+    result = CliRunner().invoke(cli.main, ["run", "--quality", "best", "--reconstruct-lr", "0.003"])
+    assert isinstance(result.exception, Stop)
+    assert "configuration (quality best, overridden: reconstruct_lr=0.003):" in result.output
+    assert "reconstruct: both" in result.output
