@@ -23,7 +23,7 @@ from rich.table import Table
 from prunecomp.cli import explicit_options, preset_settings, pruning_options, quiet_environment
 from prunecomp.cli import main as _lib
 from prunecomp.cli import user_errors as _errors
-from prunecomp.cli.options import given_prune_fields
+from prunecomp.cli.options import StagedCommand, given_prune_fields, option_fields
 from prunecomp.cli.render import effective_config, on_windows
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
@@ -82,12 +82,8 @@ _OPTION_PATHS: dict[str, tuple[str, ...]] = {
     **{name: (name,) for name in ("model", "revision", "allow_pickle", "trust_remote_code", "quality",
                                   "max_ppl_ratio", "qa_tasks", "qa_limit", "data_dir", "run_name",
                                   "parallel_candidates", "stream_layers")},
-    "preset": ("calibration",), "calib_source": ("calibration", "source"),
-    "calib_samples": ("calibration", "n_samples"), "calib_seq_len": ("calibration", "seq_len"),
-    "seed": ("calibration", "seed"),
-    "batch_size": ("calibration", "batch_size"), "eval_datasets": ("evaluation", "datasets"),
-    "eval_seq_len": ("evaluation", "seq_len"), "eval_max_windows": ("evaluation", "max_windows"),
-    "quick_datasets": ("quick_eval",), "quick_max_windows": ("quick_eval",),
+    **{param: where for param, where in option_fields().items() if where[0] != "prune"},
+    "preset": ("calibration",), "quick_datasets": ("quick_eval",), "quick_max_windows": ("quick_eval",),
     "registered_model": ("tracking", "registered_model"), "register": ("tracking", "log_and_register"),
 }
 """Where an option lands in a config file (``prune`` fields land under ``prune``): a flag given beside
@@ -250,7 +246,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
               " (prefect server start, then open the UI, to browse the flow runs and artifacts)")
 
 
-@main.command("run")
+@main.command("run", cls=StagedCommand)
 @click.option("--config", default=None, help="YAML/JSON file of compress parameters (deployments/configs/*.yaml); "
               "the options below that you give replace its entries (flags win); unknown keys are errors.")
 @pruning_options

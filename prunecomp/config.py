@@ -6,7 +6,7 @@ silently ignored option.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,11 +15,25 @@ from prunecomp.errors import PrunecompError
 from prunecomp.guard import DEFAULT_EXPONENTS
 from prunecomp.scoring import Metric
 
-__all__ = ["PRESETS", "CalibrationConfig", "EvalConfig", "Preset", "PruneConfig", "default_preset_name"]
+__all__ = ["PRESETS", "STAGES", "CalibrationConfig", "EvalConfig", "Preset", "PruneConfig", "default_preset_name"]
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+STAGES = ("removal", "scoring", "selection", "compensation", "reconstruct", "refit", "refine", "calibration",
+          "evaluation")
+"""The method's stages, in the order ``--help`` lists their options."""
+
+
+def _field(default: Any, stage: str, description: str, *, flag: str | None = None, common: bool = False,
+           **constraints: Any) -> Any:
+    """A config field with what the CLI is generated from: its one-line description, its stage, the flag's name
+    (default: the field's, with dashes) and whether it is a common option (listed first) or an expert one."""
+    assert stage in STAGES, stage
+    return Field(default, description=description, json_schema_extra={"stage": stage, "common": common,
+                                                                      "flag": flag}, **constraints)
 
 
 class CalibrationConfig(_Frozen):
@@ -28,94 +42,96 @@ class CalibrationConfig(_Frozen):
     ``held_out`` more windows of the same source, disjoint from those, are the final check's (did what the run
     folded beat plain removal of the same layers? see :mod:`prunecomp.final_check`); 0 skips the check."""
 
-    source: str = "c4"
-    n_samples: int = Field(32, gt=0)
-    seq_len: int = Field(512, ge=2)
-    seed: int = 0
-    batch_size: int = Field(4, gt=0)
-    held_out: int = Field(8, ge=0)
+    source: str = _field("c4", "calibration", "Calibration text: wikitext2, c4, ptb, tinystories, or a "
+                         ".txt/.jsonl/.parquet file.", flag="calib-source")
+    n_samples: int = _field(32, "calibration", "Calibration windows.", flag="calib-samples", gt=0)
+    seq_len: int = _field(512, "calibration", "Tokens per calibration window.", flag="calib-seq-len", ge=2)
+    seed: int = _field(0, "calibration", "Seed of the calibration sampling.", flag="seed")
+    batch_size: int = _field(4, "calibration", "Calibration batch size.", flag="batch-size", gt=0)
+    held_out: int = _field(8, "calibration", "Held-out windows of the final check (0 skips it).",
+                           flag="calib-held-out", ge=0)
 
 
 class EvalConfig(_Frozen):
     """Perplexity evaluation: contiguous windows of ``seq_len``; ``max_windows=None`` means the whole split."""
 
-    datasets: tuple[str, ...] = ("wikitext2", "c4", "ptb")
-    seq_len: int = Field(2048, ge=2)
-    max_windows: int | None = Field(None, gt=0)
-    batch_size: int = Field(1, gt=0)
+    datasets: tuple[str, ...] = _field(("wikitext2", "c4", "ptb"), "evaluation", "Perplexity before/after on these "
+                                       "corpora (comma-separated; empty to skip).", flag="eval-datasets")
+    seq_len: int = _field(2048, "evaluation", "Perplexity window length.", flag="eval-seq-len", ge=2)
+    max_windows: int | None = _field(None, "evaluation", "Perplexity windows per corpus (default: all).",
+                                     flag="eval-max-windows", gt=0)
+    batch_size: int = _field(1, "evaluation", "Perplexity batch size.", flag="eval-batch-size", gt=0)
 
 
 class PruneConfig(_Frozen):
-    """What to remove and how.
+    """What to remove and how: every field says, in its description, what it does; fields are grouped by the
+    method's stages (``json_schema_extra["stage"]``), which is how ``--help`` lists them
+    (:mod:`prunecomp.cli.options` generates the options from these fields).
 
-    ``n_layers`` or ``fraction`` (of the source model's layers) says how many layers go. ``protect`` lists ORIGINAL
-    layer indices that are never removed (negative = from the end); ``None`` means the metric's default: the last
-    layer, plus the first four and last two for Taylor+ / Mag+ (the "+" of Shortened LLaMA).
-
-    ``compensation``: ``guarded`` (the default: the paper's scale ``s`` folded only as far as it lowers the
-    calibration loss; ``s ** a`` for the best ``a`` of ``guard_exponents``, which always include 0 = no compensation
-    and 1 = the paper's; see :mod:`prunecomp.guard`), ``magnitude`` (the paper, bit for bit), ``none`` (naive), or
-    ``lsq`` (the guarded scale plus a least-squares gap map folded into the last linear writer before the gap,
-    ridge ``lsq_ridge``, kept only when it lowers the calibration loss; see :mod:`prunecomp.fitting`).
-    ``selection``: ``score`` removes the lowest-scoring layer; ``loss`` tries the ``selection_pool`` lowest-scoring
-    ones with compensation applied and removes the one with the lowest calibration loss (iterative mode; see
-    :mod:`prunecomp.selection`).
-    ``refine``: after the last removal (wired by the caller: :func:`prunecomp.compress.compress`, the CLI, the
-    pipeline's refine task; :func:`prunecomp.loop.prune_and_compensate` alone does not refine), distil the dense
-    model's predictions on the calibration windows into per-channel gains folded into the norms (``norms``), also
-    the residual writers (``norms+writers``), also every other linear of the layers (``channels``):
-    ``refine_steps`` Adam steps at ``refine_lr`` on ``refine_batch`` windows, teacher kept as top-``refine_topk``
-    log-probs and fitted to them by ``refine_loss`` (``tail``: the KL over those tokens and one bucket for the rest;
-    ``topk``: renormalised over the top ones, which rewards overconfidence; see :func:`prunecomp.refine.distill_loss`),
-    on ``refine_samples`` windows of the calibration source (same seed
-    and length, so a superset of the scoring windows; None = the scoring windows themselves). Still zero run-time
-    cost. ``none`` is the paper's method. ``refine_at``: ``end`` fits once, after the last removal; ``each`` fits
-    ``refine_steps`` after EVERY removal and re-scores the refined model before choosing the next layer
-    (progressive refinement: k times the fitting, and on the quality protocol it recovers more of the damage
-    than the same total steps at the end; iterative mode; with ``lsq`` each step's gap map is folded before that
-    step's fit, and the final check undoes maps and gains in fold order).
-    ``reconstruct``: after every removal, fine-tune every weight of the layer ``before`` the gap, the one
-    ``after`` it, or ``both``, in place, so that fed the pruned model's stream they write the stream the model had
-    there before the removal (block reconstruction, see :mod:`prunecomp.reconstruct`; beside the first or last
-    layer, where a side has no layer, the other neighbour is fitted): ``reconstruct_steps`` Adam
-    steps at ``reconstruct_lr``, ``reconstruct_batch`` windows a step, on the fitting windows (``refine_samples``
-    windows when given, else the scoring windows). Still zero run-time cost; not with ``lsq`` (a gap map changes
-    the stream the fit reads). ``none`` (the default) fits nothing.
-    ``refit``: ``sequential`` refits, after the last removal and before the end refinement, every layer from the
-    first gap on, in order, to the dense model's stream after the same original layer (see
-    :mod:`prunecomp.refit`): ``refit_steps`` Adam steps per layer at ``refit_lr``, ``reconstruct_batch`` windows a
-    step, on the fitting windows. Needs the dense source's layers (the job reads them one at a time); not with
-    ``lsq`` nor progressive refinement (``refine_at="each"`` fits after the last removal, where the refit runs).
-    ``scoring``: ``incremental`` re-runs only the layers after each gap from cached activations (same choices,
-    scores equal within float rounding; see :mod:`prunecomp.incremental`); ``exact`` recomputes everything.
+    The stages: which layers go (``n_layers`` / ``fraction``, ``protect``: ORIGINAL indices, negative from the
+    end) and how they are scored (``metric``, ``mode``, ``scoring``: see :mod:`prunecomp.incremental`); which one
+    goes (``selection``: :mod:`prunecomp.selection`); what is folded at each gap (``compensation``: ``guarded``
+    measures ``s ** a`` for the ``guard_exponents`` and folds the best, :mod:`prunecomp.guard`; ``magnitude`` is the
+    paper bit for bit; ``lsq`` adds a gap map, :mod:`prunecomp.fitting`); block reconstruction after every removal
+    (:mod:`prunecomp.reconstruct`); the sequential refit after the last (:mod:`prunecomp.refit`); the per-channel
+    gains (:mod:`prunecomp.refine`; wired by the caller: :func:`prunecomp.compress.compress`, the CLI, the
+    pipeline's refine task). Everything fitted is folded: zero run-time cost. ``reconstruct`` and ``refit`` are
+    not combined with ``lsq`` (a gap map changes the stream they fit), nor ``refit`` with ``refine_at="each"``.
     """
 
-    metric: Metric = "bi"
-    n_layers: int | None = Field(None, gt=0)
-    fraction: float | None = Field(None, gt=0.0, lt=1.0)
-    mode: Literal["iterative", "one-shot"] = "iterative"
-    compensation: Literal["guarded", "magnitude", "none", "lsq"] = "guarded"
-    guard_exponents: tuple[float, ...] = DEFAULT_EXPONENTS
-    protect: tuple[int, ...] | None = None
-    lsq_ridge: float = Field(1e-3, ge=0.0)
-    selection: Literal["score", "loss"] = "score"
-    selection_pool: int = Field(4, ge=1)
-    scoring: Literal["incremental", "exact"] = "incremental"
-    refine: Literal["none", "norms", "norms+writers", "channels"] = "none"
-    refine_steps: int = Field(80, ge=1)
-    refine_lr: float = Field(3e-3, gt=0.0)
-    refine_batch: int = Field(2, ge=1)
-    refine_topk: int = Field(256, ge=1)
-    refine_loss: Literal["tail", "topk"] = "tail"
-    refine_samples: int | None = Field(None, gt=0)
-    refine_at: Literal["end", "each"] = "end"
-    reconstruct: Literal["none", "before", "after", "both"] = "none"
-    reconstruct_steps: int = Field(200, ge=1)
-    reconstruct_lr: float = Field(1e-3, gt=0.0)
-    reconstruct_batch: int = Field(4, ge=1)
-    refit: Literal["none", "sequential"] = "none"
-    refit_steps: int = Field(50, ge=1)
-    refit_lr: float = Field(1e-3, gt=0.0)
+    metric: Metric = _field("bi", "scoring", "Layer importance: bi (Block Influence, 1 - cos), angular, block "
+                            "(contiguous-block cosine), taylor (Taylor+), mag (Mag+), ppl (perplexity with the layer "
+                            "skipped).")
+    n_layers: int | None = _field(None, "removal", "Decoder layers to remove.", flag="layers", common=True, gt=0)
+    fraction: float | None = _field(None, "removal", "Or: the fraction of the layers to remove (0-1).",
+                                    common=True, gt=0.0, lt=1.0)
+    mode: Literal["iterative", "one-shot"] = _field("iterative", "scoring", "iterative re-scores after every "
+                                                    "removal (the paper); one-shot scores once.")
+    compensation: Literal["guarded", "magnitude", "none", "lsq"] = _field(
+        "guarded", "compensation", "guarded folds the paper's gap scale s only as far as it lowers the calibration "
+        "loss (s**a, best a of --guard-exponents); magnitude is the paper's method exactly; none is naive removal; "
+        "lsq adds a least-squares gap map folded into the last writer before the gap, kept only when it helps.")
+    guard_exponents: tuple[float, ...] = _field(DEFAULT_EXPONENTS, "compensation", "Exponents a of the guard's "
+                                                "candidates s**a (comma-separated; must include 0 and 1).")
+    protect: tuple[int, ...] | None = _field(None, "removal", "Original layer indices never removed, e.g. 0,-1 "
+                                             "(default: the last layer; Taylor+/Mag+ also the first four and "
+                                             "second-to-last).")
+    lsq_ridge: float = _field(1e-3, "compensation", "Ridge of the lsq gap map's normal equations.", ge=0.0)
+    selection: Literal["score", "loss"] = _field("score", "selection", "score removes the lowest-scoring layer; "
+                                                 "loss tries the --selection-pool lowest-scoring layers with "
+                                                 "compensation and removes the one costing the least calibration "
+                                                 "loss.")
+    selection_pool: int = _field(4, "selection", "Candidates tried per step with --selection loss.", ge=1)
+    scoring: Literal["incremental", "exact"] = _field("incremental", "scoring", "incremental re-runs only the "
+                                                      "layers after each gap from cached activations (same "
+                                                      "choices); exact recomputes the whole model every step.")
+    refine: Literal["none", "norms", "norms+writers", "channels"] = _field(
+        "none", "refine", "Per-channel gains distilled from the dense model's predictions and folded: into the "
+        "norms, also the residual writers, or every linear (channels); none fits nothing.")
+    refine_steps: int = _field(80, "refine", "Adam steps of each gains fit.", ge=1)
+    refine_lr: float = _field(3e-3, "refine", "Learning rate of the gains.", gt=0.0)
+    refine_batch: int = _field(2, "refine", "Windows per gains step.", ge=1)
+    refine_topk: int = _field(256, "refine", "Teacher tokens kept per position.", ge=1)
+    refine_loss: Literal["tail", "topk"] = _field("tail", "refine", "tail: KL to the dense model over its top "
+                                                  "tokens plus one bucket for the rest; topk: renormalised over the "
+                                                  "top tokens (it makes the student overconfident).")
+    refine_samples: int | None = _field(None, "refine", "Windows the fits (gains, reconstruction, refit) use: same "
+                                        "source, seed and length, a superset of the scoring windows (default: the "
+                                        "scoring windows).", gt=0)
+    refine_at: Literal["end", "each"] = _field("end", "refine", "end fits the gains once, after the last removal; "
+                                               "each fits after every removal and re-scores the refined model "
+                                               "(iterative mode).")
+    reconstruct: Literal["none", "before", "after", "both"] = _field(
+        "none", "reconstruct", "Block reconstruction after every removal: fine-tune the layer before the gap, "
+        "after it, or both, to write the stream the model had there before the removal.")
+    reconstruct_steps: int = _field(200, "reconstruct", "Adam steps of each reconstruction fit.", ge=1)
+    reconstruct_lr: float = _field(1e-3, "reconstruct", "Learning rate of the reconstruction.", gt=0.0)
+    reconstruct_batch: int = _field(4, "reconstruct", "Windows per step of the reconstruction and the refit.", ge=1)
+    refit: Literal["none", "sequential"] = _field("none", "refit", "sequential: after the last removal, refit every "
+                                                  "layer from the first gap on, in order, to the dense model's "
+                                                  "stream (dense layers read one at a time).")
+    refit_steps: int = _field(50, "refit", "Adam steps per layer of the refit.", ge=1)
+    refit_lr: float = _field(1e-3, "refit", "Learning rate of the refit.", gt=0.0)
 
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from prunecomp.cli.common import console, out, quiet_environment, quiet_libraries, user_errors
-from prunecomp.cli.options import build_job, job_options
+from prunecomp.cli.options import StagedCommand, build_job, job_options
 from prunecomp.cli.render import RichProgress, effective_config, eval_notes, eval_table, print_summary
 from prunecomp.config import EvalConfig
 from prunecomp.data import DATA_DIR_ENV
@@ -54,13 +54,14 @@ def main() -> None:
     quiet_libraries()
 
 
-@main.command()
+@main.command(cls=StagedCommand)
 @job_options
 @click.option("--out", "out_dir", required=True, help="Where to save the pruned model (local path or fsspec URL).")
 @click.option("--plots", "plots_dir", default=None, help="Also write PNG plots of the run (layer scores per "
               "iteration, gap scale per step) into this local folder.")
 @click.option("--stream-layers", is_flag=True, help="Keep one decoder layer in memory at a time (models larger "
-              "than RAM/GPU memory; safetensors weights; BI or angular, magnitude or no compensation).")
+              "than RAM/GPU memory; safetensors weights; BI or angular scoring, guarded, magnitude or no "
+              "compensation, block reconstruction; not the gains nor the refit).")
 @user_errors
 def prune(out_dir: str, json_out: str | None, plots_dir: str | None, stream_layers: bool, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
