@@ -27,7 +27,7 @@ from typing import Literal
 
 from prunecomp.errors import PrunecompError
 
-__all__ = ["CORPORA", "DATA_DIR_ENV", "Corpus", "load_text", "resolve_data_dir"]
+__all__ = ["CORPORA", "DATA_DIR_ENV", "Corpus", "load_text", "resolve_data_dir", "text_files"]
 
 DATA_DIR_ENV = "PRUNECOMP_DATA_DIR"
 Split = Literal["calibration", "evaluation"]
@@ -101,6 +101,25 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
         if (candidate / "README.md").is_file():
             return candidate.resolve()
     return None
+
+
+def text_files(source: str, split: Split, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """The local files :func:`load_text` reads for ``source`` and ``split``, resolved as it resolves them; empty
+    when the text comes from the hub.
+
+    What a cached result computed from the text depends on: the pipeline puts their content hashes into its
+    cache keys, so an edited file (same path, new bytes) is never served from the cache of the old one. A folder
+    given as ``source`` counts with every file under it (hidden ones excepted), sorted.
+    """
+    corpus = CORPORA.get(source.lower())
+    if corpus is None:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return sorted(p.resolve() for p in path.rglob("*") if p.is_file()
+                          and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return [path.resolve()] if path.exists() else []
+    root = resolve_data_dir(data_dir)
+    return [] if root is None else [(root / corpus.local[split]).resolve()]
 
 
 def _read_records(path: Path) -> list[str]:

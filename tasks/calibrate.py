@@ -1,7 +1,8 @@
 """Build the calibration cache: the tokenised windows every step scores on, saved once as safetensors.
 
 Scoring reads the same ``[n, seq_len]`` ids at every step, so they are tokenised once per (tokenizer, calibration
-config) and the digest of the exact ids goes into every step's cache key.
+config, content of the text files) and the digest of the exact ids goes into every step's cache key. The text
+files and the tokenizer are checked against what the job was keyed with before (and the files after) reading.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from prunecomp.calibration import TokenWindows, calibration_windows
+from prunecomp.data import text_files
 from prunecomp.errors import PrunecompError
+from prunecomp.redact import redact
 from prunecomp.sources import resolve_source
 from prunecomp.storage import is_complete, write_dir
-from tasks.caching import JOB_KEY
+from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.files import read_bytes, read_json
 from tasks.jobs import CalibrationJob
+from tasks.keys import check_files
+from tasks.working import verify_source
 
 __all__ = ["build_calibration", "load_windows"]
 
@@ -33,21 +38,27 @@ def load_windows(uri: str, expected_digest: str | None = None) -> TokenWindows:
     ids = load_safetensors(read_bytes(f"{uri}/{_WINDOWS}"))["ids"]
     windows = TokenWindows(ids=ids, origin=meta["origin"], digest=meta["digest"])
     if expected_digest is not None and windows.digest != expected_digest:
-        raise PrunecompError(f"calibration cache {uri!r} does not hold the expected windows; delete it")
+        raise PrunecompError(f"calibration cache {redact(uri)!r} does not hold the expected windows; delete it")
     return windows
 
 
-@task(name="build-calibration", cache_policy=JOB_KEY, persist_result=True)
+@task(name="build-calibration", cache_policy=JOB_KEY, persist_result=True, result_serializer=RESULT_SERIALIZER)
 def build_calibration(job: CalibrationJob) -> dict[str, Any]:
     """Tokenise the calibration windows with the model's tokenizer; returns URI, digest, origin and shape."""
     if is_complete(job.uri):
-        return dict(read_json(f"{job.uri}/{_META}"))
+        return dict(json_result(read_json(f"{job.uri}/{_META}")))
     from transformers import AutoTokenizer
 
     cfg = job.calibration
+    files = text_files(cfg.source, "calibration", job.data_dir)
+    check_files(job.data_files, files)
+    if not verify_source(job.model_uri, job.model_hash, job.source_record):
+        raise PrunecompError(redact(f"model {job.model_uri!r} is not the {job.model_hash[:12]} this job was keyed "
+                                    "by: it changed after the run hashed it; run again"))
     tokenizer = AutoTokenizer.from_pretrained(resolve_source(job.model_uri).local_dir)
     windows = calibration_windows(tokenizer, cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
                                   seed=cfg.seed, data_dir=job.data_dir)
+    check_files(job.data_files, files)  # and not rewritten while it was read
     meta = {"uri": job.uri, "digest": windows.digest, "origin": windows.origin, "n_samples": windows.n,
             "seq_len": windows.seq_len, "key": job.key}
 
@@ -57,5 +68,5 @@ def build_calibration(job: CalibrationJob) -> dict[str, Any]:
         save_file({"ids": windows.ids.contiguous()}, str(tmp / _WINDOWS))
         (tmp / _META).write_text(json.dumps(meta, indent=2))
 
-    write_dir(job.uri, fill, overwrite=True)
-    return meta
+    write_dir(job.uri, fill, owned=True)
+    return dict(json_result(meta))

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from prunecomp.incremental import candidate_scores
 from prunecomp.pruning import original_indices
-from tasks.caching import JOB_KEY
+from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.calibrate import load_windows
 from tasks.jobs import StateJob
 from tasks.working import load_state, recipe_of
@@ -51,12 +51,14 @@ def split(items: list[int], parts: int) -> list[tuple[int, ...]]:
     return out
 
 
-@task(name="score-candidates", cache_policy=JOB_KEY, persist_result=True)
+@task(name="score-candidates", cache_policy=JOB_KEY, persist_result=True, result_serializer=RESULT_SERIALIZER)
 def score_candidates(job: CandidateJob) -> dict[str, Any]:
     """``{"scores": {original index: score}, "worker": host:pid}`` for the job's candidates."""
-    state = load_state(job.base_uri, recipe_of(job.base_hash, job.parts, job.state_digest))
+    state = load_state(job.base_uri, recipe_of(job.base_hash, job.parts, job.state_digest), device=job.device,
+                       dtype=job.dtype, record=job.source_record)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
     orig = original_indices(state.model)
     current = [orig.index(o) for o in job.candidates]
     scores = candidate_scores(state.model, windows.ids, job.metric, current, batch_size=job.batch_size)
-    return {"scores": {str(orig[i]): v for i, v in scores.items()}, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    return dict(json_result({"scores": {str(orig[i]): v for i, v in scores.items()},
+                             "worker": f"{socket.gethostname()}:{os.getpid()}"}))

@@ -1,43 +1,97 @@
 """What each cached task computes, as frozen specs with a deterministic key and artifact URI.
 
 A job holds exactly the scalars that determine its result (content hashes, validated configs, step, code version,
-store) plus where to read its inputs from. :attr:`Job.key` hashes the first group only: the same model content at
-another URI is the same input. The artifact of a job lives at ``<store>/<kind>/<key>``, so a resumed run finds
-the checkpoint an interrupted run wrote, and a changed input can never pick up a stale one.
+device type and dtype, store) plus where to read its inputs from. :attr:`Job.key` hashes the first group only: the
+same model content at another URI is the same input. The artifact of a job lives at ``<store>/<kind>/<key>``, so a
+resumed run finds the checkpoint an interrupted run wrote, and a changed input can never pick up a stale one.
 
-Left out of every key on purpose: the *contents* of the data files behind ``data_dir`` (treated as immutable;
-``shared/data`` ships SHA256SUMS; the calibration digest, which covers the token ids, does enter the step keys)
-and the device (CPU runs are deterministic here; set ``PRUNECOMP_CODE_VERSION`` to separate environments
-explicitly). The code version (:func:`tasks.keys.code_version`) covers the sources, the shipped QA task configs and
-the versions of the libraries that change numbers.
+In every key: the store, the code version (:func:`tasks.keys.code_version`: the sources, the shipped QA task
+configs, the versions of the libraries that change numbers), the device type (``cpu``, ``cuda``) and the compute
+dtype the task loads the model with (bf16 on CUDA and fp32 on CPU give other numbers, other removed layers, other
+final tensors: a shared store must not hand one's steps or final model to the other). They are fields, filled in
+from this machine by default, and the tasks load with what the job says, so the key describes what was computed.
+The calibration windows do not depend on them, but carry them too: one rule for every job, and tokenising again
+on the other kind of machine costs seconds.
+
+The local files a result is read from enter by content: a calibration or evaluation text given as a file or
+folder, and the files of the data folder that the corpora resolve to (:func:`prunecomp.data.text_files`; for QA,
+the folder of each task's local set), never the whole data folder. :class:`~tasks.keys.DataFile` records carry
+their sha256 (in the key) and size and mtime (not in it); the task checks them before reading
+(:func:`tasks.keys.check_files`). A model source enters by its content hash; the job also carries the
+:class:`~tasks.keys.SourceRecord` made when the flow hashed it, and every task that loads the source checks the
+files against it first (:func:`tasks.keys.check_source`).
+
+Left out of every key, on purpose:
+
+* where things lie (URIs of the base model, recipe parts, calibration cache, teacher predictions, checkpoint): the
+  hashes and digests beside them say what they are; the data files' size and mtime and the source record's
+  stamps, likewise (they describe one copy of the bytes, not the bytes);
+* text from the Hugging Face hub: named by dataset, config and split (the windows' origin), not by content;
+  those datasets are published snapshots, and the calibration digest (token ids) still enters every step key;
+* the GPU model, CUDA and driver versions: the same device type and dtype are taken to give the same results up
+  to kernel rounding; set ``PRUNECOMP_CODE_VERSION`` per machine to keep such caches apart;
+* per-job exceptions, each said where the job is defined (``batch_size`` of the calibration windows, the
+  refinement and refit options of a step, the report beside a final model, candidate scores).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
-from tasks.keys import code_version, stable_hash
+from prunecomp.data import text_files
+from tasks.keys import (
+    DataFile,
+    SourceRecord,
+    code_version,
+    default_device,
+    default_dtype,
+    fingerprint_files,
+    recorded_source,
+    stable_hash,
+)
 
 __all__ = ["CalibrationJob", "EvalJob", "FinalJob", "Job", "ModelJob", "RefineJob", "StateJob", "StepJob",
-           "TeacherJob"]
+           "TeacherJob", "eval_files"]
 
 
 class Job(BaseModel):
-    """Base of the job specs: ``store`` and ``code`` always enter the key."""
+    """Base of the job specs: ``store``, ``code``, ``device`` and ``dtype`` always enter the key.
+
+    ``source_record``: this process's :class:`~tasks.keys.SourceRecord` of the model the job reads (the field
+    :attr:`record_of` names), filled in when the job is built and carried with it to whichever process runs it;
+    never in the key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: ClassVar[str] = "jobs"
     not_in_key: ClassVar[frozenset[str]] = frozenset()
+    record_of: ClassVar[str | None] = None
 
     store: str
     code: str = Field(default_factory=code_version)
+    device: str = Field(default_factory=default_device, pattern=r"^[a-z]+$")  # a device type: cpu, cuda, mps
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default_factory=lambda data: default_dtype(str(data.get("device", "cpu"))))
+    source_record: SourceRecord | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recorded_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.record_of is not None and data.get("source_record") is None:
+            record = recorded_source(data.get(cls.record_of))
+            if record is not None:
+                return {**data, "source_record": record}
+        return data
 
     def key_payload(self) -> dict[str, object]:
-        return self.model_dump(mode="json", exclude=set(self.not_in_key))
+        payload = self.model_dump(mode="json", exclude={*self.not_in_key, "source_record"})
+        if "data_files" in payload:  # by content: where a copy lies and when it was written are not what it is
+            payload["data_files"] = {f["path"]: f["sha256"] for f in payload["data_files"]}
+        return payload
 
     @property
     def key(self) -> str:
@@ -47,6 +101,28 @@ class Job(BaseModel):
     @property
     def uri(self) -> str:
         return f"{self.store.rstrip('/')}/{self.kind}/{self.key}"
+
+
+def _qa_files(tasks: tuple[str, ...], data_dir: str | None) -> list[Path]:
+    """Every file in the folder of each QA task's local set (labels and readme included: what the readers open is
+    theirs to say, and a folder holds one set); none from the hub (``data_dir`` unset)."""
+    if not tasks or data_dir is None:
+        return []
+    from prunecomp.evaluation.qa_data import LOCAL_SETS
+
+    root = Path(data_dir).expanduser()
+    folders = {(root / LOCAL_SETS[t].path).parent for t in tasks if t in LOCAL_SETS}
+    return [p.resolve() for folder in folders if folder.is_dir() for p in folder.iterdir() if p.is_file()]
+
+
+def eval_files(evaluation: EvalConfig, data_dir: str | None, qa_tasks: tuple[str, ...] = (),
+               final_check: CalibrationConfig | None = None) -> list[Path]:
+    """The local files an evaluation reads: each corpus's evaluation split, the QA sets, and the calibration
+    split the final check draws its held-out windows from."""
+    paths = [p for name in evaluation.datasets for p in text_files(name, "evaluation", data_dir)]
+    if final_check is not None and final_check.held_out > 0:
+        paths += text_files(final_check.source, "calibration", data_dir)
+    return paths + _qa_files(qa_tasks, data_dir)
 
 
 class ModelJob(Job):
@@ -67,11 +143,16 @@ class CalibrationJob(Job):
 
     kind: ClassVar[str] = "calibration"
     not_in_key: ClassVar[frozenset[str]] = frozenset({"model_uri"})
+    record_of: ClassVar[str | None] = "model_uri"  # its tokenizer files are part of the model's content hash
 
     model_uri: str
     model_hash: str
     calibration: CalibrationConfig
     data_dir: str | None
+    # the files the windows are read from, by content; default: hashed now, in this process
+    data_files: tuple[DataFile, ...] = Field(default_factory=lambda data: fingerprint_files(
+        text_files(data["calibration"].source, "calibration", data.get("data_dir")) if "calibration" in data
+        else ()))
 
     def key_payload(self) -> dict[str, object]:
         payload = super().key_payload()
@@ -85,6 +166,7 @@ class StateJob(Job):
     base hash and the digest, which say what the model is, are."""
 
     not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts"})
+    record_of: ClassVar[str | None] = "base_uri"
 
     base_uri: str
     base_hash: str
@@ -128,6 +210,7 @@ class TeacherJob(Job):
 
     kind: ClassVar[str] = "teacher"
     not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "calibration_uri"})
+    record_of: ClassVar[str | None] = "base_uri"
 
     base_uri: str
     base_hash: str
@@ -197,6 +280,7 @@ class EvalJob(Job):
     # a state's digest already covers its base hash: the same model evaluated from its saved checkpoint (the
     # evaluate flow) or from the working copy (the compress flow) shares one result
     not_in_key: ClassVar[frozenset[str]] = frozenset({"checkpoint_uri", "base_uri", "base_hash", "parts"})
+    record_of: ClassVar[str | None] = "base_uri"
 
     checkpoint_uri: str | None = None
     checkpoint_hash: str
@@ -211,3 +295,7 @@ class EvalJob(Job):
     seed: int = 0
     # The final check (prunecomp.final_check) on this calibration config's held-out windows; a pipeline state only.
     final_check: CalibrationConfig | None = None
+    # the files every part of the evaluation reads (eval_files), by content; default: hashed now, in this process
+    data_files: tuple[DataFile, ...] = Field(default_factory=lambda data: fingerprint_files(eval_files(
+        data["evaluation"], data.get("data_dir"), data.get("qa_tasks", ()), data.get("final_check")))
+        if "evaluation" in data else ())

@@ -18,7 +18,7 @@ from prunecomp.loop import prune_step
 from prunecomp.recipe import RecipeStep
 from prunecomp.scanners import make_scanner
 from prunecomp.storage import is_complete
-from tasks.caching import JOB_KEY
+from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.calibrate import load_windows
 from tasks.jobs import StepJob
 from tasks.working import checkout, read_meta, recipe_of, write_part
@@ -26,15 +26,16 @@ from tasks.working import checkout, read_meta, recipe_of, write_part
 __all__ = ["prune_one_step"]
 
 
-@task(name="prune-step", cache_policy=JOB_KEY, persist_result=True)
+@task(name="prune-step", cache_policy=JOB_KEY, persist_result=True, result_serializer=RESULT_SERIALIZER)
 def prune_one_step(job: StepJob) -> dict[str, Any]:
     """Remove one layer from the state ``job.parts``; the step's recipe part goes to ``job.uri``."""
     if is_complete(job.uri):
-        return read_meta(job.uri)
+        return dict(json_result(read_meta(job.uri)))
     parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
     fit = None if job.fit_uri is None else load_windows(job.fit_uri, str(job.fit_digest))
-    with checkout(job.base_uri, parent, stream=job.stream) as wc:
+    with checkout(job.base_uri, parent, stream=job.stream, device=job.device, dtype=job.dtype,
+                  record=job.source_record) as wc:
         if wc.streamed is not None:
             from prunecomp.streamed import check_streamed, streamed_step
 
@@ -56,4 +57,4 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
         meta = {"uri": job.uri, "digest": wc.recipe.digest(), "parent_digest": job.state_digest, "step": job.step,
                 "record": part.record, "key": job.key, "code": job.code}
         write_part(job.uri, part, meta)
-    return meta
+    return dict(json_result(meta))

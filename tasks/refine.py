@@ -19,9 +19,10 @@ from prefect import task
 
 from prunecomp.errors import PrunecompError
 from prunecomp.recipe import Recipe, RefineEdit
+from prunecomp.redact import redact
 from prunecomp.refine import TeacherTargets, refine, teacher_targets
 from prunecomp.storage import is_complete, write_dir
-from tasks.caching import JOB_KEY
+from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.calibrate import load_windows
 from tasks.files import read_bytes, read_json
 from tasks.jobs import RefineJob, TeacherJob
@@ -33,16 +34,17 @@ _TARGETS = "targets.safetensors"
 _META = "meta.json"
 
 
-@task(name="teacher", cache_policy=JOB_KEY, persist_result=True)
+@task(name="teacher", cache_policy=JOB_KEY, persist_result=True, result_serializer=RESULT_SERIALIZER)
 def teacher_predictions(job: TeacherJob) -> dict[str, Any]:
     """The base model's top-k log-probs on the refinement windows, written to ``job.uri``."""
     from safetensors.torch import save_file
 
     if is_complete(job.uri):
-        return dict(read_json(f"{job.uri}/{_META}"))
+        return dict(json_result(read_json(f"{job.uri}/{_META}")))
     windows = load_windows(job.calibration_uri, job.calibration_digest)
     dense = Recipe(source={"content_hash": job.base_hash})
-    with checkout(job.base_uri, dense) as wc:  # the dense working copy: nothing is edited
+    with checkout(job.base_uri, dense, device=job.device, dtype=job.dtype,
+                  record=job.source_record) as wc:  # the dense working copy: nothing is edited
         targets = teacher_targets(wc.model, windows.ids, topk=job.topk, batch_size=job.batch_size)
     meta = {"uri": job.uri, "key": job.key, "code": job.code, "calibration_digest": job.calibration_digest,
             "topk": job.topk, "shape": list(targets.logprobs.shape), "bytes": targets.nbytes}
@@ -52,8 +54,8 @@ def teacher_predictions(job: TeacherJob) -> dict[str, Any]:
                   str(tmp / _TARGETS))
         (tmp / _META).write_text(json.dumps(meta, indent=2))
 
-    write_dir(job.uri, fill, overwrite=True)
-    return meta
+    write_dir(job.uri, fill, owned=True)
+    return dict(json_result(meta))
 
 
 def load_teacher(uri: str) -> TeacherTargets:
@@ -64,19 +66,19 @@ def load_teacher(uri: str) -> TeacherTargets:
         tensors = load_safetensors(read_bytes(f"{uri.rstrip('/')}/{_TARGETS}"))
         return TeacherTargets(tensors["logprobs"], tensors["indices"])
     except (FileNotFoundError, KeyError) as exc:
-        raise PrunecompError(f"teacher predictions {uri!r} are missing or incomplete; delete the folder to have "
-                             f"them recomputed ({type(exc).__name__}: {exc})") from exc
+        raise PrunecompError(redact(f"teacher predictions {uri!r} are missing or incomplete; delete the folder to "
+                                    f"have them recomputed ({type(exc).__name__}: {exc})")) from exc
 
 
-@task(name="refine", cache_policy=JOB_KEY, persist_result=True)
+@task(name="refine", cache_policy=JOB_KEY, persist_result=True, result_serializer=RESULT_SERIALIZER)
 def refine_state(job: RefineJob) -> dict[str, Any]:
     """Refine the state ``job.parts`` against the base's predictions; the gains part goes to ``job.uri``."""
     if is_complete(job.uri):
-        return read_meta(job.uri)
+        return dict(json_result(read_meta(job.uri)))
     parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
     targets = load_teacher(job.teacher_uri)
-    with checkout(job.base_uri, parent) as wc:
+    with checkout(job.base_uri, parent, device=job.device, dtype=job.dtype, record=job.source_record) as wc:
         report = refine(wc.model, windows.ids, targets, mode=job.mode, steps=job.steps, lr=job.lr,
                         batch_size=job.batch, loss=job.loss)
         wc.scanner = wc.scanner_for = None  # every layer changed: the next step scores from a fresh pass
@@ -85,4 +87,4 @@ def refine_state(job: RefineJob) -> dict[str, Any]:
         meta = {"uri": job.uri, "digest": wc.recipe.digest(), "parent_digest": job.state_digest,
                 "refine": report.to_dict(), "key": job.key, "code": job.code}
         write_part(job.uri, part, meta)
-    return meta
+    return dict(json_result(meta))

@@ -17,24 +17,27 @@ from prefect import task
 from prunecomp.recipe import LayerEdit
 from prunecomp.refit import dense_from_folder, sequential_refit
 from prunecomp.storage import is_complete
-from tasks.caching import JOB_KEY
+from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.calibrate import load_windows
 from tasks.jobs import RefitJob
+from tasks.keys import check_source
 from tasks.working import checkout, read_meta, recipe_of, write_part
 
 __all__ = ["refit_state"]
 
 
-@task(name="refit", cache_policy=JOB_KEY, persist_result=True)
+@task(name="refit", cache_policy=JOB_KEY, persist_result=True, result_serializer=RESULT_SERIALIZER)
 def refit_state(job: RefitJob) -> dict[str, Any]:
     """Refit the state ``job.parts`` to the base's streams; the layers part goes to ``job.uri``."""
     from prunecomp.sources import resolve_source
 
     if is_complete(job.uri):
-        return read_meta(job.uri)
+        return dict(json_result(read_meta(job.uri)))
     parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
-    with checkout(job.base_uri, parent) as wc:
+    with checkout(job.base_uri, parent, device=job.device, dtype=job.dtype, record=job.source_record) as wc:
+        if job.source_record is not None:  # its layers are read again, one at a time: still the hashed files?
+            check_source(job.source_record, job.base_hash)
         dense = dense_from_folder(resolve_source(job.base_uri).local_dir, wc.model)
         report, weights = sequential_refit(wc.model, windows.ids, dense, steps=job.steps, lr=job.lr,
                                            batch_size=job.batch)
@@ -44,4 +47,4 @@ def refit_state(job: RefitJob) -> dict[str, Any]:
         meta = {"uri": job.uri, "digest": wc.recipe.digest(), "parent_digest": job.state_digest,
                 "refit": report.to_dict(), "key": job.key, "code": job.code}
         write_part(job.uri, part, meta)
-    return meta
+    return dict(json_result(meta))

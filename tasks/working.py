@@ -11,6 +11,11 @@ the source once and keeps the incremental scanner's cached layer boundaries from
 source is loaded once and the recipe replayed, which is bit-identical to having run the steps here. A task that
 fails while holding the copy drops it (it may be half-edited). One copy per process, behind a lock: tasks that
 need their own model at the same time (fanned-out candidates) use :func:`load_state`.
+
+A load is on the job's device type and dtype (they are in its key), and checks the source first
+(:func:`verify_source`): against the job's record of it when there is one (file stamps, no weight read again),
+else by hashing it. A source that changed under its URI since the run hashed it is an error, never a model
+served under the old hash.
 """
 
 from __future__ import annotations
@@ -27,11 +32,22 @@ from typing import Any
 
 from prunecomp.errors import PrunecompError
 from prunecomp.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit, apply_recipe
+from prunecomp.redact import redact
 from prunecomp.storage import is_remote, write_dir
 from prunecomp.tensorfiles import LazyTensors, write_safetensors
 from tasks.files import exists, read_json
+from tasks.keys import (
+    SourceRecord,
+    check_source,
+    default_device,
+    default_dtype,
+    model_state_hash,
+    record_source,
+    source_stamps,
+)
 
-__all__ = ["PART_FILE", "Working", "checkout", "load_state", "read_part", "recipe_of", "stats", "write_part"]
+__all__ = ["PART_FILE", "Working", "checkout", "load_state", "read_part", "recipe_of", "stats", "verify_source",
+           "write_part"]
 
 PART_FILE = "part.json"
 _TENSORS = "tensors.safetensors"
@@ -52,7 +68,7 @@ def write_part(uri: str, part: RecipeStep | RefineEdit | LayerEdit, meta: dict[s
         if tensors:
             write_safetensors(tensors, tmp / _TENSORS)  # one tensor in memory at a time
 
-    write_dir(uri, fill, overwrite=True)
+    write_dir(uri, fill, owned=True)
 
 
 def read_meta(uri: str) -> dict[str, Any]:
@@ -68,7 +84,11 @@ def read_part(uri: str) -> RecipeStep | RefineEdit | LayerEdit:
     doc = read_json(f"{uri.rstrip('/')}/{PART_FILE}")["part"]
     tensor_uri = f"{uri.rstrip('/')}/{_TENSORS}"
     tensors = LazyTensors(_local_copy(tensor_uri)) if exists(tensor_uri) else {}
-    return _TYPES[doc["type"]].from_doc(doc, tensors)
+    kind = doc.get("type") if isinstance(doc, dict) else None
+    if kind not in _TYPES:
+        raise PrunecompError(f"recipe part {redact(uri)!r} has type {kind!r}; expected one of {sorted(_TYPES)} (a part "
+                             "written by another prunecomp version, or damaged: delete the part to recompute it)")
+    return _TYPES[kind].from_doc(doc, tensors)
 
 
 _FETCHED: dict[str, Path] = {}
@@ -107,8 +127,8 @@ def recipe_of(base_hash: str, parts: tuple[str, ...] | list[str], expected_diges
         else:
             recipe = recipe.with_refine(part)
     if expected_digest is not None and recipe.digest() != expected_digest:
-        raise PrunecompError(f"the recipe parts in the store ({', '.join(parts) or 'none'}) no longer make the "
-                             f"recorded state {expected_digest[:12]}; delete them to have them recomputed")
+        raise PrunecompError(redact(f"the recipe parts in the store ({', '.join(parts) or 'none'}) no longer make "
+                                    f"the recorded state {expected_digest[:12]}; delete them to have them recomputed"))
     return recipe
 
 
@@ -124,6 +144,8 @@ class Working:
     streamed: Any = None
     scanner: Any = None  # prunecomp.incremental.IncrementalScanner of ``model`` at ``recipe``
     scanner_for: str | None = None  # calibration digest + batch size it was built on
+    device: str = "cpu"  # device type and dtype it was loaded with
+    dtype: str = "float32"
 
 
 _LOCK = threading.RLock()
@@ -144,21 +166,58 @@ def _is_prefix(have: Recipe, want: Recipe) -> bool:
     return len(mine) <= len(theirs) and theirs[: len(mine)] == mine
 
 
-def _load(base_uri: str, base_hash: str, stream: bool) -> Working:
+def verify_source(uri: str, expected_hash: str, record: SourceRecord | None) -> bool:
+    """Whether the model at ``uri`` is still the one hashed into ``expected_hash``.
+
+    With the job's ``record`` (made when the flow hashed the source), its file stamps are compared, no weight is
+    read, and a difference raises. Without one, the files are hashed here (a local source is then recorded for
+    this process); ``False`` when they do not hash to it, which is also what a materialised base keyed by its
+    tensor hash gives: the caller then compares the loaded tensors (:func:`tasks.keys.model_state_hash`)."""
+    if record is not None:
+        check_source(record, expected_hash)
+        return True
+    from prunecomp.sources import content_hash, resolve_source
+
+    before = source_stamps(uri)
+    if content_hash(resolve_source(uri)) != expected_hash:
+        return False
+    # a remote source is hashed from this process's download, which may predate the stamps: not recorded
+    if not is_remote(uri) and source_stamps(uri) == before:
+        record_source(uri, expected_hash, before)
+    return True
+
+
+def _compute(device: str | None, dtype: str | None) -> tuple[str, str]:
+    device = device or default_device()
+    return device, dtype or default_dtype(device)
+
+
+def _load(base_uri: str, base_hash: str, stream: bool, device: str, dtype: str,
+          record: SourceRecord | None) -> Working:
+    import torch
+
     from prunecomp.sources import load_model, resolve_source
 
     _STATS["loads"] += 1
     empty = Recipe(source={"content_hash": base_hash})
+    verified = verify_source(base_uri, base_hash, record)
+    changed = PrunecompError(redact(f"model {base_uri!r} is not the {base_hash[:12]} this job was keyed by: it "
+                                    "changed after the run hashed it; run again to key its new content"))
     if stream:
         from transformers import AutoTokenizer
 
         from prunecomp.streamed import StreamedModel
 
+        if not verified:
+            raise changed
         folder = resolve_source(base_uri).local_dir
-        sm = StreamedModel(folder)
-        return Working(base_hash, True, sm.model, AutoTokenizer.from_pretrained(folder), empty, streamed=sm)
-    lm = load_model(base_uri, known_hash=base_hash)  # hashed by the flow at the start of this run
-    return Working(base_hash, False, lm.model, lm.tokenizer, empty)
+        sm = StreamedModel(folder, dtype=getattr(torch, dtype), device=device)
+        return Working(base_hash, True, sm.model, AutoTokenizer.from_pretrained(folder), empty, streamed=sm,
+                       device=device, dtype=dtype)
+    lm = load_model(base_uri, known_hash=base_hash, device=device, dtype=getattr(torch, dtype))
+    if not verified and model_state_hash(lm.model) != base_hash:
+        raise changed
+    return Working(base_hash, False, lm.model, lm.tokenizer, empty, device=device, dtype=dtype)
 
 
 def _advance(wc: Working, recipe: Recipe) -> None:
@@ -175,24 +234,31 @@ def _advance(wc: Working, recipe: Recipe) -> None:
     wc.recipe = recipe
 
 
-def load_state(base_uri: str, recipe: Recipe, *, stream: bool = False) -> Working:
-    """A private copy of the model at ``recipe`` (source loaded, recipe replayed)."""
-    wc = _load(base_uri, str(recipe.source["content_hash"]), stream)
+def load_state(base_uri: str, recipe: Recipe, *, stream: bool = False, device: str | None = None,
+               dtype: str | None = None, record: SourceRecord | None = None) -> Working:
+    """A private copy of the model at ``recipe`` (source loaded, recipe replayed) on ``device`` in ``dtype``
+    (default: this machine's); ``record``: the job's record of the source (:func:`verify_source`)."""
+    wc = _load(base_uri, str(recipe.source["content_hash"]), stream, *_compute(device, dtype), record)
     _advance(wc, recipe)
     return wc
 
 
 @contextmanager
-def checkout(base_uri: str, recipe: Recipe, *, stream: bool = False) -> Iterator[Working]:
-    """This process's working copy, brought to ``recipe``; the caller may edit it (and must set ``.recipe``)."""
+def checkout(base_uri: str, recipe: Recipe, *, stream: bool = False, device: str | None = None,
+             dtype: str | None = None, record: SourceRecord | None = None) -> Iterator[Working]:
+    """This process's working copy, brought to ``recipe``; the caller may edit it (and must set ``.recipe``).
+    ``device``, ``dtype`` and ``record`` as for :func:`load_state`: a copy on another device or in another dtype
+    is not reused."""
     global _COPY
     base_hash = str(recipe.source["content_hash"])
+    device, dtype = _compute(device, dtype)
     with _LOCK:
         wc = _COPY
-        if wc is None or wc.base_hash != base_hash or wc.stream != stream or not _is_prefix(wc.recipe, recipe):
+        if wc is None or wc.base_hash != base_hash or wc.stream != stream or (wc.device, wc.dtype) != (device, dtype) \
+                or not _is_prefix(wc.recipe, recipe):
             _COPY = wc = None
             gc.collect()
-            wc = _load(base_uri, base_hash, stream)
+            wc = _load(base_uri, base_hash, stream, device, dtype, record)
         else:
             _STATS["reused"] += 1
         try:
