@@ -26,10 +26,11 @@ from prunecomp.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
 from prunecomp.final_check import line as final_line
 from prunecomp.incremental import PER_CANDIDATE_METRICS
+from prunecomp.outputs import check_store
 from prunecomp.quiet import quiet_libraries
 from prunecomp.recipe import Recipe
 from prunecomp.refit import describe_refit, mean_errors
-from prunecomp.storage import check_writable, is_complete, write_json
+from prunecomp.storage import is_complete, write_json
 from tasks import working
 from tasks.artifacts import RunProgress, publish_step, publish_summary, summary_markdown
 from tasks.caching import run_cached
@@ -81,8 +82,7 @@ def run_metrics(ppl: dict[str, dict[str, float]], qa: dict[str, Any] | None, n_r
 def _preflight(config: CompressConfig, loc: Locations) -> str | None:
     """Checks that need no model: the store is reachable and writable (bounded retries), the data dir exists."""
     configure_s3()
-    probe = loc.child("runs", config.run_id())
-    check_writable(probe, overwrite=True)
+    check_store(loc.store, sources=[config.model], probe=loc.child("runs", config.run_id()))
     data_dir = resolve_data_dir(config.data_dir)
     return str(data_dir) if data_dir is not None else None
 
@@ -95,6 +95,10 @@ def _base(config: CompressConfig, source: dict[str, Any], store: str) -> tuple[d
     meta, cached = run_cached(materialize_model, ModelJob(
         store=store, source_uri=config.model, revision=config.revision, source_hash=source["content_hash"],
         allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code))
+    from tasks.keys import record_source, source_stamps
+
+    # the store's copy as this run found it: the jobs on it carry the record, their loads check it
+    record_source(meta["uri"], meta["hash"], source_stamps(meta["uri"]))
     return dict(meta) | {"materialized": True}, cached
 
 
@@ -158,6 +162,10 @@ def compress(config: CompressConfig = CompressConfig()) -> dict[str, Any]:  # no
             log.warning("tracking.%s carries credentials, and Prefect stores flow parameters in its database: set "
                         "%s in the worker's environment instead", name,
                         "PRUNECOMP_STORE" if name == "store" else "MLFLOW_TRACKING_URI")
+    if config.model and redact(config.model) != config.model:
+        log.warning("model carries credentials (a password, token or signature), and Prefect stores flow "
+                    "parameters in its database: give them to the worker through its environment instead "
+                    "(HF_TOKEN, the AWS credential chain)")
     loc = locations(config.tracking.store, config.tracking.tracking_uri)
     data_dir = _preflight(config, loc)
     quiet_libraries()  # a worker's log is the run's story: no weight-loading or download bars
@@ -426,18 +434,15 @@ def _teacher(config: CompressConfig, store: str, base: dict[str, Any], cal: dict
 
 
 def _not_streamable(config: CompressConfig, base: dict[str, Any]) -> str | None:
-    """Why this run cannot be layer-streamed, or ``None`` when it can."""
-    from prunecomp.streamed import STREAMED_METRICS
+    """Why this run cannot be layer-streamed, or ``None`` when it can: the streamed backend's capabilities
+    (:mod:`prunecomp.backends`), and its one input format."""
+    from prunecomp.backends import STREAMED, refusal
 
-    p = config.prune
-    if p.metric not in STREAMED_METRICS or p.compensation == "lsq" or p.selection != "score" or p.refine != "none" \
-            or p.refit != "none":
-        return ("stream_layers runs BI/angular scoring with guarded, magnitude or no compensation, score selection "
-                "and block reconstruction, without refinement or refit")
-    if config.qa_tasks:
-        return "stream_layers cannot run QA tasks (they need the whole model in memory)"
+    why = refusal(STREAMED, config.prune, qa=bool(config.qa_tasks))
+    if why is not None:
+        return why
     if base.get("materialized"):
-        return "stream_layers reads safetensors sources; this one (GGUF or pickle) is materialised in memory first"
+        return "layer streaming reads safetensors sources; this one (GGUF or pickle) is materialised in memory first"
     return None
 
 
@@ -464,7 +469,11 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
            final_uri: str) -> dict:
     """Log the run to MLflow (params, metrics, report, plots, the recipe) and register the final model as a new
     model version with lineage tags. The weights are not copied: the version's source is the final model in the
-    store, so a run leaves one copy of them (see the README)."""
+    store, so a run leaves one copy of them (see the README). The tags include the digest of the evaluation
+    settings (corpora, windows, sequence length, QA tasks, dtype, device type): promotion compares a version's
+    metrics with the champion's only when these are equal."""
+    from tasks.tracking import eval_settings_tags
+
     prune = config.prune
     tags = {
         "method": {"magnitude": "prune&comp", "guarded": "prune&comp-guarded", "lsq": "prune&comp+lsq"}.get(
@@ -482,7 +491,7 @@ def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metr
         "calibration_origin": summary["calibration"]["origin"], "code_version": summary["code_version"],
         "checkpoint_uri": summary["final"]["uri"], "checkpoint_hash": summary["final"]["hash"],
         "prunecomp_run": summary["run_id"],
-    }
+    } | eval_settings_tags(config.evaluation, config.qa_tasks, config.qa_limit)
     report = {k: v for k, v in summary.items() if k != "mlflow"}
     run_key = f"{summary['run_id']}-{summary['final']['hash'][:12]}"
     run = log_run_task(tracking_uri=loc.tracking_uri, artifact_root=loc.mlflow_artifacts,

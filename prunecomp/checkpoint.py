@@ -25,10 +25,13 @@ def save_pruned(
     report: dict[str, Any] | None = None,
     recipe: Recipe | None = None,
     overwrite: bool = False,
+    owned: bool = False,
     extra: Callable[[Path], None] | None = None,
 ) -> str:
     """Write ``model`` + ``tokenizer`` (+ ``report``, + ``recipe``) to ``uri`` (local path or fsspec URL),
-    atomically. ``extra(folder)`` adds more files to the same atomic folder (the pipeline's MLflow Model files)."""
+    atomically. ``extra(folder)`` adds more files to the same atomic folder (the pipeline's MLflow Model files).
+    ``overwrite`` replaces an earlier prunecomp result; ``owned`` is for the pipeline store's own keyed folders
+    (:func:`prunecomp.storage.write_dir`)."""
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -41,4 +44,4 @@ def save_pruned(
         if extra is not None:
             extra(tmp)
 
-    return write_dir(uri, fill, overwrite=overwrite)
+    return write_dir(uri, fill, overwrite=overwrite, owned=owned)

@@ -43,7 +43,7 @@ from prunecomp.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.compensation import compensate, is_tied, scale_layer_writers
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
-from prunecomp.guard import GuardResult, candidate_scales, pick, tail_losses
+from prunecomp.guard import DEFAULT_BUDGET, GuardBudget, GuardResult, guard_tail
 from prunecomp.planning import candidates, check_finite, choose
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.recipe import Recipe, write_recipe_files
@@ -260,26 +260,28 @@ class StreamedModel:
 
     @torch.no_grad()
     def guard(self, ids: Tensor, current: int, s: float, exponents: Sequence[float], *, batch_size: int,
-              memory_bytes: int | None = None) -> GuardResult:
-        """The guard's grid for removing current layer ``current``: one pass through the layers before it for the
-        stream at the gap, then the layers after it for every (scale, batch) item, as many items per pass over the
-        tail as fit ``memory_bytes`` (default: half of :func:`~prunecomp.scanners.memory_budget`)."""
-        caught = catch_layer_inputs(self.model, ids, batch_size)
+              memory_bytes: int | None = None, budget: GuardBudget = DEFAULT_BUDGET) -> GuardResult:
+        """The guard for removing current layer ``current``, on the windows the in-memory guard measures
+        (``budget``; the same search, :func:`~prunecomp.guard.guard_tail`): one pass through the layers before
+        the gap for just those windows, then per round of the search the layers after it, as many (scale, batch)
+        items per pass over the tail as fit ``memory_bytes`` (default: half of
+        :func:`~prunecomp.scanners.memory_budget`)."""
+        n = budget.windows(ids.shape[0], ids.shape[1])
+        sub = ids[:n]
+        caught = catch_layer_inputs(self.model, sub, batch_size)
         xs = caught.hidden
         for j in range(current):
             layer = self.load_layer(j)
             xs = run_layer(layer, xs, [kw[j] for kw in caught.kwargs])
             self.free(layer)
-        scales = candidate_scales(s, exponents)
         per_item = max(x.numel() * x.element_size() for x in xs) * 2  # the item and its layer output
-        budget = memory_bytes if memory_bytes is not None else memory_budget(self.device) // 2
-        group = max(1, budget // max(per_item, 1))
-        batches = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-        losses = tail_losses(self.load_layer, current + 1, len(decoder_layers(self.model, self.adapter)), xs,
-                             caught.kwargs, batches, scales, lambda x, b: head_nll(self.model, x, b, self.adapter),
-                             group=group, release=self.free)
-        return GuardResult(measured_scale=s, exponents=list(exponents), scales=scales, losses=losses,
-                           chosen=pick(exponents, losses))
+        room = max(1, (memory_bytes if memory_bytes is not None else memory_budget(self.device) // 2)
+                   // max(per_item, 1))
+        batches = [sub[i : i + batch_size] for i in range(0, n, batch_size)]
+        return guard_tail(s, exponents, self.load_layer, current + 1, len(decoder_layers(self.model, self.adapter)),
+                          xs, caught.kwargs, batches,
+                          lambda x, b, k: head_nll(self.model, x, b, self.adapter, stride=k),
+                          budget=budget, of_windows=ids.shape[0], group=lambda _k: room, release=self.free)
 
     def remove(self, current: int, s: float) -> None:
         """Drop current layer ``current`` and fold ``s`` upstream (embedding now, writers when loaded)."""
@@ -335,10 +337,11 @@ class StreamedModel:
                 self.free(layer)
 
     def save(self, uri: str, *, tokenizer: Any = None, report: dict[str, Any] | None = None,
-             recipe: Recipe | None = None, overwrite: bool = False,
+             recipe: Recipe | None = None, overwrite: bool = False, owned: bool = False,
              extra: Callable[[Path], None] | None = None) -> str:
         """Write the pruned, compensated model as sharded safetensors (one shard per layer), atomically;
-        ``extra(folder)`` adds more files to the same atomic folder."""
+        ``extra(folder)`` adds more files to the same atomic folder; ``overwrite`` / ``owned`` as for
+        :func:`prunecomp.storage.write_dir`."""
         from safetensors.torch import save_file
 
         def fill(tmp: Path) -> None:
@@ -378,7 +381,7 @@ class StreamedModel:
             if extra is not None:
                 extra(tmp)
 
-        return write_dir(uri, fill, overwrite=overwrite)
+        return write_dir(uri, fill, overwrite=overwrite, owned=owned)
 
 
 def streamed_scanner(sm: StreamedModel, ids: Tensor, *, batch_size: int) -> StatelessScanner:

@@ -446,7 +446,7 @@ def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config,
                                                        tracking=no_mlflow("auto")))
     assert auto["stream_layers"] and auto["removed"] == ref["removed"]
     assert auto["stream_reason"].startswith("automatic: weights") and "streaming layers" in auto["stream_reason"]
-    with pytest.raises(Exception, match="stream_layers runs BI/angular"):
+    with pytest.raises(Exception, match="layer streaming cannot run compensation 'lsq'"):
         compress_module.compress(config=make_config(str(tmp_path / "bad"), tracking_uri, tracking=no_mlflow("bad"),
                                                     stream_layers=True, prune={"compensation": "lsq"}))
 
