@@ -16,6 +16,7 @@ from prunecomp.calibration import TokenWindows, calibration_windows, check_conte
 from prunecomp.checkpoint import save_pruned
 from prunecomp.compress import compress
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
+from prunecomp.dense import dense_layers, source_layer_weights
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.final_check import run_final_check
@@ -26,7 +27,7 @@ from prunecomp.recipe import Recipe
 from prunecomp.refine import RefineReport
 from prunecomp.refit import describe_refit
 from prunecomp.report import StepRecord
-from prunecomp.sources import content_hash, dense_layers, load_model, resolve_source, source_layer_weights
+from prunecomp.sources import content_hash, load_model, resolve_source
 
 __all__ = ["JobConfig", "JobResult", "Progress", "evaluate_perplexities", "run_job"]
 

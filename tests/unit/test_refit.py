@@ -131,7 +131,8 @@ def test_the_job_reads_the_dense_layers_from_the_source(stories_dir, tmp_path) -
     second time, whole, with every layer."""
     import shutil
 
-    from prunecomp.sources import dense_layers, load_model
+    from prunecomp.dense import dense_layers
+    from prunecomp.sources import load_model
     from prunecomp.streamed import StreamedModel
 
     source = tiny_model("llama")

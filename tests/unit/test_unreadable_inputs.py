@@ -13,8 +13,7 @@ import torch
 
 from prunecomp.errors import PrunecompError
 from prunecomp.recipe import RefineEdit, apply_refine
-from prunecomp.sources import read_safetensors_header
-from prunecomp.tensorfiles import LazyTensors
+from prunecomp.tensorfiles import LazyTensors, read_safetensors_header
 from tests.tiny_models import tiny_model
 
 
