@@ -277,7 +277,7 @@ def run_cmd(json_out: str | None, task_runner: str | None, overwrite: bool, **kw
 
 
 def _journal(run: str, store: str | None) -> dict[str, Any]:
-    from flows.compress import journal_uri
+    from flows.journal import journal_uri
     from tasks.files import read_json
     from tasks.settings import configure_s3, locations, redact
 

@@ -6,7 +6,11 @@ Every box is a cached task keyed by what determines its result (:mod:`tasks.jobs
 (kilobytes), not models: one working copy of the model stays in the process from step to step
 (:mod:`tasks.working`), and a killed run re-run with the same parameters loads the source once, replays the
 finished steps and picks up after them. The flow itself only wires tasks, checks the quality floor and writes the
-audit trail.
+audit trail, in named phases: :func:`_prepare` (source, base, placement, calibration), :func:`_dense` (the dense
+model's evaluation and teacher), :func:`_remove_layers` (one cached step per removed layer), :func:`_fit_after`
+(the refit and the end refinement), :func:`_finish` (final model, evaluation, check, registration). Beside it:
+:mod:`flows.journal` (the run's journal), :mod:`flows.placement` (in memory or layer-streamed),
+:mod:`flows.registration` (metrics and the MLflow side).
 """
 
 from __future__ import annotations
@@ -18,7 +22,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.journal import Journal
 from flows.params import CompressConfig
+from flows.placement import place
+from flows.registration import run_metrics, track_run
+from flows.run import Run, State, base_model, fan_out, teacher
 from flows.runners import task_runner
 from prunecomp.calibration import check_context
 from prunecomp.config import EvalConfig
@@ -35,48 +43,19 @@ from tasks import working
 from tasks.artifacts import RunProgress, publish_step, publish_summary, summary_markdown
 from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
-from tasks.candidates import CandidateJob, score_candidates, split
-from tasks.evaluate import evaluate_checkpoint
-from tasks.jobs import CalibrationJob, EvalJob, FinalJob, ModelJob, RefineJob, RefitJob, StepJob, TeacherJob
+from tasks.jobs import CalibrationJob, FinalJob, RefitJob, StepJob
 from tasks.keys import code_version
 from tasks.locks import RunLock, run_lock
-from tasks.model_io import materialize_model, resolve_model, write_final
+from tasks.model_io import resolve_model, write_final
 from tasks.prune import prune_one_step
-from tasks.refine import refine_state, teacher_predictions
 from tasks.refit import refit_state
 from tasks.settings import Locations, configure_s3, locations, redact, redact_all
-from tasks.tracking import log_run_task, register_task
 
-__all__ = ["compress", "journal_uri", "run_metrics"]
-
-
-def journal_uri(loc: Locations, run_id: str) -> str:
-    """``<store>/runs/<run_id>/run.json``: what a run has done so far (read by ``prunecomp status``)."""
-    return loc.child("runs", run_id, "run.json")
+__all__ = ["compress"]
 
 
 def _mean(d: dict[str, float] | None) -> float | None:
     return sum(d.values()) / len(d) if d else None
-
-
-def run_metrics(ppl: dict[str, dict[str, float]], qa: dict[str, Any] | None, n_removed: int,
-                check: dict[str, Any] | None = None) -> dict[str, float]:
-    """The final metrics promotion gates read: per-corpus and mean perplexity, ratios, QA retention, and the final
-    check's ``fold_loss_ratio`` (held-out NLL with what was folded / without it: above 1, the folds hurt)."""
-    out: dict[str, float] = {"layers_removed": float(n_removed)}
-    if check is not None:
-        out["fold_loss_ratio"] = check["loss"] / check["uncompensated_loss"]
-    for name, v in ppl.items():
-        out[f"ppl_{name}_dense"], out[f"ppl_{name}_pruned"] = v["dense"], v["pruned"]
-        out[f"ppl_{name}_ratio"] = v["pruned"] / v["dense"]
-    if ppl:
-        out["ppl_mean_dense"] = sum(v["dense"] for v in ppl.values()) / len(ppl)
-        out["ppl_mean_pruned"] = sum(v["pruned"] for v in ppl.values()) / len(ppl)
-        out["ppl_ratio_mean"] = out["ppl_mean_pruned"] / out["ppl_mean_dense"]
-    if qa and qa.get("dense") is not None and qa.get("pruned") is not None:
-        out["qa_average_dense"], out["qa_average_pruned"] = qa["dense"], qa["pruned"]
-        out["qa_retained"] = qa["pruned"] / qa["dense"] if qa["dense"] else 0.0
-    return out
 
 
 def _preflight(config: CompressConfig, loc: Locations) -> str | None:
@@ -85,51 +64,6 @@ def _preflight(config: CompressConfig, loc: Locations) -> str | None:
     check_store(loc.store, sources=[config.model], probe=loc.child("runs", config.run_id()))
     data_dir = resolve_data_dir(config.data_dir)
     return str(data_dir) if data_dir is not None else None
-
-
-def _base(config: CompressConfig, source: dict[str, Any], store: str) -> tuple[dict[str, Any], bool]:
-    """The run's base model: the source itself when it is safetensors, else its one materialised copy."""
-    if source["safetensors"]:
-        return {"uri": source["load_uri"], "hash": source["content_hash"], "num_layers": source["num_layers"],
-                "materialized": False, "weight_bytes": source["weight_bytes"]}, False
-    meta, cached = run_cached(materialize_model, ModelJob(
-        store=store, source_uri=config.model, revision=config.revision, source_hash=source["content_hash"],
-        allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code))
-    from tasks.keys import record_source, source_stamps
-
-    # the store's copy as this run found it: the jobs on it carry the record, their loads check it
-    record_source(meta["uri"], meta["hash"], source_stamps(meta["uri"]))
-    return dict(meta) | {"materialized": True}, cached
-
-
-def _memory_budget() -> int:
-    """Bytes a whole model may take in memory: 60% of what is available (GPU memory on CUDA)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0] * 0.6)
-    try:
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return int(info.get("MemAvailable", 0) * 0.6)
-    except OSError:
-        return 1 << 62
-
-
-def _stream(config: CompressConfig, base: dict[str, Any]) -> tuple[bool, str]:
-    """``config.stream_layers``, or (when unset) whether the model does not fit the memory budget; and why."""
-    if config.stream_layers is not None:
-        return config.stream_layers, "stream_layers set in the run's parameters"
-    need, budget = int(base.get("weight_bytes") or 0), _memory_budget()
-    if need <= budget:
-        return False, f"weights {need / 2**30:.2f} GiB fit the in-memory budget {budget / 2**30:.1f} GiB"
-    why_not = _not_streamable(config, base)
-    if why_not is None:
-        return True, (f"automatic: weights {need / 2**30:.2f} GiB exceed the in-memory budget {budget / 2**30:.2f} "
-                      "GiB, so streaming layers (one decoder layer in memory at a time; stream_layers: false to "
-                      "override)")
-    return False, (f"weights {need / 2**30:.2f} GiB exceed the in-memory budget {budget / 2**30:.2f} GiB, but "
-                   f"the run cannot stream ({why_not}): loading it anyway")
 
 
 def _prewarm_tracking(tracking_uri: str) -> threading.Thread:
@@ -201,122 +135,121 @@ def _mark_crashed(held: dict[str, Any], why: str, log: Any) -> None:
 
 def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock: RunLock, log: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
-    run_id = config.run_id()
-    store, code = loc.store, code_version()
-    journal: dict[str, Any] = {"run_id": run_id, "status": "running", "config": config.model_dump(mode="json"),
-                               "store": store, "code_version": code, "steps": []}
-    write_json(journal_uri(loc, run_id), redact_all(journal))
-    log.info("run %s: store %s, code %s", run_id, redact(store), code)
+    run = _prepare(config, loc, data_dir, log)
+    state, dense_eval = _dense(run)
+    steps, state, stop_reason = _remove_layers(run, state, lock)
+    kept = [s for s in steps if s["kept"]]
+    refitted, refined, state = _fit_after(run, state, bool(kept))
+    return _finish(run, state, steps, stop_reason, refitted, refined, dense_eval, t0)
 
+
+def _prepare(config: CompressConfig, loc: Locations, data_dir: str | None, log: Any) -> Run:
+    """The source and the run's base model, checked against the request; where the model lives; the calibration
+    windows. Nothing is pruned yet."""
+    code = code_version()
+    journal = Journal(loc, config.run_id(), config.model_dump(mode="json"), code)
+    log.info("run %s: store %s, code %s", config.run_id(), redact(loc.store), code)
     source = resolve_model(config.model, config.revision, config.allow_pickle)
-    base, cached = _base(config, source, store)
+    base, cached = base_model(config, source, loc.store)
     n_src = int(base["num_layers"])
     k = config.prune.layers_to_remove(n_src)
     removable = n_src - len(config.prune.protected(n_src))
     if removable < k:
         raise PrunecompError(f"protected layers leave {removable} removable layers, but {k} must be removed")
-    arch = source.get("architecture") or (base.get("source") or {}).get("architecture")
     if source.get("max_positions"):  # windows longer than the model's context are refused, not silently used
         limits = {"max_position_embeddings": source["max_positions"]}
         check_context(limits, config.calibration.seq_len, "calibration.seq_len")
         check_context(limits, config.evaluation.seq_len, "evaluation.seq_len")
         if config.quick_eval is not None:
             check_context(limits, config.quick_eval.seq_len, "quick_eval.seq_len")
-    stream, stream_reason = _stream(config, base)
-    if config.stream_layers is None and "exceed" in stream_reason:
-        log.warning(stream_reason)
-    if stream and (why_not := _not_streamable(config, base)) is not None:
-        raise PrunecompError(why_not)
+    placement = place(config, base)
+    if config.stream_layers is None and placement.over_budget:
+        log.warning(placement.reason)
+    if placement.stream:
+        from flows.placement import not_streamable
+
+        if (why_not := not_streamable(config, base)) is not None:
+            raise PrunecompError(why_not)
     log.info("model %s: %d layers, removing %d%s%s", source["uri"], n_src, k, " (cached)" if cached else "",
-             ", layer-streamed" if stream else "")
+             ", layer-streamed" if placement.stream else "")
+    run = Run(config=config, loc=loc, log=log, data_dir=data_dir, code=code, journal=journal, source=source,
+              base=base, base_cached=cached, k=k, placement=placement)
     # time for memory: not when streaming, where memory is what the run is short of
-    warm = _prewarm_tracking(loc.tracking_uri) if config.tracking.log_and_register and not stream else None
-    cal, _ = run_cached(build_calibration, CalibrationJob(store=store, model_uri=base["uri"], model_hash=base["hash"],
-                                                          calibration=config.calibration, data_dir=data_dir))
+    run.warm = _prewarm_tracking(loc.tracking_uri) if config.tracking.log_and_register and not run.stream else None
+    run.cal, _ = run_cached(build_calibration, CalibrationJob(
+        store=run.store, model_uri=base["uri"], model_hash=base["hash"], calibration=config.calibration,
+        data_dir=data_dir))
+    return run
 
-    def state(parts: list[str], digest: str) -> dict[str, Any]:
-        return {"store": store, "base_uri": base["uri"], "base_hash": base["hash"], "parts": tuple(parts),
-                "state_digest": digest, "stream": stream}
 
-    def evaluate(parts: list[str], digest: str, evaluation: Any, qa: bool = False,
-                 check: bool = False) -> dict[str, Any]:
-        s = state(parts, digest)
-        job = EvalJob(store=store, checkpoint_hash=digest, base_uri=s["base_uri"], base_hash=s["base_hash"],
-                      parts=s["parts"], stream=stream, evaluation=evaluation, data_dir=data_dir,
-                      qa_tasks=config.qa_tasks if qa else (), qa_limit=config.qa_limit if qa else None,
-                      final_check=config.calibration if check else None)
-        return dict(run_cached(evaluate_checkpoint, job)[0])
+def _dense(run: Run) -> tuple[State, dict[str, Any]]:
+    """The dense model's quick and full evaluation and, for the gains, its predictions: now, while the working
+    copy is dense."""
+    digest = Recipe(source={"content_hash": run.base["hash"]}).digest()
+    state = State([], digest, run.quick([], digest))
+    p = run.config.prune
+    run.progress = RunProgress(run.run_id, 1 + run.k + run.fits + (p.refit != "none") + 2
+                               + run.config.tracking.log_and_register)
+    dense_eval = run.evaluate([], digest, run.config.evaluation, qa=True)
+    run.progress.advance("dense model evaluated")
+    if run.fits:
+        run.fit = teacher(run.config, run.store, run.base, run.cal, run.data_dir)
+    return state, dense_eval
 
-    def quick(parts: list[str], digest: str) -> dict[str, float] | None:
-        if config.quick_eval is None or not config.quick_eval.datasets:
-            return None
-        return dict(evaluate(parts, digest, config.quick_eval)["perplexity"])
 
-    parts: list[str] = []
-    digest = Recipe(source={"content_hash": base["hash"]}).digest()
-    dense_quick = quick(parts, digest)
-    p = config.prune
-    fits = 0 if p.refine == "none" else (k if p.refine_at == "each" else 1)
-    progress = RunProgress(run_id, 1 + k + fits + (p.refit != "none") + 2 + config.tracking.log_and_register)
-    dense_eval = evaluate(parts, digest, config.evaluation, qa=True)  # now, while the working copy is dense
-    progress.advance("dense model evaluated")
-    fit = _teacher(config, store, base, cal, data_dir) if fits else None  # also while the copy is dense
-
-    def fit_state(parts: list[str], digest: str) -> tuple[dict[str, Any], bool]:
-        assert fit is not None
-        return run_cached(refine_state, RefineJob(
-            **state(parts, digest), calibration_uri=fit["windows"]["uri"],
-            calibration_digest=fit["windows"]["digest"], teacher_uri=fit["teacher"]["uri"], mode=p.refine,
-            steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch, topk=p.refine_topk, loss=p.refine_loss,
-            batch_size=config.calibration.batch_size))
-
+def _remove_layers(run: Run, state: State, lock: RunLock) -> tuple[list[dict[str, Any]], State, str]:
+    """One cached step per removed layer (with its gains fit when refinement is progressive), the quick
+    perplexity after each, the quality floor; the journal after every kept step."""
+    config, p, log, k = run.config, run.config.prune, run.log, run.k
     local = {}  # block reconstruction's windows, when not the calibration ones (they then enter the step keys)
     if p.reconstruct != "none" and p.refine_samples is not None:
-        windows = fit["windows"] if fit else _fit_windows(config, store, base, cal, data_dir)
+        windows = run.fit_windows()
         local = {"fit_uri": windows["uri"], "fit_digest": windows["digest"]}
-    parent_ppl = dense_quick
+    dense_ppl = state.ppl
     steps: list[dict[str, Any]] = []
     stop_reason = f"removed the {k} requested layers"
     for step in range(k):
-        job = StepJob(**state(parts, digest), calibration_uri=cal["uri"], calibration_digest=cal["digest"],
-                      prune=config.prune, step=step, batch_size=config.calibration.batch_size, **local)
+        job = StepJob(**run.state(state.parts, state.digest), calibration_uri=run.cal["uri"],
+                      calibration_digest=run.cal["digest"], prune=p, step=step,
+                      batch_size=config.calibration.batch_size, **local)
         workers: list[str] = []
-        if (config.parallel_candidates > 1 and config.prune.metric in PER_CANDIDATE_METRICS and not stream
+        if (config.parallel_candidates > 1 and p.metric in PER_CANDIDATE_METRICS and not run.stream
                 and not is_complete(job.uri)):
-            removed_so_far = [s["record"]["chosen"] for s in steps]
-            scores, workers = _fan_out(config, job, n_src, removed_so_far)
+            scores, workers = fan_out(config, job, int(run.base["num_layers"]),
+                                       [s["record"]["chosen"] for s in steps])
             job = job.model_copy(update={"candidate_scores": scores})
         meta, cached = run_cached(prune_one_step, job)
-        after = quick([*parts, meta["uri"]], meta["digest"])
+        after = run.quick([*state.parts, meta["uri"]], meta["digest"])
         entry = {"step": step, "uri": meta["uri"], "digest": meta["digest"], "record": meta["record"],
-                 "reused": cached, "ppl_before": parent_ppl, "ppl_after": after, "kept": True,
+                 "reused": cached, "ppl_before": state.ppl, "ppl_after": after, "kept": True,
                  "candidate_workers": workers}
         rec = meta["record"]
         log.info("step %d/%d: removed layer %d, s=%.4f, quick ppl %s -> %s%s", step + 1, k, rec["chosen"],
-                 rec["applied_scale"], _fmt(_mean(parent_ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
+                 rec["applied_scale"], _fmt(_mean(state.ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
         if rec.get("reconstruct"):
             r = rec["reconstruct"]
             log.info("step %d/%d: reconstructed layer(s) %s (%s, %d steps): relative error %.4f -> %.4f", step + 1,
                      k, r["layers"], r["side"], r["steps"], r["loss_before"], r["loss_after"])
-        new_parts, new_digest = [*parts, meta["uri"]], meta["digest"]
-        if fits and p.refine_at == "each":  # progressive: the next step scores the refined model
-            progress.advance(f"step {step + 1}/{k}: removed layer {rec['chosen']}{' (cached)' if cached else ''}")
-            rmeta, rcached = fit_state(new_parts, new_digest)
-            refined_ppl = quick([*new_parts, rmeta["uri"]], rmeta["digest"])
+        new = state.then(meta, after)
+        removed = f"step {step + 1}/{k}: removed layer {rec['chosen']}{' (cached)' if cached else ''}"
+        if run.fits and p.refine_at == "each":  # progressive: the next step scores the refined model
+            run.progress.advance(removed)
+            rmeta, rcached = run.refine(new.parts, new.digest)
+            refined_ppl = run.quick([*new.parts, rmeta["uri"]], rmeta["digest"])
             entry["refine"] = {"uri": rmeta["uri"], "digest": rmeta["digest"], "report": rmeta["refine"],
                                "reused": rcached, "ppl_before": after, "ppl_after": refined_ppl}
             log.info("step %d/%d refined (%s, %d steps): calibration KL %.4f -> %.4f, quick ppl %s -> %s%s",
                      step + 1, k, p.refine, p.refine_steps, rmeta["refine"]["loss_before"],
                      rmeta["refine"]["loss_after"], _fmt(_mean(after)), _fmt(_mean(refined_ppl)),
                      " (cached)" if rcached else "")
-            new_parts, new_digest, after = [*new_parts, rmeta["uri"]], rmeta["digest"], refined_ppl
-            entry["ppl_after"] = after
-            publish_step(run_id, entry)
-            progress.advance(f"step {step + 1}/{k}: refined{' (cached)' if rcached else ''}")
+            new = new.then(rmeta, refined_ppl)
+            entry["ppl_after"] = refined_ppl
+            publish_step(run.run_id, entry)
+            run.progress.advance(f"step {step + 1}/{k}: refined{' (cached)' if rcached else ''}")
         else:
-            publish_step(run_id, entry)
-            progress.advance(f"step {step + 1}/{k}: removed layer {rec['chosen']}{' (cached)' if cached else ''}")
-        ratio = (_mean(after) or 0.0) / (_mean(dense_quick) or 1.0)
+            publish_step(run.run_id, entry)
+            run.progress.advance(removed)
+        ratio = (_mean(new.ppl) or 0.0) / (_mean(dense_ppl) or 1.0)
         if config.max_ppl_ratio is not None and ratio > config.max_ppl_ratio:
             entry["kept"] = False
             stop_reason = (f"quality floor: step {step + 1} raised quick perplexity {ratio:.2f}x over dense "
@@ -325,46 +258,63 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
             steps.append(entry)
             break
         steps.append(entry)
-        journal["steps"] = steps
-        write_json(journal_uri(loc, run_id), redact_all(journal))
+        run.journal.steps(steps)
         lock.beat()
-        parts, digest, parent_ppl = new_parts, new_digest, after
-    kept = [s for s in steps if s["kept"]]
+        state = new
+    return steps, state, stop_reason
+
+
+def _fit_after(run: Run, state: State, kept: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None, State]:
+    """After the last kept step: the sequential refit, then the gains fitted at the end (each cached)."""
+    p, log = run.config.prune, run.log
     refitted: dict[str, Any] | None = None
-    if p.refit != "none" and kept:  # after the last kept step, before the end refinement
-        windows = fit["windows"] if fit else _fit_windows(config, store, base, cal, data_dir)
+    if p.refit != "none" and kept:
+        windows = run.fit_windows()
         meta, cached = run_cached(refit_state, RefitJob(
-            **state(parts, digest), calibration_uri=windows["uri"], calibration_digest=windows["digest"],
-            steps=p.refit_steps, lr=p.refit_lr, batch=p.reconstruct_batch))
-        progress.advance(f"refitted{' (cached)' if cached else ''}")
-        after = quick([*parts, meta["uri"]], meta["digest"])
+            **run.state(state.parts, state.digest), calibration_uri=windows["uri"],
+            calibration_digest=windows["digest"], steps=p.refit_steps, lr=p.refit_lr, batch=p.reconstruct_batch))
+        run.progress.advance(f"refitted{' (cached)' if cached else ''}")
+        after = run.quick([*state.parts, meta["uri"]], meta["digest"])
         refitted = {"uri": meta["uri"], "digest": meta["digest"], "report": meta["refit"], "reused": cached,
-                    "ppl_before": parent_ppl, "ppl_after": after}
-        log.info("%s; quick ppl %s -> %s%s", describe_refit(meta["refit"]), _fmt(_mean(parent_ppl)),
+                    "ppl_before": state.ppl, "ppl_after": after}
+        log.info("%s; quick ppl %s -> %s%s", describe_refit(meta["refit"]), _fmt(_mean(state.ppl)),
                  _fmt(_mean(after)), " (cached)" if cached else "")
-        parts, digest, parent_ppl = [*parts, meta["uri"]], meta["digest"], after
+        state = state.then(meta, after)
     refined: dict[str, Any] | None = None
-    if fits and p.refine_at == "end" and kept:
-        meta, cached = fit_state(parts, digest)
-        progress.advance(f"refined ({p.refine})")
-        after = quick([*parts, meta["uri"]], meta["digest"])
+    if run.fits and p.refine_at == "end" and kept:
+        meta, cached = run.refine(state.parts, state.digest)
+        run.progress.advance(f"refined ({p.refine})")
+        after = run.quick([*state.parts, meta["uri"]], meta["digest"])
         refined = {"uri": meta["uri"], "digest": meta["digest"], "report": meta["refine"], "reused": cached,
-                   "ppl_before": parent_ppl, "ppl_after": after}
+                   "ppl_before": state.ppl, "ppl_after": after}
         log.info("refine (%s, %d steps): calibration KL %.4f -> %.4f, quick ppl %s -> %s%s", p.refine,
                  p.refine_steps, meta["refine"]["loss_before"], meta["refine"]["loss_after"],
-                 _fmt(_mean(parent_ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
-        parts, digest = [*parts, meta["uri"]], meta["digest"]
+                 _fmt(_mean(state.ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
+        state = state.then(meta, after)
+    return refitted, refined, state
 
-    fjob = FinalJob(**state(parts, digest), source={"content_hash": base["hash"], "architecture": arch,
-                                                    "num_layers": n_src, "uri": source["uri"]},
-                    report=redact_all({"run_id": run_id, "config": config.model_dump(mode="json"), "source": source}))
+
+def _finish(run: Run, state: State, steps: list[dict[str, Any]], stop_reason: str, refitted: dict[str, Any] | None,
+            refined: dict[str, Any] | None, dense_eval: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The final model, written once; its evaluation and the final check; the report, the journal and, when asked,
+    the MLflow run and registered version."""
+    config, loc, log, source, base = run.config, run.loc, run.log, run.source, run.base
+    kept = [s for s in steps if s["kept"]]
+    n_src = int(base["num_layers"])
+    arch = source.get("architecture") or (base.get("source") or {}).get("architecture")
+    fjob = FinalJob(**run.state(state.parts, state.digest),
+                    source={"content_hash": base["hash"], "architecture": arch, "num_layers": n_src,
+                            "uri": source["uri"]},
+                    report=redact_all({"run_id": run.run_id, "config": config.model_dump(mode="json"),
+                                       "source": source}))
     final, final_cached = run_cached(write_final, fjob)
-    progress.advance("final model written")
+    run.progress.advance("final model written")
     log.info("final model (%d layers removed) %s: %s", len(kept), "reused" if final_cached else "written",
              redact(final["uri"]))
-    final_eval = evaluate(parts, digest, config.evaluation, qa=True)  # shares its cache with the evaluate flow
-    progress.advance("final model evaluated")
-    check = evaluate(parts, digest, EvalConfig(datasets=()), check=True).get("final_check") if kept else None
+    final_eval = run.evaluate(state.parts, state.digest, config.evaluation, qa=True)  # shared with the evaluate flow
+    run.progress.advance("final model evaluated")
+    check = (run.evaluate(state.parts, state.digest, EvalConfig(datasets=()), check=True).get("final_check")
+             if kept else None)
     if check is not None:
         (log.warning if check["verdict"] == "worse" else log.info)(final_line(check))
     ppl = {name: {"dense": v, "pruned": final_eval["perplexity"][name]}
@@ -379,129 +329,33 @@ def _compress(config: CompressConfig, loc: Locations, data_dir: str | None, lock
         metrics |= {"refit_error_before": before, "refit_error_after": after,
                     "refit_seconds": refitted["report"]["seconds"]}
     summary: dict[str, Any] = {
-        "run_id": run_id, "config": config.model_dump(mode="json"), "code_version": code, "source": source,
+        "run_id": run.run_id, "config": config.model_dump(mode="json"), "code_version": run.code, "source": source,
         "base": {"uri": redact(base["uri"]), "hash": base["hash"], "num_layers": n_src,
                  "materialized": base["materialized"]},
-        "calibration": cal, "stream_layers": stream, "stream_reason": stream_reason,
+        "calibration": run.cal, "stream_layers": run.stream, "stream_reason": run.placement.reason,
         "steps": steps, "removed": [s["record"]["chosen"] for s in kept], "stop_reason": stop_reason,
-        "refit": refitted, "refine": refined, "recipe": {"digest": digest, "parts": parts}, "final_check": check,
-        "final": {"uri": final["uri"], "hash": final["hash"]}, "perplexity": ppl, "qa": qa, "metrics": metrics,
-        "steps_reused": sum(s["reused"] for s in steps), "steps_computed": sum(not s["reused"] for s in steps),
-        "store": store, "run_dir": loc.child("runs", run_id), "tracking_uri": loc.tracking_uri,
+        "refit": refitted, "refine": refined, "recipe": {"digest": state.digest, "parts": state.parts},
+        "final_check": check, "final": {"uri": final["uri"], "hash": final["hash"]}, "perplexity": ppl, "qa": qa,
+        "metrics": metrics, "steps_reused": sum(s["reused"] for s in steps),
+        "steps_computed": sum(not s["reused"] for s in steps), "store": run.store,
+        "run_dir": loc.child("runs", run.run_id), "tracking_uri": loc.tracking_uri,
     }
-    if stream:  # streaming is short of memory: free the model's shell before MLflow's share of the run
+    if run.stream:  # streaming is short of memory: free the model's shell before MLflow's share of the run
         working.drop()
-    if warm is not None:
-        warm.join(timeout=300)  # never two first-time initialisations of the tracking store at once
+    if run.warm is not None:
+        run.warm.join(timeout=300)  # never two first-time initialisations of the tracking store at once
     summary = redact_all(summary)  # what is written, logged, returned and sent to MLflow carries no credentials
     if config.tracking.log_and_register and kept:
-        summary["mlflow"] = _track(config, loc, summary, metrics, final_uri=final["uri"])
-        progress.advance(f"registered version {summary['mlflow']['version']}")
+        summary["mlflow"] = track_run(config, loc, summary, metrics, final_uri=final["uri"])
+        run.progress.advance(f"registered version {summary['mlflow']['version']}")
     summary["seconds"] = time.perf_counter() - t0
-    markdown = summary_markdown(summary)
-    write_json(loc.child("runs", run_id, "report.json"), summary)
-    publish_summary(run_id, markdown)
-    journal.update(status="completed", steps=steps, final=summary["final"], mlflow=summary.get("mlflow"),
-                   stop_reason=stop_reason)
-    write_json(journal_uri(loc, run_id), redact_all(journal))
-    log.info("run %s done in %.1f s: %d steps reused, %d computed", run_id, summary["seconds"],
+    write_json(loc.child("runs", run.run_id, "report.json"), summary)
+    publish_summary(run.run_id, summary_markdown(summary))
+    run.journal.complete(steps, final=summary["final"], mlflow=summary.get("mlflow"), stop_reason=stop_reason)
+    log.info("run %s done in %.1f s: %d steps reused, %d computed", run.run_id, summary["seconds"],
              summary["steps_reused"], summary["steps_computed"])
     return summary
 
 
-def _fit_windows(config: CompressConfig, store: str, base: dict[str, Any], cal: dict[str, Any],
-                 data_dir: str | None) -> dict[str, Any]:
-    """The windows refinement and block reconstruction fit on: the calibration windows, or their own cached
-    superset with ``refine_samples``."""
-    if config.prune.refine_samples is None:
-        return cal
-    windows, _ = run_cached(build_calibration, CalibrationJob(
-        store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
-        calibration=config.calibration.model_copy(update={"n_samples": config.prune.refine_samples})))
-    return dict(windows)
-
-
-def _teacher(config: CompressConfig, store: str, base: dict[str, Any], cal: dict[str, Any],
-             data_dir: str | None) -> dict[str, Any]:
-    """The refinement windows (:func:`_fit_windows`) and the dense model's predictions on them (one cached task,
-    computed on the dense working copy)."""
-    p = config.prune
-    windows = _fit_windows(config, store, base, cal, data_dir)
-    teacher, _ = run_cached(teacher_predictions, TeacherJob(
-        store=store, base_uri=base["uri"], base_hash=base["hash"], calibration_uri=windows["uri"],
-        calibration_digest=windows["digest"], topk=p.refine_topk, batch_size=config.calibration.batch_size))
-    return {"windows": windows, "teacher": teacher}
-
-
-def _not_streamable(config: CompressConfig, base: dict[str, Any]) -> str | None:
-    """Why this run cannot be layer-streamed, or ``None`` when it can: the streamed backend's capabilities
-    (:mod:`prunecomp.backends`), and its one input format."""
-    from prunecomp.backends import STREAMED, refusal
-
-    why = refusal(STREAMED, config.prune, qa=bool(config.qa_tasks))
-    if why is not None:
-        return why
-    if base.get("materialized"):
-        return "layer streaming reads safetensors sources; this one (GGUF or pickle) is materialised in memory first"
-    return None
-
-
-def _fan_out(config: CompressConfig, job: StepJob, n_src: int, removed: list[int]) -> tuple[dict[int, float],
-                                                                                         list[str]]:
-    """Score this step's candidates in ``config.parallel_candidates`` tasks on the flow's task runner."""
-    protected = config.prune.protected(n_src)
-    cands = [i for i in range(n_src) if i not in protected and i not in removed]
-    jobs = [CandidateJob(store=job.store, base_uri=job.base_uri, base_hash=job.base_hash, parts=job.parts,
-                         state_digest=job.state_digest, calibration_uri=job.calibration_uri,
-                         calibration_digest=job.calibration_digest, metric=config.prune.metric, candidates=chunk,
-                         batch_size=job.batch_size)
-            for chunk in split(cands, config.parallel_candidates)]
-    results = [f.result() for f in score_candidates.map(job=jobs)]
-    scores = {int(k): float(v) for r in results for k, v in r["scores"].items()}
-    return scores, sorted({r["worker"] for r in results})
-
-
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
-
-
-def _track(config: CompressConfig, loc: Locations, summary: dict[str, Any], metrics: dict[str, float], *,
-           final_uri: str) -> dict:
-    """Log the run to MLflow (params, metrics, report, plots, the recipe) and register the final model as a new
-    model version with lineage tags. The weights are not copied: the version's source is the final model in the
-    store, so a run leaves one copy of them (see the README). The tags include the digest of the evaluation
-    settings (corpora, windows, sequence length, QA tasks, dtype, device type): promotion compares a version's
-    metrics with the champion's only when these are equal."""
-    from tasks.tracking import eval_settings_tags
-
-    prune = config.prune
-    tags = {
-        "method": {"magnitude": "prune&comp", "guarded": "prune&comp-guarded", "lsq": "prune&comp+lsq"}.get(
-            prune.compensation, "naive-depth-pruning")
-        + ("" if prune.reconstruct == "none" else f"+reconstruct-{prune.reconstruct}")
-        + ("" if prune.refit == "none" else f"+refit-{prune.refit}")
-        + ("" if prune.refine == "none" else f"+refine-{prune.refine}{'-each' if prune.refine_at == 'each' else ''}"),
-        "metric": prune.metric, "compensation": prune.compensation,
-        "final_check": (summary.get("final_check") or {}).get("verdict", "not run"),
-        "guard_decisions": ",".join((s["record"].get("guard") or {}).get("decision", "-")
-                                    for s in summary["steps"] if s["kept"]),
-        "layers_removed": str(summary["removed"]), "n_layers_removed": str(len(summary["removed"])),
-        "source_model": summary["source"]["uri"], "source_hash": summary["source"]["content_hash"],
-        "calibration_digest": summary["calibration"]["digest"],
-        "calibration_origin": summary["calibration"]["origin"], "code_version": summary["code_version"],
-        "checkpoint_uri": summary["final"]["uri"], "checkpoint_hash": summary["final"]["hash"],
-        "prunecomp_run": summary["run_id"],
-    } | eval_settings_tags(config.evaluation, config.qa_tasks, config.qa_limit)
-    report = {k: v for k, v in summary.items() if k != "mlflow"}
-    run_key = f"{summary['run_id']}-{summary['final']['hash'][:12]}"
-    run = log_run_task(tracking_uri=loc.tracking_uri, artifact_root=loc.mlflow_artifacts,
-                       experiment=config.tracking.experiment, run_key=run_key, run_name=summary["run_id"],
-                       params=summary["config"] | {"code_version": summary["code_version"]},
-                       steps=[s for s in summary["steps"] if s["kept"]], metrics=metrics, tags=tags, report=report,
-                       summary_md=summary_markdown(summary), model_uri=summary["final"]["uri"],
-                       recipe_uri=final_uri)  # read with the real URI; everything sent is redacted
-    version = register_task(tracking_uri=loc.tracking_uri, name=config.model_name(), run_id=run["run_id"],
-                            source=summary["final"]["uri"], tags=tags, model_id=run["model_id"] or None,
-                            description=f"{summary['source']['uri']} minus layers {summary['removed']} "
-                                        f"({tags['method']}, {prune.metric})")
-    return {"run_id": run["run_id"], "model_id": run["model_id"], "model_uri": run["model_uri"], **version}

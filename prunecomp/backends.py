@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prunecomp.config import PruneConfig
 
-__all__ = ["IN_MEMORY", "STREAMED", "Capabilities", "refusal"]
+__all__ = ["IN_MEMORY", "STREAMED", "Capabilities", "memory", "refusal"]
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,29 @@ def refusal(backend: Capabilities, config: PruneConfig, *, qa: bool = False) -> 
         if wanted and not supported:
             return f"{backend.name} cannot run {what} ({backend.why}); run it in memory, or leave that stage out"
     return None
+
+
+def memory(device: object = None) -> tuple[int, int]:
+    """``(available, total)`` bytes where a model (or its cached activations) would live: free and total memory of
+    the CUDA device when ``device`` is one (or, with no device, when CUDA is there), else the host's
+    ``MemAvailable`` and physical memory. The one place that reads memory: the pipeline's choice of backend and the
+    incremental scanner's cache budget both start here."""
+    import os
+
+    import torch
+
+    cuda = torch.cuda.is_available() and (device is None or getattr(device, "type", None) == "cuda")
+    if cuda:
+        free, total = torch.cuda.mem_get_info(device if device is not None else None)
+        return int(free), int(total)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 2 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        available = info.get("MemAvailable", total)
+    except (OSError, ValueError, IndexError):
+        available = total
+    return int(available), int(total)

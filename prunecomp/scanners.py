@@ -16,7 +16,6 @@ outputs beyond a rescale (an ``lsq`` gap map: the layer it is folded into; into 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -95,12 +94,11 @@ def memory_budget(device: object = None) -> int:
     model's): a quarter of the free GPU memory on CUDA, a quarter of physical memory otherwise."""
     import torch
 
-    if getattr(device, "type", None) == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(device)[0]) // 4
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):
-        return 2 << 30
+    from prunecomp.backends import memory
+
+    cuda = getattr(device, "type", None) == "cuda"
+    available, total = memory(device if cuda else torch.device("cpu"))
+    return (available if cuda else total) // 4
 
 
 def make_scanner(model: nn.Module, calibration: TokenWindows | Tensor, config: PruneConfig, *, batch_size: int,

@@ -7,7 +7,7 @@ every other parameter; :func:`decide` returns every gate's verdict so a rejectio
 A gate can only be as strict as what it reads, so none of them may pass by accident:
 
 * ``metric`` must be one of the final metrics the compress flow logs (:data:`METRIC_PATTERNS`, the outputs of
-  ``flows.compress.run_metrics``): a misspelt name is a validation error, not a metric that is never measured
+  ``flows.registration.run_metrics``): a misspelt name is a validation error, not a metric that is never measured
   and so always skipped;
 * a metric that was measured but is NaN (or infinite) fails its gate, whatever ``missing`` says: it is a broken
   evaluation, not an absent one;
@@ -39,7 +39,7 @@ METRIC_PATTERNS: tuple[str, ...] = (
     r"qa_retained",
     r"refit_(error_before|error_after|seconds)",
 )
-"""The final metrics of a compression run (``flows.compress.run_metrics`` and the refit's), the only names a gate
+"""The final metrics of a compression run (``flows.registration.run_metrics`` and the refit's), the only names a gate
 may read. One place: the gate validation uses it, and a test checks that every metric the flow logs matches."""
 
 _KNOWN = re.compile("|".join(f"(?:{p})" for p in METRIC_PATTERNS))

@@ -441,7 +441,9 @@ def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config,
         assert abs(streamed["perplexity"][name]["pruned"] - v["pruned"]) < 1e-3 * v["pruned"]
     assert read_recipe(streamed["final"]["uri"]).removed == ref["removed"]
 
-    monkeypatch.setattr(compress_module, "_memory_budget", lambda: 1024)  # nothing fits: stream by itself
+    import flows.placement
+
+    monkeypatch.setattr(flows.placement, "memory_budget", lambda: 1024)  # nothing fits: stream by itself
     auto = compress_module.compress(config=make_config(str(tmp_path / "auto"), tracking_uri,
                                                        tracking=no_mlflow("auto")))
     assert auto["stream_layers"] and auto["removed"] == ref["removed"]

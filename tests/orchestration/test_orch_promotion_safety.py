@@ -229,7 +229,7 @@ def test_a_nan_metric_fails_its_gate_even_when_missing_is_skip(registry: Registr
 
 
 def test_every_metric_the_compress_flow_logs_is_a_known_gate_metric() -> None:
-    from flows.compress import run_metrics
+    from flows.registration import run_metrics
     from tasks.gates import is_known_metric
 
     metrics = run_metrics({"wikitext2": {"dense": 10.0, "pruned": 12.0}, "tinystories": {"dense": 3.0, "pruned": 4.0}},
@@ -255,8 +255,8 @@ def test_eval_settings_digest_follows_what_changes_the_numbers() -> None:
 
 
 def test_track_tags_every_version_with_its_eval_settings(make_config, tmp_path: Path, monkeypatch) -> None:
-    """What ``flows.compress._track`` sends to MLflow: the run's and the version's tags carry the digest."""
-    import flows.compress as compress_flow
+    """What ``flows.registration.track_run`` sends to MLflow: the run's and the version's tags carry the digest."""
+    import flows.registration as compress_flow
     from tasks.settings import locations
     from tasks.tracking import EVAL_DIGEST_TAG, eval_settings_tags
 
@@ -270,7 +270,7 @@ def test_track_tags_every_version_with_its_eval_settings(make_config, tmp_path: 
     summary = {"final_check": None, "steps": [], "removed": [2], "source": {"uri": "m", "content_hash": "h"},
                "calibration": {"digest": "d", "origin": "o"}, "code_version": "c", "final": {"uri": "f", "hash": "x"},
                "run_id": "run", "config": cfg.model_dump(mode="json")}
-    out = compress_flow._track(cfg, locations(str(tmp_path), "sqlite:///unused.db"), summary, {}, final_uri="f")
+    out = compress_flow.track_run(cfg, locations(str(tmp_path), "sqlite:///unused.db"), summary, {}, final_uri="f")
     expected = eval_settings_tags(cfg.evaluation, cfg.qa_tasks, cfg.qa_limit)
     assert seen["run"][EVAL_DIGEST_TAG] == seen["version"][EVAL_DIGEST_TAG] == expected[EVAL_DIGEST_TAG]
     assert out["name"] == "prunecomp-stories260k-adhoc"  # an ad-hoc run never adds to a deployment's model

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.orchestration
 
 
 def _journal(store: Path, **options: Any) -> tuple[str, dict[str, Any]]:
-    from flows.compress import journal_uri
+    from flows.journal import journal_uri
     from flows.params import CompressConfig
     from tasks.settings import locations
 
