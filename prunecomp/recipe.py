@@ -91,7 +91,7 @@ class LayerEdit:
         return cls(layers=Renamed(tensors, doc["layers"]), report=dict(doc.get("report") or {}))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RecipeStep:
     """One removal: ORIGINAL layer ``removed``, at index ``current`` of the model as it was then.
 
@@ -101,6 +101,8 @@ class RecipeStep:
     parameters block reconstruction fitted at this step (``reconstruct``), by name in the model as it was then,
     set after the folds of this step and before its refinement. ``record`` is the
     step's audit record (scores, time); it does not change the tensors and stays out of :meth:`Recipe.digest`.
+    Two steps are equal when they do the same to the tensors (:meth:`edit`, tensors by digest); the record is
+    not compared.
     """
 
     removed: int
@@ -110,6 +112,16 @@ class RecipeStep:
     record: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     refine: RefineEdit | None = field(default=None, repr=False, compare=False)
     layers: Mapping[str, Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RecipeStep):
+            return NotImplemented
+        if (self.removed, self.current, self.scale) != (other.removed, other.current, other.scale):
+            return False
+        return self.edit() == other.edit()
+
+    def __hash__(self) -> int:
+        return hash((self.removed, self.current, self.scale))
 
     def edit(self) -> dict[str, Any]:
         """What this step does to the tensors, as JSON (``gap_map`` as its sha256). A step without refinement has

@@ -108,3 +108,18 @@ def test_recipe_from_a_json_report_replays_exactly() -> None:
                                batch_size=2).to_dict()
     with pytest.raises(PrunecompError, match="JSON report does not hold"):
         recipe_from_report(json.loads(json.dumps(lsq)))
+
+
+def test_steps_with_different_tensors_are_not_equal() -> None:
+    """Equality of recipe steps covers their tensors (by digest), not only the layer and the scale; the audit
+    record is not compared."""
+    import torch
+
+    from prunecomp.recipe import RecipeStep
+
+    a = RecipeStep(removed=2, current=2, scale=1.1, gap_map=torch.ones(3, 3))
+    b = RecipeStep(removed=2, current=2, scale=1.1, gap_map=torch.zeros(3, 3))
+    assert a != b and a == RecipeStep(removed=2, current=2, scale=1.1, gap_map=torch.ones(3, 3), record={"x": 1})
+    la = RecipeStep(removed=1, current=1, scale=None, layers={"w": torch.ones(2)})
+    assert la != RecipeStep(removed=1, current=1, scale=None, layers={"w": torch.full((2,), 2.0)})
+    assert la != RecipeStep(removed=1, current=1, scale=None)
