@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from prunecomp.adapters import ArchAdapter, decoder_layers, get_adapter, resolve
 from prunecomp.hooks import _hidden_out
 
-__all__ = ["LayerInputs", "catch_layer_inputs", "head_nll", "run_layer"]
+__all__ = ["HEAD_CHUNK_ELEMENTS", "LayerInputs", "catch_layer_inputs", "head_nll", "run_layer"]
 
 
 class _Stop(Exception):
@@ -97,23 +97,36 @@ def run_layer(layer: nn.Module, xs: Sequence[Tensor], kwargs: Sequence[dict]) ->
     return [_hidden_out(layer(x, **kw)) for x, kw in zip(xs, kwargs, strict=True)]
 
 
+HEAD_CHUNK_ELEMENTS = 1 << 24
+"""Logits computed at a time by :func:`head_nll` (64 MiB of fp32): a 128k-262k vocabulary would otherwise
+materialize ``tokens x vocab`` fp32 logits at once (2 GiB for 2048 tokens of a 262k vocabulary)."""
+
+
 @torch.no_grad()
-def head_nll(model: nn.Module, x: Tensor, ids: Tensor, adapter: ArchAdapter | None = None) -> tuple[float, int]:
+def head_nll(model: nn.Module, x: Tensor, ids: Tensor, adapter: ArchAdapter | None = None, *,
+             stride: int = 1) -> tuple[float, int]:
     """Summed next-token NLL and token count of the model's head (final norm, lm_head) on a final stream ``x``.
 
-    Matches ``model(input_ids=ids, labels=ids).loss * count`` (including Gemma's final logit soft-capping).
+    Matches ``model(input_ids=ids, labels=ids).loss * count`` (including Gemma's final logit soft-capping). The
+    logits are computed a chunk of tokens at a time (:data:`HEAD_CHUNK_ELEMENTS`), so memory does not grow with
+    the vocabulary times the batch; the FLOPs are the same. ``stride``: score every ``stride``-th position only
+    (the head costs as much per token as several decoder layers; a sample of positions is what a loss
+    *difference* needs, see :mod:`prunecomp.guard`).
     """
     adapter = adapter or get_adapter(model)
     norm = resolve(model, adapter.final_norm)
     head = resolve(model, adapter.lm_head)
-    logits = head(norm(x)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    labels = ids.to(logits.device)[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                            reduction="sum")
-    return float(nll), labels.numel()
+    h = norm(x[:, :-1][:, ::stride]).reshape(-1, x.shape[-1])
+    labels = ids.to(x.device)[:, 1:][:, ::stride].reshape(-1)
+    step = max(1, HEAD_CHUNK_ELEMENTS // int(head.weight.shape[0]))
+    total = 0.0
+    for start in range(0, h.shape[0], step):
+        logits = head(h[start : start + step]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        total += float(torch.nn.functional.cross_entropy(logits, labels[start : start + step], reduction="sum"))
+    return total, labels.numel()
 
 
 def _model_device(model: nn.Module) -> torch.device:
