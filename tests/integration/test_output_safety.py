@@ -4,12 +4,9 @@ on local disk and on a local S3 server, for ``--out``, ``--json``, ``--plots``, 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -173,105 +170,3 @@ def test_overlap_of_urls() -> None:
     assert overlap("s3://b/m/basement", "s3://b/m/base") is None
     assert overlap("s3://other/m", "s3://b/m") is None
     assert overlap("/tmp/x", "meta-llama/Llama-3-8B") is None  # a hub id is not a path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[object]:
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    mp = pytest.MonkeyPatch()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-        mp.setenv(key, value)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("bkt")
-    try:
-        yield fs
-    finally:
-        mp.undo()
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
-
-
-def _s3_tree(fs, prefix: str) -> dict[str, bytes]:
-    fs.invalidate_cache()
-    return {p: fs.cat(p) for p in fs.find(prefix)}
-
-
-def test_s3_parent_of_source_with_overwrite_is_refused(s3, stories_dir) -> None:
-    fs = s3
-    for f in stories_dir.iterdir():
-        if f.is_file():
-            fs.put_file(str(f), f"bkt/m/base/{f.name}")
-    fs.pipe("bkt/m/notes.txt", b"mine")
-    before = _s3_tree(fs, "bkt/m")
-    code, text = _invoke("prune", "--model", "s3://bkt/m/base", *FAST, "--out", "s3://bkt/m", "--overwrite")
-    assert code == 2 and "contains the source model" in text
-    assert _s3_tree(fs, "bkt/m") == before
-
-
-def test_s3_non_empty_prefix_is_refused_exactly_as_on_disk(s3) -> None:
-    fs = s3
-    fs.pipe("bkt/busy/keep.bin", b"precious")
-    with pytest.raises(PrunecompError, match="already exists and is not empty; pass --overwrite"):
-        check_output("s3://bkt/busy")
-    with pytest.raises(PrunecompError, match="prunecomp did not write"):
-        check_output("s3://bkt/busy", overwrite=True)
-    with pytest.raises(PrunecompError, match="prunecomp did not write"):
-        write_dir("s3://bkt/busy", _fill(("a.txt",)), overwrite=True)
-    assert _s3_tree(fs, "bkt/busy") == {"bkt/busy/keep.bin": b"precious"}
-    write_dir("s3://bkt/ours", _fill(("a.txt",)))
-    with pytest.raises(PrunecompError, match="already exists"):
-        write_dir("s3://bkt/ours", _fill(("a.txt",), "v2"))
-    write_dir("s3://bkt/ours", _fill(("c.txt",), "v2"), overwrite=True)
-    assert set(_s3_tree(fs, "bkt/ours")) == {"bkt/ours/c.txt", f"bkt/ours/{MARKER}"}
-
-
-def test_s3_swap_that_died_midway_is_still_prunecomp_s(s3) -> None:
-    """A replacement that died after removing the old marker leaves ``_WRITING``: the folder is still prunecomp's
-    (``--overwrite`` may finish the job) but never reads as a complete result."""
-    fs = s3
-    write_dir("s3://bkt/half", _fill(("a.txt",)))
-    real = fs.rm
-    calls: list[str] = []
-
-    def dies_after_marker(path, *args, **kwargs):
-        calls.append(str(path))
-        real(path, *args, **kwargs)
-        if str(path).endswith(MARKER):
-            raise ConnectionError("gone")
-
-    fs.rm = dies_after_marker
-    try:
-        with pytest.raises(PrunecompError, match="failed midway"):
-            write_dir("s3://bkt/half", _fill(("b.txt",), "v2"), overwrite=True)
-    finally:
-        del fs.rm
-    fs.invalidate_cache()
-    assert not is_complete("s3://bkt/half") and is_prunecomp_result("s3://bkt/half")
-    write_dir("s3://bkt/half", _fill(("b.txt",), "v2"), overwrite=True)
-    assert set(_s3_tree(fs, "bkt/half")) == {"bkt/half/b.txt", f"bkt/half/{MARKER}"}
-    for leftover in [p for p in fs.ls("bkt") if "staging" in p]:
-        fs.rm(leftover, recursive=True)
-
-
-def test_s3_json_output_follows_the_file_rules(s3) -> None:
-    fs = s3
-    fs.pipe("bkt/reports/theirs.json", b'{"x": 1}')
-    with pytest.raises(PrunecompError, match="already exists"):
-        check_file_output("s3://bkt/reports/theirs.json")
-    with pytest.raises(PrunecompError, match="did not write"):
-        check_file_output("s3://bkt/reports/theirs.json", overwrite=True)
-    assert os.environ["AWS_ENDPOINT_URL"]  # the fixture's server answered both checks

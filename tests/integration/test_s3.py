@@ -11,10 +11,10 @@ import torch
 
 from prunecomp.checkpoint import save_pruned
 from prunecomp.errors import PrunecompError
-from prunecomp.outputs import check_output
+from prunecomp.outputs import check_file_output, check_output
 from prunecomp.pruning import remove_layer
 from prunecomp.sources import load_model
-from prunecomp.storage import MARKER, is_complete
+from prunecomp.storage import MARKER, is_complete, is_prunecomp_result, write_dir
 
 pytestmark = pytest.mark.integration
 
@@ -247,3 +247,86 @@ def test_s3_server_stopped_mid_upload_then_rerun(tmp_path, monkeypatch) -> None:
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+# Outputs replace only what prunecomp wrote, on S3 exactly as on disk (see test_output_safety.py).
+
+
+def _s3_tree(fs, prefix: str) -> dict[str, bytes]:
+    fs.invalidate_cache()
+    return {p: fs.cat(p) for p in fs.find(prefix)}
+
+
+def test_s3_parent_of_source_with_overwrite_is_refused(s3, stories_dir) -> None:
+    fs = s3
+    for f in stories_dir.iterdir():
+        if f.is_file():
+            fs.put_file(str(f), f"models/safety/m/base/{f.name}")
+    fs.pipe("models/safety/m/notes.txt", b"mine")
+    before = _s3_tree(fs, "models/safety/m")
+    from click.testing import CliRunner
+
+    from prunecomp.cli import main
+    from tests.integration.test_output_safety import FAST
+
+    result = CliRunner().invoke(main, ["prune", "--model", "s3://models/safety/m/base", *FAST, "--out",
+                                       "s3://models/safety/m", "--overwrite"], catch_exceptions=False)
+    code, text = result.exit_code, result.output
+    assert code == 2 and "contains the source model" in text
+    assert _s3_tree(fs, "models/safety/m") == before
+
+
+def test_s3_non_empty_prefix_is_refused_exactly_as_on_disk(s3) -> None:
+    fs = s3
+    fs.pipe("models/safety/busy/keep.bin", b"precious")
+    with pytest.raises(PrunecompError, match="already exists and is not empty; pass --overwrite"):
+        check_output("s3://models/safety/busy")
+    with pytest.raises(PrunecompError, match="prunecomp did not write"):
+        check_output("s3://models/safety/busy", overwrite=True)
+    with pytest.raises(PrunecompError, match="prunecomp did not write"):
+        write_dir("s3://models/safety/busy", _fill("v1", ("a.txt",)), overwrite=True)
+    assert _s3_tree(fs, "models/safety/busy") == {"models/safety/busy/keep.bin": b"precious"}
+    write_dir("s3://models/safety/ours", _fill("v1", ("a.txt",)))
+    with pytest.raises(PrunecompError, match="already exists"):
+        write_dir("s3://models/safety/ours", _fill("v2", ("a.txt",)))
+    write_dir("s3://models/safety/ours", _fill("v2", ("c.txt",)), overwrite=True)
+    assert set(_s3_tree(fs, "models/safety/ours")) == {"models/safety/ours/c.txt", f"models/safety/ours/{MARKER}"}
+
+
+def test_s3_swap_that_died_midway_is_still_prunecomp_s(s3) -> None:
+    """A replacement that died after removing the old marker leaves ``_WRITING``: the folder is still prunecomp's
+    (``--overwrite`` may finish the job) but never reads as a complete result."""
+    import fsspec
+
+    fs = fsspec.core.url_to_fs("s3://models/safety/half")[0]  # the instance write_dir uses
+    write_dir("s3://models/safety/half", _fill("v1", ("a.txt",)))
+    real = fs.rm
+    calls: list[str] = []
+
+    def dies_after_marker(path, *args, **kwargs):
+        calls.append(str(path))
+        real(path, *args, **kwargs)
+        if str(path).endswith(MARKER):
+            raise ConnectionError("gone")
+
+    fs.rm = dies_after_marker
+    try:
+        with pytest.raises(PrunecompError, match="failed midway"):
+            write_dir("s3://models/safety/half", _fill("v2", ("b.txt",)), overwrite=True)
+    finally:
+        del fs.rm
+    fs.invalidate_cache()
+    assert not is_complete("s3://models/safety/half") and is_prunecomp_result("s3://models/safety/half")
+    write_dir("s3://models/safety/half", _fill("v2", ("b.txt",)), overwrite=True)
+    assert set(_s3_tree(fs, "models/safety/half")) == {"models/safety/half/b.txt", f"models/safety/half/{MARKER}"}
+    for leftover in [p for p in fs.ls("models/safety") if "staging" in p]:
+        fs.rm(leftover, recursive=True)
+
+
+def test_s3_json_output_follows_the_file_rules(s3) -> None:
+    fs = s3
+    fs.pipe("models/safety/reports/theirs.json", b'{"x": 1}')
+    with pytest.raises(PrunecompError, match="already exists"):
+        check_file_output("s3://models/safety/reports/theirs.json")
+    with pytest.raises(PrunecompError, match="did not write"):
+        check_file_output("s3://models/safety/reports/theirs.json", overwrite=True)
