@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from prunecomp import metrics as M
 from prunecomp.adapters import decoder_layers, get_adapter, resolve
+from prunecomp.backends import STREAMED, refusal
 from prunecomp.compensation import compensate, is_tied, scale_layer_writers
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
@@ -65,7 +66,7 @@ __all__ = [
     "streamed_step",
 ]
 
-STREAMED_METRICS = frozenset({"bi", "angular"})
+STREAMED_METRICS: frozenset[str] = STREAMED.metrics or frozenset()  # declared in prunecomp.backends
 
 
 class SafetensorsWeights:
@@ -391,16 +392,9 @@ def streamed_scanner(sm: StreamedModel, ids: Tensor, *, batch_size: int) -> Stat
 
 def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
     """Everything :func:`streamed_prune` would reject, before any compute."""
-    if config.mode != "iterative" or config.compensation == "lsq" or config.selection != "score":
-        raise PrunecompError("layer streaming runs iterative BI/angular pruning with guarded, magnitude or no "
-                             "compensation and score selection")
-    if config.refine != "none":
-        raise PrunecompError("layer streaming does not support --refine (it back-propagates through the whole "
-                             "model); prune without --stream-layers to refine")
-    if config.refit != "none":
-        raise PrunecompError("layer streaming does not support --refit yet; prune without --stream-layers to refit")
-    if config.metric not in STREAMED_METRICS:
-        raise PrunecompError(f"layer streaming supports metrics {sorted(STREAMED_METRICS)}, got {config.metric!r}")
+    why = refusal(STREAMED, config)  # the streamed backend's capabilities, declared once
+    if why is not None:
+        raise PrunecompError(why)
     candidates(sm.model, config, config.layers_to_remove(sm.source_layers))
 
 

@@ -80,8 +80,9 @@ def test_streamed_block_reconstruction_equals_in_memory(stories_dir, tmp_path) -
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--metric", "taylor"], "layer streaming supports metrics"),
-    (["--compensation", "lsq"], "layer streaming runs iterative"),
+    (["--metric", "taylor"], "layer streaming cannot run metric 'taylor'"),
+    (["--compensation", "lsq"], "layer streaming cannot run compensation 'lsq'"),
+    (["--quality", "balanced"], "layer streaming cannot run the gains"),
 ])
 def test_streamed_job_rejects_what_it_cannot_do(stories_dir, tmp_path, args: list[str], message: str) -> None:
     out = tmp_path / "out"
