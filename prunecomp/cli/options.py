@@ -139,8 +139,11 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--quality", type=click.Choice(get_args(Level)), default=DEFAULT_LEVEL, show_default=True,
                      cls=StageOption, help="What to spend for quality, at zero run-time cost: fast = Prune&Comp with "
                      "guarded compensation; balanced = + per-channel gains fitted to the dense model after the last "
-                     "removal; best = + block reconstruction of the layers beside every gap. Expert options you "
-                     "give override the level (and are recorded)."),
+                     "removal; best = + block reconstruction of the layers beside every gap. Measured on SmolLM2-135M "
+                     "(share of the perplexity lost to plain removal that is won back, k = 3/5/8): fast -12/21/33%, "
+                     "balanced 37/59/67%, best 74/71/72%; on one CPU thread fast adds about a minute to plain "
+                     "removal, balanced 10-20 minutes, best 15-25 (docs/RESULTS.md). Expert options you give "
+                     "override the level (and are recorded)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, cls=StageOption,
                      help="Calibration/evaluation sizes: cpu (fast) or paper (128x2048). Default: paper on a GPU, "
                      "cpu otherwise."),
