@@ -141,9 +141,9 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "guarded compensation; balanced = + per-channel gains fitted to the dense model after the last "
                      "removal; best = + block reconstruction of the layers beside every gap. Measured on SmolLM2-135M "
                      "(share of the perplexity lost to plain removal that is won back, k = 3/5/8): fast -12/21/33%, "
-                     "balanced 37/59/67%, best 74/71/72%; on one CPU thread fast adds about a minute to plain "
-                     "removal, balanced 10-20 minutes, best 15-25 (docs/RESULTS.md). Expert options you give "
-                     "override the level (and are recorded)."),
+                     "balanced 37/59/67%, best 74/71/72%; on one CPU thread fast's steps cost 1.2x the paper's, "
+                     "balanced adds one gains fit (8-22 min measured), best takes 15-23 min in all "
+                     "(docs/RESULTS.md). Expert options you give override the level (and are recorded)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, cls=StageOption,
                      help="Calibration/evaluation sizes: cpu (fast) or paper (128x2048). Default: paper on a GPU, "
                      "cpu otherwise."),
