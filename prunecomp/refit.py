@@ -5,9 +5,9 @@ DENSE model's stream after the same original layer.
 Why: block reconstruction (:mod:`prunecomp.reconstruct`) fits the neighbours of each gap to the model as it was
 just before that removal, so the errors of earlier removals and of the fits themselves pile up; the gains
 (``refine``) fix one number per channel. Refitting each later layer against the dense model's own stream
-corrects what every gap upstream left, one layer's forward and backward at a time. Measured on SmolLM2-135M
-(``bench/refine_variants.py --seq-steps``): it was the only step that reached 75% of the naive degradation
-recovered at k = 3 within a time budget of twice the refinement's (docs/RESULTS.md).
+corrects what every gap upstream left, one layer's forward and backward at a time. Measured on SmolLM2-135M with
+``bench/refine_variants.py --seq-steps`` and ``bench/quality.py`` (docs/RESULTS.md): after block reconstruction the
+gains do better than it at k = 3, 5 and 8, so no quality level uses it; it stays an expert stage.
 
 The dense streams need the removed layers too, so they come from the source (``dense``): a model in memory, or
 a :class:`prunecomp.streamed.StreamedModel` of the source folder that reads one layer at a time. Memory: two
