@@ -104,36 +104,12 @@ def folded_copy(model: nn.Module, items: list[Gain], lows: list[LowRank]) -> nn.
 
 
 def render(path: str, dense: float = 44.58, naive: dict[int, float] | None = None) -> str:
-    """Markdown table of the JSON lines in ``path``: mean PPL per point and the share of the naive degradation
-    recovered (naive = one-shot BI of the quality table: 74.56, 93.05, 165.56 at k = 3, 5, 8)."""
-    naive = naive or {3: 74.56, 5: 93.05, 8: 165.56}
-    lines = ["| run | k | refinement steps | mean PPL | recovered | seconds (1 thread; progressive: with pruning) "
-             "| removed |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for row in map(json.loads, Path(path).read_text().splitlines()):
-        a = row["args"]
-        if a.get("progressive"):
-            per = a["progressive"] if a.get("step_gains", -1) < 0 else a["step_gains"]
-            points = [(int(i), int(i) * per, v, row["seconds"].get(i)) for i, v in row["ppl"].items()]
-            chosen = row.get("chosen")
-            for i, br in (row.get("branch") or {}).items():  # fits on a copy at that point: time on top of it
-                base = row["seconds"].get(i, 0.0)
-                seq = br.get("seq", {}).get("seconds", 0.0)
-                for s, v in sorted(br["ppl"].items(), key=lambda kv: int(kv[0])):
-                    what = f"+ seq {a.get('seq_steps')}" if a.get("seq_steps") else ""
-                    what += f" + gains {s}" if int(s) else ""
-                    points.append((int(i), what.strip(" +") or "-", v,
-                                   base + seq + (br["seconds"][s] if int(s) else 0.0)))
-            points.sort(key=lambda p: p[0])
-        else:
-            points = [(a["k"], int(s), v, row["seconds"].get(s)) for s, v in row["ppl"].items() if int(s) > 0]
-            chosen = None
-        for k, steps, ppl, sec in points:
-            rec = f"{100 * (naive[k] - ppl) / (naive[k] - dense):.1f}%" if k in naive else "-"
-            lines.append(f"| {row.get('label', '')} | {k} | {steps} | {ppl:.2f} | {rec} | "
-                         f"{'-' if sec is None else round(sec)} | "
-                         f"{sorted(chosen[:k]) if chosen else sorted(row.get('removed', []))} |")
-    return "\n".join(lines)
+    """Markdown table of the JSON lines in ``path``: mean PPL per point and the share recovered, against the naive
+    rows (``--compensation none``, iterative BI: 68.25, 93.05, 175.96 at k = 3, 5, 8): the results document's
+    one table and one definition (``bench/results_doc.py``)."""
+    from results_doc import variants_table
+
+    return variants_table(Path(path), naive or {3: 68.25, 5: 93.05, 8: 175.96}, dense)
 
 
 def main() -> None:
