@@ -52,9 +52,9 @@ def refusal(backend: Capabilities, config: PruneConfig, *, qa: bool = False) -> 
         if allowed is not None and value not in allowed:
             return (f"{backend.name} cannot run {what} {value!r} (it runs {', '.join(sorted(allowed))}; "
                     f"{backend.why}); drop the option or run in memory")
-    stages = [("the gains (refine)", config.refine != "none", backend.refine),
-              ("the sequential refit (refit)", config.refit != "none", backend.refit),
-              ("block reconstruction (reconstruct)", config.reconstruct != "none", backend.reconstruct),
+    stages = [("the gains (--refine, refine)", config.refine != "none", backend.refine),
+              ("the sequential refit (--refit, refit)", config.refit != "none", backend.refit),
+              ("block reconstruction (--reconstruct, reconstruct)", config.reconstruct != "none", backend.reconstruct),
               ("QA tasks", qa, backend.qa)]
     for what, wanted, supported in stages:
         if wanted and not supported:
