@@ -208,7 +208,7 @@ def test_plot_command_refuses_remote_or_unwritable_out(real_report, tmp_path) ->
     assert result.exit_code == 2 and "error: --out writes PNG files to a local folder" in result.output
     (tmp_path / "file").write_text("x")
     result = _plot(str(tmp_path / "R.json"), "--out", str(tmp_path / "file"))
-    assert result.exit_code == 2 and "error: cannot write plots into" in result.output, result.output
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["R.json", "file"]
 
 
