@@ -437,8 +437,8 @@ def anchor_summary(merged: dict[str, dict[str, dict[int, Any]]], dense: float) -
 
 def recovered(variant: float, naive: float, dense: float) -> float:
     """Share of the naive removal's perplexity degradation that a variant recovers (100% = back to dense): the
-    results document's one definition (``bench/results_doc.py``)."""
-    from results_doc import recovered as one_definition
+    one definition (``bench/measures.py``)."""
+    from measures import recovered as one_definition
 
     return float(one_definition(variant, naive, dense))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measures import recovered  # bench/ is on the path just above
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
@@ -75,13 +76,6 @@ MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themse
 ONE_SHOT = "one-shot"
 NAIVE_ITERATIVE = "iterative"  # bench/quality.py's name for iterative removal with --compensation none
 NOT_OURS = ("replaceme", "linearpatch")  # the published anchors: other methods, never a prunecomp "best"
-
-
-def recovered(x: float, naive: float, dense: float) -> float:
-    """Share (%) of the naive removal's perplexity degradation that a result ``x`` recovers:
-    ``100 * (naive - x) / (naive - dense)``. 100% = back to the dense model, 0% = no better than naive, negative =
-    worse than naive. The one definition every generated table uses (docs/EVALUATION.md)."""
-    return 100.0 * (naive - x) / (naive - dense)
 
 
 @dataclass(frozen=True)
