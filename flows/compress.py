@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger
 
 from flows.journal import Journal
 from flows.params import CompressConfig
-from flows.placement import place
+from flows.placement import not_streamable, place
 from flows.registration import run_metrics, track_run
 from flows.run import Run, State, base_model, fan_out, teacher
 from flows.runners import task_runner
@@ -165,11 +165,8 @@ def _prepare(config: CompressConfig, loc: Locations, data_dir: str | None, log: 
     placement = place(config, base)
     if config.stream_layers is None and placement.over_budget:
         log.warning(placement.reason)
-    if placement.stream:
-        from flows.placement import not_streamable
-
-        if (why_not := not_streamable(config, base)) is not None:
-            raise PrunecompError(why_not)
+    if placement.stream and (why_not := not_streamable(config, base)) is not None:
+        raise PrunecompError(why_not)
     log.info("model %s: %d layers, removing %d%s%s", source["uri"], n_src, k, " (cached)" if cached else "",
              ", layer-streamed" if placement.stream else "")
     run = Run(config=config, loc=loc, log=log, data_dir=data_dir, code=code, journal=journal, source=source,

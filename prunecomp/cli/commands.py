@@ -36,8 +36,6 @@ def _run(job: JobConfig, json_out: str | None) -> JobResult:
     from prunecomp.job import run_job
     from prunecomp.outputs import write_output_json
 
-    if job.prune.n_layers is None and job.prune.fraction is None:
-        raise PrunecompError("say how many layers to remove: --layers K or --fraction F")
     with RichProgress() as progress:
         result = run_job(job, progress)
     print_summary(result)

@@ -9,6 +9,7 @@ the field's; calibration and evaluation sizes default to the preset's (``--prese
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -64,12 +65,14 @@ def _param_name(name: str, field: FieldInfo, section: str) -> str:
     return name if section == "prune" else str(flag or name).replace("-", "_")
 
 
+@functools.cache
 def option_fields() -> dict[str, tuple[str, str]]:
     """Option parameter name -> (config section, field name), for every generated option."""
     return {_param_name(name, field, section): (section, name)
             for section, model in _SECTIONS.items() for name, field in model.model_fields.items()}
 
 
+@functools.cache
 def _tuple_fields() -> dict[str, tuple[type, str]]:
     """Option parameter -> (item type, flag) of the fields typed as tuples: given as comma-separated text."""
     out = {}
