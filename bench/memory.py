@@ -62,7 +62,7 @@ def child(mode: str, folder: Path, layers: int, n: int, seq_len: int, batch: int
 
     from prunecomp.config import PruneConfig
     from prunecomp.loop import prune_and_compensate
-    from prunecomp.streamed import StreamedModel, streamed_prune
+    from prunecomp.streamed import StreamedModel
 
     torch.set_grad_enabled(False)
     ids = _calibration(folder, n, seq_len)
@@ -71,7 +71,7 @@ def child(mode: str, folder: Path, layers: int, n: int, seq_len: int, batch: int
     cfg = PruneConfig(metric="bi", n_layers=layers, scoring="incremental" if mode == "whole-incremental" else "exact")
     if mode == "streamed":
         sm = StreamedModel(folder, device="cpu")
-        report = streamed_prune(sm, ids, cfg, batch_size=batch)
+        report = prune_and_compensate(sm, ids, cfg, batch_size=batch)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         report = prune_and_compensate(model, ids, cfg, batch_size=batch)

@@ -2,31 +2,46 @@
 
 The loop, the job, the pipeline and the CLI ask :func:`refusal` whether a configuration runs on a backend, so a
 stage that cannot stream is refused in one place, with one message, before any work: the capabilities are data,
-and a new stage says here what it needs.
+and a new stage declares what it needs in its registry entry (:mod:`prunecomp.stages`). :class:`Backend` is what
+the loop runs against, whichever way the model is held.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prunecomp.config import PruneConfig
 
-__all__ = ["IN_MEMORY", "STREAMED", "Capabilities", "memory", "refusal"]
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from prunecomp.guard import GuardResult
+    from prunecomp.reconstruct import GapStreams, ReconstructReport
+    from prunecomp.scoring import LayerScan
+
+__all__ = ["ABILITIES", "IN_MEMORY", "STREAMED", "Backend", "Capabilities", "memory", "refusal"]
+
+ABILITIES: dict[str, str] = {
+    "gap_map": "the lsq gap map (--compensation lsq, compensation: lsq)",
+    "trials": "selection by loss (--selection loss, selection)",
+    "reconstruct": "block reconstruction (--reconstruct, reconstruct)",
+    "refine": "the gains (--refine, refine)",
+    "refit": "the sequential refit (--refit, refit)",
+    "qa": "QA tasks",
+}
+"""What a stage may need of a backend beyond reading, running and removing layers, and how refusals name it."""
 
 
 @dataclass(frozen=True)
 class Capabilities:
-    """The stages and settings a backend supports (``None``: any value)."""
+    """What a backend runs: the metrics and modes (``None``: any) and the :data:`ABILITIES` it has."""
 
     name: str
     metrics: frozenset[str] | None = None
     modes: frozenset[str] | None = None
-    compensations: frozenset[str] | None = None
-    selections: frozenset[str] | None = None
-    reconstruct: bool = True
-    refine: bool = True
-    refit: bool = True
-    qa: bool = True
+    abilities: frozenset[str] = frozenset(ABILITIES)
     why: str = ""
     """What limits the backend, said once in every refusal."""
 
@@ -34,31 +49,95 @@ class Capabilities:
 IN_MEMORY = Capabilities("in memory")
 STREAMED = Capabilities(
     "layer streaming", metrics=frozenset({"bi", "angular"}), modes=frozenset({"iterative"}),
-    compensations=frozenset({"guarded", "magnitude", "none"}), selections=frozenset({"score"}), refine=False,
-    refit=False, qa=False,
+    abilities=frozenset({"reconstruct"}),
     why="one decoder layer is in memory at a time, so nothing that back-propagates through the whole model or "
         "needs every layer at once")
 
 
+class Backend(Protocol):
+    """A model whose layers the loop can read, run, fit and remove, bound to the calibration windows of a run.
+
+    Implemented by the in-memory model (:class:`prunecomp.in_memory.InMemory`) and the layer-streamed one
+    (:class:`prunecomp.streamed.Streamed`); the loop (:mod:`prunecomp.loop`) and the stages
+    (:mod:`prunecomp.stages`) call only this. Indices are current indices; ``model`` is the HF model (a skeleton
+    whose layers live on disk when streamed): its layer list and original indices are the loop's bookkeeping."""
+
+    capabilities: Capabilities
+    model: nn.Module
+    ids: Tensor
+    """The calibration windows: what the loop scores, the guard measures and selection by loss compares."""
+    batch_size: int
+    scoring: str
+    """How layers are scored, for the report: ``incremental``, ``exact`` or ``streamed``."""
+
+    def scan(self, metric: str, *, block_size: int, candidates: Sequence[int]) -> LayerScan:
+        """Every current layer's score and gap scale."""
+        ...
+
+    def with_scores(self, metric: str, scores: Mapping[int, float], candidates: Sequence[int]) -> LayerScan:
+        """A scan whose scores (ORIGINAL index -> score) were computed elsewhere; the gap scales measured here."""
+        ...
+
+    def guard(self, current: int, s: float, exponents: Sequence[float]) -> GuardResult:
+        """The guard's measurement for removing ``current`` (still there) with candidates ``s ** a``."""
+        ...
+
+    def select_by_loss(self, scan: LayerScan, candidates: list[int], config: PruneConfig
+                       ) -> tuple[int, dict[int, float], GuardResult | None]:
+        """Selection by loss (ability ``trials``): the layer, every trial's loss, the winner's guard."""
+        ...
+
+    def fit_gap_map(self, current: int, scale: float, *, ridge: float) -> Any:
+        """The lsq map of the gap at ``current`` (ability ``gap_map``), fitted while the layer is there."""
+        ...
+
+    def keep_gap_map(self, current: int, fit: Any, guard: GuardResult) -> bool:
+        """Fold ``fit`` (layer removed, scale folded) only when it lowers the calibration loss."""
+        ...
+
+    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int) -> GapStreams | None:
+        """The streams block reconstruction fits, read while layer ``current`` is there (ability
+        ``reconstruct``)."""
+        ...
+
+    def fit_layers(self, gap: GapStreams, scale: float, *, steps: int, lr: float, seed: int, removed: int
+                   ) -> tuple[ReconstructReport, Mapping[str, Tensor] | None]:
+        """Fit the layers beside the gap (after the removal) and keep the fit when it lowers the error; the report
+        and, when kept, the fitted parameters by name in the model (the recipe's record)."""
+        ...
+
+    def remove(self, current: int, scale: float) -> None:
+        """Remove layer ``current`` and fold ``scale`` into everything upstream of the gap."""
+        ...
+
+    def changed(self, first_layer: int | None) -> None:
+        """The outputs of layers ``first_layer`` and later changed beyond a rescale (``None``: the embedding's
+        too): whatever the backend cached of them is stale."""
+        ...
+
+    def mean_nll(self, ids: Tensor) -> float:
+        """Mean next-token NLL of the model as it is now on windows ``ids``."""
+        ...
+
+
 def refusal(backend: Capabilities, config: PruneConfig, *, qa: bool = False) -> str | None:
-    """Why ``config`` (and QA evaluation, with ``qa``) cannot run on ``backend``, or ``None`` when it can."""
-    checks = [
-        ("metric", config.metric, backend.metrics),
-        ("mode", config.mode, backend.modes),
-        ("compensation", config.compensation, backend.compensations),
-        ("selection", config.selection, backend.selections),
-    ]
-    for what, value, allowed in checks:
+    """Why ``config`` (and QA evaluation, with ``qa``) cannot run on ``backend``, or ``None`` when it can: the
+    metric and mode, then every ability the configured stages need (:func:`prunecomp.stages.stage_needs`, the
+    selection method's, the stages around the loop's)."""
+    from prunecomp.stages import SELECTIONS, stage_needs
+
+    for what, value, allowed in (("metric", config.metric, backend.metrics), ("mode", config.mode, backend.modes)):
         if allowed is not None and value not in allowed:
             return (f"{backend.name} cannot run {what} {value!r} (it runs {', '.join(sorted(allowed))}; "
                     f"{backend.why}); drop the option or run in memory")
-    stages = [("the gains (--refine, refine)", config.refine != "none", backend.refine),
-              ("the sequential refit (--refit, refit)", config.refit != "none", backend.refit),
-              ("block reconstruction (--reconstruct, reconstruct)", config.reconstruct != "none", backend.reconstruct),
-              ("QA tasks", qa, backend.qa)]
-    for what, wanted, supported in stages:
-        if wanted and not supported:
-            return f"{backend.name} cannot run {what} ({backend.why}); run it in memory, or leave that stage out"
+    needs = [need for _stage, need in stage_needs(config)]
+    needs += sorted(SELECTIONS[config.selection][1])
+    needs += [n for n, wanted in (("refine", config.refine != "none"), ("refit", config.refit != "none"),
+                                  ("qa", qa)) if wanted]
+    for need in needs:
+        if need not in backend.abilities:
+            return (f"{backend.name} cannot run {ABILITIES[need]} ({backend.why}); run it in memory, or leave "
+                    "that stage out")
     return None
 
 

@@ -6,16 +6,18 @@ silently ignored option.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from prunecomp.errors import PrunecompError
 from prunecomp.guard import DEFAULT_EXPONENTS
 from prunecomp.scoring import Metric
 
-__all__ = ["PRESETS", "STAGES", "CalibrationConfig", "EvalConfig", "Preset", "PruneConfig", "default_preset_name"]
+__all__ = ["PRESETS", "STAGES", "CalibrationConfig", "EvalConfig", "Preset", "PruneConfig", "StageSettings",
+           "default_preset_name", "stage_fields"]
 
 
 class _Frozen(BaseModel):
@@ -133,6 +135,36 @@ class PruneConfig(_Frozen):
     refit_steps: int = _field(50, "refit", "Adam steps per layer of the refit.", ge=1)
     refit_lr: float = _field(1e-3, "refit", "Learning rate of the refit.", gt=0.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nested(cls, data: Any) -> Any:
+        """Accept the tree (``{"reconstruct": {"method": "both", "steps": 100}, ...}``) as well as flat fields."""
+        if not isinstance(data, dict) or not any(isinstance(data.get(s), dict) for s in STAGES):
+            return data
+        flat = {k: v for k, v in data.items() if not (k in STAGES and isinstance(v, dict))}
+        for stage, section in data.items():
+            if stage not in STAGES or not isinstance(section, dict):
+                continue
+            names = stage_fields(stage)
+            unknown = sorted(set(section) - set(names))
+            if unknown:
+                raise ValueError(f"{stage}: unknown setting(s) {', '.join(unknown)} (it has {', '.join(names)})")
+            for short, value in section.items():
+                if names[short] in flat:
+                    raise ValueError(f"{names[short]} is given twice: flat and in {stage}")
+                flat[names[short]] = value
+        return flat
+
+    def stage(self, name: str) -> StageSettings:
+        """The typed settings of stage ``name`` (its fields by their short names: see :func:`stage_fields`), what
+        that stage's component is built from."""
+        model = _stage_model(name)
+        return model.model_validate({short: getattr(self, f) for short, f in stage_fields(name).items()})
+
+    def tree(self) -> dict[str, dict[str, Any]]:
+        """The configuration as the tree users read and write: stage -> its settings (JSON-able)."""
+        return {s: self.stage(s).model_dump(mode="json") for s in STAGES if stage_fields(s)}
+
     @model_validator(mode="after")
     def _count(self) -> PruneConfig:
         if self.n_layers is not None and self.fraction is not None:
@@ -190,6 +222,30 @@ class PruneConfig(_Frozen):
                 raise PrunecompError(f"protected layer {i} is out of range for a model with {n} layers")
             out.add(j)
         return out
+
+
+StageSettings = BaseModel
+"""The type of one stage's settings (:meth:`PruneConfig.stage`): a frozen model generated from the stage's fields."""
+
+
+def _short(stage: str, field: str) -> str:
+    """A field's name within its stage: the stage's switch is ``method``, a ``<stage>_`` prefix is dropped."""
+    return "method" if field == stage else field.removeprefix(stage + "_")
+
+
+@cache
+def stage_fields(stage: str) -> dict[str, str]:
+    """Short name -> :class:`PruneConfig` field, for the fields of ``stage`` (in declaration order)."""
+    return {_short(stage, name): name for name, f in PruneConfig.model_fields.items()
+            if (f.json_schema_extra or {}).get("stage") == stage}  # type: ignore[union-attr]
+
+
+@cache
+def _stage_model(stage: str) -> type[BaseModel]:
+    fields: dict[str, Any] = {short: (PruneConfig.model_fields[name].annotation, PruneConfig.model_fields[name])
+                              for short, name in stage_fields(stage).items()}
+    return create_model(f"{stage.capitalize()}Settings", __config__=ConfigDict(extra="forbid", frozen=True),
+                        **fields)
 
 
 class Preset(_Frozen):

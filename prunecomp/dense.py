@@ -54,7 +54,7 @@ def dense_layers(lm: LoadedModel, *, allow_pickle: bool = False, trust_remote_co
 def folder_layer_weights(folder: Path, layers_path: str, layers: dict[int, int]) -> dict[int, dict[str, Any]]:
     """:func:`source_layer_weights` from a safetensors folder (``layers_path``: the adapter's, e.g.
     ``model.layers``), tensor by tensor."""
-    from prunecomp.streamed import SafetensorsWeights
+    from prunecomp.tensorfiles import SafetensorsWeights
 
     weights = SafetensorsWeights(folder)
     return {j: weights.with_prefix(f"{layers_path}.{o}.") for j, o in layers.items()}

@@ -21,8 +21,8 @@ from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.final_check import run_final_check
 from prunecomp.levels import DEFAULT_LEVEL, Level
+from prunecomp.loop import check_runs
 from prunecomp.outputs import check_output
-from prunecomp.planning import check_plan
 from prunecomp.recipe import Recipe
 from prunecomp.refine import RefineReport
 from prunecomp.refit import describe_refit
@@ -73,12 +73,17 @@ class Progress:
 
 
 def evaluate_perplexities(model: Any, tokenizer: Any, evaluation: EvalConfig, data_dir: str | None,
-                          progress: Progress) -> dict[str, float]:
-    """Perplexity on every configured corpus."""
+                          progress: Progress, *, streamed: Any = None) -> dict[str, float]:
+    """Perplexity on every configured corpus; ``streamed``: a layer-streamed model (``model`` is then its
+    skeleton), evaluated one layer at a time."""
     out = {}
     for name in evaluation.datasets:
         windows = evaluation_windows(tokenizer, name, seq_len=evaluation.seq_len,
                                      max_windows=evaluation.max_windows, data_dir=data_dir)
+        if streamed is not None:
+            progress.message(f"perplexity {name} ({windows.n} windows, layer by layer)")
+            out[name] = streamed.perplexity(windows.ids, batch_size=evaluation.batch_size)
+            continue
         progress.start(f"perplexity {name}", windows.n)
         out[name] = perplexity(model, windows.ids, batch_size=evaluation.batch_size,
                                on_batch=lambda n: progress.advance(n))
@@ -93,40 +98,86 @@ def _check_windows(model_config: Any, config: JobConfig) -> None:
         check_context(model_config, config.calibration.seq_len, "--calib-seq-len (refinement windows)")
 
 
+@dataclass
+class _Held:
+    """The model a job works on, however it is held: ``target`` is what the loop prunes (the ``nn.Module``, or the
+    :class:`~prunecomp.streamed.StreamedModel`), ``model`` the HF model (a skeleton when streamed); the rest is
+    what the job needs that depends on how it is held."""
+
+    target: Any
+    model: Any
+    tokenizer: Any
+    provenance: dict[str, Any]
+    how: str  # "" in memory, " (layer by layer)" streamed: said in progress messages
+    streamed: Any  # the StreamedModel, or None in memory
+    final_check: dict[str, Any]
+    save: Callable[..., str]
+    dense: Callable[[], Any] | None = None
+
+
+def _open(config: JobConfig, progress: Progress) -> _Held:
+    """Load the source in memory, or open it layer by layer (``stream_layers``)."""
+    if config.stream_layers:
+        from transformers import AutoTokenizer
+
+        from prunecomp.streamed import StreamedModel
+
+        source = resolve_source(config.model, config.revision)
+        if source.gguf_file is not None:
+            raise PrunecompError("--stream-layers reads safetensors folders; this model is a GGUF file (load it "
+                                 "without streaming, or convert it with save_pretrained)")
+        if config.out:
+            check_output(config.out, sources=[source.local_dir], overwrite=config.overwrite)
+        progress.message(f"opening {source.uri} layer by layer")
+        sm = StreamedModel(source.local_dir)
+        provenance = {"uri": source.uri, "kind": source.kind, "revision": source.revision,
+                      "content_hash": content_hash(source), "gguf_file": None,
+                      "architecture": type(sm.model).__name__, "streamed": True}
+        return _Held(sm, sm.model, AutoTokenizer.from_pretrained(source.local_dir), provenance, " (layer by layer)",
+                     sm, {"nll": partial(sm.mean_nll, batch_size=config.calibration.batch_size), "sourced": sm.sourced},
+                     partial(sm.save))
+    progress.message(f"loading model {config.model or 'SmolLM2-135M-Instruct (default)'}")
+    lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
+                    trust_remote_code=config.trust_remote_code)
+    if config.out:  # where the source really lies (a hub snapshot, a downloaded s3:// folder)
+        check_output(config.out, sources=[lm.source.local_dir], overwrite=config.overwrite)
+    opened = {"allow_pickle": config.allow_pickle, "trust_remote_code": config.trust_remote_code}
+    return _Held(lm.model, lm.model, lm.tokenizer, lm.provenance(), "", None,
+                 {"originals": partial(source_layer_weights, lm, **opened)},
+                 lambda uri, **kw: save_pruned(lm.model, uri=uri, **kw),
+                 # opened when the refit runs (a GGUF source is loaded a second time): nothing held while pruning
+                 None if config.prune.refit == "none" else partial(dense_layers, lm, **opened))
+
+
 def run_job(config: JobConfig, progress: Progress | None = None,
             on_step: Callable[[StepRecord, Any], None] | None = None) -> JobResult:
     """Run the job end to end; nothing is written unless every step succeeded.
 
     ``stream_layers`` keeps one decoder layer in memory at a time (:mod:`prunecomp.streamed`), for models larger
-    than memory; it needs safetensors weights and supports BI/angular with guarded, magnitude or no compensation.
+    than memory; it needs safetensors weights, and stages it cannot run are refused before any work
+    (:func:`prunecomp.backends.refusal`). Either way the same loop runs (:func:`prunecomp.compress.compress`).
     After pruning, the final check (:mod:`prunecomp.final_check`) compares held-out calibration loss with and
     without what the run folded; the report's ``final_check`` says which was better.
     """
     progress = progress or Progress()
     if config.out:
         check_output(config.out, sources=[config.model], overwrite=config.overwrite)
-    if config.stream_layers:
-        return _run_streamed(config, progress, on_step)
     times: dict[str, float] = {}
     t = time.perf_counter()
-    progress.message(f"loading model {config.model or 'SmolLM2-135M-Instruct (default)'}")
-    lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
-                    trust_remote_code=config.trust_remote_code)
-    if config.out:  # where the source really lies (a hub snapshot, a downloaded s3:// folder)
-        check_output(config.out, sources=[lm.source.local_dir], overwrite=config.overwrite)
-    check_plan(lm.model, config.prune)  # --layers / --protect against the real depth, before any compute
-    _check_windows(lm.model.config, config)
+    held = _open(config, progress)
+    check_runs(held.target, config.prune)  # the backend's capabilities, --layers / --protect: before any compute
+    _check_windows(held.model.config, config)
     times["load"] = time.perf_counter() - t
     t = time.perf_counter()
-    cal = calibration_windows(lm.tokenizer, config.calibration.source, n_samples=config.calibration.n_samples,
+    cal = calibration_windows(held.tokenizer, config.calibration.source, n_samples=config.calibration.n_samples,
                               seq_len=config.calibration.seq_len, seed=config.calibration.seed,
                               data_dir=config.data_dir)
     times["calibration_data"] = time.perf_counter() - t
     ppl: dict[str, dict[str, float]] = {}
     if config.evaluation is not None:
         t = time.perf_counter()
-        for name, value in evaluate_perplexities(lm.model, lm.tokenizer, config.evaluation, config.data_dir,
-                                                 progress).items():
+        for name, value in evaluate_perplexities(held.model, held.tokenizer, config.evaluation, config.data_dir,
+                                                 progress, streamed=held.streamed).items():
             ppl[name] = {"dense": value}
         times["eval_dense"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -146,7 +197,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
             progress.message(f"refitting every layer after the first gap to the dense model's streams "
                              f"({config.prune.refit_steps} steps each)")
         else:
-            progress.start(f"step {record.step + 2}: scoring layers", batches)
+            progress.start(f"step {record.step + 2}: scoring layers{held.how}", batches)
 
     def refined(done: RefineReport, step: StepRecord | None, _model: Any) -> None:
         if step is not None:
@@ -154,46 +205,38 @@ def run_job(config: JobConfig, progress: Progress | None = None,
                              f"{done.loss_after:.4f} in {done.seconds:.0f} s")
             progress.start(f"step {step.step + 2}: scoring layers", batches)
 
-    progress.start("step 1: scoring layers", batches)
-    refine_windows = _fit_windows(config, lm.tokenizer)
-    # opened when the refit runs (a GGUF source is loaded a second time): nothing is held while layers are pruned
-    dense = None if config.prune.refit == "none" else partial(dense_layers, lm, allow_pickle=config.allow_pickle,
-                                                              trust_remote_code=config.trust_remote_code)
-
     def refitted(done: Any) -> None:
         progress.message(f"  {describe_refit(done.to_dict())}")
 
-    report = compress(lm.model, cal, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
+    progress.start(f"step 1: scoring layers{held.how}", batches)
+    report = compress(held.target, cal, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
                       on_batch=lambda: progress.advance(1), calibration_config=config.calibration,
-                      refine_windows=refine_windows, on_refine=refined, dense=dense, on_refit=refitted)
+                      refine_windows=_fit_windows(config, held.tokenizer), on_refine=refined, dense=held.dense,
+                      on_refit=refitted)
     times["prune"] = time.perf_counter() - t
     t = time.perf_counter()
-    progress.message("final check: held-out calibration loss with and without what was folded")
-    check = run_final_check(lm.model, lm.tokenizer, report.recipe(lm.provenance()), config.calibration,
-                            config.data_dir,
-                            originals=partial(source_layer_weights, lm, allow_pickle=config.allow_pickle,
-                                              trust_remote_code=config.trust_remote_code))
+    progress.message(f"final check: held-out calibration loss with and without what was folded{held.how}")
+    recipe = report.recipe(held.provenance)
+    check = run_final_check(held.model, held.tokenizer, recipe, config.calibration, config.data_dir,
+                            **held.final_check)
     times["final_check"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()
-        for name, value in evaluate_perplexities(lm.model, lm.tokenizer, config.evaluation, config.data_dir,
-                                                 progress).items():
+        for name, value in evaluate_perplexities(held.model, held.tokenizer, config.evaluation, config.data_dir,
+                                                 progress, streamed=held.streamed).items():
             ppl[name]["pruned"] = value
         times["eval_pruned"] = time.perf_counter() - t
-    report_dict = report.to_dict()
-    report_dict["final_check"] = None if check is None else check.to_dict()
-    report_dict["source"] = lm.provenance()
-    report_dict["perplexity"] = ppl
-    report_dict["quality"] = _quality(config)
+    report_dict = report.to_dict() | {"final_check": None if check is None else check.to_dict(),
+                                      "source": held.provenance, "perplexity": ppl, "quality": _quality(config)}
     if config.evaluation is not None:
         report_dict["evaluation"] = config.evaluation.model_dump(mode="json")
     if config.out:
         t = time.perf_counter()
-        progress.message(f"saving pruned model to {config.out}")
-        save_pruned(lm.model, lm.tokenizer, config.out, report=report_dict,
-                    recipe=_recorded(report.recipe(lm.provenance()), config), overwrite=config.overwrite)
+        progress.message(f"saving pruned model to {config.out}{held.how}")
+        held.save(config.out, tokenizer=held.tokenizer, report=report_dict, recipe=_recorded(recipe, config),
+                  overwrite=config.overwrite)
         times["save"] = time.perf_counter() - t
-    return JobResult(provenance=lm.provenance(), report=report_dict, perplexity=ppl, out=config.out,
+    return JobResult(provenance=held.provenance, report=report_dict, perplexity=ppl, out=config.out,
                      seconds=times)
 
 
@@ -218,90 +261,3 @@ def _fit_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
     return calibration_windows(tokenizer, config.calibration.source, n_samples=p.refine_samples,
                                seq_len=config.calibration.seq_len, seed=config.calibration.seed,
                                data_dir=config.data_dir)
-
-
-def _run_streamed(config: JobConfig, progress: Progress,
-                  on_step: Callable[[StepRecord, Any], None] | None) -> JobResult:
-    """:func:`run_job` with the layer-streamed model: same steps, same result shape."""
-    from transformers import AutoTokenizer
-
-    from prunecomp.streamed import StreamedModel, check_streamed, streamed_prune
-
-    times: dict[str, float] = {}
-    t = time.perf_counter()
-    source = resolve_source(config.model, config.revision)
-    if source.gguf_file is not None:
-        raise PrunecompError("--stream-layers reads safetensors folders; this model is a GGUF file (load it "
-                             "without streaming, or convert it with save_pretrained)")
-    if config.out:
-        check_output(config.out, sources=[source.local_dir], overwrite=config.overwrite)
-    progress.message(f"opening {source.uri} layer by layer")
-    sm = StreamedModel(source.local_dir)
-    check_streamed(sm, config.prune)
-    _check_windows(sm.model.config, config)
-    tokenizer = AutoTokenizer.from_pretrained(source.local_dir)
-    provenance = {"uri": source.uri, "kind": source.kind, "revision": source.revision,
-                  "content_hash": content_hash(source), "gguf_file": None,
-                  "architecture": type(sm.model).__name__, "streamed": True}
-    times["load"] = time.perf_counter() - t
-    cal = calibration_windows(tokenizer, config.calibration.source, n_samples=config.calibration.n_samples,
-                              seq_len=config.calibration.seq_len, seed=config.calibration.seed,
-                              data_dir=config.data_dir)
-
-    def ppl_all() -> dict[str, float]:
-        assert config.evaluation is not None
-        out = {}
-        for name in config.evaluation.datasets:
-            windows = evaluation_windows(tokenizer, name, seq_len=config.evaluation.seq_len,
-                                         max_windows=config.evaluation.max_windows, data_dir=config.data_dir)
-            progress.message(f"perplexity {name} ({windows.n} windows, layer by layer)")
-            out[name] = sm.perplexity(windows.ids, batch_size=config.evaluation.batch_size)
-        return out
-
-    ppl: dict[str, dict[str, float]] = {}
-    if config.evaluation is not None:
-        t = time.perf_counter()
-        ppl = {name: {"dense": v} for name, v in ppl_all().items()}
-        times["eval_dense"] = time.perf_counter() - t
-
-    def observe(record: StepRecord, model: Any) -> None:
-        progress.step(record)
-        if on_step is not None:
-            on_step(record, model)
-        if config.prune.refine != "none" and config.prune.refine_at == "each":
-            progress.message(f"  refining ({config.prune.refine}, {config.prune.refine_steps} steps) before "
-                             "the next scoring")
-
-    def refined(done: RefineReport, step: StepRecord | None, _model: Any) -> None:
-        if step is not None:
-            progress.message(f"  refined: calibration KL to the dense model {done.loss_before:.4f} -> "
-                             f"{done.loss_after:.4f} in {done.seconds:.0f} s")
-
-    fit_on = _fit_windows(config, tokenizer)
-    t = time.perf_counter()
-    report = streamed_prune(sm, cal.ids, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
-                            fit_ids=None if fit_on is None else fit_on.ids)
-    report.calibration = {"origin": cal.origin, "digest": cal.digest, "n_samples": cal.n, "seq_len": cal.seq_len,
-                          "config": config.calibration.model_dump(mode="json")}
-    times["prune"] = time.perf_counter() - t
-    t = time.perf_counter()
-    progress.message("final check: held-out calibration loss with and without what was folded (layer by layer)")
-    check = run_final_check(sm.model, tokenizer, report.recipe(provenance), config.calibration, config.data_dir,
-                            nll=partial(sm.mean_nll, batch_size=config.calibration.batch_size), sourced=sm.sourced)
-    times["final_check"] = time.perf_counter() - t
-    if config.evaluation is not None:
-        t = time.perf_counter()
-        for name, value in ppl_all().items():
-            ppl[name]["pruned"] = value
-        times["eval_pruned"] = time.perf_counter() - t
-    report_dict = report.to_dict() | {"source": provenance, "perplexity": ppl, "quality": _quality(config),
-                                      "final_check": None if check is None else check.to_dict()}
-    if config.evaluation is not None:
-        report_dict["evaluation"] = config.evaluation.model_dump(mode="json")
-    if config.out:
-        t = time.perf_counter()
-        progress.message(f"saving pruned model to {config.out} layer by layer")
-        sm.save(config.out, tokenizer=tokenizer, report=report_dict,
-                recipe=_recorded(report.recipe(provenance), config), overwrite=config.overwrite)
-        times["save"] = time.perf_counter() - t
-    return JobResult(provenance=provenance, report=report_dict, perplexity=ppl, out=config.out, seconds=times)

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import tempfile
-import time
 from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,57 +39,23 @@ from torch import Tensor, nn
 
 from prunecomp import metrics as M
 from prunecomp.adapters import decoder_layers, get_adapter, resolve
-from prunecomp.backends import STREAMED, refusal
+from prunecomp.backends import STREAMED, Capabilities
 from prunecomp.compensation import compensate, is_tied, scale_layer_writers
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.guard import DEFAULT_BUDGET, GuardBudget, GuardResult, guard_tail
-from prunecomp.planning import candidates, check_finite, choose
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.recipe import Recipe, write_recipe_files
-from prunecomp.reconstruct import capture_gap, reconstruct_layers
-from prunecomp.report import PruneReport, StepRecord
-from prunecomp.scanners import StatelessScanner, memory_budget
+from prunecomp.reconstruct import GapStreams, ReconstructReport, capture_gap, reconstruct_layers
+from prunecomp.scanners import memory_budget
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.storage import write_dir
-from prunecomp.tensorfiles import LazyTensors, Renamed
+from prunecomp.tensorfiles import LazyTensors, Renamed, SafetensorsWeights
 
-__all__ = [
-    "STREAMED_METRICS",
-    "SafetensorsWeights",
-    "StreamedModel",
-    "check_streamed",
-    "streamed_prune",
-    "streamed_scanner",
-    "streamed_step",
-]
+__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "Streamed", "StreamedModel"]
 
 STREAMED_METRICS: frozenset[str] = STREAMED.metrics or frozenset()  # declared in prunecomp.backends
-
-
-class SafetensorsWeights:
-    """Tensors of a safetensors folder (one file or index-sharded), each read on demand with one positioned read
-    (:class:`~prunecomp.tensorfiles.LazyTensors` per file)."""
-
-    def __init__(self, folder: Path) -> None:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise PrunecompError(f"layer streaming reads safetensors weights; {folder} has none (convert GGUF/pickle "
-                                 "checkpoints with save_pretrained first)")
-        self._file_of: dict[str, LazyTensors] = {}
-        for f in files:
-            lazy = LazyTensors(f)
-            self._file_of |= dict.fromkeys(lazy, lazy)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._file_of
-
-    def get(self, name: str) -> Tensor:
-        return self._file_of[name][name]
-
-    def with_prefix(self, prefix: str) -> dict[str, Tensor]:
-        return {n[len(prefix):]: self.get(n) for n in self._file_of if n.startswith(prefix)}
 
 
 class StreamedModel:
@@ -385,79 +350,66 @@ class StreamedModel:
         return write_dir(uri, fill, overwrite=overwrite, owned=owned)
 
 
-def streamed_scanner(sm: StreamedModel, ids: Tensor, *, batch_size: int) -> StatelessScanner:
-    """The :class:`~prunecomp.scanners.Scanner` of a layer-streamed model: every scan is one layer-by-layer pass."""
-    return StatelessScanner(lambda metric, _block, _cands: sm.scan(ids, metric, batch_size=batch_size), "streamed")
+class Streamed:
+    """The layer-streamed :class:`~prunecomp.backends.Backend`: ``sm`` on calibration windows ``ids``. Scoring is
+    one layer-by-layer pass per step (nothing cached); the guard runs the layers after the gap in groups that
+    fit the memory budget; block reconstruction loads the layer pair beside the gap for the fit and keeps a fit
+    in the spill folder (:meth:`StreamedModel.keep_layer`), recorded lazily."""
 
+    capabilities: Capabilities = STREAMED
+    scoring = "streamed"
 
-def check_streamed(sm: StreamedModel, config: PruneConfig) -> None:
-    """Everything :func:`streamed_prune` would reject, before any compute."""
-    why = refusal(STREAMED, config)  # the streamed backend's capabilities, declared once
-    if why is not None:
-        raise PrunecompError(why)
-    candidates(sm.model, config, config.layers_to_remove(sm.source_layers))
+    def __init__(self, sm: StreamedModel, ids: Tensor, *, batch_size: int) -> None:
+        self.sm, self.model, self.ids, self.batch_size = sm, sm.model, ids, batch_size
 
+    def scan(self, metric: str, *, block_size: int, candidates: Sequence[int]) -> LayerScan:
+        return self.sm.scan(self.ids, metric, batch_size=self.batch_size)
 
-def streamed_step(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, step: int,
-                  batch_size: int = 4, fit_ids: Tensor | None = None) -> StepRecord:
-    """One iteration on a layer-streamed model: score every layer, remove the lowest, fold its scale; with
-    ``config.reconstruct``, fit the layer(s) beside the gap on ``fit_ids`` (default ``ids``) as the in-memory loop
-    does (:func:`prunecomp.reconstruct.reconstruct`: same streams, same fit, same seed), one fitted layer pair in
-    memory, the result kept in the spill folder (:meth:`StreamedModel.keep_layer`)."""
-    ts = time.perf_counter()
-    k = config.layers_to_remove(sm.source_layers)
-    done = sm.source_layers - len(decoder_layers(sm.model, sm.adapter))
-    if k - done <= 0:
-        raise PrunecompError(f"the model already has {done} of {k} layers removed: nothing left to do")
-    cands = candidates(sm.model, config, k - done)
-    scan = streamed_scanner(sm, ids, batch_size=batch_size).scan(config.metric)
-    orig = original_indices(sm.model)
-    check_finite(scan, cands, orig)
-    current = choose(scan, cands, config.metric, 1)
-    s = scan.scales[current]
-    guard = sm.guard(ids, current, s, config.guard_exponents, batch_size=batch_size) if config.guarded else None
-    applied = guard.scale if guard is not None else (s if config.compensation == "magnitude" else 1.0)
-    gap = None
-    if config.reconstruct != "none":  # read while the layer is still there, one layer at a time
-        gap = capture_gap(sm.model, current, ids if fit_ids is None else fit_ids, config.reconstruct,
-                          batch_size=config.reconstruct_batch, layer_at=sm.load_layer, release=sm.free)
-    sm.remove(current, applied)
-    local, weights = None, None
-    if gap is not None:
-        layers = [sm.load_layer(j) for j in gap.fitted()]
+    def guard(self, current: int, s: float, exponents: Sequence[float]) -> GuardResult:
+        return self.sm.guard(self.ids, current, s, exponents, batch_size=self.batch_size)
+
+    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int) -> GapStreams | None:
+        return capture_gap(self.model, current, ids, side, batch_size=batch_size, layer_at=self.sm.load_layer,
+                           release=self.sm.free)
+
+    def fit_layers(self, gap: GapStreams, scale: float, *, steps: int, lr: float, seed: int, removed: int
+                   ) -> tuple[ReconstructReport, Mapping[str, Tensor] | None]:
+        """The in-memory fit (:func:`~prunecomp.reconstruct.reconstruct_layers`: same streams, same seed) on the
+        loaded pair; a kept fit goes to the spill folder (one file per step: ``seed`` is the step)."""
+        layers = [self.sm.load_layer(j) for j in gap.fitted()]
         try:
-            done = reconstruct_layers(layers, gap, applied, steps=config.reconstruct_steps,
-                                      lr=config.reconstruct_lr, seed=step, removed=orig[current],
-                                      originals=original_indices(sm.model))
+            done = reconstruct_layers(layers, gap, scale, steps=steps, lr=lr, seed=seed, removed=removed,
+                                      originals=original_indices(self.model))
+            weights = None
             if done.kept:
-                weights = ChainMap(*(sm.keep_layer(j, layer, tag=f"step{step}")
+                weights = ChainMap(*(self.sm.keep_layer(j, layer, tag=f"step{seed}")
                                      for j, layer in zip(gap.fitted(), layers, strict=True)))
         finally:
             for layer in layers:
-                sm.free(layer)
-        local = done.to_dict()
-        del gap
-    return StepRecord(step=step, metric=config.metric, scores={orig[i]: scan.scores[i] for i in range(len(orig))},
-                      candidates=[orig[i] for i in cands], chosen=orig[current], chosen_current=current,
-                      measured_scale=s, applied_scale=applied, layers_after=len(decoder_layers(sm.model, sm.adapter)),
-                      seconds=time.perf_counter() - ts, layer_forwards=scan.layer_forwards,
-                      guard=None if guard is None else guard.to_dict(), reconstruct=local, layer_weights=weights)
+                self.sm.free(layer)
+        return done, weights
 
+    def remove(self, current: int, scale: float) -> None:
+        self.sm.remove(current, scale)
 
-def streamed_prune(sm: StreamedModel, ids: Tensor, config: PruneConfig, *, batch_size: int = 4,
-                   on_step: Callable[[StepRecord, StreamedModel], None] | None = None,
-                   fit_ids: Tensor | None = None) -> PruneReport:
-    """The iterative Prune&Comp loop on a layer-streamed model (guarded, magnitude or no compensation; block
-    reconstruction on ``fit_ids``, default ``ids``)."""
-    check_streamed(sm, config)
-    t0 = time.perf_counter()
-    k = config.layers_to_remove(sm.source_layers)
-    report = PruneReport(config=config.model_dump(mode="json"), source_num_layers=sm.source_layers,
-                         scoring="streamed")
-    for step in range(k):
-        record = streamed_step(sm, ids, config, step=step, batch_size=batch_size, fit_ids=fit_ids)
-        report.steps.append(record)
-        if on_step is not None:
-            on_step(record, sm)
-    report.seconds = time.perf_counter() - t0
-    return report
+    def changed(self, first_layer: int | None) -> None:
+        return None  # nothing is cached between passes
+
+    def mean_nll(self, ids: Tensor) -> float:
+        return self.sm.mean_nll(ids, batch_size=self.batch_size)
+
+    def _refused(self, what: str) -> PrunecompError:  # refusal() says so before any work; this is the backstop
+        return PrunecompError(f"layer streaming cannot run {what}; run it in memory")
+
+    def with_scores(self, metric: str, scores: Mapping[int, float], candidates: Sequence[int]) -> LayerScan:
+        raise self._refused("precomputed per-candidate scores")
+
+    def select_by_loss(self, scan: LayerScan, candidates: list[int], config: PruneConfig
+                       ) -> tuple[int, dict[int, float], GuardResult | None]:
+        raise self._refused("selection by loss")
+
+    def fit_gap_map(self, current: int, scale: float, *, ridge: float) -> Any:
+        raise self._refused("the lsq gap map")
+
+    def keep_gap_map(self, current: int, fit: Any, guard: GuardResult) -> bool:
+        raise self._refused("the lsq gap map")

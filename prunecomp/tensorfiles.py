@@ -21,8 +21,8 @@ from torch import Tensor
 
 from prunecomp.errors import PrunecompError
 
-__all__ = ["DTYPES", "LazyTensors", "Renamed", "read_safetensors_header", "tensor_digest", "tensor_meta",
-           "write_safetensors"]
+__all__ = ["DTYPES", "LazyTensors", "Renamed", "SafetensorsWeights", "read_safetensors_header", "tensor_digest",
+           "tensor_meta", "write_safetensors"]
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -202,3 +202,27 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | Path,
             if t.numel():
                 fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
+
+
+class SafetensorsWeights:
+    """Tensors of a safetensors folder (one file or index-sharded), each read on demand with one positioned read
+    (:class:`~prunecomp.tensorfiles.LazyTensors` per file)."""
+
+    def __init__(self, folder: Path) -> None:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise PrunecompError(f"layer streaming reads safetensors weights; {folder} has none (convert GGUF/pickle "
+                                 "checkpoints with save_pretrained first)")
+        self._file_of: dict[str, LazyTensors] = {}
+        for f in files:
+            lazy = LazyTensors(f)
+            self._file_of |= dict.fromkeys(lazy, lazy)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> Tensor:
+        return self._file_of[name][name]
+
+    def with_prefix(self, prefix: str) -> dict[str, Tensor]:
+        return {n[len(prefix):]: self.get(n) for n in self._file_of if n.startswith(prefix)}

@@ -1,5 +1,5 @@
 """One Prune&Comp iteration as a task: bring the working copy to the parent state, score + remove + compensate
-(:func:`prunecomp.loop.prune_step`, or :func:`prunecomp.streamed.streamed_step` layer by layer), and write the
+(:func:`prunecomp.loop.prune_step`, in memory or layer by layer: one loop, two backends), and write the
 step's recipe part (kilobytes). Base hash + parent digest in, part URI + new digest + record out.
 
 An uninterrupted run keeps one model in memory from step to step, with the incremental scanner's cached layer
@@ -37,11 +37,8 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
     with checkout(job.base_uri, parent, stream=job.stream, device=job.device, dtype=job.dtype,
                   record=job.source_record) as wc:
         if wc.streamed is not None:
-            from prunecomp.streamed import check_streamed, streamed_step
-
-            check_streamed(wc.streamed, job.prune)
-            record = streamed_step(wc.streamed, windows.ids, job.prune, step=job.step, batch_size=job.batch_size,
-                                   fit_ids=None if fit is None else fit.ids)
+            record = prune_step(wc.streamed, windows, job.prune, step=job.step, batch_size=job.batch_size,
+                                fit_windows=fit)
         else:
             for_key = f"{windows.digest}:{job.batch_size}"
             scanner = wc.scanner if wc.scanner_for == for_key else make_scanner(

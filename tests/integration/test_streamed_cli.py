@@ -81,7 +81,7 @@ def test_streamed_block_reconstruction_equals_in_memory(stories_dir, tmp_path) -
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--metric", "taylor"], "layer streaming cannot run metric 'taylor'"),
-    (["--compensation", "lsq"], "layer streaming cannot run compensation 'lsq'"),
+    (["--compensation", "lsq"], "layer streaming cannot run the lsq gap map"),
     (["--quality", "balanced"], "layer streaming cannot run the gains"),
 ])
 def test_streamed_job_rejects_what_it_cannot_do(stories_dir, tmp_path, args: list[str], message: str) -> None:

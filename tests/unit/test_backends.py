@@ -11,9 +11,9 @@ from prunecomp.levels import apply_level
 
 @pytest.mark.parametrize(("fields", "needle"), [
     ({"metric": "taylor"}, "metric 'taylor'"),
-    ({"compensation": "lsq"}, "compensation 'lsq'"),
+    ({"compensation": "lsq"}, "the lsq gap map"),
     ({"mode": "one-shot"}, "mode 'one-shot'"),
-    ({"selection": "loss"}, "selection 'loss'"),
+    ({"selection": "loss"}, "selection by loss"),
     ({"refine": "channels"}, "the gains"),
     ({"refit": "sequential"}, "the sequential refit"),
 ])

@@ -125,9 +125,9 @@ def test_half_precision_weights_keep_float32_statistics() -> None:
 def test_lsq_fold_into_the_embedding_invalidates_the_whole_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """Removing layer 0 with ``lsq`` on an untied model folds the gap map into the embedding: every cached
     stream changed, so the next incremental scan must equal a fresh exact one (it used to keep a stale stream)."""
-    from prunecomp import loop
+    from prunecomp.in_memory import InMemory
     from prunecomp.incremental import IncrementalScanner
-    from prunecomp.loop import _apply
+    from prunecomp.loop import _remove
     from prunecomp.pruning import original_indices
     from prunecomp.scoring import scan_layers
 
@@ -136,9 +136,9 @@ def test_lsq_fold_into_the_embedding_invalidates_the_whole_cache(monkeypatch: py
     scanner = IncrementalScanner(model, CAL, batch_size=4)
     scan = scanner.scan("bi")
     # The fold is what this test is about: keep the map whatever the guard would have measured.
-    monkeypatch.setattr(loop, "_keep_if_better", lambda _m, _i, _c, fit, _g, _b: fit)
-    record = _apply(model, cfg, scan, original_indices(model), list(range(6)), 0, 0, 0.0, ids=CAL, batch_size=4,
-                    scanner=scanner)
+    monkeypatch.setattr(InMemory, "keep_gap_map", lambda self, current, fit, _g: True)
+    backend = InMemory(model, CAL, batch_size=4, scanner=scanner)
+    record = _remove(backend, cfg, scan, original_indices(model), list(range(6)), 0, 0, 0.0, fit_ids=CAL)
     assert record.gap_map is not None  # the map was fitted and folded into the embedding
     warm, fresh = scanner.scan("bi"), scan_layers(model, CAL, "bi", batch_size=4)
     for a, b in zip(warm.scores, fresh.scores, strict=True):

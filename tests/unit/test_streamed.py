@@ -14,7 +14,7 @@ from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.loop import prune_and_compensate
-from prunecomp.streamed import StreamedModel, streamed_prune
+from prunecomp.streamed import StreamedModel
 
 CAL = tokens(n=6, t=16)
 
@@ -35,7 +35,7 @@ def test_streamed_equals_in_memory(saved: tuple[torch.nn.Module, str], compensat
     ref_report = prune_and_compensate(ref, CAL, config, batch_size=4)
 
     sm = StreamedModel(folder)
-    report = streamed_prune(sm, CAL, config, batch_size=4)
+    report = prune_and_compensate(sm, CAL, config, batch_size=4)
     assert report.removed == ref_report.removed
     for a, b in zip(ref_report.steps, report.steps, strict=True):
         assert b.measured_scale == pytest.approx(a.measured_scale, rel=1e-5)
@@ -61,7 +61,7 @@ def test_streamed_errors(tmp_path) -> None:
     model.save_pretrained(tmp_path / "m")
     sm = StreamedModel(tmp_path / "m")
     with pytest.raises(PrunecompError, match="cannot run metric 'ppl'"):
-        streamed_prune(sm, CAL, PruneConfig(metric="ppl", n_layers=2))
-    with pytest.raises(PrunecompError, match="cannot run compensation 'lsq'"):
-        streamed_prune(sm, CAL, PruneConfig(n_layers=2, compensation="lsq"))
+        prune_and_compensate(sm, CAL, PruneConfig(metric="ppl", n_layers=2))
+    with pytest.raises(PrunecompError, match="cannot run the lsq gap map"):
+        prune_and_compensate(sm, CAL, PruneConfig(n_layers=2, compensation="lsq"))
     assert sm.layer_loads == 0  # rejected before any compute

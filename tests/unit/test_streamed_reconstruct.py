@@ -21,7 +21,7 @@ from prunecomp.final_check import final_check, reconstructed_layers
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
 from prunecomp.recipe import Recipe, RecipeStep, RefineEdit, apply_recipe, read_recipe
-from prunecomp.streamed import StreamedModel, streamed_prune
+from prunecomp.streamed import StreamedModel
 from prunecomp.tensorfiles import LazyTensors, Renamed, write_safetensors
 
 CAL = tokens(n=6, t=16)
@@ -50,7 +50,7 @@ def test_streamed_reconstruct_equals_in_memory(saved: tuple[torch.nn.Module, str
     ref_report = prune_and_compensate(ref, CAL, config, batch_size=4, fit_windows=FIT)
 
     sm = StreamedModel(folder, spill_dir=tmp_path / "spill")
-    report = streamed_prune(sm, CAL, config, batch_size=4, fit_ids=FIT)
+    report = prune_and_compensate(sm, CAL, config, batch_size=4, fit_windows=FIT)
     assert report.removed == ref_report.removed
     kept_fits = 0
     for a, b in zip(ref_report.steps, report.steps, strict=True):
