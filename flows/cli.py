@@ -25,7 +25,7 @@ from prunecomp.cli import main as _lib
 from prunecomp.cli import user_errors as _errors
 from prunecomp.cli.options import StagedCommand, given_prune_fields, option_fields
 from prunecomp.cli.render import effective_config, on_windows
-from prunecomp.config import PruneConfig
+from prunecomp.config import PruneConfig, flatten_tree
 from prunecomp.errors import PrunecompError
 from prunecomp.final_check import line as final_line
 from prunecomp.guard import guard_cell
@@ -103,7 +103,10 @@ def _build_config(kw: dict[str, Any]) -> Any:
         return CompressConfig.model_validate(flags)
     data = _load_file(kw["config"])
     data["tracking"] = _credentials_to_env(dict(data.get("tracking") or {}) | where)
-    prune = dict(data.get("prune") or {})
+    try:  # the file's prune section may be the tree of stages: flags name flat fields
+        prune = flatten_tree(dict(data.get("prune") or {}))
+    except ValueError as exc:
+        raise PrunecompError(f"config file {kw['config']!r}: prune: {exc}") from exc
     for name in explicit:
         if name in PruneConfig.model_fields:
             prune[name] = flags["prune"][name]

@@ -1,6 +1,6 @@
 """The ``promote`` flow: move the ``champion`` alias to a registered version when its declared gates pass.
 
-The decision itself is Prefect-free (:func:`tasks.gates.decide`, :func:`tasks.tracking.promote_version`). A
+The decision itself is Prefect-free (:func:`tasks.gates.decide`, :func:`tasks.promotion.promote_version`). A
 failing gate, or a version that must not become champion (an unfinished, truncated or mismatched checkpoint; a
 comparison with a champion evaluated differently), fails the flow run with one message that names the reason
 and what to do instead, and leaves the registry unchanged. Promotions of one registered model are serialized
@@ -14,8 +14,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.params import PromoteConfig
+from tasks.promotion import promote_task
 from tasks.settings import configure_s3, locations
-from tasks.tracking import promote_task
 
 __all__ = ["promote"]
 

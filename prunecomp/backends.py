@@ -57,8 +57,8 @@ STREAMED = Capabilities(
 class Backend(Protocol):
     """A model whose layers the loop can read, run, fit and remove, bound to the calibration windows of a run.
 
-    Implemented by the in-memory model (:class:`prunecomp.in_memory.InMemory`) and the layer-streamed one
-    (:class:`prunecomp.streamed.Streamed`); the loop (:mod:`prunecomp.loop`) and the stages
+    Implemented by the in-memory model (:class:`prunecomp.memory_backend.InMemory`) and the layer-streamed one
+    (:class:`prunecomp.streamed_backend.Streamed`); the loop (:mod:`prunecomp.loop`) and the stages
     (:mod:`prunecomp.stages`) call only this. Indices are current indices; ``model`` is the HF model (a skeleton
     whose layers live on disk when streamed): its layer list and original indices are the loop's bookkeeping."""
 

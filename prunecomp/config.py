@@ -17,7 +17,7 @@ from prunecomp.guard import DEFAULT_EXPONENTS
 from prunecomp.scoring import Metric
 
 __all__ = ["PRESETS", "STAGES", "CalibrationConfig", "EvalConfig", "Preset", "PruneConfig", "StageSettings",
-           "default_preset_name", "stage_fields"]
+           "default_preset_name", "flatten_tree", "stage_fields"]
 
 
 class _Frozen(BaseModel):
@@ -139,21 +139,7 @@ class PruneConfig(_Frozen):
     @classmethod
     def _nested(cls, data: Any) -> Any:
         """Accept the tree (``{"reconstruct": {"method": "both", "steps": 100}, ...}``) as well as flat fields."""
-        if not isinstance(data, dict) or not any(isinstance(data.get(s), dict) for s in STAGES):
-            return data
-        flat = {k: v for k, v in data.items() if not (k in STAGES and isinstance(v, dict))}
-        for stage, section in data.items():
-            if stage not in STAGES or not isinstance(section, dict):
-                continue
-            names = stage_fields(stage)
-            unknown = sorted(set(section) - set(names))
-            if unknown:
-                raise ValueError(f"{stage}: unknown setting(s) {', '.join(unknown)} (it has {', '.join(names)})")
-            for short, value in section.items():
-                if names[short] in flat:
-                    raise ValueError(f"{names[short]} is given twice: flat and in {stage}")
-                flat[names[short]] = value
-        return flat
+        return flatten_tree(data) if isinstance(data, dict) else data
 
     def stage(self, name: str) -> StageSettings:
         """The typed settings of stage ``name`` (its fields by their short names: see :func:`stage_fields`), what
@@ -231,6 +217,27 @@ StageSettings = BaseModel
 def _short(stage: str, field: str) -> str:
     """A field's name within its stage: the stage's switch is ``method``, a ``<stage>_`` prefix is dropped."""
     return "method" if field == stage else field.removeprefix(stage + "_")
+
+
+def flatten_tree(data: dict[str, Any]) -> dict[str, Any]:
+    """The flat :class:`PruneConfig` fields of a configuration given as a tree (stage -> settings, as
+    :meth:`PruneConfig.tree` writes it), flat, or mixed: a stage's section is a mapping, a flat field its value.
+    Unknown settings of a stage, and a field given both ways, are errors."""
+    if not any(isinstance(data.get(s), dict) for s in STAGES):
+        return data
+    flat = {k: v for k, v in data.items() if not (k in STAGES and isinstance(v, dict))}
+    for stage, section in data.items():
+        if stage not in STAGES or not isinstance(section, dict):
+            continue
+        names = stage_fields(stage)
+        unknown = sorted(set(section) - set(names))
+        if unknown:
+            raise ValueError(f"{stage}: unknown setting(s) {', '.join(unknown)} (it has {', '.join(names)})")
+        for short, value in section.items():
+            if names[short] in flat:
+                raise ValueError(f"{names[short]} is given twice: flat and in {stage}")
+            flat[names[short]] = value
+    return flat
 
 
 @cache

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
-from prunecomp.config import PruneConfig
+from prunecomp.config import PruneConfig, flatten_tree
 from prunecomp.errors import PrunecompError
 
 __all__ = ["DEFAULT_LEVEL", "LEVELS", "Level", "apply_level", "describe", "level_settings", "resolve"]
@@ -62,6 +62,7 @@ def resolve(level: str, given: Mapping[str, Any], calibration_windows: int) -> t
     differs from the level: the record of what the user overrode. The one rule shared by ``prune``, ``run``, config
     files, the deployments and the library."""
     settings = level_settings(level, calibration_windows)
+    given = flatten_tree(dict(given))  # a config file's prune section may be the tree
     overridden = {name: {"level": value, "given": given[name]} for name, value in settings.items()
                   if name in given and not _same(given[name], value)}
     return {**settings, **given}, overridden

@@ -22,7 +22,7 @@ from prunecomp.backends import Backend, refusal
 from prunecomp.calibration import TokenWindows
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
-from prunecomp.in_memory import InMemory
+from prunecomp.memory_backend import InMemory
 from prunecomp.planning import candidates, check_finite, check_plan, one_shot_choice, source_num_layers
 from prunecomp.pruning import original_indices
 from prunecomp.report import PruneReport, StepRecord
@@ -70,7 +70,7 @@ def backend_for(target: Target, calibration: TokenWindows | Tensor, config: Prun
     ``scanner`` (default: :func:`make_scanner`'s choice with ``cache``, else exact scoring)."""
     ids = _windows(calibration)
     if _is_streamed(target):
-        from prunecomp.streamed import Streamed
+        from prunecomp.streamed_backend import Streamed
 
         return Streamed(target, ids, batch_size=batch_size)  # type: ignore[arg-type]
     get_adapter(target)

@@ -2,9 +2,9 @@
 
 A recipe says, relative to a source model's content hash, which ORIGINAL layers were removed in which order, what
 was folded where (the gap scale ``s`` of every step, ``lsq`` gap maps, refinement gains) and each step's record
-(all scores, chosen layer, ``s``, time). Replaying it on the source with :func:`apply_recipe` calls the very
-functions the loop called, in the same order, with the same numbers, so the tensors are bit-identical to the
-in-process run's. It is the pipeline's unit of state: steps exchange recipe deltas (kilobytes), not models, and
+(all scores, chosen layer, ``s``, time). Replaying it on the source (:func:`prunecomp.apply.apply_recipe`) calls
+the very functions the loop called, in the same order, with the same numbers, so the tensors are bit-identical to
+the in-process run's. It is the pipeline's unit of state: steps exchange recipe deltas (kilobytes), not models, and
 every saved model carries its recipe.
 
 On disk a recipe is ``recipe.json`` (readable, diffable in a pull request) plus, only when a step folded a tensor
@@ -23,18 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from prunecomp.adapters import get_adapter, resolve
-from prunecomp.compensation import compensate
 from prunecomp.errors import PrunecompError
-from prunecomp.lsq import GapFit, apply_gap_map
-from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.tensorfiles import LazyTensors, Renamed, tensor_digest, write_safetensors
 
 __all__ = ["FORMAT", "FORMAT_LAYERS", "FORMAT_PROGRESSIVE", "RECIPE_FILE", "TENSORS_FILE", "LayerEdit", "Recipe",
-           "RecipeStep", "RefineEdit", "apply_layers", "apply_recipe", "read_recipe", "recipe_from_report",
-           "write_recipe_files"]
+           "RecipeStep", "RefineEdit", "read_recipe", "recipe_from_report", "write_recipe_files"]
 
 FORMAT = "prunecomp.recipe/v1"
 FORMAT_PROGRESSIVE = "prunecomp.recipe/v2"
@@ -391,95 +386,3 @@ def _from_report_dict(report: dict[str, Any], source: dict[str, Any] | None) -> 
 def _source_doc(source: dict[str, Any], num_layers: int) -> dict[str, Any]:
     keep = ("content_hash", "architecture", "uri", "revision", "kind")
     return {k: source[k] for k in keep if source.get(k) is not None} | {"num_layers": int(num_layers)}
-
-
-def check_applicable(recipe: Recipe, *, architecture: str, num_layers: int, kept: list[int] | None = None,
-                     start: int = 0) -> None:
-    """Refuse a recipe for another architecture or depth, or one that does not continue from ``kept``."""
-    want_arch = recipe.source.get("architecture")
-    if want_arch and want_arch != architecture:
-        raise PrunecompError(f"recipe is for {want_arch}, the model is {architecture}")
-    if int(recipe.source.get("num_layers", num_layers)) != num_layers:
-        raise PrunecompError(f"recipe is for a model of {recipe.source['num_layers']} decoder layers, the source has "
-                             f"{num_layers}")
-    if kept is not None:
-        expect = list(range(num_layers))
-        for s in recipe.steps[:start]:
-            del expect[expect.index(s.removed)]
-        if expect != kept:
-            raise PrunecompError(f"the model's layers {kept} are not where the recipe's first {start} steps leave "
-                                 f"them ({expect})")
-
-
-@torch.no_grad()
-def apply_recipe(model: nn.Module, recipe: Recipe, *, start: int = 0, refined: bool = False) -> nn.Module:
-    """Replay ``recipe`` (from step ``start``; the model must already be at that point) on ``model`` in place.
-
-    ``refined``: the refinement that followed step ``start`` is already folded too (a progressive run's state
-    after its fit; :meth:`Recipe.prefix` states are not refined, so the same recipe continues from them).
-
-    Same calls, same order, same numbers as :func:`prunecomp.loop.prune_and_compensate`: the tensors come out
-    bit-identical to the run that made the recipe. The source's content hash is not checked here (the model may
-    have been loaded from anywhere); callers that know it compare it with ``recipe.source["content_hash"]``.
-    """
-    from prunecomp.planning import source_num_layers
-
-    get_adapter(model)
-    check_applicable(recipe, architecture=type(model).__name__, num_layers=source_num_layers(model),
-                     kept=original_indices(model), start=start)
-    if start and not refined and recipe.steps[start - 1].refine is not None:
-        apply_refine(model, recipe.steps[start - 1].refine)
-    for i, s in enumerate(recipe.steps[start:], start=start):
-        orig = original_indices(model)
-        if not 0 <= s.current < len(orig) or orig[s.current] != s.removed:
-            raise PrunecompError(f"recipe step {i}: layer {s.removed} is not at index {s.current} of the model")
-        remove_layer(model, s.current)
-        if s.scale is not None and s.scale != 1.0:  # as the loop: a scale of 1 folds nothing
-            compensate(model, s.current, s.scale)
-        if s.gap_map is not None:
-            apply_gap_map(model, s.current, GapFit(t=s.gap_map, error_before=0.0, error_after=0.0))
-        if s.layers is not None:
-            apply_layers(model, s.layers)
-        if s.refine is not None:
-            apply_refine(model, s.refine)
-    if recipe.refine is not None and not (refined and start == len(recipe.steps)):
-        apply_refine(model, recipe.refine)
-    return model
-
-
-def apply_layers(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
-    """Set the parameters block reconstruction fitted, by name (exactly the values the fit left); one tensor read
-    at a time from a lazy record."""
-    params = dict(model.named_parameters())
-    for name in sorted(weights):
-        t = weights[name]
-        p = params.get(name)
-        if p is None:
-            raise PrunecompError(f"recipe reconstruction names parameter {name!r}, which the model does not have")
-        if p.shape != t.shape:
-            raise PrunecompError(f"recipe weights for {name!r} have shape {tuple(t.shape)}, the model's "
-                                 f"{tuple(p.shape)}")
-        p.copy_(t.to(device=p.device, dtype=p.dtype))
-
-
-def apply_refine(model: nn.Module, edit: RefineEdit) -> None:
-    """Fold refinement gains by module path (exactly :func:`prunecomp.refine.fold_gains`)."""
-    from prunecomp.refine import Gain, fold_gains
-
-    items = []
-    for path, (kind, offset, g) in sorted(edit.gains.items()):
-        try:
-            module = resolve(model, path)
-        except AttributeError as exc:
-            raise PrunecompError(f"recipe refinement names module {path!r}, which the model does not have") from exc
-        if not isinstance(module, nn.Module) or not isinstance(getattr(module, "weight", None), Tensor):
-            raise PrunecompError(f"recipe refinement names {path!r}, which is not a module with a weight (gains are "
-                                 "recorded by module path, e.g. 'model.layers.0.input_layernorm')")
-        if kind not in ("norm", "linear") or g.ndim != 1:
-            raise PrunecompError(f"recipe gains for {path!r} must be one vector of kind 'norm' or 'linear', got "
-                                 f"kind {kind!r} with shape {tuple(g.shape)}")
-        if module.weight.shape[0] != g.shape[0]:
-            raise PrunecompError(f"recipe gains for {path!r} have {g.shape[0]} channels, the module "
-                                 f"{module.weight.shape[0]}")
-        items.append(Gain(module, nn.Parameter(g.clone(), requires_grad=False), kind, offset))  # type: ignore[arg-type]
-    fold_gains(items)

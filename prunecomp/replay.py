@@ -14,10 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from prunecomp.apply import apply_recipe
 from prunecomp.checkpoint import save_pruned
 from prunecomp.errors import PrunecompError
 from prunecomp.outputs import check_output
-from prunecomp.recipe import RECIPE_FILE, Recipe, apply_recipe, read_recipe, recipe_from_report
+from prunecomp.recipe import RECIPE_FILE, Recipe, read_recipe, recipe_from_report
 from prunecomp.sources import content_hash, load_model, resolve_source
 
 __all__ = ["apply_to_source"]

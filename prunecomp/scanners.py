@@ -6,7 +6,7 @@ Three implementations, one contract (same scores and gap scales up to float roun
 * :class:`~prunecomp.incremental.IncrementalScanner`: caches the residual stream at every layer boundary and
   re-runs only what a removal or a fold changed.
 * :meth:`~prunecomp.streamed.StreamedModel.scan`: the layer-streamed model, one decoder layer in memory at a time
-  (the :class:`~prunecomp.streamed.Streamed` backend scores through it directly: there is nothing to cache).
+  (the :class:`~prunecomp.streamed_backend.Streamed` backend scores through it directly: there is nothing to cache).
 
 The caller tells a scanner what changed, explicitly, after every edit of the model: :meth:`Scanner.removed` after
 a removal and its uniform upstream rescale, :meth:`Scanner.invalidate` after a fold that changes some layers'

@@ -28,7 +28,6 @@ import copy
 import json
 import math
 import tempfile
-from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,21 +38,19 @@ from torch import Tensor, nn
 
 from prunecomp import metrics as M
 from prunecomp.adapters import decoder_layers, get_adapter, resolve
-from prunecomp.backends import STREAMED, Capabilities
+from prunecomp.backends import STREAMED
 from prunecomp.compensation import compensate, is_tied, scale_layer_writers
-from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.guard import DEFAULT_BUDGET, GuardBudget, GuardResult, guard_tail
 from prunecomp.pruning import original_indices, remove_layer
 from prunecomp.recipe import Recipe, write_recipe_files
-from prunecomp.reconstruct import GapStreams, ReconstructReport, capture_gap, reconstruct_layers
 from prunecomp.scanners import memory_budget
 from prunecomp.scoring import LayerScan
 from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
 from prunecomp.storage import write_dir
 from prunecomp.tensorfiles import LazyTensors, Renamed, SafetensorsWeights
 
-__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "Streamed", "StreamedModel"]
+__all__ = ["STREAMED_METRICS", "SafetensorsWeights", "StreamedModel"]
 
 STREAMED_METRICS: frozenset[str] = STREAMED.metrics or frozenset()  # declared in prunecomp.backends
 
@@ -260,7 +257,7 @@ class StreamedModel:
 
     def apply(self, recipe: Recipe) -> None:
         """Replay ``recipe``'s removals and magnitude folds (pending, like :meth:`remove`) on this model."""
-        from prunecomp.recipe import check_applicable
+        from prunecomp.apply import check_applicable
 
         if recipe.refine is not None or recipe.progressive or any(s.gap_map is not None for s in recipe.steps):
             raise PrunecompError("layer streaming replays removals, magnitude scales and reconstructed layers only; "
@@ -278,8 +275,8 @@ class StreamedModel:
 
     def _set_layers(self, weights: Mapping[str, Tensor], *, tag: str) -> None:
         """A recipe step's layer record (parameters by name in the model then, as
-        :func:`prunecomp.recipe.apply_layers` sets them in memory), one layer at a time into the spill folder."""
-        from prunecomp.recipe import apply_layers
+        :func:`prunecomp.apply.apply_layers` sets them in memory), one layer at a time into the spill folder."""
+        from prunecomp.apply import apply_layers
 
         prefix = self.adapter.layers + "."
         by_layer: dict[int, list[str]] = {}
@@ -348,68 +345,3 @@ class StreamedModel:
                 extra(tmp)
 
         return write_dir(uri, fill, overwrite=overwrite, owned=owned)
-
-
-class Streamed:
-    """The layer-streamed :class:`~prunecomp.backends.Backend`: ``sm`` on calibration windows ``ids``. Scoring is
-    one layer-by-layer pass per step (nothing cached); the guard runs the layers after the gap in groups that
-    fit the memory budget; block reconstruction loads the layer pair beside the gap for the fit and keeps a fit
-    in the spill folder (:meth:`StreamedModel.keep_layer`), recorded lazily."""
-
-    capabilities: Capabilities = STREAMED
-    scoring = "streamed"
-
-    def __init__(self, sm: StreamedModel, ids: Tensor, *, batch_size: int) -> None:
-        self.sm, self.model, self.ids, self.batch_size = sm, sm.model, ids, batch_size
-
-    def scan(self, metric: str, *, block_size: int, candidates: Sequence[int]) -> LayerScan:
-        return self.sm.scan(self.ids, metric, batch_size=self.batch_size)
-
-    def guard(self, current: int, s: float, exponents: Sequence[float]) -> GuardResult:
-        return self.sm.guard(self.ids, current, s, exponents, batch_size=self.batch_size)
-
-    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int) -> GapStreams | None:
-        return capture_gap(self.model, current, ids, side, batch_size=batch_size, layer_at=self.sm.load_layer,
-                           release=self.sm.free)
-
-    def fit_layers(self, gap: GapStreams, scale: float, *, steps: int, lr: float, seed: int, removed: int
-                   ) -> tuple[ReconstructReport, Mapping[str, Tensor] | None]:
-        """The in-memory fit (:func:`~prunecomp.reconstruct.reconstruct_layers`: same streams, same seed) on the
-        loaded pair; a kept fit goes to the spill folder (one file per step: ``seed`` is the step)."""
-        layers = [self.sm.load_layer(j) for j in gap.fitted()]
-        try:
-            done = reconstruct_layers(layers, gap, scale, steps=steps, lr=lr, seed=seed, removed=removed,
-                                      originals=original_indices(self.model))
-            weights = None
-            if done.kept:
-                weights = ChainMap(*(self.sm.keep_layer(j, layer, tag=f"step{seed}")
-                                     for j, layer in zip(gap.fitted(), layers, strict=True)))
-        finally:
-            for layer in layers:
-                self.sm.free(layer)
-        return done, weights
-
-    def remove(self, current: int, scale: float) -> None:
-        self.sm.remove(current, scale)
-
-    def changed(self, first_layer: int | None) -> None:
-        return None  # nothing is cached between passes
-
-    def mean_nll(self, ids: Tensor) -> float:
-        return self.sm.mean_nll(ids, batch_size=self.batch_size)
-
-    def _refused(self, what: str) -> PrunecompError:  # refusal() says so before any work; this is the backstop
-        return PrunecompError(f"layer streaming cannot run {what}; run it in memory")
-
-    def with_scores(self, metric: str, scores: Mapping[int, float], candidates: Sequence[int]) -> LayerScan:
-        raise self._refused("precomputed per-candidate scores")
-
-    def select_by_loss(self, scan: LayerScan, candidates: list[int], config: PruneConfig
-                       ) -> tuple[int, dict[int, float], GuardResult | None]:
-        raise self._refused("selection by loss")
-
-    def fit_gap_map(self, current: int, scale: float, *, ridge: float) -> Any:
-        raise self._refused("the lsq gap map")
-
-    def keep_gap_map(self, current: int, fit: Any, guard: GuardResult) -> bool:
-        raise self._refused("the lsq gap map")

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prunecomp.apply import apply_recipe
 from prunecomp.errors import PrunecompError
-from prunecomp.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit, apply_recipe
+from prunecomp.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit
 from prunecomp.redact import redact
 from prunecomp.storage import is_remote, write_dir
 from prunecomp.tensorfiles import LazyTensors, write_safetensors

@@ -10,9 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from prunecomp.adapters import decoder_layers
+from prunecomp.apply import apply_recipe
 from prunecomp.final_check import reconstructed_layers, uncompensated_view
 from prunecomp.pruning import remove_layer
-from prunecomp.recipe import Recipe, apply_recipe, read_recipe, write_recipe_files
+from prunecomp.recipe import Recipe, read_recipe, write_recipe_files
 
 
 def replays_and_views(source: nn.Module, model: nn.Module, recipe: Recipe, ids: Tensor, folder: Path

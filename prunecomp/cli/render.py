@@ -182,19 +182,35 @@ def on_windows(refined: dict) -> str:
 
 def effective_config(doc: dict[str, Any], level: str, overridden: dict[str, Any]) -> str:
     """The effective configuration, printed at the start of ``prune`` and ``run``: one line per section (flow
-    style, wrapped), headed by the quality level and what the flags overrode, so a log says what ran."""
+    style, wrapped), the pruning settings one line per stage of the configuration tree
+    (:meth:`~prunecomp.config.PruneConfig.tree`), headed by the quality level and what the flags overrode, so a log
+    says what ran."""
     import textwrap
 
     import yaml
 
+    from prunecomp.config import PruneConfig
     from prunecomp.levels import describe
     from prunecomp.redact import redact_all
+
+    def wrap(key: str, value: Any) -> list[str]:
+        text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6, sort_keys=False).strip()
+        return textwrap.wrap(text.removeprefix("{").removesuffix("}"), width=116, initial_indent="  ",
+                             subsequent_indent="      ", break_on_hyphens=False)
 
     lines = [f"configuration ({describe(level, overridden)}):"]
     for key, value in redact_all(doc).items():
         if key in ("quality", "quality_overridden"):
             continue
-        text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6, sort_keys=False).strip()
-        lines += textwrap.wrap(text.removeprefix("{").removesuffix("}"), width=116, initial_indent="  ",
-                               subsequent_indent="      ", break_on_hyphens=False)
+        if key != "prune" or not isinstance(value, dict):
+            lines += wrap(key, value)
+            continue
+        off = []  # the method's stages, one line each; a stage that is off is named once, not spelled out
+        for stage, settings in PruneConfig.model_validate(value).tree().items():
+            if settings.get("method") == "none" and stage not in ("compensation",):
+                off.append(stage)
+            else:
+                lines += wrap(f"prune.{stage}", settings)
+        if off:
+            lines.append(f"  prune, off: {', '.join(off)}")
     return "\n".join(lines)

@@ -141,7 +141,8 @@ def test_gate_failure_leaves_the_champion_alone(harness, tracking_uri, stories, 
     from prunecomp.config import EvalConfig
     from tasks.gates import GateFailed
     from tasks.mlflow_model import write_mlflow_model
-    from tasks.tracking import client, eval_settings_tags, promote_version
+    from tasks.promotion import promote_version
+    from tasks.tracking import client, eval_settings_tags
 
     model = tmp_path / "model"  # a complete, loadable MLflow Model (promotion checks that first)
     shutil.copytree(stories, model)

@@ -79,6 +79,25 @@ def test_config_file_and_flags_merge_flags_win(monkeypatch, tmp_path) -> None:
     assert config.prune.n_layers == 5 and config.calibration.n_samples == 32
 
 
+def test_a_config_file_may_give_the_tree_of_stages_and_flags_still_win(monkeypatch, tmp_path) -> None:
+    """The prune section as the configuration tree (stage -> settings, as the effective configuration prints it)
+    merges with flags that name flat fields; the level sees the same given settings either way."""
+    path = tmp_path / "tree.yaml"
+    path.write_text(yaml.safe_dump({"quality": "best", "prune": {
+        "removal": {"n_layers": 5}, "scoring": {"metric": "bi"}, "reconstruct": {"lr": 0.003}}}))
+    result, config = _build(monkeypatch, "--config", str(path), "--reconstruct-steps", "40")
+    assert result.exit_code == 0, result.output
+    assert (config.prune.n_layers, config.prune.reconstruct, config.prune.reconstruct_lr,
+            config.prune.reconstruct_steps) == (5, "both", 0.003, 40)
+    assert set(config.quality_overridden) == {"reconstruct_lr", "reconstruct_steps"}
+    flat = CompressConfig.model_validate({"quality": "best", "prune": {"n_layers": 5, "reconstruct_lr": 0.003,
+                                                                       "reconstruct_steps": 40}})
+    assert flat.prune == config.prune
+    path.write_text(yaml.safe_dump({"prune": {"reconstruct": {"stpes": 3}}}))
+    result, config = _build(monkeypatch, "--config", str(path))
+    assert result.exit_code == 2 and config is None and "stpes" in result.output and "Traceback" not in result.output
+
+
 def test_unknown_key_in_a_config_file_is_one_error_line(monkeypatch, tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"prune": {"n_layers": 5, "refine_stpes": 3}}))
@@ -104,4 +123,4 @@ def test_effective_configuration_is_printed_at_the_start(monkeypatch) -> None:
     result = CliRunner().invoke(cli.main, ["run", "--quality", "best", "--reconstruct-lr", "0.003"])
     assert isinstance(result.exception, Stop)
     assert "configuration (quality best, overridden: reconstruct_lr=0.003):" in result.output
-    assert "reconstruct: both" in result.output
+    assert "prune.reconstruct: {method: both" in result.output

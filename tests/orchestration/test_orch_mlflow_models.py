@@ -105,7 +105,8 @@ def test_mlflow_models_serve_answers_on_localhost(registered, tracking_uri, port
 
 
 def test_champion_never_moves_to_a_version_that_does_not_load(registered, tracking_uri, stories) -> None:
-    from tasks.tracking import client, promote_version
+    from tasks.promotion import promote_version
+    from tasks.tracking import client
 
     c = client(tracking_uri)
     before = str(c.get_model_version_by_alias("stories-models", "candidate").version)

@@ -2,7 +2,7 @@
 its version; gates always check something; versions evaluated differently are never compared; and two
 promotions at once end with the better version as champion.
 
-Registry work runs against the session's sqlite MLflow without Prefect (:func:`tasks.tracking.promote_version` is
+Registry work runs against the session's sqlite MLflow without Prefect (:func:`tasks.promotion.promote_version` is
 Prefect-free); versions are copies of stories260K (1 MB) made loadable MLflow Models once per module.
 """
 
@@ -84,12 +84,12 @@ class Registry:
         return str(mv.version)
 
     def promote(self, version: str, gates: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
-        from tasks.tracking import promote_version
+        from tasks.promotion import promote_version
 
         return promote_version(tracking_uri=self.uri, name=self.name, version=version, gates=gates, **kw)
 
     def champion(self) -> str | None:
-        from tasks.tracking import _alias_version
+        from tasks.promotion import _alias_version
 
         return _alias_version(self.c, self.name, "champion")
 
@@ -355,13 +355,13 @@ def test_two_concurrent_promotions_end_with_the_better_version_as_champion(regis
     assert outcome.get(v2) is True, outcome
     assert outcome.get(v3) is True or isinstance(outcome.get(v3), GateFailed), outcome
     assert registry.champion() == v2
-    from tasks.tracking import LOCK_SUFFIX
+    from tasks.promotion import LOCK_SUFFIX
 
     assert not registry.c.search_registered_models(f"name = '{registry.name}{LOCK_SUFFIX}'")  # lock released
 
 
 def test_a_dead_promoters_lock_is_taken_over_and_a_live_one_is_waited_for(registry: Registry) -> None:
-    from tasks.tracking import LOCK_SUFFIX, promotion_lock
+    from tasks.promotion import LOCK_SUFFIX, promotion_lock
 
     lock = f"{registry.name}{LOCK_SUFFIX}"
     dead = {"token": "t", "host": socket.gethostname(), "pid": 2**22 + 12345, "since": time.time()}

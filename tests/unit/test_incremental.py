@@ -125,9 +125,9 @@ def test_half_precision_weights_keep_float32_statistics() -> None:
 def test_lsq_fold_into_the_embedding_invalidates_the_whole_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """Removing layer 0 with ``lsq`` on an untied model folds the gap map into the embedding: every cached
     stream changed, so the next incremental scan must equal a fresh exact one (it used to keep a stale stream)."""
-    from prunecomp.in_memory import InMemory
     from prunecomp.incremental import IncrementalScanner
     from prunecomp.loop import _remove
+    from prunecomp.memory_backend import InMemory
     from prunecomp.pruning import original_indices
     from prunecomp.scoring import scan_layers
 

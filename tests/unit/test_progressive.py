@@ -13,6 +13,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from prunecomp.apply import apply_recipe
 from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.evaluation.perplexity import mean_nll
@@ -24,7 +25,6 @@ from prunecomp.recipe import (
     RECIPE_FILE,
     Recipe,
     RecipeStep,
-    apply_recipe,
     read_recipe,
     write_recipe_files,
 )
@@ -82,7 +82,7 @@ def test_progressive_recipe_replays_bit_identically(family: str, tmp_path: Path)
     # and from the state after step 1's fit (the pipeline's working copy after a refine task)
     after_fit = apply_recipe(_model(family), recipe.prefix(1))
     assert recipe.steps[0].refine is not None
-    from prunecomp.recipe import apply_refine
+    from prunecomp.apply import apply_refine
 
     apply_refine(after_fit, recipe.steps[0].refine)
     _same(apply_recipe(after_fit, recipe, start=1, refined=True), ran)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunecomp.apply import apply_recipe
 from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
@@ -15,7 +16,6 @@ from prunecomp.loop import prune_and_compensate
 from prunecomp.recipe import (
     RECIPE_FILE,
     TENSORS_FILE,
-    apply_recipe,
     read_recipe,
     recipe_from_report,
     write_recipe_files,

@@ -14,13 +14,14 @@ from tiny_models import tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 from prunecomp.adapters import decoder_layers
+from prunecomp.apply import apply_recipe
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.final_check import final_check, reconstructed_layers
 from prunecomp.loop import prune_and_compensate
 from prunecomp.pruning import remove_layer
-from prunecomp.recipe import Recipe, RecipeStep, RefineEdit, apply_recipe, read_recipe
+from prunecomp.recipe import Recipe, RecipeStep, RefineEdit, read_recipe
 from prunecomp.streamed import StreamedModel
 from prunecomp.tensorfiles import LazyTensors, Renamed, write_safetensors
 

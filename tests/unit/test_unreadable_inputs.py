@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from prunecomp.apply import apply_refine
 from prunecomp.errors import PrunecompError
-from prunecomp.recipe import RefineEdit, apply_refine
+from prunecomp.recipe import RefineEdit
 from prunecomp.tensorfiles import LazyTensors, read_safetensors_header
 from tests.tiny_models import tiny_model
 
