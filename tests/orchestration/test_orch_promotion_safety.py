@@ -320,21 +320,21 @@ def test_two_concurrent_promotions_end_with_the_better_version_as_champion(regis
     """v1 is champion; v2 (better) and v3 (better than v1, worse than v2) are promoted at the same moment from two
     threads. The worse one is slowed down between reading the champion and moving the alias, the window in which
     an unserialized promotion would overwrite the better one."""
-    import tasks.tracking
+    import tasks.promotion
     from tasks.gates import GateFailed
 
     v1 = registry.add({"ppl_mean_pruned": 30.0})
     v2 = registry.add({"ppl_mean_pruned": 20.0})
     v3 = registry.add({"ppl_mean_pruned": 25.0})
     assert registry.promote(v1, BEAT)["changed"]
-    real = tasks.tracking.decide
+    real = tasks.promotion.decide
 
     def slow_for_the_worse(*args: Any, **kw: Any) -> Any:
         if args[1].get("ppl_mean_pruned") == 25.0:
             time.sleep(1.5)
         return real(*args, **kw)
 
-    monkeypatch.setattr(tasks.tracking, "decide", slow_for_the_worse)
+    monkeypatch.setattr(tasks.promotion, "decide", slow_for_the_worse)
     start = threading.Barrier(2)
     outcome: dict[str, Any] = {}
 
