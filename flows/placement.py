@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from flows.params import CompressConfig
-from prunecomp.backends import STREAMED, memory, refusal
+from prunecomp.backends import STREAMED, memory
+from prunecomp.stages import refusal
 
 __all__ = ["Placement", "memory_budget", "not_streamable", "place"]
 

@@ -1,9 +1,9 @@
 """What each way of holding a model can run, declared once: the in-memory model and the layer-streamed one.
 
-The loop, the job, the pipeline and the CLI ask :func:`refusal` whether a configuration runs on a backend, so a
-stage that cannot stream is refused in one place, with one message, before any work: the capabilities are data,
-and a new stage declares what it needs in its registry entry (:mod:`prunecomp.stages`). :class:`Backend` is what
-the loop runs against, whichever way the model is held.
+The loop, the job, the pipeline and the CLI ask :func:`prunecomp.stages.refusal` whether a configuration runs on a
+backend, so a stage that cannot stream is refused in one place, with one message, before any work: the
+capabilities are data here, and a new stage declares what it needs in its registry entry (:mod:`prunecomp.stages`).
+:class:`Backend` is what the loop runs against, whichever way the model is held.
 """
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prunecomp.config import PruneConfig
-
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
+    from prunecomp.config import PruneConfig
     from prunecomp.guard import GuardResult
     from prunecomp.reconstruct import GapStreams, ReconstructReport
     from prunecomp.scoring import LayerScan
 
-__all__ = ["ABILITIES", "IN_MEMORY", "STREAMED", "Backend", "Capabilities", "memory", "refusal"]
+__all__ = ["ABILITIES", "IN_MEMORY", "STREAMED", "Backend", "Capabilities", "memory"]
 
 ABILITIES: dict[str, str] = {
     "gap_map": "the lsq gap map (--compensation lsq, compensation: lsq)",
@@ -118,27 +117,6 @@ class Backend(Protocol):
     def mean_nll(self, ids: Tensor) -> float:
         """Mean next-token NLL of the model as it is now on windows ``ids``."""
         ...
-
-
-def refusal(backend: Capabilities, config: PruneConfig, *, qa: bool = False) -> str | None:
-    """Why ``config`` (and QA evaluation, with ``qa``) cannot run on ``backend``, or ``None`` when it can: the
-    metric and mode, then every ability the configured stages need (:func:`prunecomp.stages.stage_needs`, the
-    selection method's, the stages around the loop's)."""
-    from prunecomp.stages import SELECTIONS, stage_needs
-
-    for what, value, allowed in (("metric", config.metric, backend.metrics), ("mode", config.mode, backend.modes)):
-        if allowed is not None and value not in allowed:
-            return (f"{backend.name} cannot run {what} {value!r} (it runs {', '.join(sorted(allowed))}; "
-                    f"{backend.why}); drop the option or run in memory")
-    needs = [need for _stage, need in stage_needs(config)]
-    needs += sorted(SELECTIONS[config.selection][1])
-    needs += [n for n, wanted in (("refine", config.refine != "none"), ("refit", config.refit != "none"),
-                                  ("qa", qa)) if wanted]
-    for need in needs:
-        if need not in backend.abilities:
-            return (f"{backend.name} cannot run {ABILITIES[need]} ({backend.why}); run it in memory, or leave "
-                    "that stage out")
-    return None
 
 
 def memory(device: object = None) -> tuple[int, int]:

@@ -155,7 +155,7 @@ def run_job(config: JobConfig, progress: Progress | None = None,
 
     ``stream_layers`` keeps one decoder layer in memory at a time (:mod:`prunecomp.streamed`), for models larger
     than memory; it needs safetensors weights, and stages it cannot run are refused before any work
-    (:func:`prunecomp.backends.refusal`). Either way the same loop runs (:func:`prunecomp.compress.compress`).
+    (:func:`prunecomp.stages.refusal`). Either way the same loop runs (:func:`prunecomp.compress.compress`).
     After pruning, the final check (:mod:`prunecomp.final_check`) compares held-out calibration loss with and
     without what the run folded; the report's ``final_check`` says which was better.
     """

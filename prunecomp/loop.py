@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Union
 from torch import Tensor, nn
 
 from prunecomp.adapters import decoder_layers, get_adapter
-from prunecomp.backends import Backend, refusal
+from prunecomp.backends import Backend
 from prunecomp.calibration import TokenWindows
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.errors import PrunecompError
@@ -28,7 +28,7 @@ from prunecomp.pruning import original_indices
 from prunecomp.report import PruneReport, StepRecord
 from prunecomp.scanners import Scanner, make_scanner
 from prunecomp.scoring import LayerScan
-from prunecomp.stages import SELECTIONS, Gap, active_stages
+from prunecomp.stages import SELECTIONS, Gap, active_stages, refusal
 
 if TYPE_CHECKING:
     from prunecomp.streamed import StreamedModel
@@ -82,7 +82,7 @@ def backend_for(target: Target, calibration: TokenWindows | Tensor, config: Prun
 
 def check_runs(target: Target, config: PruneConfig) -> None:
     """Everything the loop would refuse about ``config`` on ``target``, before any compute: the backend's
-    capabilities (:func:`prunecomp.backends.refusal`), the number of layers and the protected ones."""
+    capabilities (:func:`prunecomp.stages.refusal`), the number of layers and the protected ones."""
     if _is_streamed(target):
         from prunecomp.backends import STREAMED
 

@@ -10,7 +10,7 @@ without it (the gap map is folded, the layers beside the gap are fitted). What a
 
 A new method is one component and one :func:`register` call: it states when it runs (``wanted``), what it needs
 of the backend (``needs``: names of :class:`~prunecomp.backends.Capabilities` abilities, checked before any work
-in :func:`prunecomp.backends.refusal`) and its part of the step. Stages that run after the last removal (the
+in :func:`refusal`) and its part of the step. Stages that run after the last removal (the
 refit, the gains) are wired around the loop by :func:`prunecomp.compress.compress`: they need the dense model.
 """
 
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
+from prunecomp.backends import ABILITIES, Capabilities
 from prunecomp.config import PruneConfig, StageSettings
 from prunecomp.errors import PrunecompError
 from prunecomp.guard import GuardResult
@@ -32,7 +33,7 @@ from prunecomp.scoring import LayerScan
 if TYPE_CHECKING:
     from prunecomp.backends import Backend
 
-__all__ = ["SELECTIONS", "STAGES", "Gap", "Selection", "Stage", "StageSpec", "active_stages", "register",
+__all__ = ["SELECTIONS", "STAGES", "Gap", "Selection", "Stage", "StageSpec", "active_stages", "refusal", "register",
            "stage_needs", "unregister"]
 
 log = logging.getLogger(__name__)
@@ -235,3 +236,22 @@ SELECTIONS: dict[str, tuple[Callable[[Backend, LayerScan, Sequence[int], PruneCo
     "loss": (_by_loss, frozenset({"trials"})),
 }
 """Selection method -> (the function that picks the layer, the backend abilities it needs)."""
+
+
+def refusal(backend: Capabilities, config: PruneConfig, *, qa: bool = False) -> str | None:
+    """Why ``config`` (and QA evaluation, with ``qa``) cannot run on ``backend``, or ``None`` when it can: the
+    metric and mode, then every ability the configured stages need (:func:`stage_needs`), the selection method's
+    and the stages around the loop's (the gains, the refit)."""
+    for what, value, allowed in (("metric", config.metric, backend.metrics), ("mode", config.mode, backend.modes)):
+        if allowed is not None and value not in allowed:
+            return (f"{backend.name} cannot run {what} {value!r} (it runs {', '.join(sorted(allowed))}; "
+                    f"{backend.why}); drop the option or run in memory")
+    needs = [need for _stage, need in stage_needs(config)]
+    needs += sorted(SELECTIONS[config.selection][1])
+    needs += [n for n, wanted in (("refine", config.refine != "none"), ("refit", config.refit != "none"),
+                                  ("qa", qa)) if wanted]
+    for need in needs:
+        if need not in backend.abilities:
+            return (f"{backend.name} cannot run {ABILITIES[need]} ({backend.why}); run it in memory, or leave "
+                    "that stage out")
+    return None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from prunecomp.backends import IN_MEMORY, STREAMED, refusal
+from prunecomp.backends import IN_MEMORY, STREAMED
 from prunecomp.config import PruneConfig
 from prunecomp.levels import apply_level
+from prunecomp.stages import refusal
 
 
 @pytest.mark.parametrize(("fields", "needle"), [

@@ -12,11 +12,11 @@ import torch
 from pydantic import ValidationError
 
 from prunecomp.adapters import decoder_layers
-from prunecomp.backends import IN_MEMORY, STREAMED, refusal
+from prunecomp.backends import IN_MEMORY, STREAMED
 from prunecomp.config import STAGES as CONFIG_STAGES
 from prunecomp.config import PruneConfig, stage_fields
 from prunecomp.loop import prune_and_compensate
-from prunecomp.stages import STAGES, Gap, StageSpec, register, unregister
+from prunecomp.stages import STAGES, Gap, StageSpec, refusal, register, unregister
 from tests.tiny_models import tiny_model, tokens
 
 CAL = tokens(8, 16)
