@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunecomp import fitting as F
-from prunecomp.adapters import decoder_layers, get_adapter, resolve
-from prunecomp.lsq import GapFit, apply_gap_map
-from prunecomp.pruning import remove_layer
-from prunecomp.scoring import scan_layers
-from prunecomp.sequential import catch_layer_inputs, run_layer
+from prunecomp.method import fitting as F
+from prunecomp.method.lsq import GapFit, apply_gap_map
+from prunecomp.method.scoring import scan_layers
+from prunecomp.models.adapters import decoder_layers, get_adapter, resolve
+from prunecomp.models.pruning import remove_layer
+from prunecomp.models.sequential import catch_layer_inputs, run_layer
 
 __all__ = ["hadamard", "linear_patch", "replace_me"]
 

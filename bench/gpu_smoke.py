@@ -20,11 +20,19 @@ Checks, each a row of the table (and a non-zero exit when any fails):
                           in spill files): same layers as in-memory reconstruct, errors fall or fits are declined,
                           the recorded layers keep the model's dtype
   weight dtype            the in-memory model kept bf16 weights on CUDA; statistics (scales) finite
+  level fast / balanced / best   prunecomp.engine.compress.compress at each quality level's own settings
+                          (prunecomp.levels.level_settings merged into PruneConfig(n_layers=k, metric="bi"); the
+                          gains and the reconstruction fit on max(64, --samples) windows, a superset of the scoring
+                          ones): k layers removed, the gains fitted (balanced, best), every removal reconstructed
+                          (best); its seconds beside the seconds bench/projection.py projects for the same shape,
+                          windows and settings on this device (an H100's constants on any GPU but an H200, this
+                          CPU's measured sgemm rate on the CPU), so the projection is checked whenever a GPU runs this
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import shutil
@@ -50,6 +58,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--refine-steps", type=int, default=20)
+    ap.add_argument("--levels", default="fast,balanced,best", help="the quality levels timed (comma-separated; "
+                    "empty to skip)")
     ap.add_argument("--work", default=None, help="where the synthetic model is written (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write the results here too")
     args = ap.parse_args()
@@ -58,11 +68,16 @@ def main() -> int:
     from memory import write_synthetic
     from transformers import AutoModelForCausalLM
 
-    from prunecomp.compress import compress
     from prunecomp.config import PruneConfig
-    from prunecomp.loop import prune_and_compensate
-    from prunecomp.recipe import apply_recipe
-    from prunecomp.streamed import StreamedModel, streamed_prune
+    from prunecomp.engine.compress import compress
+    from prunecomp.engine.loop import prune_and_compensate
+    from prunecomp.engine.streamed import StreamedModel
+    from prunecomp.recipes.apply import apply_recipe
+
+    try:
+        from prunecomp.engine.streamed import streamed_prune  # type: ignore[attr-defined]
+    except ImportError:  # prune_and_compensate takes a StreamedModel itself now: the same call
+        streamed_prune = prune_and_compensate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -186,6 +201,53 @@ def main() -> int:
                     f"records {dtype}: {kept}, peak GPU {peak:.2f} GiB", None)
         return run
 
+    @functools.cache
+    def projection_device() -> Any:
+        """The device whose constants the level rows are projected on (the smoke test may run on any GPU)."""
+        import projection
+
+        if device != "cuda":
+            return projection.cpu_device(*projection.measure_cpu())
+        return projection.H200 if "H200" in torch.cuda.get_device_name() else projection.H100
+
+    def level_row(level: str) -> Any:
+        def run() -> tuple[bool, str, Any]:
+            import projection
+
+            from prunecomp.levels import level_settings
+
+            settings = level_settings(level, args.samples)
+            cfg = PruneConfig.model_validate({"n_layers": args.k, "metric": "bi"} | settings)
+            fit_n = settings.get("refine_samples")
+            fit = None
+            if fit_n:  # the first --samples windows are the scoring ones: the fitting set is a superset
+                more = torch.randint(0, spec["vocab"], (fit_n - args.samples, args.seq_len),
+                                     generator=torch.Generator().manual_seed(1))
+                fit = torch.cat([ids, more])
+            model = load()
+            sync()
+            t = time.perf_counter()
+            report = compress(model, ids, cfg, batch_size=4, refine_windows=fit)
+            sync()
+            seconds = time.perf_counter() - t
+            shape = projection.Shape(f"synthetic {params / 1e9:.2f}B", spec["hidden"], spec["inter"],
+                                     spec["n_layers"], spec["vocab"], spec["heads"], spec["kv_heads"])
+            calib = projection.Calibration("smoke", args.samples, args.seq_len, 4, held_out=0)
+            dev = projection_device()
+            proj = projection.project(shape, calib, cfg, dev, level=level, fit_windows=fit_n, teacher_batch=4)
+            projected = sum(proj.seconds.get(name, 0.0) for name in projection.COMPRESS_STAGES)
+            stages = {name: round(v, 3) for name, v in proj.seconds.items() if name in projection.COMPRESS_STAGES}
+            refined = cfg.refine == "none" or bool(report.refine)
+            rebuilt = cfg.reconstruct == "none" or all(s.reconstruct for s in report.steps)
+            ok = len(report.removed) == args.k and refined and rebuilt
+            del model
+            return ok, (f"removed {report.removed}, compress {seconds:.1f} s, projected {projected:.1f} s on "
+                        f"{dev.name} (measured / projected {seconds / projected:.2f}; {proj.scoring} scoring"
+                        f"{', ' + str(fit_n) + ' fitting windows' if fit_n else ''})"), {
+                "level": level, "compress_s": seconds, "projected_s": projected, "projected_stages_s": stages,
+                "projection_device": dev.name, "fit_windows": fit_n}
+        return run
+
     timed("in-memory lsq", lsq)
     timed("in-memory refine", refine)
     rebuilt = timed("in-memory reconstruct", reconstruct)
@@ -197,6 +259,10 @@ def main() -> int:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     timed("streamed reconstruct", streamed_reconstruct(rebuilt))
+    for level in [lv for lv in args.levels.split(",") if lv]:
+        out = timed(f"level {level}", level_row(level))
+        if out:
+            rows[-1].update(out)
     ok = all(r["ok"] for r in rows)
     info = {"device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "torch": torch.__version__, "python": platform.python_version(), "dtype": str(dtype),

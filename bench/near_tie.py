@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.config import PruneConfig
+from prunecomp.corpora.calibration import calibration_windows, evaluation_windows
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.loop import prune_and_compensate
-from prunecomp.sources import load_model
+from prunecomp.models.sources import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import Evaluator

@@ -68,7 +68,7 @@ def with_tokenizer(folder: Path) -> None:
     """Give a synthetic model SmolLM2's tokenizer (the default model's; its vocabulary is 49,152)."""
     if (folder / "tokenizer.json").exists():
         return
-    from prunecomp.sources import load_model
+    from prunecomp.models.sources import load_model
 
     load_model(None).tokenizer.save_pretrained(folder)
 
@@ -204,7 +204,7 @@ def _local(step: dict[str, Any]) -> dict[str, Any]:
 
 def _refit(report: dict[str, Any] | None) -> dict[str, Any] | None:
     """The part of a sequential refit's report the table shows."""
-    from prunecomp.refit import mean_errors
+    from prunecomp.method.refit import mean_errors
 
     if not report:
         return None

@@ -34,9 +34,9 @@ Prints a markdown table and writes JSON. Several JSONs (e.g. metrics split over 
     .venv/bin/python bench/quality.py --render bench/results/quality_a.json bench/results/quality_b.json
 
 Levels mode (``--levels``): each quality level of ``prunecomp/levels.py`` run through the library exactly as
-``prunecomp prune --quality LEVEL`` runs it (:func:`prunecomp.compress.compress` with the level's settings, fitting
-on ``refine_samples`` windows of the calibration source, same seed), once per calibration seed (``--seeds``), and
-ONE table: per (level, k) the mean and the worst seed of perplexity (WikiText-2 / C4 / PTB and their mean), of the
+``prunecomp prune --quality LEVEL`` runs it (:func:`prunecomp.engine.compress.compress` with the level's settings,
+fitting on ``refine_samples`` windows of the calibration source, same seed), once per calibration seed (``--seeds``),
+and ONE table: per (level, k) the mean and the worst seed of perplexity (WikiText-2 / C4 / PTB and their mean), of the
 recovered share (``bench/measures.py``; naive = ``--compensation none``, iterative, the same seed) and of the
 top-1 agreement with the dense model's greedy next token on the evaluation windows
 (:mod:`prunecomp.evaluation.agreement`), the seconds the product takes for that k (mean over seeds), and whether
@@ -68,20 +68,20 @@ from typing import Any
 
 import torch
 
-from prunecomp.calibration import TokenWindows, calibration_windows, evaluation_windows
-from prunecomp.compress import compress, refine_as_configured, refit_as_configured, teacher_for
 from prunecomp.config import PruneConfig
+from prunecomp.corpora.calibration import TokenWindows, calibration_windows, evaluation_windows
+from prunecomp.engine.compress import compress, refine_as_configured, refit_as_configured, teacher_for
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.agreement import Agreement, agreement, greedy_tokens
 from prunecomp.evaluation.cache import ResultCache, weights_digest
 from prunecomp.evaluation.harness import DEFAULT_TASKS, evaluate_qa, retained
 from prunecomp.evaluation.perplexity import perplexity
 from prunecomp.levels import LEVELS, level_settings
-from prunecomp.loop import prune_and_compensate
-from prunecomp.planning import one_shot_choice
-from prunecomp.pruning import remove_layer
-from prunecomp.refine import refine, teacher_targets
-from prunecomp.scoring import scan_layers
-from prunecomp.sources import load_model
+from prunecomp.method.planning import one_shot_choice
+from prunecomp.method.refine import refine, teacher_targets
+from prunecomp.method.scoring import scan_layers
+from prunecomp.models.pruning import remove_layer
+from prunecomp.models.sources import load_model
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -308,11 +308,11 @@ def _naive_run(model: Any, cal: Any, ks: list[int], evaluate: Evaluator, batch: 
 
 def _level_run(model: Any, cal: Any, config: PruneConfig, fit_on: TokenWindows | None, targets: Any,
                teacher_seconds: float, ks: list[int], evaluate: Evaluator, batch: int, label: str) -> dict[int, Any]:
-    """One :func:`prunecomp.compress.compress` run of a level to the largest k, evaluated at every k of ``ks``.
+    """One :func:`prunecomp.engine.compress.compress` run of a level to the largest k, evaluated at every k of ``ks``.
 
     The run is the product's (the level's config, its fit windows, the dense predictions ``targets`` computed by
-    the library's :func:`~prunecomp.compress.teacher_for` and passed in so that the levels and k share them). At a
-    smaller k the state after k removals is the k-run's state before its end fits, so the gains (when the level
+    the library's :func:`~prunecomp.engine.compress.teacher_for` and passed in so that the levels and k share them). At
+    a smaller k the state after k removals is the k-run's state before its end fits, so the gains (when the level
     fits any) are fitted on a copy of it, as that run would fit them once; the largest k is compress's own result.
     Seconds per k are what a run with that k alone takes in ``compress``: the dense predictions, the removals up to
     k (scoring, compensation and any block reconstruction) and the gains at k. The time this benchmark spends

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from prunecomp.calibration import calibration_windows, evaluation_windows
 from prunecomp.config import PruneConfig
+from prunecomp.corpora.calibration import calibration_windows, evaluation_windows
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.perplexity import perplexity
-from prunecomp.loop import prune_and_compensate
-from prunecomp.refine import refine, teacher_targets
-from prunecomp.sources import load_model
+from prunecomp.method.refine import refine, teacher_targets
+from prunecomp.models.sources import load_model
 
 
 def main() -> None:

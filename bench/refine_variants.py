@@ -8,7 +8,7 @@ Two experiments, one JSON line each in --out (settings, removed layers, mean PPL
   per-channel gains (``--refine channels``) and optionally rank-r deltas on the residual writers (``--rank``;
   merged into the weights at the end, so still zero run-time cost) against the dense model's top-k predictions on
   --samples calibration windows; mean PPL at the --evals steps.
-* progressive (``--progressive N``): the product's ``--refine-at each`` (:func:`prunecomp.compress.compress`):
+* progressive (``--progressive N``): the product's ``--refine-at each`` (:func:`prunecomp.engine.compress.compress`):
   remove one layer (re-scored on the current, refined model), refine N steps, repeat k times; mean PPL after
   every removal. With ``--rank`` also rank-r deltas, merged after every fit (a research variant). ``--start lsq``
   folds each step's least-squares gap map before that step's fit (the product's ``--compensation lsq
@@ -43,15 +43,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prunecomp.adapters import decoder_layers, get_adapter, resolve
-from prunecomp.calibration import TokenWindows, calibration_windows, evaluation_windows
-from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.corpora.calibration import TokenWindows, calibration_windows, evaluation_windows
+from prunecomp.engine.compress import compress
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import original_indices, remove_layer
-from prunecomp.reconstruct import fit_layers
-from prunecomp.refine import (
+from prunecomp.method.reconstruct import fit_layers
+from prunecomp.method.refine import (
     Gain,
     RefineReport,
     TeacherTargets,
@@ -62,9 +60,11 @@ from prunecomp.refine import (
     gains_applied,
     teacher_targets,
 )
-from prunecomp.report import StepRecord
-from prunecomp.sequential import catch_layer_inputs, run_layer
-from prunecomp.sources import load_model
+from prunecomp.models.adapters import decoder_layers, get_adapter, resolve
+from prunecomp.models.pruning import original_indices, remove_layer
+from prunecomp.models.sequential import catch_layer_inputs, run_layer
+from prunecomp.models.sources import load_model
+from prunecomp.recipes.report import StepRecord
 
 sys.path.insert(0, str(Path(__file__).parent))
 from quality import Evaluator
@@ -91,7 +91,8 @@ class LowRank:
 
 def folded_copy(model: nn.Module, items: list[Gain], lows: list[LowRank]) -> nn.Module:
     """A copy of ``model`` (which runs with the gains and deltas as hooks) with them merged into its weights:
-    deltas first, then :func:`prunecomp.refine.fold_gains`, i.e. ``W' = diag(g) (W + B A)``, as the hooks compute."""
+    deltas first, then :func:`prunecomp.method.refine.fold_gains`, i.e. ``W' = diag(g) (W + B A)``, as the hooks
+    compute."""
     snap = copy.deepcopy(model)
     for m in snap.modules():  # the copied hooks would apply the gains a second time
         m._forward_hooks.clear()
@@ -221,7 +222,7 @@ def main() -> None:
     DENSE_MODEL.append(lm.model)
     local_gen = torch.Generator().manual_seed(1000 + args.seed)  # its own draws: the gains' batch order unchanged
     if args.lsq_samples:  # the gap maps see more tokens than the scores do
-        import prunecomp.loop as loop_mod
+        import prunecomp.engine.loop as loop_mod
 
         fit_map, lsq_ids = loop_mod.fit_gap_map, fit.ids[: args.lsq_samples]
         loop_mod.fit_gap_map = lambda model, _ids, *a, **kw: fit_map(model, lsq_ids, *a, **kw)
@@ -485,7 +486,7 @@ def _checkpoints(evals: str, measure: Callable[[], dict], rec: dict, tag: str) -
 
 def _sequential(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     """Refit every layer from the first gap on, in order (``--seq-steps`` Adam steps each, the library's
-    :func:`prunecomp.reconstruct.fit_layers`): fed the pruned model's stream through the layers already refitted,
+    :func:`prunecomp.method.reconstruct.fit_layers`): fed the pruned model's stream through the layers already refitted,
     each writes the dense model's stream after the same original layer."""
     t0 = time.perf_counter()
     dense = DENSE_MODEL[0]
@@ -517,7 +518,7 @@ def _only(n: int, layer: int) -> tuple[int, ...]:
 
 def _windows(tok: object, sources: str, n: int) -> TokenWindows:
     """``n`` calibration windows of 512 tokens (seed 0), split evenly between the calibration splits of
-    ``sources``; one source gives exactly :func:`prunecomp.calibration.calibration_windows`."""
+    ``sources``; one source gives exactly :func:`prunecomp.corpora.calibration.calibration_windows`."""
     names = sources.split(",")
     parts = [calibration_windows(tok, s, n_samples=n // len(names) + (i < n % len(names)), seq_len=512, seed=0)
              for i, s in enumerate(names)]

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from prunecomp.calibration import calibration_windows
 from prunecomp.config import PruneConfig
-from prunecomp.loop import prune_and_compensate
-from prunecomp.sources import load_model
+from prunecomp.corpora.calibration import calibration_windows
+from prunecomp.engine.loop import prune_and_compensate
+from prunecomp.models.sources import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Inference-speed benchmark: dense vs depth-pruned vs pruned + compensated (Prune&Comp) models.
 
 For every variant (dense; k layers removed without compensation; the same k layers removed with the magnitude
-compensation folded into the weights by ``prunecomp.compensation.compensate``) it measures, with
+compensation folded into the weights by ``prunecomp.method.compensation.compensate``) it measures, with
 ``torch.inference_mode`` and greedy decoding:
   prefill  latency of one forward pass over a P-token prompt (logits of the last position only, as ``generate``
            does), batch 1 and batch 8;
@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from prunecomp.adapters import decoder_layers
-from prunecomp.compensation import compensate
-from prunecomp.pruning import original_indices, remove_layer
-from prunecomp.sources import load_model
+from prunecomp.method.compensation import compensate
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import original_indices, remove_layer
+from prunecomp.models.sources import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # Prune&Comp (BI, magnitude, iterative) on SmolLM2-135M-Instruct: (original index, measured scale) in step order,
@@ -60,9 +60,9 @@ def _sync(device: str) -> None:
 
 def _scan_steps(lm: Any, k: int, args: argparse.Namespace) -> list[tuple[int, float]]:
     """(original index, scale) of each removal of a quick iterative BI Prune&Comp run."""
-    from prunecomp.calibration import calibration_windows
     from prunecomp.config import PruneConfig
-    from prunecomp.loop import prune_and_compensate
+    from prunecomp.corpora.calibration import calibration_windows
+    from prunecomp.engine.loop import prune_and_compensate
 
     cal = calibration_windows(lm.tokenizer, "c4", n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0)
     m = copy.deepcopy(lm.model)

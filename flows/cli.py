@@ -26,9 +26,9 @@ from prunecomp.cli import user_errors as _errors
 from prunecomp.cli.options import StagedCommand, given_prune_fields, option_fields
 from prunecomp.cli.render import effective_config, on_windows
 from prunecomp.config import PruneConfig, flatten_tree
+from prunecomp.engine.final_check import line as final_line
 from prunecomp.errors import PrunecompError
-from prunecomp.final_check import line as final_line
-from prunecomp.guard import guard_cell
+from prunecomp.method.guard import guard_cell
 
 __all__ = ["main"]
 
@@ -177,7 +177,7 @@ def _where_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _run_flow(config: Any, json_out: str | None, runner: str | None = None, *,
               overwrite: bool = False) -> dict[str, Any]:
-    from prunecomp.outputs import check_file_output, write_output_json
+    from prunecomp.models.outputs import check_file_output, write_output_json
 
     if json_out:  # before the run: a bad path costs an error line, not the run
         check_file_output(json_out, sources=[config.model], overwrite=overwrite)
@@ -350,7 +350,7 @@ def resume_config(journal: dict[str, Any], tracking_uri: str | None = None, *, a
 @_errors
 def status_cmd(run: str | None, store: str | None, tracking_uri: str | None) -> None:
     """What RUN has done and what is cached (its checkpoints still in the store); without RUN, list runs."""
-    from prunecomp.storage import is_complete
+    from prunecomp.models.storage import is_complete
     from tasks.files import list_dirs
     from tasks.settings import locations
 

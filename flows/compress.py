@@ -28,17 +28,17 @@ from flows.placement import not_streamable, place
 from flows.registration import run_metrics, track_run
 from flows.run import Run, State, base_model, fan_out, teacher
 from flows.runners import task_runner
-from prunecomp.calibration import check_context
 from prunecomp.config import EvalConfig
-from prunecomp.data import resolve_data_dir
+from prunecomp.corpora.calibration import check_context
+from prunecomp.corpora.data import resolve_data_dir
+from prunecomp.engine.final_check import line as final_line
+from prunecomp.engine.incremental import PER_CANDIDATE_METRICS
 from prunecomp.errors import PrunecompError
-from prunecomp.final_check import line as final_line
-from prunecomp.incremental import PER_CANDIDATE_METRICS
-from prunecomp.outputs import check_store
+from prunecomp.method.refit import describe_refit, mean_errors
+from prunecomp.models.outputs import check_store
+from prunecomp.models.storage import is_complete, write_json
 from prunecomp.quiet import quiet_libraries
-from prunecomp.recipe import Recipe
-from prunecomp.refit import describe_refit, mean_errors
-from prunecomp.storage import is_complete, write_json
+from prunecomp.recipes.recipe import Recipe
 from tasks import working
 from tasks.artifacts import RunProgress, publish_step, publish_summary, summary_markdown
 from tasks.caching import run_cached

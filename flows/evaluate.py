@@ -9,10 +9,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.params import EvaluateConfig
-from prunecomp.data import resolve_data_dir
+from prunecomp.corpora.data import resolve_data_dir
 from prunecomp.errors import PrunecompError
-from prunecomp.redact import redact
-from prunecomp.storage import is_complete
+from prunecomp.models.redact import redact
+from prunecomp.models.storage import is_complete
 from tasks.caching import run_cached
 from tasks.evaluate import evaluate_checkpoint
 from tasks.jobs import EvalJob

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunecomp.storage import write_json
+from prunecomp.models.storage import write_json
 from tasks.settings import Locations, redact_all
 
 __all__ = ["Journal", "journal_uri"]

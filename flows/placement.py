@@ -1,8 +1,8 @@
 """Where a run's model lives: in memory, or layer-streamed (one decoder layer at a time).
 
 ``stream_layers`` in the parameters decides; left unset, the run streams by itself when the weights do not fit
-60% of the memory available where the model would live (:func:`prunecomp.backends.memory`), and it can stream
-(:data:`prunecomp.backends.STREAMED`'s capabilities, and a safetensors source).
+60% of the memory available where the model would live (:func:`prunecomp.engine.backends.memory`), and it can stream
+(:data:`prunecomp.engine.backends.STREAMED`'s capabilities, and a safetensors source).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from flows.params import CompressConfig
-from prunecomp.backends import STREAMED, memory
-from prunecomp.stages import refusal
+from prunecomp.engine.backends import STREAMED, memory
+from prunecomp.engine.stages import refusal
 
 __all__ = ["Placement", "memory_budget", "not_streamable", "place"]
 

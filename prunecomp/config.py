@@ -13,11 +13,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from prunecomp.errors import PrunecompError
-from prunecomp.guard import DEFAULT_EXPONENTS
-from prunecomp.scoring import Metric
 
 __all__ = ["PRESETS", "STAGES", "CalibrationConfig", "EvalConfig", "Preset", "PruneConfig", "StageSettings",
            "default_preset_name", "flatten_tree", "stage_fields"]
+
+
+Metric = Literal["bi", "angular", "block", "taylor", "mag", "ppl"]
+"""Layer importance metrics (:mod:`prunecomp.method.scoring`)."""
+
+DEFAULT_EXPONENTS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+"""The guard's exponents: ``c = s ** a`` from no compensation (0) through the paper's scale (1) to a little beyond
+it (1.25) (:mod:`prunecomp.method.guard`)."""
 
 
 class _Frozen(BaseModel):
@@ -42,7 +48,7 @@ class CalibrationConfig(_Frozen):
     """Calibration windows: ``n_samples`` random windows of ``seq_len`` tokens of ``source``, seeded.
 
     ``held_out`` more windows of the same source, disjoint from those, are the final check's (did what the run
-    folded beat plain removal of the same layers? see :mod:`prunecomp.final_check`); 0 skips the check."""
+    folded beat plain removal of the same layers? see :mod:`prunecomp.engine.final_check`); 0 skips the check."""
 
     source: str = _field("c4", "calibration", "Calibration text: wikitext2, c4, ptb, tinystories, or a "
                          ".txt/.jsonl/.parquet file.", flag="calib-source")
@@ -71,14 +77,15 @@ class PruneConfig(_Frozen):
     (:mod:`prunecomp.cli.options` generates the options from these fields).
 
     The stages: which layers go (``n_layers`` / ``fraction``, ``protect``: ORIGINAL indices, negative from the
-    end) and how they are scored (``metric``, ``mode``, ``scoring``: see :mod:`prunecomp.incremental`); which one
-    goes (``selection``: :mod:`prunecomp.selection`); what is folded at each gap (``compensation``: ``guarded``
-    measures ``s ** a`` for the ``guard_exponents`` and folds the best, :mod:`prunecomp.guard`; ``magnitude`` is the
-    paper bit for bit; ``lsq`` adds a gap map, :mod:`prunecomp.fitting`); block reconstruction after every removal
-    (:mod:`prunecomp.reconstruct`); the sequential refit after the last (:mod:`prunecomp.refit`); the per-channel
-    gains (:mod:`prunecomp.refine`; wired by the caller: :func:`prunecomp.compress.compress`, the CLI, the
-    pipeline's refine task). Everything fitted is folded: zero run-time cost. ``reconstruct`` and ``refit`` are
-    not combined with ``lsq`` (a gap map changes the stream they fit), nor ``refit`` with ``refine_at="each"``.
+    end) and how they are scored (``metric``, ``mode``, ``scoring``: see :mod:`prunecomp.engine.incremental`); which one
+    goes (``selection``: :mod:`prunecomp.method.selection`); what is folded at each gap (``compensation``: ``guarded``
+    measures ``s ** a`` for the ``guard_exponents`` and folds the best, :mod:`prunecomp.method.guard`; ``magnitude`` is
+    the paper bit for bit; ``lsq`` adds a gap map, :mod:`prunecomp.method.fitting`); block reconstruction after every
+    removal (:mod:`prunecomp.method.reconstruct`); the sequential refit after the last (:mod:`prunecomp.method.refit`);
+    the per-channel gains (:mod:`prunecomp.method.refine`; wired by the caller:
+    :func:`prunecomp.engine.compress.compress`, the CLI, the pipeline's refine task). Everything fitted is folded: zero
+    run-time cost. ``reconstruct`` and ``refit`` are not combined with ``lsq`` (a gap map changes the stream they fit),
+    nor ``refit`` with ``refine_at="each"``.
     """
 
     metric: Metric = _field("bi", "scoring", "Layer importance: bi (Block Influence, 1 - cos), angular, block "

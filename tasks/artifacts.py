@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from prunecomp.final_check import line as final_line
-from prunecomp.guard import guard_cell, guard_line
-from prunecomp.reconstruct import describe as describe_reconstruct
-from prunecomp.refit import describe_refit
+from prunecomp.engine.final_check import line as final_line
+from prunecomp.method.guard import guard_cell, guard_line
+from prunecomp.method.reconstruct import describe as describe_reconstruct
+from prunecomp.method.refit import describe_refit
 
 __all__ = ["publish_step", "publish_summary", "step_description", "step_rows", "summary_markdown"]
 

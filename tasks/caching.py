@@ -30,7 +30,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.serializers import JSONSerializer
 
-from prunecomp.storage import is_complete
+from prunecomp.models.storage import is_complete
 from tasks.jobs import Job
 
 __all__ = ["JOB_KEY", "RESULT_SERIALIZER", "JobKey", "cache_key", "json_result", "run_cached", "stored_record_issue"]

@@ -14,12 +14,12 @@ from prefect import task
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from prunecomp.calibration import TokenWindows, calibration_windows
-from prunecomp.data import text_files
+from prunecomp.corpora.calibration import TokenWindows, calibration_windows
+from prunecomp.corpora.data import text_files
 from prunecomp.errors import PrunecompError
-from prunecomp.redact import redact
-from prunecomp.sources import resolve_source
-from prunecomp.storage import is_complete, write_dir
+from prunecomp.models.redact import redact
+from prunecomp.models.sources import resolve_source
+from prunecomp.models.storage import is_complete, write_dir
 from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.files import read_bytes, read_json
 from tasks.jobs import CalibrationJob

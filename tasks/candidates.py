@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 from prefect import task
 from pydantic import Field
 
-from prunecomp.incremental import candidate_scores
-from prunecomp.pruning import original_indices
+from prunecomp.engine.incremental import candidate_scores
+from prunecomp.models.pruning import original_indices
 from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.calibrate import load_windows
 from tasks.jobs import StateJob

@@ -14,9 +14,9 @@ from typing import Any
 
 from prefect import task
 
+from prunecomp.engine.job import Progress, evaluate_perplexities
 from prunecomp.errors import PrunecompError
-from prunecomp.job import Progress, evaluate_perplexities
-from prunecomp.storage import is_complete, write_dir
+from prunecomp.models.storage import is_complete, write_dir
 from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.files import read_json
 from tasks.jobs import EvalJob, eval_files
@@ -40,7 +40,7 @@ def qa_available() -> bool:
 
 def _evaluate(job: EvalJob, model: Any, tokenizer: Any, streamed: Any) -> tuple[dict[str, float], Any]:
     if streamed is not None:
-        from prunecomp.calibration import evaluation_windows
+        from prunecomp.corpora.calibration import evaluation_windows
 
         if job.qa_tasks:
             raise PrunecompError("QA tasks need the whole model in memory; they cannot run on a layer-streamed "
@@ -67,7 +67,7 @@ def _final_check(job: EvalJob, wc: Any, recipe: Any) -> dict[str, Any] | None:
     """Held-out calibration loss of the state with and without what its recipe folded."""
     from functools import partial
 
-    from prunecomp.final_check import run_final_check
+    from prunecomp.engine.final_check import run_final_check
 
     assert job.final_check is not None
     cal = job.final_check
@@ -84,9 +84,9 @@ def _final_check(job: EvalJob, wc: Any, recipe: Any) -> dict[str, Any] | None:
 def _base_layers(job: EvalJob, model: Any, layers: dict[int, int]) -> dict[int, dict[str, Any]]:
     """The base checkpoint's weights of the layers block reconstruction rewrote (pruned index -> original), read
     again from the source: checked against the job's record of it first."""
-    from prunecomp.adapters import get_adapter
-    from prunecomp.dense import folder_layer_weights
-    from prunecomp.sources import resolve_source
+    from prunecomp.engine.dense import folder_layer_weights
+    from prunecomp.models.adapters import get_adapter
+    from prunecomp.models.sources import resolve_source
 
     assert job.base_uri is not None and job.base_hash is not None
     if job.source_record is not None:

@@ -1,4 +1,4 @@
-"""Small reads from a local path or fsspec URL (the writes go through :mod:`prunecomp.storage`, atomically)."""
+"""Small reads from a local path or fsspec URL (the writes go through :mod:`prunecomp.models.storage`, atomically)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from prunecomp.errors import PrunecompError
-from prunecomp.redact import redact
-from prunecomp.storage import is_remote
+from prunecomp.models.redact import redact
+from prunecomp.models.storage import is_remote
 
 __all__ = ["exists", "list_dirs", "read_bytes", "read_json", "size"]
 

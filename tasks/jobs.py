@@ -14,7 +14,7 @@ The calibration windows do not depend on them, but carry them too: one rule for 
 on the other kind of machine costs seconds.
 
 The local files a result is read from enter by content: a calibration or evaluation text given as a file or
-folder, and the files of the data folder that the corpora resolve to (:func:`prunecomp.data.text_files`; for QA,
+folder, and the files of the data folder that the corpora resolve to (:func:`prunecomp.corpora.data.text_files`; for QA,
 the folder of each task's local set), never the whole data folder. :class:`~tasks.keys.DataFile` records carry
 their sha256 (in the key) and size and mtime (not in it); the task checks them before reading
 (:func:`tasks.keys.check_files`). A model source enters by its content hash; the job also carries the
@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
-from prunecomp.data import text_files
+from prunecomp.corpora.data import text_files
 from tasks.keys import (
     DataFile,
     SourceRecord,
@@ -293,7 +293,8 @@ class EvalJob(Job):
     qa_tasks: tuple[str, ...] = ()
     qa_limit: int | None = None
     seed: int = 0
-    # The final check (prunecomp.final_check) on this calibration config's held-out windows; a pipeline state only.
+    # The final check (prunecomp.engine.final_check) on this calibration config's held-out windows; a pipeline state
+    # only.
     final_check: CalibrationConfig | None = None
     # the files every part of the evaluation reads (eval_files), by content; default: hashed now, in this process
     data_files: tuple[DataFile, ...] = Field(default_factory=lambda data: fingerprint_files(eval_files(

@@ -11,7 +11,7 @@ are still what was hashed:
   :func:`fingerprint_files` hashes them once per process (cached by path, size and mtime) into
   :class:`DataFile` records, whose sha256 enters the key and whose size and mtime let a later reader
   (:func:`check_files`) tell an untouched file from one to hash again;
-* model sources: hashed once per run by the flow (:func:`prunecomp.sources.content_hash`), which records each
+* model sources: hashed once per run by the flow (:func:`prunecomp.models.sources.content_hash`), which records each
   file's size and mtime, or an object store's ETag and version id, in a :class:`SourceRecord`; whoever loads the
   source from its URI later, in any process, compares those stamps first (:func:`check_source`), so a source
   that changed under its URI is refused rather than served under the old hash.
@@ -31,8 +31,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from prunecomp.errors import PrunecompError
-from prunecomp.redact import redact
-from prunecomp.storage import is_remote
+from prunecomp.models.redact import redact
+from prunecomp.models.storage import is_remote
 
 __all__ = ["CODE_VERSION_ENV", "MISSING", "NUMERIC_LIBRARIES", "DataFile", "SourceRecord", "check_files",
            "check_source", "code_files", "code_version", "default_device", "default_dtype", "file_record",
@@ -154,8 +154,8 @@ def model_state_hash(model: Any) -> str:
 
 def default_device() -> str:
     """The device type the pipeline computes on: ``cuda`` when a GPU is visible, else ``cpu``; the library's own
-    default (:func:`prunecomp.sources.load_model`, :class:`prunecomp.streamed.StreamedModel`), made a job field
-    so that it is in the key and the task loads with what the key says."""
+    default (:func:`prunecomp.models.sources.load_model`, :class:`prunecomp.engine.streamed.StreamedModel`), made a job
+    field so that it is in the key and the task loads with what the key says."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from prunecomp.errors import PrunecompError
-from prunecomp.redact import redact
-from prunecomp.storage import is_remote, pid_alive, write_json
+from prunecomp.models.redact import redact
+from prunecomp.models.storage import is_remote, pid_alive, write_json
 from tasks.files import read_json
 
 __all__ = ["BEAT_ENV", "STALE_ENV", "RunLock", "beat_interval", "machine", "run_lock", "stale_limit"]

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from prunecomp.storage import MARKER, is_complete, is_remote
+from prunecomp.models.storage import MARKER, is_complete, is_remote
 from tasks.settings import redact
 
 __all__ = ["INPUT_EXAMPLE", "check_mlflow_model", "check_version_files", "requirements", "safetensors_problem",
@@ -208,12 +208,12 @@ def _weight_files(root: str) -> tuple[str | None, dict[str, list[str]]]:
 
 def check_version_files(source: str, checkpoint_hash: str | None) -> str | None:
     """Why the registered version whose files live at ``source`` must not become champion, or ``None`` when it
-    may: its write finished (the ``_COMPLETE`` marker that :mod:`prunecomp.storage` writes last, locally and on
+    may: its write finished (the ``_COMPLETE`` marker that :mod:`prunecomp.models.storage` writes last, locally and on
     S3), it is a loadable MLflow Model (:func:`check_mlflow_model`), every weight file is one whole safetensors
     file (:func:`safetensors_problem`, shards checked in parallel; each tensor the index names is in its shard)
     and the report beside the weights names ``checkpoint_hash``, the hash the version was registered with (the
     files are the model the version's metrics describe). Headers and small files only, never the weights."""
-    from prunecomp.checkpoint import REPORT_FILE
+    from prunecomp.recipes.checkpoint import REPORT_FILE
     from tasks.files import read_json
 
     root = source.rstrip("/")

@@ -16,11 +16,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from prunecomp.adapters import decoder_layers
-from prunecomp.checkpoint import REPORT_FILE, save_pruned
 from prunecomp.errors import PrunecompError
-from prunecomp.sources import content_hash, load_model, resolve_source
-from prunecomp.storage import is_complete, is_remote
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.sources import content_hash, load_model, resolve_source
+from prunecomp.models.storage import is_complete, is_remote
+from prunecomp.recipes.checkpoint import REPORT_FILE, save_pruned
 from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.files import read_json
 from tasks.jobs import FinalJob, ModelJob

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from prunecomp.errors import PrunecompError
-from prunecomp.redact import redact
+from prunecomp.models.redact import redact
 from tasks.gates import Decision, GateFailed, MetricGate, decide
 from tasks.tracking import EVAL_DIGEST_TAG, EVAL_SETTINGS_TAG, client
 
@@ -103,7 +103,7 @@ def _lock_owner(c: Any, lock: str) -> dict[str, Any] | None:
 
 def _lock_stale(owner: Mapping[str, Any], stale_s: float) -> str | None:
     """Why the promotion that holds the lock is gone, or ``None`` while it may still be running."""
-    from prunecomp.storage import pid_alive
+    from prunecomp.models.storage import pid_alive
 
     if owner.get("host") == socket.gethostname() and not pid_alive(int(owner.get("pid") or 0)):
         return f"process {owner.get('pid')} on this host is gone"

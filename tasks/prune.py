@@ -1,5 +1,5 @@
 """One Prune&Comp iteration as a task: bring the working copy to the parent state, score + remove + compensate
-(:func:`prunecomp.loop.prune_step`, in memory or layer by layer: one loop, two backends), and write the
+(:func:`prunecomp.engine.loop.prune_step`, in memory or layer by layer: one loop, two backends), and write the
 step's recipe part (kilobytes). Base hash + parent digest in, part URI + new digest + record out.
 
 An uninterrupted run keeps one model in memory from step to step, with the incremental scanner's cached layer
@@ -14,10 +14,10 @@ from typing import Any
 
 from prefect import task
 
-from prunecomp.loop import prune_step
-from prunecomp.recipe import RecipeStep
-from prunecomp.scanners import make_scanner
-from prunecomp.storage import is_complete
+from prunecomp.engine.loop import prune_step
+from prunecomp.engine.scanners import make_scanner
+from prunecomp.models.storage import is_complete
+from prunecomp.recipes.recipe import RecipeStep
 from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.calibrate import load_windows
 from tasks.jobs import StepJob

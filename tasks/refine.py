@@ -1,5 +1,5 @@
 """Refinement as tasks: the dense base's predictions (the teacher, once per run, its own artifact), and the fit
-that folds gains into the working copy at a pruned state (:func:`prunecomp.refine.refine`), whose artifact is the
+that folds gains into the working copy at a pruned state (:func:`prunecomp.method.refine.refine`), whose artifact is the
 gains' recipe part.
 
 The teacher is computed on the working copy while it is still dense (the flow runs this task right after the
@@ -18,10 +18,10 @@ from typing import Any
 from prefect import task
 
 from prunecomp.errors import PrunecompError
-from prunecomp.recipe import Recipe, RefineEdit
-from prunecomp.redact import redact
-from prunecomp.refine import TeacherTargets, refine, teacher_targets
-from prunecomp.storage import is_complete, write_dir
+from prunecomp.method.refine import TeacherTargets, refine, teacher_targets
+from prunecomp.models.redact import redact
+from prunecomp.models.storage import is_complete, write_dir
+from prunecomp.recipes.recipe import Recipe, RefineEdit
 from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.calibrate import load_windows
 from tasks.files import read_bytes, read_json

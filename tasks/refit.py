@@ -1,10 +1,10 @@
-"""The sequential refit as a task (:func:`prunecomp.refit.sequential_refit`): after the last step and before the
+"""The sequential refit as a task (:func:`prunecomp.method.refit.sequential_refit`): after the last step and before the
 end refinement, every layer after the first gap of the working copy is refitted to the base model's streams; the
-artifact is a layers part (:class:`prunecomp.recipe.LayerEdit`, the refitted layers' parameters).
+artifact is a layers part (:class:`prunecomp.recipes.recipe.LayerEdit`, the refitted layers' parameters).
 
 The dense streams come from the base checkpoint (always a safetensors folder in the store), read one layer at a
-time beside the working copy (:class:`prunecomp.streamed.StreamedModel`), so the task holds one extra layer, not a
-second model. Its own task, like refinement: a refitted run shares every step with the plain run of the same
+time beside the working copy (:class:`prunecomp.engine.streamed.StreamedModel`), so the task holds one extra layer, not
+a second model. Its own task, like refinement: a refitted run shares every step with the plain run of the same
 parameters (the refit options are not in the step keys).
 """
 
@@ -14,9 +14,10 @@ from typing import Any
 
 from prefect import task
 
-from prunecomp.recipe import LayerEdit
-from prunecomp.refit import dense_from_folder, sequential_refit
-from prunecomp.storage import is_complete
+from prunecomp.engine.dense import dense_from_folder
+from prunecomp.method.refit import sequential_refit
+from prunecomp.models.storage import is_complete
+from prunecomp.recipes.recipe import LayerEdit
 from tasks.caching import JOB_KEY, RESULT_SERIALIZER, json_result
 from tasks.calibrate import load_windows
 from tasks.jobs import RefitJob
@@ -29,7 +30,7 @@ __all__ = ["refit_state"]
 @task(name="refit", cache_policy=JOB_KEY, persist_result=True, result_serializer=RESULT_SERIALIZER)
 def refit_state(job: RefitJob) -> dict[str, Any]:
     """Refit the state ``job.parts`` to the base's streams; the layers part goes to ``job.uri``."""
-    from prunecomp.sources import resolve_source
+    from prunecomp.models.sources import resolve_source
 
     if is_complete(job.uri):
         return dict(json_result(read_meta(job.uri)))

@@ -13,7 +13,7 @@ Embedded defaults (nothing configured): everything lives under one local directo
 ``$PRUNECOMP_STORE`` may be any fsspec URL (``s3://bucket/prefix``). The S3 endpoint comes from the usual variables
 (``FSSPEC_S3_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``MLFLOW_S3_ENDPOINT_URL``) and the
 credentials from the AWS chain; neither is ever logged. :func:`redact` and :func:`redact_all` (from
-:mod:`prunecomp.redact`, so the library's error lines follow the same rule) mask userinfo and query-string
+:mod:`prunecomp.models.redact`, so the library's error lines follow the same rule) mask userinfo and query-string
 credentials in whatever a run writes or shows. Nothing here imports Prefect or MLflow.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunecomp.redact import redact, redact_all  # one rule for the library and the pipeline
+from prunecomp.models.redact import redact, redact_all  # one rule for the library and the pipeline
 
 __all__ = ["ENDPOINT_VARS", "Locations", "configure_s3", "locations", "redact", "redact_all", "s3_endpoint"]
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prunecomp.storage import is_remote
+from prunecomp.models.storage import is_remote
 
 __all__ = ["EVAL_DIGEST_TAG", "EVAL_SETTINGS_TAG", "client", "ensure_experiment", "eval_settings_tags",
            "find_version", "log_compress_run", "register_version"]
@@ -120,13 +120,13 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
     c.log_dict(run_id, dict(report), "report.json")
     c.log_text(run_id, summary_md, "summary.md")
     if steps:  # the library's plots: score heatmap, gap scale per step, quick perplexity per step
-        from prunecomp.plots import save_report_plots
+        from prunecomp.evaluation.plots import save_report_plots
 
         with tempfile.TemporaryDirectory(prefix="prunecomp-plots-") as tmp:
             save_report_plots(report, tmp)
             c.log_artifacts(run_id, tmp, "plots")
     if recipe_uri is not None:  # the recipe of the registered model, not its weights
-        from prunecomp.recipe import RECIPE_FILE, TENSORS_FILE
+        from prunecomp.recipes.recipe import RECIPE_FILE, TENSORS_FILE
         from tasks.files import exists, read_bytes, size
 
         with tempfile.TemporaryDirectory(prefix="prunecomp-recipe-") as tmp:
@@ -206,7 +206,7 @@ def eval_settings_tags(evaluation: Any, qa_tasks: Sequence[str] = (), qa_limit: 
     model, so two versions' metrics are comparable only when all of these are equal. ``evaluation`` is an
     :class:`~prunecomp.config.EvalConfig` (``datasets``, ``seq_len``, ``max_windows``; ``batch_size`` does not
     change the result and is left out); QA tasks and their limit count when QA ran. ``device`` and ``dtype``
-    default to what this process evaluates in (the defaults of :func:`prunecomp.sources.load_model`: bf16 on
+    default to what this process evaluates in (the defaults of :func:`prunecomp.models.sources.load_model`: bf16 on
     CUDA, fp32 on CPU)."""
     if device is None or dtype is None:
         import torch

@@ -3,7 +3,7 @@
 Step tasks exchange recipe parts (kilobytes: a step's edit and record, plus an ``lsq`` map or refinement gains),
 never models. A part lives at ``<store>/steps/<key>`` (or ``<store>/refined/<key>``) as ``part.json`` with an
 optional ``tensors.safetensors``; a model state is ``(base, [part URIs])`` and its identity is the recipe digest
-(:meth:`prunecomp.recipe.Recipe.digest`: source content hash + every edit).
+(:meth:`prunecomp.recipes.recipe.Recipe.digest`: source content hash + every edit).
 
 Getting the model of a state (:func:`checkout`): when this process's working copy is at a prefix of the wanted
 recipe, the missing steps are applied to it (none, when the previous step ran here: an uninterrupted run loads
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunecomp.apply import apply_recipe
 from prunecomp.errors import PrunecompError
-from prunecomp.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit
-from prunecomp.redact import redact
-from prunecomp.storage import is_remote, write_dir
-from prunecomp.tensorfiles import LazyTensors, write_safetensors
+from prunecomp.models.redact import redact
+from prunecomp.models.storage import is_remote, write_dir
+from prunecomp.models.tensorfiles import LazyTensors, write_safetensors
+from prunecomp.recipes.apply import apply_recipe
+from prunecomp.recipes.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit
 from tasks.files import exists, read_json
 from tasks.keys import (
     SourceRecord,
@@ -80,7 +80,7 @@ def read_meta(uri: str) -> dict[str, Any]:
 
 
 def read_part(uri: str) -> RecipeStep | RefineEdit | LayerEdit:
-    """A recipe part; its tensors are read when used (:class:`~prunecomp.tensorfiles.LazyTensors`): a part of
+    """A recipe part; its tensors are read when used (:class:`~prunecomp.models.tensorfiles.LazyTensors`): a part of
     block reconstruction holds two whole layers, and a task reads every part of its state."""
     doc = read_json(f"{uri.rstrip('/')}/{PART_FILE}")["part"]
     tensor_uri = f"{uri.rstrip('/')}/{_TENSORS}"
@@ -143,7 +143,7 @@ class Working:
     tokenizer: Any
     recipe: Recipe
     streamed: Any = None
-    scanner: Any = None  # prunecomp.incremental.IncrementalScanner of ``model`` at ``recipe``
+    scanner: Any = None  # prunecomp.engine.incremental.IncrementalScanner of ``model`` at ``recipe``
     scanner_for: str | None = None  # calibration digest + batch size it was built on
     device: str = "cpu"  # device type and dtype it was loaded with
     dtype: str = "float32"
@@ -177,7 +177,7 @@ def verify_source(uri: str, expected_hash: str, record: SourceRecord | None) -> 
     if record is not None:
         check_source(record, expected_hash)
         return True
-    from prunecomp.sources import content_hash, resolve_source
+    from prunecomp.models.sources import content_hash, resolve_source
 
     before = source_stamps(uri)
     if content_hash(resolve_source(uri)) != expected_hash:
@@ -197,7 +197,7 @@ def _load(base_uri: str, base_hash: str, stream: bool, device: str, dtype: str,
           record: SourceRecord | None) -> Working:
     import torch
 
-    from prunecomp.sources import load_model, resolve_source
+    from prunecomp.models.sources import load_model, resolve_source
 
     _STATS["loads"] += 1
     empty = Recipe(source={"content_hash": base_hash})
@@ -207,7 +207,7 @@ def _load(base_uri: str, base_hash: str, stream: bool, device: str, dtype: str,
     if stream:
         from transformers import AutoTokenizer
 
-        from prunecomp.streamed import StreamedModel
+        from prunecomp.engine.streamed import StreamedModel
 
         if not verified:
             raise changed

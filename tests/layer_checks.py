@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from prunecomp.adapters import decoder_layers
-from prunecomp.apply import apply_recipe
-from prunecomp.final_check import reconstructed_layers, uncompensated_view
-from prunecomp.pruning import remove_layer
-from prunecomp.recipe import Recipe, read_recipe, write_recipe_files
+from prunecomp.engine.final_check import reconstructed_layers, uncompensated_view
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import remove_layer
+from prunecomp.recipes.apply import apply_recipe
+from prunecomp.recipes.recipe import Recipe, read_recipe, write_recipe_files
 
 
 def replays_and_views(source: nn.Module, model: nn.Module, recipe: Recipe, ids: Tensor, folder: Path

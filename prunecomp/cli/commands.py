@@ -14,27 +14,27 @@ from prunecomp.cli.common import console, out, quiet_environment, quiet_librarie
 from prunecomp.cli.options import StagedCommand, build_job, job_options
 from prunecomp.cli.render import RichProgress, effective_config, eval_notes, eval_table, print_summary
 from prunecomp.config import EvalConfig
-from prunecomp.data import DATA_DIR_ENV
+from prunecomp.corpora.data import DATA_DIR_ENV
+from prunecomp.engine.job import JobConfig, JobResult
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.harness import DEFAULT_TASKS as DEFAULT_QA_TASKS
 from prunecomp.evaluation.harness import KNOWN_TASKS as KNOWN_QA_TASKS
-from prunecomp.job import JobConfig, JobResult
 
 PLOT_NAMES = ("layer_scores.png", "gap_scales.png", "perplexity_steps.png")
-"""The files ``--plots`` may write (``prunecomp.plots.PLOT_FILES``, named here so checking an option does not
+"""The files ``--plots`` may write (``prunecomp.evaluation.plots.PLOT_FILES``, named here so checking an option does not
 import the plotting stack)."""
 
 
 def _write_plots(report: dict[str, Any], plots_dir: str) -> None:
-    from prunecomp.plots import save_report_plots
+    from prunecomp.evaluation.plots import save_report_plots
 
     for path in save_report_plots(report, plots_dir.removeprefix("file://")):
         out.print(f"plot: {path}")
 
 
 def _run(job: JobConfig, json_out: str | None) -> JobResult:
-    from prunecomp.job import run_job
-    from prunecomp.outputs import write_output_json
+    from prunecomp.engine.job import run_job
+    from prunecomp.models.outputs import write_output_json
 
     with RichProgress() as progress:
         result = run_job(job, progress)
@@ -63,7 +63,7 @@ def main() -> None:
 @user_errors
 def prune(out_dir: str, json_out: str | None, plots_dir: str | None, stream_layers: bool, **kw: Any) -> None:
     """Prune layers from a model and save it (plus its report) as a plain HF model."""
-    from prunecomp.outputs import check_file_output, check_output, check_plots_dir
+    from prunecomp.models.outputs import check_file_output, check_output, check_plots_dir
 
     job = build_job(kw, out_dir)
     sources = [job.model]
@@ -97,7 +97,7 @@ def apply_cmd(recipe: str, model: str | None, revision: str | None, out_dir: str
               other_source: bool, overwrite: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
     """Apply RECIPE (a recipe.json, or a pruned model / run folder holding one) to a source model: the same
     layers removed and the same tensors folded, bit-identical to the run that made it."""
-    from prunecomp.replay import apply_to_source
+    from prunecomp.engine.replay import apply_to_source
 
     done = apply_to_source(recipe, model, out_dir, revision=revision, stream_layers=stream_layers,
                            other_source=other_source, overwrite=overwrite, allow_pickle=allow_pickle,
@@ -110,11 +110,11 @@ def apply_cmd(recipe: str, model: str | None, revision: str | None, out_dir: str
 def _read_report(path: Path) -> dict[str, Any]:
     """A report from any JSON prunecomp writes with pruning steps: ``prune --json`` (and a checkpoint's
     ``prunecomp_report.json``, the same dict), a pipeline run's ``report.json`` / ``run --json``, or a
-    :class:`~prunecomp.job.JobResult` serialised whole (the report under ``"report"``). A folder means the
+    :class:`~prunecomp.engine.job.JobResult` serialised whole (the report under ``"report"``). A folder means the
     checkpoint's ``prunecomp_report.json`` inside it."""
     import json
 
-    from prunecomp.checkpoint import REPORT_FILE
+    from prunecomp.recipes.checkpoint import REPORT_FILE
 
     if path.is_dir():
         path = path / REPORT_FILE
@@ -148,8 +148,8 @@ def plot(report_path: Path, out_dir: str | None, overwrite: bool) -> None:
     import shutil
     import tempfile
 
-    from prunecomp.outputs import check_plots_dir
-    from prunecomp.plots import save_report_plots
+    from prunecomp.evaluation.plots import save_report_plots
+    from prunecomp.models.outputs import check_plots_dir
 
     report = _read_report(report_path)
     target = check_plots_dir(out_dir if out_dir is not None else str(
@@ -188,9 +188,9 @@ def eval_ppl(model: str | None, revision: str | None, datasets: str, seq_len: in
              batch_size: int, data_dir: str | None, allow_pickle: bool, trust_remote_code: bool,
              json_out: str | None, overwrite: bool) -> None:
     """Perplexity of a model on WikiText-2 / C4 / PTB (non-overlapping windows)."""
-    from prunecomp.job import evaluate_perplexities
-    from prunecomp.outputs import check_file_output, write_output_json
-    from prunecomp.sources import load_model
+    from prunecomp.engine.job import evaluate_perplexities
+    from prunecomp.models.outputs import check_file_output, write_output_json
+    from prunecomp.models.sources import load_model
 
     if json_out:
         check_file_output(json_out, sources=[model], overwrite=overwrite)
@@ -249,9 +249,9 @@ def eval_cmd(model: str | None, revision: str | None, dense_model: str | None, d
     import logging
     import time
 
-    from prunecomp.data import resolve_data_dir
+    from prunecomp.corpora.data import resolve_data_dir
     from prunecomp.evaluation.compare import compare_models
-    from prunecomp.outputs import check_file_output, write_output_json
+    from prunecomp.models.outputs import check_file_output, write_output_json
 
     if json_out:
         check_file_output(json_out, sources=[model, dense_model], overwrite=overwrite)

@@ -13,8 +13,8 @@ from rich.markup import escape
 
 from prunecomp.config import PruneConfig
 from prunecomp.errors import PrunecompError
+from prunecomp.models.redact import redact
 from prunecomp.quiet import QUIET_ENV, quiet_environment, quiet_libraries
-from prunecomp.redact import redact
 
 __all__ = ["QUIET_ENV", "choices", "console", "csv_ints", "out", "quiet_environment", "quiet_libraries",
            "user_errors"]
@@ -32,7 +32,7 @@ out = Console()
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """User errors (bad options, unreadable inputs, unreachable storage, failing gates): one line, exit code 2,
-    with credentials masked (:func:`~prunecomp.redact.redact`)."""
+    with credentials masked (:func:`~prunecomp.models.redact.redact`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

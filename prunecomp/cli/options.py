@@ -18,9 +18,9 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from prunecomp.config import PRESETS, STAGES, CalibrationConfig, EvalConfig, PruneConfig, default_preset_name
-from prunecomp.data import DATA_DIR_ENV
+from prunecomp.corpora.data import DATA_DIR_ENV
+from prunecomp.engine.job import JobConfig
 from prunecomp.errors import PrunecompError
-from prunecomp.job import JobConfig
 from prunecomp.levels import DEFAULT_LEVEL, LEVELS, Level, resolve
 
 __all__ = ["DEFAULT_LAYERS", "StagedCommand", "build_job", "explicit_options", "given_prune_fields",
@@ -211,8 +211,8 @@ def given_prune_fields(kw: dict[str, Any], explicit: set[str]) -> dict[str, Any]
 
 
 def build_job(kw: dict[str, Any], out_dir: str | None, explicit: set[str] | None = None) -> JobConfig:
-    """Options -> :class:`~prunecomp.job.JobConfig`: the ``--quality`` level under the pruning flags the user gave
-    (``explicit``: default, the options given on the current command line), :func:`prunecomp.levels.resolve`."""
+    """Options -> :class:`~prunecomp.engine.job.JobConfig`: the ``--quality`` level under the pruning flags the user
+    gave (``explicit``: default, the options given on the current command line), :func:`prunecomp.levels.resolve`."""
     cal, ev = preset_settings(kw)
     explicit = explicit_options() if explicit is None else explicit
     level = kw.get("quality") or DEFAULT_LEVEL

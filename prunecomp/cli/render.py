@@ -9,13 +9,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from prunecomp.cli.common import console, out
-from prunecomp.final_check import line as final_line
-from prunecomp.guard import guard_cell, guard_line
-from prunecomp.job import JobResult
-from prunecomp.job import Progress as JobProgress
-from prunecomp.reconstruct import describe as describe_reconstruct
-from prunecomp.refit import describe_refit
-from prunecomp.report import StepRecord
+from prunecomp.engine.final_check import line as final_line
+from prunecomp.engine.job import JobResult
+from prunecomp.engine.job import Progress as JobProgress
+from prunecomp.method.guard import guard_cell, guard_line
+from prunecomp.method.reconstruct import describe as describe_reconstruct
+from prunecomp.method.refit import describe_refit
+from prunecomp.recipes.report import StepRecord
 
 
 class RichProgress(JobProgress):
@@ -191,7 +191,7 @@ def effective_config(doc: dict[str, Any], level: str, overridden: dict[str, Any]
 
     from prunecomp.config import PruneConfig
     from prunecomp.levels import describe
-    from prunecomp.redact import redact_all
+    from prunecomp.models.redact import redact_all
 
     def wrap(key: str, value: Any) -> list[str]:
         text = yaml.safe_dump({key: value}, default_flow_style=True, width=10**6, sort_keys=False).strip()

@@ -5,7 +5,7 @@ again for each variant costs minutes (7 QA tasks) to hours (5-shot MMLU) on a CP
 ``<cache_dir()>/eval`` (``$PRUNECOMP_CACHE_DIR``, default ``~/.cache/prunecomp``), one JSON file per entry, written
 atomically, so concurrent runs cannot corrupt each other and an unreadable entry is simply a miss.
 
-The key holds the model's content hash (config + weight bytes, :func:`prunecomp.sources.content_hash`), the task,
+The key holds the model's content hash (config + weight bytes, :func:`prunecomp.models.sources.content_hash`), the task,
 ``limit``, ``seed`` (and ``n_shot`` for MMLU), the weights' dtype, the data origin ("hub" or the resolved local
 folder, plus the size and mtime of every file read, so replaced data is a miss), the task YAML text and the
 lm-eval version. Each QA task is one entry, so a later run with more tasks computes only the new ones. The model is
@@ -27,7 +27,7 @@ from typing import Any
 
 from prunecomp.evaluation import harness
 from prunecomp.evaluation.lm_eval_run import check_limit
-from prunecomp.storage import write_json
+from prunecomp.models.storage import write_json
 
 __all__ = [
     "CACHE_VERSION",
@@ -55,7 +55,7 @@ class ResultCache:
 
     def __init__(self, root: str | Path | None = None) -> None:
         if root is None:
-            from prunecomp.sources import cache_dir  # imports torch (through the adapters): only when needed
+            from prunecomp.models.sources import cache_dir  # imports torch (through the adapters): only when needed
 
             root = cache_dir() / "eval"
         self.root = Path(root).expanduser()
@@ -91,7 +91,7 @@ def weights_digest(model: Any) -> str:
     """16 hex of the sha256 of an in-memory model's state: every tensor's name and float32 bytes, in order.
 
     For models that exist only in memory (benchmarks, notebooks comparing variants), where there are no files for
-    :func:`prunecomp.sources.content_hash` to read. Two models with equal weights get the same digest whatever
+    :func:`prunecomp.models.sources.content_hash` to read. Two models with equal weights get the same digest whatever
     produced them, so a variant that happens to equal another is evaluated once. Reads every weight once."""
     h = hashlib.sha256()
     for name, p in model.state_dict().items():

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunecomp.checkpoint import REPORT_FILE
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation import harness
 from prunecomp.evaluation.cache import Cached, ResultCache, cached_mmlu, cached_qa, data_origin
 from prunecomp.evaluation.lm_eval_run import check_limit
-from prunecomp.sources import content_hash, load_model, resolve_source
+from prunecomp.models.sources import content_hash, load_model, resolve_source
+from prunecomp.models.storage import REPORT_FILE
 
 __all__ = ["ModelRef", "compare_models", "recorded_dense", "resolve_ref"]
 

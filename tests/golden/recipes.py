@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.engine.compress import compress
 from tests.tiny_models import FAMILIES, tiny_model, tokens
 
 __all__ = ["RTOL", "SETTINGS", "record", "run"]

@@ -360,7 +360,7 @@ FAULTS = {
 
 @pytest.mark.parametrize("case", sorted(FAULTS))
 def test_faulty_model_or_window_gets_one_clear_error(case: str, stories_dir, tmp_path) -> None:
-    """Issue #12's probe: each of these used to give a traceback, or ran (and saved) silently."""
+    """Bad input, each a probe that once gave a traceback or ran (and saved) silently."""
     build, message = FAULTS[case]
     out = tmp_path / "out"
     base = ["--layers", "1", "--calib-source", "tinystories", "--calib-samples", "2", "--calib-seq-len", "64",
@@ -389,7 +389,7 @@ def test_output_inside_the_source_is_refused_even_with_overwrite(stories_dir, tm
 def test_held_out_windows_are_seeded_and_not_calibration_windows(stories_dir, data_dir) -> None:
     from transformers import AutoTokenizer
 
-    from prunecomp.calibration import calibration_windows, held_out_windows
+    from prunecomp.corpora.calibration import calibration_windows, held_out_windows
 
     tok = AutoTokenizer.from_pretrained(stories_dir)
     cal = calibration_windows(tok, "tinystories", n_samples=16, seq_len=64, seed=3, data_dir=data_dir)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from prunecomp.checkpoint import save_pruned
-from prunecomp.compensation import compensate
-from prunecomp.pruning import remove_layer
-from prunecomp.sources import load_model
+from prunecomp.method.compensation import compensate
+from prunecomp.models.pruning import remove_layer
+from prunecomp.models.sources import load_model
+from prunecomp.recipes.checkpoint import save_pruned
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import torch
 from qa_reference import argmax, loglikelihood, near_tie
 
 from prunecomp.evaluation.harness import evaluate_qa_samples, subset_indices
-from prunecomp.sources import load_model
+from prunecomp.models.sources import load_model
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from prunecomp.cli import main
 from prunecomp.errors import PrunecompError
-from prunecomp.outputs import OUTPUT_KEY, check_file_output, check_output, check_store, overlap
-from prunecomp.storage import MARKER, is_complete, is_prunecomp_result, write_dir
+from prunecomp.models.outputs import OUTPUT_KEY, check_file_output, check_output, check_store, overlap
+from prunecomp.models.storage import MARKER, is_complete, is_prunecomp_result, write_dir
 
 pytestmark = pytest.mark.integration
 

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from prunecomp.checkpoint import save_pruned
 from prunecomp.errors import PrunecompError
-from prunecomp.outputs import check_file_output, check_output
-from prunecomp.pruning import remove_layer
-from prunecomp.sources import load_model
-from prunecomp.storage import MARKER, is_complete, is_prunecomp_result, write_dir
+from prunecomp.models.outputs import check_file_output, check_output
+from prunecomp.models.pruning import remove_layer
+from prunecomp.models.sources import load_model
+from prunecomp.models.storage import MARKER, is_complete, is_prunecomp_result, write_dir
+from prunecomp.recipes.checkpoint import save_pruned
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def test_stale_temp_folders_of_dead_writers_are_cleaned(tmp_path) -> None:
     import os
     import subprocess
 
-    from prunecomp.storage import write_dir
+    from prunecomp.models.storage import write_dir
 
     target = tmp_path / "result"
     dead = subprocess.Popen(["true"])
@@ -114,12 +114,12 @@ def test_each_process_downloads_into_its_own_folder(s3, stories_dir, tmp_path) -
     import subprocess
     import sys
 
-    from prunecomp.sources import resolve_source
+    from prunecomp.models.sources import resolve_source
 
     for f in stories_dir.iterdir():
         if f.is_file():
             s3.put_file(str(f), f"models/dl/{f.name}")
-    code = ("import sys, time; from prunecomp.sources import resolve_source; "
+    code = ("import sys, time; from prunecomp.models.sources import resolve_source; "
             "print(resolve_source('s3://models/dl').local_dir, flush=True); time.sleep(float(sys.argv[1]))")
     env = dict(os.environ)
     alive = subprocess.Popen([sys.executable, "-c", code, "60"], stdout=subprocess.PIPE, text=True, env=env)
@@ -153,7 +153,7 @@ def _read(fs, path: str) -> dict[str, str]:
 
 
 def test_s3_overwrite_never_loses_the_old_result_before_the_new_one_is_complete(s3, monkeypatch) -> None:
-    from prunecomp.storage import write_dir
+    from prunecomp.models.storage import write_dir
 
     fs = s3
     write_dir("s3://models/out", _fill("v1", ("a.txt", "b.txt")))
@@ -184,7 +184,7 @@ def test_stale_staging_of_a_killed_writer_is_cleaned_by_the_next_write(s3) -> No
     rename): the next write beside it removes leftovers older than a day and leaves a live writer's fresh one."""
     import time
 
-    from prunecomp.storage import write_dir
+    from prunecomp.models.storage import write_dir
 
     fs = s3
     old = f"models/kept.staging-{int(time.time()) - 2 * 86400}-deadbeef0000"
@@ -206,7 +206,7 @@ def test_s3_server_stopped_mid_upload_then_rerun(tmp_path, monkeypatch) -> None:
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from prunecomp.storage import write_dir
+    from prunecomp.models.storage import write_dir
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from prunecomp.errors import PrunecompError
-from prunecomp.sources import load_model, resolve_source
+from prunecomp.models.sources import load_model, resolve_source
 
 pytestmark = pytest.mark.integration
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from prunecomp.calibration import calibration_windows, evaluation_windows
-from prunecomp.checkpoint import REPORT_FILE, save_pruned
-from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.corpora.calibration import calibration_windows, evaluation_windows
+from prunecomp.engine.compress import compress
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.perplexity import perplexity
-from prunecomp.loop import prune_and_compensate
-from prunecomp.sources import load_model
+from prunecomp.models.sources import load_model
+from prunecomp.recipes.checkpoint import REPORT_FILE, save_pruned
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import prunecomp.checkpoint as checkpoint
+import prunecomp.recipes.checkpoint as checkpoint
 import tasks.prune as prune_task
 import tasks.refine as refine_task
 from flows.compress import compress

@@ -47,7 +47,7 @@ def test_two_step_run_on_s3_end_to_end(harness, s3, tracking_uri, make_config, t
     assert mv.tags["code_version"] == summary["code_version"] and mv.tags["checkpoint_hash"] == summary["final"]["hash"]
     # one copy of the weights: the version's source is the final model in the store, MLflow holds its recipe
     assert mv.source == summary["final"]["uri"] and fs.exists(f"{final}/recipe.json")
-    from prunecomp.recipe import read_recipe
+    from prunecomp.recipes.recipe import read_recipe
 
     recipe = read_recipe(summary["final"]["uri"])  # straight from S3
     assert recipe.removed == [2, 1] and recipe.digest() == summary["final"]["hash"]
@@ -229,8 +229,8 @@ def test_refined_run_reuses_the_plain_runs_steps(harness, tracking_uri, make_con
 
 def _same_as_the_library(run: dict, cfg, model: object) -> None:
     """The pipeline's final model equals the library's compress() on the run's calibration windows, bit for bit."""
-    from prunecomp.compress import compress as compress_in_memory
-    from prunecomp.sources import load_model
+    from prunecomp.engine.compress import compress as compress_in_memory
+    from prunecomp.models.sources import load_model
     from tasks.calibrate import load_windows
 
     lm = load_model(str(model))
@@ -247,7 +247,7 @@ def test_progressive_run_matches_the_library(harness, tracking_uri, make_config,
     on the refined state; the final model equals the library's compress() bit for bit, its recipe is the
     progressive (v2) one, the final check undoes every fit, and a rerun reuses every task."""
     from flows.compress import compress
-    from prunecomp.recipe import read_recipe
+    from prunecomp.recipes.recipe import read_recipe
 
     store = str(tmp_path / "store")
     prune = {"n_layers": 2, "refine": "norms+writers", "refine_at": "each", "refine_steps": 5, "refine_lr": 2e-2}
@@ -295,7 +295,7 @@ def test_progressive_lsq_run_matches_the_library(harness, tracking_uri, make_con
     its gains; the final model equals the library's compress() bit for bit and the final check undoes maps and
     gains in fold order."""
     from flows.compress import compress
-    from prunecomp.recipe import read_recipe
+    from prunecomp.recipes.recipe import read_recipe
 
     store = str(tmp_path / "store")
     prune = {"n_layers": 2, "compensation": "lsq", "refine": "norms+writers", "refine_at": "each",
@@ -314,9 +314,9 @@ def test_reconstructed_run_matches_the_library(harness, tracking_uri, make_confi
     check swaps the base's weights back in, MLflow and the Prefect description say what was fitted, and the fit
     windows are in the step keys."""
     from flows.compress import compress
-    from prunecomp.compress import compress as compress_in_memory
-    from prunecomp.recipe import FORMAT_LAYERS, read_recipe
-    from prunecomp.sources import load_model
+    from prunecomp.engine.compress import compress as compress_in_memory
+    from prunecomp.models.sources import load_model
+    from prunecomp.recipes.recipe import FORMAT_LAYERS, read_recipe
     from tasks.artifacts import step_description
     from tasks.calibrate import load_windows
     from tasks.tracking import client
@@ -364,10 +364,10 @@ def test_refitted_run_matches_the_library(harness, tracking_uri, make_config, tm
     step and the refit."""
     import tasks.tracking
     from flows.compress import compress
-    from prunecomp.compress import compress as compress_in_memory
-    from prunecomp.recipe import read_recipe
-    from prunecomp.sources import load_model, resolve_source
-    from prunecomp.streamed import StreamedModel
+    from prunecomp.engine.compress import compress as compress_in_memory
+    from prunecomp.engine.streamed import StreamedModel
+    from prunecomp.models.sources import load_model, resolve_source
+    from prunecomp.recipes.recipe import read_recipe
     from tasks.calibrate import load_windows
     from tasks.tracking import client
 
@@ -427,7 +427,7 @@ def test_streamed_pipeline_matches_in_memory(harness, tracking_uri, make_config,
     weights exceed the memory budget."""
 
     import flows.compress as compress_module
-    from prunecomp.recipe import read_recipe
+    from prunecomp.recipes.recipe import read_recipe
 
     def no_mlflow(name: str) -> dict:
         return {"log_and_register": False, "store": str(tmp_path / name), "tracking_uri": tracking_uri}
@@ -460,7 +460,7 @@ def test_streamed_pipeline_reconstructs(harness, tracking_uri, make_config, tmp_
     replays, and the final check loads the base's weights for the rewritten layers (the same verdict and losses)."""
 
     import flows.compress as compress_module
-    from prunecomp.recipe import read_recipe
+    from prunecomp.recipes.recipe import read_recipe
 
     prune = {"n_layers": 2, "reconstruct": "both", "reconstruct_steps": 4, "refine_samples": 6}
     runs = {}

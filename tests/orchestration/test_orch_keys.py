@@ -135,7 +135,7 @@ def test_device_type_and_dtype_are_in_every_key() -> None:
 def test_the_working_copy_is_loaded_in_the_jobs_dtype(stories: Path) -> None:
     import torch
 
-    from prunecomp.recipe import Recipe
+    from prunecomp.recipes.recipe import Recipe
     from tasks import working
     from tasks.model_io import resolve_model
 
@@ -154,7 +154,7 @@ def test_the_working_copy_is_loaded_in_the_jobs_dtype(stories: Path) -> None:
 _LATER_PROCESS = """
 import json, sys
 from prunecomp.errors import PrunecompError
-from prunecomp.recipe import Recipe
+from prunecomp.recipes.recipe import Recipe
 from tasks import working
 from tasks.calibrate import build_calibration
 from tasks.jobs import CalibrationJob, FinalJob

@@ -1,5 +1,5 @@
 """Registered versions as MLflow users use them: load by alias with the transformers and pyfunc flavors, serve
-with ``mlflow models serve``, and a champion alias that only moves to loadable versions (issue #13)."""
+with ``mlflow models serve``, and a champion alias that only moves to loadable versions."""
 
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ pytestmark = pytest.mark.orchestration
 
 def _reference(stories: Path, n_layers: int) -> tuple[list[int], list[dict[int, float]]]:
     """The library loop, in this process, on the same calibration windows the flow builds."""
-    from prunecomp.calibration import calibration_windows
     from prunecomp.config import PruneConfig
-    from prunecomp.loop import prune_and_compensate
-    from prunecomp.sources import load_model
+    from prunecomp.corpora.calibration import calibration_windows
+    from prunecomp.engine.loop import prune_and_compensate
+    from prunecomp.models.sources import load_model
 
     lm = load_model(str(stories))
     cal = calibration_windows(lm.tokenizer, "tinystories", n_samples=8, seq_len=128,

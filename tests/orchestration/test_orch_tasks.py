@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from prunecomp.config import CalibrationConfig, PruneConfig
-from prunecomp.storage import is_complete
+from prunecomp.models.storage import is_complete
 from tasks.gates import DEFAULT_GATES, MetricGate, decide
 from tasks.jobs import CalibrationJob, RefineJob, StepJob
 
@@ -42,7 +42,7 @@ def test_step_key_covers_what_determines_the_result() -> None:
 
 def test_refine_key_covers_the_loss() -> None:
     """The refinement loss changes the fitted gains, so it is in the refine task's key (a run with the default
-    ``tail`` loss does not reuse a gains part fitted with ``topk`` before session 15)."""
+    ``tail`` loss does not reuse a gains part fitted with the ``topk`` loss)."""
     def job(**kw: object) -> RefineJob:
         base = dict(store="/s", base_uri="/m", base_hash="p" * 64, parts=("/s/steps/a",), state_digest="x" * 64,
                     calibration_uri="/s/c", calibration_digest="d", teacher_uri="/s/t", mode="channels", steps=8,
@@ -102,9 +102,9 @@ def test_tasks_via_fn_exchange_recipe_parts(make_config, tmp_path: Path) -> None
     from safetensors.torch import load_file
 
     from prunecomp.config import PruneConfig as PC
-    from prunecomp.loop import prune_and_compensate
-    from prunecomp.recipe import Recipe
-    from prunecomp.sources import load_model
+    from prunecomp.engine.loop import prune_and_compensate
+    from prunecomp.models.sources import load_model
+    from prunecomp.recipes.recipe import Recipe
     from tasks import working
     from tasks.calibrate import build_calibration, load_windows
     from tasks.jobs import FinalJob
@@ -166,9 +166,9 @@ def test_code_version_covers_what_computes_cached_results(tmp_path: Path) -> Non
     from tasks.keys import NUMERIC_LIBRARIES, code_files, library_versions, source_digest
 
     names = {name for name, _ in code_files()}
-    assert {"prunecomp/loop.py", "tasks/prune.py", "tasks/evaluate.py",
+    assert {"prunecomp/engine/loop.py", "tasks/prune.py", "tasks/evaluate.py",
             "prunecomp/evaluation/tasks/piqa.yaml"} <= names
-    assert not any(n.startswith("prunecomp/cli") for n in names) and "prunecomp/guard.py" in names
+    assert not any(n.startswith("prunecomp/cli") for n in names) and "prunecomp/method/guard.py" in names
     assert set(library_versions()) == set(NUMERIC_LIBRARIES) and library_versions()["torch"].startswith("2.")
     a, b = tmp_path / "a.py", tmp_path / "b.yaml"
     a.write_text("x = 1\n")
@@ -185,7 +185,7 @@ def test_code_version_covers_what_computes_cached_results(tmp_path: Path) -> Non
 def test_content_hash_covers_the_tokenizer(stories, tmp_path: Path) -> None:
     import shutil
 
-    from prunecomp.sources import content_hash, resolve_source
+    from prunecomp.models.sources import content_hash, resolve_source
 
     copy = tmp_path / "m"
     shutil.copytree(stories, copy)
@@ -241,7 +241,7 @@ def test_s3_run_lock_is_created_atomically_and_taken_over_when_dead(s3) -> None:
 def test_recipe_part_with_layers_round_trips_through_s3(s3) -> None:
     """A part holding fitted layers is written to S3 one tensor at a time and read back lazily from one local copy
     per process (fetched to disk, not through memory), with the same tensors and digest."""
-    from prunecomp.recipe import Recipe, RecipeStep
+    from prunecomp.recipes.recipe import Recipe, RecipeStep
     from tasks import working
     from tasks.working import read_part, write_part
 

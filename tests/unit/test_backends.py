@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from prunecomp.backends import IN_MEMORY, STREAMED
 from prunecomp.config import PruneConfig
+from prunecomp.engine.backends import IN_MEMORY, STREAMED
+from prunecomp.engine.stages import refusal
 from prunecomp.levels import apply_level
-from prunecomp.stages import refusal
 
 
 @pytest.mark.parametrize(("fields", "needle"), [

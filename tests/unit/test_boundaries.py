@@ -59,6 +59,31 @@ def test_console_script_gives_prefects_embedded_server_time_to_start() -> None:
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "180", out.stdout[-500:] + out.stderr
 
 
+LAYERS = [("cli",), ("engine",), ("recipes",), ("method",), ("evaluation", "levels"), ("models", "corpora"),
+          ("config", "quiet"), ("errors",)]
+"""The library's packages from the top down: a package imports only from itself and the layers below it."""
+
+
+def test_the_library_imports_point_one_way() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "prunecomp"
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    found = {p.stem if p.parent == root else p.relative_to(root).parts[0] for p in root.rglob("*.py")} - {"__init__"}
+    assert found == set(layer), f"packages not placed in LAYERS: {sorted(found ^ set(layer))}"
+    upward = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root)
+        me = rel.stem if len(rel.parts) == 1 else rel.parts[0]
+        if me == "__init__":
+            continue
+        for target in re.findall(r"^\s*(?:from|import) prunecomp\.(\w+)", path.read_text(), re.M):
+            if target != me and layer[target] <= layer[me]:
+                upward.append(f"{rel} imports prunecomp.{target}")
+    assert not upward, upward
+
+
 def test_module_map_names_every_module() -> None:
     """A newcomer finds every module of the library, the tasks and the flows in the module map of
     docs/ARCHITECTURE.md (linked from the README)."""

@@ -14,10 +14,10 @@ import torch
 from tiny_models import FAMILIES, tiny_model, tokens
 from torch.testing import assert_close
 
-from prunecomp.adapters import decoder_layers, get_adapter, resolve
-from prunecomp.compensation import compensate, is_tied, scale_norm_weight
 from prunecomp.errors import PrunecompError
-from prunecomp.pruning import remove_layer
+from prunecomp.method.compensation import compensate, is_tied, scale_norm_weight
+from prunecomp.models.adapters import decoder_layers, get_adapter, resolve
+from prunecomp.models.pruning import remove_layer
 
 
 def _hidden(model: torch.nn.Module, ids: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from prunecomp.calibration import calibration_windows, evaluation_windows, tokenize_windows
-from prunecomp.data import DATA_DIR_ENV, load_text, resolve_data_dir
+from prunecomp.corpora.calibration import calibration_windows, evaluation_windows, tokenize_windows
+from prunecomp.corpora.data import DATA_DIR_ENV, load_text, resolve_data_dir
 from prunecomp.errors import PrunecompError
 
 
@@ -87,7 +87,7 @@ def test_data_dir_resolution(monkeypatch, tmp_path, data_dir) -> None:
 
 def test_hub_failure_says_how_to_use_local_copies(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr("prunecomp.data.resolve_data_dir", lambda _d=None: None)
+    monkeypatch.setattr("prunecomp.corpora.data.resolve_data_dir", lambda _d=None: None)
 
     def offline(*_a, **_k):
         raise ConnectionError("no network")

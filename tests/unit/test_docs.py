@@ -184,6 +184,17 @@ def test_the_docs_speak_of_versions_not_history(path: Path) -> None:
     assert not hits, f"history words in {path.relative_to(ROOT)} (history belongs in git): {hits}"
 
 
+CODE = sorted(p for d in ("prunecomp", "flows", "tasks", "tests", "bench", "deployments") for p in (ROOT / d).rglob("*")
+              if p.suffix in (".py", ".yaml", ".sh") and "results" not in p.parts)
+
+
+def test_the_code_speaks_of_versions_not_history() -> None:
+    """Code, help text, tests, benchmarks and deployments too: no session or issue numbers (git log keeps them)."""
+    hits = [f"{p.relative_to(ROOT)}: {line.strip()[:100]}" for p in CODE
+            for line in p.read_text(errors="replace").splitlines() if HISTORY.search(line)]
+    assert not hits, hits
+
+
 def _results_doc():  # bench/ is not a package: imported by path, as bench/results_doc.py imports its neighbours
     sys.path.insert(0, str(ROOT / "bench"))
     try:

@@ -19,13 +19,13 @@ import torch
 from click.testing import CliRunner
 from tiny_models import tiny_model
 
-from prunecomp.checkpoint import REPORT_FILE, save_pruned
 from prunecomp.cli import main
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation import compare, harness
 from prunecomp.evaluation.cache import ResultCache, cached_qa, weights_digest
-from prunecomp.pruning import remove_layer
-from prunecomp.sources import load_model
+from prunecomp.models.pruning import remove_layer
+from prunecomp.models.sources import load_model
+from prunecomp.recipes.checkpoint import REPORT_FILE, save_pruned
 
 
 @pytest.fixture(scope="module")

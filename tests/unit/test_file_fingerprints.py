@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prunecomp.data import load_text, text_files
+from prunecomp.corpora.data import load_text, text_files
 from prunecomp.errors import PrunecompError
 from tasks import keys
 from tasks.keys import (
@@ -61,7 +61,7 @@ def test_text_files_are_the_files_load_text_reads(tmp_path: Path) -> None:
 
 
 def test_no_local_files_for_hub_corpora(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import prunecomp.data as data
+    import prunecomp.corpora.data as data
 
     monkeypatch.setattr(data, "resolve_data_dir", lambda data_dir=None: None)
     assert text_files("wikitext2", "evaluation", None) == []

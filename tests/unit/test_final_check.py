@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from prunecomp.apply import apply_recipe
-from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.engine.compress import compress
+from prunecomp.engine.final_check import final_check, line, uncompensated_view
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.final_check import final_check, line, uncompensated_view
-from prunecomp.loop import prune_and_compensate
-from prunecomp.recipe import Recipe
+from prunecomp.recipes.apply import apply_recipe
+from prunecomp.recipes.recipe import Recipe
 from tests.tiny_models import FAMILIES, tiny_model, tokens
 from tests.unit.test_guard import _hurting_model
 

@@ -9,10 +9,13 @@ import math
 import pytest
 import torch
 
-from prunecomp.compensation import compensate
 from prunecomp.config import PruneConfig
+from prunecomp.engine.incremental import IncrementalScanner
+from prunecomp.engine.loop import prune_and_compensate
+from prunecomp.engine.streamed import StreamedModel
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.guard import (
+from prunecomp.method.compensation import compensate
+from prunecomp.method.guard import (
     EXHAUSTIVE,
     GuardBudget,
     candidate_scales,
@@ -24,12 +27,9 @@ from prunecomp.guard import (
     parabola,
     pick,
 )
-from prunecomp.incremental import IncrementalScanner
-from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import remove_layer
-from prunecomp.scoring import scan_layers
-from prunecomp.sequential import head_nll
-from prunecomp.streamed import StreamedModel
+from prunecomp.method.scoring import scan_layers
+from prunecomp.models.pruning import remove_layer
+from prunecomp.models.sequential import head_nll
 from tests.tiny_models import FAMILIES, tiny_model, tokens
 
 GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
@@ -269,7 +269,7 @@ def test_budgeted_guard_chooses_as_the_exhaustive_grid(family: str) -> None:
 
 def test_chunked_head_equals_the_models_loss(monkeypatch: pytest.MonkeyPatch) -> None:
     """The head computes a few tokens' logits at a time; the summed NLL is the model's own loss."""
-    import prunecomp.sequential as sequential
+    import prunecomp.models.sequential as sequential
 
     model = tiny_model("gemma3")  # soft-capped logits
     ids = tokens(3, 12)

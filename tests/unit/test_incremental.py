@@ -10,10 +10,10 @@ import pytest
 import torch
 from tiny_models import gemma2_model, tiny_model, tokens
 
-from prunecomp.adapters import decoder_layers
 from prunecomp.config import PruneConfig
-from prunecomp.loop import prune_and_compensate
-from prunecomp.sequential import catch_layer_inputs, head_nll, run_layer
+from prunecomp.engine.loop import prune_and_compensate
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.sequential import catch_layer_inputs, head_nll, run_layer
 
 CAL = tokens(n=6, t=16)
 
@@ -125,11 +125,11 @@ def test_half_precision_weights_keep_float32_statistics() -> None:
 def test_lsq_fold_into_the_embedding_invalidates_the_whole_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """Removing layer 0 with ``lsq`` on an untied model folds the gap map into the embedding: every cached
     stream changed, so the next incremental scan must equal a fresh exact one (it used to keep a stale stream)."""
-    from prunecomp.incremental import IncrementalScanner
-    from prunecomp.loop import _remove
-    from prunecomp.memory_backend import InMemory
-    from prunecomp.pruning import original_indices
-    from prunecomp.scoring import scan_layers
+    from prunecomp.engine.incremental import IncrementalScanner
+    from prunecomp.engine.loop import _remove
+    from prunecomp.engine.memory_backend import InMemory
+    from prunecomp.method.scoring import scan_layers
+    from prunecomp.models.pruning import original_indices
 
     model = tiny_model("llama")  # untied embeddings: the embedding is the linear writer before layer 0
     cfg = PruneConfig(n_layers=1, metric="bi", compensation="lsq", protect=[])
@@ -149,8 +149,8 @@ def test_lsq_fold_into_the_embedding_invalidates_the_whole_cache(monkeypatch: py
 
 def test_every_scanner_follows_one_protocol() -> None:
     """Exact, incremental and layer-streamed scanners expose the same calls (scan, removed, invalidate)."""
-    from prunecomp.incremental import IncrementalScanner
-    from prunecomp.scanners import StatelessScanner, make_scanner
+    from prunecomp.engine.incremental import IncrementalScanner
+    from prunecomp.engine.scanners import StatelessScanner, make_scanner
 
     for cls in (StatelessScanner, IncrementalScanner):
         assert all(callable(getattr(cls, name, None)) for name in ("scan", "removed", "invalidate"))

@@ -6,12 +6,12 @@ import pytest
 import torch
 from tiny_models import tiny_model, tokens
 
-from prunecomp.adapters import decoder_layers
 from prunecomp.config import PruneConfig
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.errors import PrunecompError
-from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import original_indices
-from prunecomp.scoring import METRICS, scan_layers
+from prunecomp.method.scoring import METRICS, scan_layers
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import original_indices
 
 
 def _identity(model: torch.nn.Module, index: int) -> None:

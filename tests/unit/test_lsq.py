@@ -9,13 +9,13 @@ import torch
 from tiny_models import tiny_model, tokens
 from torch.testing import assert_close
 
-from prunecomp import fitting as F
-from prunecomp.adapters import decoder_layers
-from prunecomp.compensation import compensate
 from prunecomp.config import PruneConfig
-from prunecomp.loop import prune_and_compensate
-from prunecomp.lsq import apply_gap_map, fit_gap_map
-from prunecomp.pruning import remove_layer
+from prunecomp.engine.loop import prune_and_compensate
+from prunecomp.method import fitting as F
+from prunecomp.method.compensation import compensate
+from prunecomp.method.lsq import apply_gap_map, fit_gap_map
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import remove_layer
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -101,7 +101,7 @@ def test_bad_ridge_rejected() -> None:
 
 
 def test_trial_removal_restores_the_model_exactly() -> None:
-    from prunecomp.selection import trial_removal
+    from prunecomp.method.selection import trial_removal
 
     model = tiny_model("llama")
     ids = tokens(n=4, t=10)

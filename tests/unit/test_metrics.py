@@ -7,7 +7,7 @@ import math
 import torch
 from torch.testing import assert_close
 
-from prunecomp import metrics as M
+from prunecomp.method import metrics as M
 
 
 def _x(seed: int, shape: tuple[int, ...] = (2, 3, 4)) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_gap_scale_rejects_empty() -> None:
 
 def test_layer_statistics_accumulate_as_state_in_state_out() -> None:
     """Two batches through ``accumulate_layer`` equal the hand-written formulas over all tokens at once."""
-    from prunecomp.metrics import accumulate_layer, layer_scale, layer_score
+    from prunecomp.method.metrics import accumulate_layer, layer_scale, layer_score
 
     g = torch.Generator().manual_seed(0)
     x_in = torch.randn(3, 5, 4, generator=g)

@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 from tiny_models import tiny_model, tokens
 
-from prunecomp.checkpoint import REPORT_FILE
 from prunecomp.cli import main
 from prunecomp.config import PruneConfig
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.errors import PrunecompError
-from prunecomp.loop import prune_and_compensate
-from prunecomp.plots import PLOT_FILES, plot_ppl_curves, plot_scales, plot_scores, save_report_plots
+from prunecomp.evaluation.plots import PLOT_FILES, plot_ppl_curves, plot_scales, plot_scores, save_report_plots
+from prunecomp.recipes.checkpoint import REPORT_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prunecomp.apply import apply_recipe
-from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.engine.compress import compress
+from prunecomp.engine.final_check import output_edits, uncompensated_view
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.final_check import output_edits, uncompensated_view
-from prunecomp.loop import prune_and_compensate
-from prunecomp.recipe import (
+from prunecomp.method.refine import refine, teacher_targets
+from prunecomp.recipes.apply import apply_recipe
+from prunecomp.recipes.recipe import (
     FORMAT,
     FORMAT_PROGRESSIVE,
     RECIPE_FILE,
@@ -28,7 +29,6 @@ from prunecomp.recipe import (
     read_recipe,
     write_recipe_files,
 )
-from prunecomp.refine import refine, teacher_targets
 from tests.tiny_models import FAMILIES, tiny_model, tokens
 from tests.unit.test_final_check import _naive
 from tests.unit.test_recipe import SOURCE, _model, _same
@@ -82,7 +82,7 @@ def test_progressive_recipe_replays_bit_identically(family: str, tmp_path: Path)
     # and from the state after step 1's fit (the pipeline's working copy after a refine task)
     after_fit = apply_recipe(_model(family), recipe.prefix(1))
     assert recipe.steps[0].refine is not None
-    from prunecomp.apply import apply_refine
+    from prunecomp.recipes.apply import apply_refine
 
     apply_refine(after_fit, recipe.steps[0].refine)
     _same(apply_recipe(after_fit, recipe, start=1, refined=True), ran)
@@ -150,7 +150,7 @@ def test_gains_follow_their_layer_to_its_final_index() -> None:
     """Bookkeeping by hand: a gain fitted on layer index 3 after removing original layer 1 belongs to original
     layer 4; after a later removal of original layer 2 it sits at index 2. A gain on a layer removed later is
     gone; gains on the same module are kept in fold order (they multiply)."""
-    from prunecomp.recipe import RefineEdit
+    from prunecomp.recipes.recipe import RefineEdit
 
     model = tiny_model("llama")  # 6 layers
     g = {p: torch.full((32,), v) for p, v in (("a", 2.0), ("b", 3.0), ("c", 5.0))}
@@ -176,7 +176,7 @@ def test_unsupported_combinations_are_refused() -> None:
         _cfg(mode="one-shot")
     _cfg(refine="none", compensation="lsq")  # without refinement refine_at is moot
     with pytest.raises(ValueError, match="twice"):
-        from prunecomp.recipe import RefineEdit
+        from prunecomp.recipes.recipe import RefineEdit
 
         fit = RefineEdit({})
         Recipe(source={}, steps=(RecipeStep(removed=0, current=0, scale=None, refine=fit),), refine=fit)

@@ -9,11 +9,11 @@ from tiny_models import FAMILIES, tiny_model, tokens
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
-from prunecomp.adapters import decoder_layers
-from prunecomp.checkpoint import save_pruned
-from prunecomp.compensation import compensate
 from prunecomp.errors import PrunecompError
-from prunecomp.pruning import original_indices, remove_layer
+from prunecomp.method.compensation import compensate
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import original_indices, remove_layer
+from prunecomp.recipes.checkpoint import save_pruned
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from prunecomp.compress import compress, teacher_for
+from prunecomp.engine.compress import compress, teacher_for
 from prunecomp.evaluation.cache import weights_digest
 from tests.tiny_models import tiny_model, tokens
 

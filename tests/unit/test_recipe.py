@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunecomp.apply import apply_recipe
-from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.engine.compress import compress
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.errors import PrunecompError
-from prunecomp.loop import prune_and_compensate
-from prunecomp.recipe import (
+from prunecomp.recipes.apply import apply_recipe
+from prunecomp.recipes.recipe import (
     RECIPE_FILE,
     TENSORS_FILE,
     read_recipe,
@@ -115,7 +115,7 @@ def test_steps_with_different_tensors_are_not_equal() -> None:
     record is not compared."""
     import torch
 
-    from prunecomp.recipe import RecipeStep
+    from prunecomp.recipes.recipe import RecipeStep
 
     a = RecipeStep(removed=2, current=2, scale=1.1, gap_map=torch.ones(3, 3))
     b = RecipeStep(removed=2, current=2, scale=1.1, gap_map=torch.zeros(3, 3))

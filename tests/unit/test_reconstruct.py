@@ -10,14 +10,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prunecomp.adapters import decoder_layers
 from prunecomp.config import PruneConfig
+from prunecomp.engine.final_check import final_check, reconstructed_layers, uncompensated_view
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.errors import PrunecompError
-from prunecomp.final_check import final_check, reconstructed_layers, uncompensated_view
-from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import remove_layer
-from prunecomp.recipe import FORMAT_LAYERS, Recipe
-from prunecomp.reconstruct import capture_gap, effective_side, fit_layers, reconstruct, relative_error
+from prunecomp.method.reconstruct import capture_gap, effective_side, fit_layers, reconstruct, relative_error
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import remove_layer
+from prunecomp.recipes.recipe import FORMAT_LAYERS, Recipe
 from tests.layer_checks import replays_and_views
 from tests.tiny_models import FAMILIES, tiny_model, tokens
 
@@ -127,7 +127,7 @@ def test_reconstruct_is_refused_with_lsq() -> None:
 
 
 def test_a_json_report_of_a_reconstructed_run_is_not_a_recipe() -> None:
-    from prunecomp.recipe import recipe_from_report
+    from prunecomp.recipes.recipe import recipe_from_report
 
     model, ids = tiny_model("llama"), tokens(4, 8)
     report = prune_and_compensate(model, ids, PruneConfig(n_layers=1, reconstruct="after", reconstruct_steps=2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from prunecomp.redact import redact, redact_all
+from prunecomp.models.redact import redact, redact_all
 
 
 @pytest.mark.parametrize(("uri", "expected"), [

@@ -1,4 +1,4 @@
-"""Refinement (prunecomp.refine): the distillation loss against its formula, exact folding of the fitted gains on
+"""Refinement (prunecomp.method.refine): the distillation loss against its formula, exact folding of the fitted gains on
 every family, reproducibility, and the loop / error wiring."""
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import torch
 from tiny_models import FAMILIES, gemma2_model, tiny_model, tokens
 from torch.testing import assert_close
 
-from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.engine.compress import compress
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.errors import PrunecompError
-from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import remove_layer
-from prunecomp.refine import (
+from prunecomp.method.refine import (
     TeacherTargets,
     audit_rows,
     distill_loss,
@@ -25,6 +24,7 @@ from prunecomp.refine import (
     refine,
     teacher_targets,
 )
+from prunecomp.models.pruning import remove_layer
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ def test_distill_loss_matches_cross_entropy_formula() -> None:
     assert_close(distill_loss(t, top.values, top.indices), entropy)
     assert distill_loss(s, top.values, top.indices) > entropy
     assert_close(distill_loss(s, top.values, top.indices, loss="topk"), expected)  # full support: the same
-    # topk (the loss before session 15): renormalised over the k most likely tokens
+    # topk (the older loss): renormalised over the k most likely tokens
     k3 = torch.log_softmax(t, -1).topk(3, -1)
     p = torch.softmax(k3.values, -1)
     manual = -(p * torch.log_softmax(s, -1).gather(-1, k3.indices)).sum(-1).mean()

@@ -12,15 +12,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prunecomp.adapters import decoder_layers
-from prunecomp.compress import compress
 from prunecomp.config import PruneConfig
+from prunecomp.engine.compress import compress
+from prunecomp.engine.final_check import final_check, reconstructed_layers
+from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.errors import PrunecompError
-from prunecomp.final_check import final_check, reconstructed_layers
-from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import remove_layer
-from prunecomp.reconstruct import relative_error
-from prunecomp.refit import InMemoryDense, describe_refit, first_gap, sequential_refit
+from prunecomp.method.reconstruct import relative_error
+from prunecomp.method.refit import InMemoryDense, describe_refit, first_gap, sequential_refit
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import remove_layer
 from tests.layer_checks import replays_and_views
 from tests.tiny_models import FAMILIES, tiny_model, tokens
 
@@ -91,7 +91,7 @@ def test_refit_replays_bit_for_bit_and_the_view_is_the_plain_removal(family: str
 
 
 def test_dense_layers_read_from_a_folder_give_the_same_refit(tmp_path) -> None:
-    from prunecomp.streamed import StreamedModel
+    from prunecomp.engine.streamed import StreamedModel
 
     source, ids = tiny_model("llama"), tokens(8, 16)
     source.save_pretrained(tmp_path / "src")
@@ -131,9 +131,9 @@ def test_the_job_reads_the_dense_layers_from_the_source(stories_dir, tmp_path) -
     second time, whole, with every layer."""
     import shutil
 
-    from prunecomp.dense import dense_layers
-    from prunecomp.sources import load_model
-    from prunecomp.streamed import StreamedModel
+    from prunecomp.engine.dense import dense_layers
+    from prunecomp.engine.streamed import StreamedModel
+    from prunecomp.models.sources import load_model
 
     source = tiny_model("llama")
     source.save_pretrained(tmp_path / "st")

@@ -9,13 +9,13 @@ import torch
 from tiny_models import gemma2_model, tiny_model, tokens
 from torch.testing import assert_close
 
-from prunecomp import metrics as M
-from prunecomp.adapters import decoder_layers
-from prunecomp.compensation import compensate
 from prunecomp.config import PruneConfig
-from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import remove_layer
-from prunecomp.scoring import scan_layers
+from prunecomp.engine.loop import prune_and_compensate
+from prunecomp.method import metrics as M
+from prunecomp.method.compensation import compensate
+from prunecomp.method.scoring import scan_layers
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import remove_layer
 
 IDS = tokens(n=4, t=10)
 
@@ -120,7 +120,7 @@ def test_mag_prune_and_comp_removes_what_uncompensated_mag_removes() -> None:
 
 def test_trial_removal_leaves_no_fold_record() -> None:
     """Compensation-aware selection folds s on trial; the record of folds must be restored with the weights."""
-    from prunecomp.selection import trial_removal
+    from prunecomp.method.selection import trial_removal
 
     model = tiny_model("llama")
     compensate(model, 2, 1.3)
@@ -131,7 +131,7 @@ def test_trial_removal_leaves_no_fold_record() -> None:
 
 
 def test_trial_on_a_fresh_model_leaves_no_record() -> None:
-    from prunecomp.selection import trial_removal
+    from prunecomp.method.selection import trial_removal
 
     model = tiny_model("llama")
     with trial_removal(model, 3, PruneConfig(metric="bi", n_layers=1, compensation="magnitude"), 1.7, IDS, 4):

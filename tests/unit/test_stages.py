@@ -11,12 +11,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from prunecomp.adapters import decoder_layers
-from prunecomp.backends import IN_MEMORY, STREAMED
 from prunecomp.config import STAGES as CONFIG_STAGES
 from prunecomp.config import PruneConfig, stage_fields
-from prunecomp.loop import prune_and_compensate
-from prunecomp.stages import STAGES, Gap, StageSpec, refusal, register, unregister
+from prunecomp.engine.backends import IN_MEMORY, STREAMED
+from prunecomp.engine.loop import prune_and_compensate
+from prunecomp.engine.stages import STAGES, Gap, StageSpec, refusal, register, unregister
+from prunecomp.models.adapters import decoder_layers
 from tests.tiny_models import tiny_model, tokens
 
 CAL = tokens(8, 16)

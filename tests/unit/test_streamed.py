@@ -11,10 +11,10 @@ from tiny_models import tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
 from prunecomp.config import PruneConfig
+from prunecomp.engine.loop import prune_and_compensate
+from prunecomp.engine.streamed import StreamedModel
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.loop import prune_and_compensate
-from prunecomp.streamed import StreamedModel
 
 CAL = tokens(n=6, t=16)
 

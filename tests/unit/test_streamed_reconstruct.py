@@ -13,17 +13,17 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model, tokens
 from transformers import AutoModelForCausalLM
 
-from prunecomp.adapters import decoder_layers
-from prunecomp.apply import apply_recipe
 from prunecomp.config import PruneConfig
+from prunecomp.engine.final_check import final_check, reconstructed_layers
+from prunecomp.engine.loop import prune_and_compensate
+from prunecomp.engine.streamed import StreamedModel
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import mean_nll
-from prunecomp.final_check import final_check, reconstructed_layers
-from prunecomp.loop import prune_and_compensate
-from prunecomp.pruning import remove_layer
-from prunecomp.recipe import Recipe, RecipeStep, RefineEdit, read_recipe
-from prunecomp.streamed import StreamedModel
-from prunecomp.tensorfiles import LazyTensors, Renamed, write_safetensors
+from prunecomp.models.adapters import decoder_layers
+from prunecomp.models.pruning import remove_layer
+from prunecomp.models.tensorfiles import LazyTensors, Renamed, write_safetensors
+from prunecomp.recipes.apply import apply_recipe
+from prunecomp.recipes.recipe import Recipe, RecipeStep, RefineEdit, read_recipe
 
 CAL = tokens(n=6, t=16)
 FIT = tokens(n=8, t=16, seed=7)
@@ -139,7 +139,7 @@ def test_recipe_naming_a_missing_tensor_is_malformed() -> None:
 
 def test_unreadable_recipe_tensors_are_one_error(tmp_path) -> None:
     """read_recipe opens a local recipe's tensors lazily; a file that is not safetensors is still refused up front."""
-    from prunecomp.recipe import write_recipe_files
+    from prunecomp.recipes.recipe import write_recipe_files
 
     step = RecipeStep(removed=1, current=1, scale=None, layers={"model.layers.1.w": torch.ones(2)})
     write_recipe_files(Recipe(source={"content_hash": "x"}, steps=(step,)), tmp_path)

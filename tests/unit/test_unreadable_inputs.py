@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunecomp.apply import apply_refine
 from prunecomp.errors import PrunecompError
-from prunecomp.recipe import RefineEdit
-from prunecomp.tensorfiles import LazyTensors, read_safetensors_header
+from prunecomp.models.tensorfiles import LazyTensors, read_safetensors_header
+from prunecomp.recipes.apply import apply_refine
+from prunecomp.recipes.recipe import RefineEdit
 from tests.tiny_models import tiny_model
 
 

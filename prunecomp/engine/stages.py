@@ -1,0 +1,258 @@
+"""The method's stages at one removal, as parts: each a small component with its own typed settings, composed by
+the loop (:mod:`prunecomp.engine.loop`) in the order of :data:`STAGES`.
+
+One removal, as every stage sees it (a :class:`Gap`): the layer to remove has been chosen (see
+:data:`SELECTIONS`); each stage's ``before`` runs while the layer is still there (the guard measures the scale to
+fold, the lsq map and block reconstruction read the streams the layer writes); the loop then removes the layer and
+folds the scale upstream (:meth:`prunecomp.engine.backends.Backend.remove`); each stage's ``after`` runs on the model
+without it (the gap map is folded, the layers beside the gap are fitted). What a stage decides goes into
+``gap.record`` (fields of :class:`~prunecomp.recipes.report.StepRecord`), so the audit trail needs no loop change
+either.
+
+A new method is one component and one :func:`register` call: it states when it runs (``wanted``), what it needs
+of the backend (``needs``: names of :class:`~prunecomp.engine.backends.Capabilities` abilities, checked before any work
+in :func:`refusal`) and its part of the step. Stages that run after the last removal (the
+refit, the gains) are wired around the loop by :func:`prunecomp.engine.compress.compress`: they need the dense model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from torch import Tensor
+
+from prunecomp.config import PruneConfig, StageSettings
+from prunecomp.engine.backends import ABILITIES, Capabilities
+from prunecomp.errors import PrunecompError
+from prunecomp.method.guard import GuardResult
+from prunecomp.method.planning import choose
+from prunecomp.method.scoring import LayerScan
+
+if TYPE_CHECKING:
+    from prunecomp.engine.backends import Backend
+
+__all__ = ["SELECTIONS", "STAGES", "Gap", "Selection", "Stage", "StageSpec", "active_stages", "refusal", "register",
+           "stage_needs", "unregister"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gap:
+    """One removal as the stages see it. ``current``: the layer's index now; ``chosen``: its original index;
+    ``measured``: the paper's gap scale s; ``scale``: what the loop folds upstream (the compensation stage sets
+    it; 1.0 folds nothing); ``fit_ids``: the windows local fits use."""
+
+    backend: Backend
+    ids: Tensor
+    fit_ids: Tensor
+    batch_size: int
+    step: int
+    current: int
+    chosen: int
+    measured: float
+    scale: float = 1.0
+    guard: GuardResult | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(Protocol):
+    """A part of one removal: ``before`` with the layer still there, ``after`` once it is removed and the scale
+    folded."""
+
+    def before(self, gap: Gap) -> None: ...
+
+    def after(self, gap: Gap) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A registered stage: its name, when a configuration runs it, how it is built from the configuration (its
+    own typed settings: :meth:`PruneConfig.stage`) and what it needs of the backend."""
+
+    name: str
+    wanted: Callable[[PruneConfig], bool]
+    build: Callable[[PruneConfig], Stage]
+    needs: frozenset[str] = frozenset()
+    option: str = ""
+    """The flag and config key that turn the stage on, for refusals."""
+
+
+# --- compensation: what is folded at the gap --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """``none`` (fold nothing) or ``magnitude`` (fold the measured s: the paper, bit for bit)."""
+
+    fold: bool
+
+    def before(self, gap: Gap) -> None:
+        gap.scale = gap.measured if self.fold else 1.0
+
+    def after(self, gap: Gap) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Guarded:
+    """Fold ``s ** a`` for the exponent ``a`` that lowers the calibration loss most (:mod:`prunecomp.method.guard`);
+    measured while the layer is still there (from the scanner's cached stream where there is one), unless
+    selection already measured it."""
+
+    settings: StageSettings  # the compensation stage's: guard_exponents
+
+    def before(self, gap: Gap) -> None:
+        if gap.guard is None:
+            gap.guard = gap.backend.guard(gap.current, gap.measured, self.settings.guard_exponents)
+        gap.scale = gap.guard.scale
+
+    def after(self, gap: Gap) -> None:
+        assert gap.guard is not None
+        log.info("layer %d: %s", gap.chosen, gap.guard.summary())
+
+
+@dataclass
+class GapMap:
+    """``lsq``: a least-squares map of the gap, fitted while the layer is there (its output is the target),
+    folded into the last writer before the gap and kept only when it lowers the calibration loss (the guard's
+    record keeps the comparison either way)."""
+
+    settings: StageSettings  # the compensation stage's: lsq_ridge
+    _fit: Any = None
+
+    def before(self, gap: Gap) -> None:
+        self._fit = gap.backend.fit_gap_map(gap.current, gap.scale, ridge=self.settings.lsq_ridge)
+
+    def after(self, gap: Gap) -> None:
+        assert gap.guard is not None
+        fit, self._fit = self._fit, None
+        if fit is None:  # a family with no single writer before the gap (sandwich norms): nothing to fold
+            return
+        if gap.backend.keep_gap_map(gap.current, fit, gap.guard):
+            gap.record |= {"gap_fit": {"error_before": fit.error_before, "error_after": fit.error_after},
+                           "gap_map": fit.t}
+            gap.backend.changed(gap.current - 1 if gap.current > 0 else None)
+
+
+@dataclass
+class Reconstruct:
+    """Block reconstruction: the layer(s) beside the gap fitted to write the stream the model had there before
+    the removal (:mod:`prunecomp.method.reconstruct`); streams read while the layer is there, the fit after."""
+
+    settings: StageSettings  # the reconstruct stage's: method (the side), steps, lr, batch
+    _streams: Any = None
+
+    def before(self, gap: Gap) -> None:
+        self._streams = gap.backend.capture_gap(gap.current, gap.fit_ids, self.settings.method,
+                                                batch_size=self.settings.batch)
+        if self._streams is None:
+            log.info("layer %d: no layer %s it to reconstruct", gap.chosen, self.settings.method)
+
+    def after(self, gap: Gap) -> None:
+        streams, self._streams = self._streams, None
+        if streams is None:
+            return
+        fitted = streams.fitted()
+        done, weights = gap.backend.fit_layers(streams, gap.scale, steps=self.settings.steps, lr=self.settings.lr,
+                                               seed=gap.step, removed=gap.chosen)
+        log.info("layer %d: reconstructed layer(s) %s, error %.4f -> %.4f%s", gap.chosen, done.layers,
+                 done.loss_before, done.loss_after, "" if done.kept else " (declined: the fit did not lower it)")
+        gap.record |= {"reconstruct": done.to_dict(), "layer_weights": weights}
+        if weights is not None:
+            gap.backend.changed(min(fitted))
+
+
+def _compensation(config: PruneConfig) -> Stage:
+    if config.compensation in ("guarded", "lsq"):
+        return Guarded(config.stage("compensation"))
+    return Fixed(fold=config.compensation == "magnitude")
+
+
+STAGES: list[StageSpec] = [
+    StageSpec("compensation", lambda c: True, _compensation, option="--compensation (compensation)"),
+    StageSpec("lsq", lambda c: c.compensation == "lsq", lambda c: GapMap(c.stage("compensation")),
+              needs=frozenset({"gap_map"}), option="--compensation lsq (compensation: lsq)"),
+    StageSpec("reconstruct", lambda c: c.reconstruct != "none", lambda c: Reconstruct(c.stage("reconstruct")),
+              needs=frozenset({"reconstruct"}), option="--reconstruct (reconstruct)"),
+]
+"""The stages of one removal, in the order their ``before`` (and ``after``) run."""
+
+
+def register(spec: StageSpec, *, after: str | None = None) -> None:
+    """Add a stage (after the stage named ``after``, default last). A name already registered is an error."""
+    if any(s.name == spec.name for s in STAGES):
+        raise PrunecompError(f"a stage named {spec.name!r} is already registered")
+    at = len(STAGES) if after is None else [s.name for s in STAGES].index(after) + 1
+    STAGES.insert(at, spec)
+
+
+def unregister(name: str) -> None:
+    """Remove the stage ``name`` (tests that register a toy stage clean up with it)."""
+    STAGES[:] = [s for s in STAGES if s.name != name]
+
+
+def active_stages(config: PruneConfig) -> list[Stage]:
+    """The stages ``config`` runs at each removal, built, in order."""
+    return [s.build(config) for s in STAGES if s.wanted(config)]
+
+
+def stage_needs(config: PruneConfig) -> list[tuple[StageSpec, str]]:
+    """``(stage, ability)`` for every backend ability the configured stages need."""
+    return [(s, need) for s in STAGES if s.wanted(config) for need in sorted(s.needs)]
+
+
+# --- selection: which layer goes --------------------------------------------------------------------------------
+
+
+@dataclass
+class Selection:
+    """The layer to remove (index now), the calibration loss of every trial (selection by loss) and the guard's
+    measurement of the winner when selection made it."""
+
+    current: int
+    trials: dict[int, float] | None = None
+    guard: GuardResult | None = None
+
+
+def _by_score(backend: Backend, scan: LayerScan, cands: Sequence[int], config: PruneConfig, block: int
+              ) -> Selection:
+    return Selection(choose(scan, list(cands), config.metric, block))
+
+
+def _by_loss(backend: Backend, scan: LayerScan, cands: Sequence[int], config: PruneConfig, block: int
+             ) -> Selection:
+    if config.metric == "block":  # a block's removal is one decision: no per-layer trials
+        return _by_score(backend, scan, cands, config, block)
+    current, trials, guard = backend.select_by_loss(scan, list(cands), config)
+    return Selection(current, trials, guard)
+
+
+SELECTIONS: dict[str, tuple[Callable[[Backend, LayerScan, Sequence[int], PruneConfig, int], Selection],
+                            frozenset[str]]] = {
+    "score": (_by_score, frozenset()),
+    "loss": (_by_loss, frozenset({"trials"})),
+}
+"""Selection method -> (the function that picks the layer, the backend abilities it needs)."""
+
+
+def refusal(backend: Capabilities, config: PruneConfig, *, qa: bool = False) -> str | None:
+    """Why ``config`` (and QA evaluation, with ``qa``) cannot run on ``backend``, or ``None`` when it can: the
+    metric and mode, then every ability the configured stages need (:func:`stage_needs`), the selection method's
+    and the stages around the loop's (the gains, the refit)."""
+    for what, value, allowed in (("metric", config.metric, backend.metrics), ("mode", config.mode, backend.modes)):
+        if allowed is not None and value not in allowed:
+            return (f"{backend.name} cannot run {what} {value!r} (it runs {', '.join(sorted(allowed))}; "
+                    f"{backend.why}); drop the option or run in memory")
+    needs = [need for _stage, need in stage_needs(config)]
+    needs += sorted(SELECTIONS[config.selection][1])
+    needs += [n for n, wanted in (("refine", config.refine != "none"), ("refit", config.refit != "none"),
+                                  ("qa", qa)) if wanted]
+    for need in needs:
+        if need not in backend.abilities:
+            return (f"{backend.name} cannot run {ABILITIES[need]} ({backend.why}); run it in memory, or leave "
+                    "that stage out")
+    return None
