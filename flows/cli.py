@@ -9,7 +9,6 @@ when it is first imported, so they are set here, before that import, and only wh
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +19,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from prunecomp.cli import explicit_options, preset_settings, pruning_options, quiet_environment
+from flows.run_config import build_config, csv, load_file
 from prunecomp.cli import main as _lib
+from prunecomp.cli import pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
-from prunecomp.cli.options import StagedCommand, given_prune_fields, option_fields
+from prunecomp.cli.options import StagedCommand
 from prunecomp.cli.render import effective_config, on_windows
-from prunecomp.config import PruneConfig, flatten_tree
 from prunecomp.engine.final_check import line as final_line
 from prunecomp.errors import PrunecompError
 from prunecomp.method.guard import guard_cell
@@ -60,108 +59,6 @@ def _embedded_defaults() -> None:
                        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("TQDM_DISABLE", "1"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-
-
-def _load_file(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise PrunecompError(f"cannot read config file {path!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise PrunecompError(f"config file {path!r} must hold a mapping of parameters")
-    return data
-
-
-def _csv(value: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
-
-
-_OPTION_PATHS: dict[str, tuple[str, ...]] = {
-    **{name: (name,) for name in ("model", "revision", "allow_pickle", "trust_remote_code", "quality",
-                                  "max_ppl_ratio", "qa_tasks", "qa_limit", "data_dir", "run_name",
-                                  "parallel_candidates", "stream_layers")},
-    **{param: where for param, where in option_fields().items() if where[0] != "prune"},
-    "preset": ("calibration",), "quick_datasets": ("quick_eval",), "quick_max_windows": ("quick_eval",),
-    "registered_model": ("tracking", "registered_model"), "register": ("tracking", "log_and_register"),
-}
-"""Where an option lands in a config file (``prune`` fields land under ``prune``): a flag given beside
-``--config`` replaces that entry of the file."""
-
-
-def _build_config(kw: dict[str, Any]) -> Any:
-    """Options -> validated :class:`~flows.params.CompressConfig`. With ``--config FILE`` the file is the base and
-    every flag given on the command line replaces its entry (flags win); unknown keys in the file are errors."""
-    from flows.params import CompressConfig
-
-    where = _credentials_to_env({k: v for k, v in (("store", kw["store"]), ("tracking_uri", kw["tracking_uri"]))
-                                 if v})
-    explicit = explicit_options()
-    flags = _flag_config(kw, where, explicit)
-    if not kw["config"]:
-        return CompressConfig.model_validate(flags)
-    data = _load_file(kw["config"])
-    data["tracking"] = _credentials_to_env(dict(data.get("tracking") or {}) | where)
-    try:  # the file's prune section may be the tree of stages: flags name flat fields
-        prune = flatten_tree(dict(data.get("prune") or {}))
-    except ValueError as exc:
-        raise PrunecompError(f"config file {kw['config']!r}: prune: {exc}") from exc
-    for name in explicit:
-        if name in PruneConfig.model_fields:
-            prune[name] = flags["prune"][name]
-            if name in ("n_layers", "fraction"):  # one way of saying how many: the flag's
-                prune.pop("fraction" if name == "n_layers" else "n_layers", None)
-        elif name in _OPTION_PATHS:
-            section, *field = _OPTION_PATHS[name]
-            if field and isinstance(data.get(section), dict):
-                data[section][field[0]] = flags[section][field[0]]
-            else:  # a whole section, or one the file leaves out: the flags' (preset included)
-                data[section] = copy.deepcopy(flags[section])
-            if name == "preset":
-                data["evaluation"] = copy.deepcopy(flags["evaluation"])
-    data["prune"] = prune
-    return CompressConfig.model_validate(data)
-
-
-def _flag_config(kw: dict[str, Any], where: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
-    """The parameters the flags alone describe (their defaults included, except the pruning fields a
-    ``--quality`` level fills: only the ones given)."""
-    cal, ev = preset_settings(kw)
-    quick = _csv(kw["quick_datasets"])
-    tracking = where | {"log_and_register": kw["register"]}
-    if kw["registered_model"]:
-        tracking["registered_model"] = kw["registered_model"]
-    return {
-        "model": kw["model"], "revision": kw["revision"], "allow_pickle": kw["allow_pickle"],
-        "trust_remote_code": kw["trust_remote_code"], "quality": kw["quality"],
-        "prune": given_prune_fields(kw, explicit),
-        "calibration": cal, "evaluation": ev,
-        "quick_eval": {"datasets": quick, "seq_len": ev["seq_len"], "max_windows": kw["quick_max_windows"]}
-        if quick else None,
-        "max_ppl_ratio": kw["max_ppl_ratio"], "qa_tasks": _csv(kw["qa_tasks"]), "qa_limit": kw["qa_limit"],
-        "data_dir": kw["data_dir"], "run_name": kw["run_name"], "tracking": tracking,
-        "parallel_candidates": kw["parallel_candidates"], "stream_layers": kw["stream_layers"],
-    }
-
-
-_ENV_OF = {"store": "PRUNECOMP_STORE", "tracking_uri": "MLFLOW_TRACKING_URI"}
-
-
-def _credentials_to_env(where: dict[str, Any]) -> dict[str, Any]:
-    """A store or tracking URI with a password goes to the run through the environment, not as a flow parameter:
-    Prefect stores flow parameters in its database and shows them in its UI."""
-    from tasks.settings import redact
-
-    out = dict(where)
-    for key, var in _ENV_OF.items():
-        value = out.get(key)
-        if isinstance(value, str) and redact(value) != value:
-            os.environ[var] = value
-            del out[key]
-            err.print(f"{key.replace('_', '-')} carries credentials: passed to the run through ${var}, not as a "
-                      "flow parameter (Prefect stores parameters)", highlight=False)
-    return out
 
 
 def _where_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -276,7 +173,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def run_cmd(json_out: str | None, task_runner: str | None, overwrite: bool, **kw: Any) -> None:
     """Run the compress flow end to end (cached, resumable): default SmolLM2-135M, k=5, BI, Prune&Comp, cpu
     preset. Prints perplexity before/after and where to look."""
-    _run_flow(_build_config(kw), json_out, task_runner, overwrite=overwrite)
+    _run_flow(build_config(kw), json_out, task_runner, overwrite=overwrite)
 
 
 def _journal(run: str, store: str | None) -> dict[str, Any]:
@@ -406,7 +303,7 @@ def promote_cmd(registered_model: str, version: str | None, alias: str, gates_fi
     params: dict[str, Any] = {"registered_model": registered_model, "version": version, "alias": alias,
                               "tracking_uri": tracking_uri}
     if gates_file:
-        params["gates"] = _load_file(gates_file).get("gates")
+        params["gates"] = load_file(gates_file).get("gates")
     config = PromoteConfig.model_validate(params)
     _embedded_defaults()
     from flows.promote import promote
@@ -433,8 +330,8 @@ def evaluate_cmd(checkpoint: str, datasets: str, seq_len: int, max_windows: int,
     from flows.params import EvaluateConfig
 
     config = EvaluateConfig.model_validate({
-        "checkpoint": checkpoint, "data_dir": data_dir, "qa_tasks": _csv(qa_tasks),
-        "evaluation": {"datasets": _csv(datasets), "seq_len": seq_len, "max_windows": max_windows},
+        "checkpoint": checkpoint, "data_dir": data_dir, "qa_tasks": csv(qa_tasks),
+        "evaluation": {"datasets": csv(datasets), "seq_len": seq_len, "max_windows": max_windows},
         "tracking": {"store": store, "tracking_uri": tracking_uri}})
     _embedded_defaults()
     from flows.evaluate import evaluate
