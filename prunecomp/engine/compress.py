@@ -17,14 +17,16 @@ from torch import Tensor, nn
 
 from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.corpora.calibration import TokenWindows
+from prunecomp.engine.dense import DenseSource, as_dense
 from prunecomp.engine.loop import prune_and_compensate, source_num_layers
+from prunecomp.engine.stages import Finish, Gains, finishing_stages
 from prunecomp.errors import PrunecompError
-from prunecomp.method.refine import RefineReport, TeacherTargets, refine, teacher_targets
-from prunecomp.method.refit import DenseLayers, InMemoryDense, RefitReport, sequential_refit
+from prunecomp.method.refine import RefineReport, TeacherTargets, teacher_targets
+from prunecomp.method.refit import RefitReport, sequential_refit
 from prunecomp.models.adapters import decoder_layers
 from prunecomp.recipes.report import PruneReport, StepRecord
 
-__all__ = ["DenseSource", "compress", "refine_as_configured", "refit_as_configured", "teacher_for"]
+__all__ = ["compress", "refine_as_configured", "refit_as_configured", "teacher_for"]
 
 
 def _ids(windows: TokenWindows | Tensor) -> Tensor:
@@ -53,34 +55,15 @@ def teacher_for(model: nn.Module, windows: TokenWindows | Tensor, config: PruneC
 
 def refine_as_configured(model: nn.Module, windows: TokenWindows | Tensor, targets: TeacherTargets,
                          config: PruneConfig) -> RefineReport:
-    """:func:`prunecomp.method.refine.refine` with the ``refine_*`` settings of ``config``."""
-    return refine(model, _ids(windows), targets, mode=config.refine, steps=config.refine_steps, lr=config.refine_lr,
-                  batch_size=config.refine_batch, loss=config.refine_loss)
-
-
-DenseSource = DenseLayers | nn.Module | Callable[[], DenseLayers | nn.Module]
-"""The dense source of a refit: its layers (:class:`~prunecomp.method.refit.DenseLayers`), the dense model in memory,
-or a function that opens one of them (called when the refit runs, so nothing is held while the layers are pruned)."""
-
-_NO_DENSE = ("refit='sequential' fits to the dense model's streams: pass dense= (the dense model, a "
-             "prunecomp.engine.streamed.StreamedModel of its folder, or a function returning one)")
-
-
-def _as_dense(dense: DenseSource | None) -> DenseLayers:
-    if dense is None:
-        raise PrunecompError(_NO_DENSE)
-    if isinstance(dense, nn.Module):
-        return InMemoryDense(dense)
-    if hasattr(dense, "load_layer"):
-        return dense  # type: ignore[return-value]
-    return _as_dense(dense())  # type: ignore[operator]
+    """One gains fit with the refine stage's settings of ``config`` (:class:`~prunecomp.engine.stages.Gains`)."""
+    return Gains(config.stage("refine")).fit(model, _ids(windows), targets)
 
 
 def refit_as_configured(model: nn.Module, windows: TokenWindows | Tensor, config: PruneConfig,
                         dense: DenseSource | None) -> tuple[RefitReport, dict[str, Tensor]]:
-    """:func:`prunecomp.method.refit.sequential_refit` with the ``refit_*`` settings of ``config``
-    (``reconstruct_batch`` windows a step) against ``dense`` (see :data:`DenseSource`)."""
-    return sequential_refit(model, _ids(windows), _as_dense(dense), steps=config.refit_steps, lr=config.refit_lr,
+    """The sequential refit with the refit stage's settings of ``config`` (``reconstruct_batch`` windows a step)
+    against ``dense`` (see :data:`~prunecomp.engine.dense.DenseSource`), returning what it fitted."""
+    return sequential_refit(model, _ids(windows), as_dense(dense), steps=config.refit_steps, lr=config.refit_lr,
                             batch_size=config.reconstruct_batch)
 
 
@@ -109,7 +92,7 @@ def compress(
     recipe).
 
     ``config.refit="sequential"``: after the last removal and before the end refinement, every layer after the
-    first gap is refitted to ``dense``'s streams (the dense source; see :func:`refit_as_configured`) on
+    first gap is refitted to ``dense``'s streams (the dense source; see :data:`~prunecomp.engine.dense.DenseSource`) on
     ``refine_windows``; ``on_refit`` sees its report, ``report.refit`` keeps it and the recipe the layers.
 
     ``config.refine_at="each"`` (progressive): after every removal, refine ``config.refine_steps`` steps, then
@@ -121,21 +104,16 @@ def compress(
     loop = partial(prune_and_compensate, model, calibration, batch_size=batch_size, on_step=on_step,
                    on_batch=on_batch, calibration_config=calibration_config, cache_budget_bytes=cache_budget_bytes,
                    fit_windows=refine_windows)
-    if config.refit != "none" and dense is None:  # before any work
-        raise PrunecompError(_NO_DENSE)
+    if config.refit != "none" and dense is None:
+        as_dense(dense)  # refused before any work: the refit needs the dense source
     if targets is None or config.refine_at == "end":
         report = loop(config)
-        if config.refit != "none":
-            done, weights = refit_as_configured(model, fit_on, config, dense)
-            report.add_refit(done.to_dict(), weights)
-            if on_refit is not None:
-                on_refit(done)
-        if targets is not None:
-            done = refine_as_configured(model, fit_on, targets, config)
-            report.add_refine(done)
-            if on_refine is not None:
-                on_refine(done, None, model)
+        finish = Finish(model, _ids(fit_on), report, targets=targets, dense=dense, on_refit=on_refit,
+                        on_refine=on_refine)
+        for stage in finishing_stages(config):  # the refit, then the gains (registered in prunecomp.engine.stages)
+            stage.finish(finish)
         return report
+    gains = Gains(config.stage("refine"))
     t0 = time.perf_counter()
     n_src = source_num_layers(model)
     k = config.layers_to_remove(n_src)
@@ -147,7 +125,7 @@ def compress(
             report.config = config.model_dump(mode="json")
         else:
             report.steps.extend(one.steps)
-        done = refine_as_configured(model, fit_on, targets, config)
+        done = gains.fit(model, _ids(fit_on), targets)
         report.add_refine(done, step=report.steps[-1])
         if on_refine is not None:
             on_refine(done, report.steps[-1], model)

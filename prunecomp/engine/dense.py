@@ -9,17 +9,20 @@ model's readers, which themselves load through the sources.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from prunecomp.engine.streamed import StreamedModel
-from prunecomp.method.refit import DenseLayers
+from prunecomp.errors import PrunecompError
+from prunecomp.method.refit import DenseLayers, InMemoryDense
 from prunecomp.models.adapters import decoder_layers, get_adapter
 from prunecomp.models.sources import LoadedModel, load_model
 
-__all__ = ["dense_from_folder", "dense_layers", "folder_layer_weights", "source_layer_weights"]
+__all__ = ["DenseSource", "as_dense", "dense_from_folder", "dense_layers", "folder_layer_weights",
+           "source_layer_weights"]
 
 
 def source_layer_weights(lm: LoadedModel, layers: dict[int, int], *, allow_pickle: bool = False,
@@ -44,8 +47,6 @@ def dense_layers(lm: LoadedModel, *, allow_pickle: bool = False, trust_remote_co
     model holds one extra layer, not a second model); any other source (GGUF, pickle) is loaded again, whole (such
     sources are small enough to hold twice). Call it when the refit runs, not before the pruning: what it opens is
     held until it is dropped."""
-    from prunecomp.method.refit import InMemoryDense
-
     if not lm.source.gguf_file and any(lm.source.local_dir.glob("*.safetensors")):
         return dense_from_folder(lm.source.local_dir, lm.model)
     param = next(lm.model.parameters())
@@ -69,3 +70,21 @@ def dense_from_folder(folder: Path, like: nn.Module) -> DenseLayers:
     (:class:`prunecomp.engine.streamed.StreamedModel`): what a refit of a large model needs beside it."""
     param = next(like.parameters())
     return StreamedModel(folder, dtype=param.dtype, device=str(param.device))
+
+
+DenseSource = DenseLayers | nn.Module | Callable[[], DenseLayers | nn.Module]
+"""The dense source of a refit: its layers (:class:`~prunecomp.method.refit.DenseLayers`), the dense model in memory,
+or a function that opens one of them (called when the refit runs, so nothing is held while the layers are pruned)."""
+
+_NO_DENSE = ("refit='sequential' fits to the dense model's streams: pass dense= (the dense model, a "
+             "prunecomp.engine.streamed.StreamedModel of its folder, or a function returning one)")
+
+
+def as_dense(dense: DenseSource | None) -> DenseLayers:
+    if dense is None:
+        raise PrunecompError(_NO_DENSE)
+    if isinstance(dense, nn.Module):
+        return InMemoryDense(dense)
+    if hasattr(dense, "load_layer"):
+        return dense  # type: ignore[return-value]
+    return as_dense(dense())  # type: ignore[operator]

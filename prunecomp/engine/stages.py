@@ -10,9 +10,10 @@ without it (the gap map is folded, the layers beside the gap are fitted). What a
 either.
 
 A new method is one component and one :func:`register` call: it states when it runs (``wanted``), what it needs
-of the backend (``needs``: names of :class:`~prunecomp.engine.backends.Capabilities` abilities, checked before any work
-in :func:`refusal`) and its part of the step. Stages that run after the last removal (the
-refit, the gains) are wired around the loop by :func:`prunecomp.engine.compress.compress`: they need the dense model.
+of the backend (``needs``: names of :class:`~prunecomp.engine.backends.Capabilities` abilities, checked before any
+work in :func:`refusal`) and its part of the step. The stages that run once after the last removal (the refit, the
+gains: they need the dense model) are components too (:data:`FINISHERS`), run by
+:func:`prunecomp.engine.compress.compress` after the loop.
 """
 
 from __future__ import annotations
@@ -22,20 +23,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from prunecomp.config import PruneConfig, StageSettings
 from prunecomp.engine.backends import ABILITIES, Capabilities
+from prunecomp.engine.dense import DenseSource, as_dense
 from prunecomp.errors import PrunecompError
 from prunecomp.method.guard import GuardResult
 from prunecomp.method.planning import choose
+from prunecomp.method.refine import RefineReport, TeacherTargets, refine
+from prunecomp.method.refit import RefitReport, sequential_refit
 from prunecomp.method.scoring import LayerScan
+from prunecomp.recipes.report import PruneReport, StepRecord
 
 if TYPE_CHECKING:
     from prunecomp.engine.backends import Backend
 
-__all__ = ["SELECTIONS", "STAGES", "Gap", "Selection", "Stage", "StageSpec", "active_stages", "refusal", "register",
-           "stage_needs", "unregister"]
+__all__ = ["FINISHERS", "SELECTIONS", "STAGES", "Finish", "Finisher", "Gains", "Gap", "Refit", "Selection", "Stage",
+           "StageSpec", "active_stages", "finishing_stages", "refusal", "register", "stage_needs", "unregister"]
 
 log = logging.getLogger(__name__)
 
@@ -182,27 +187,108 @@ STAGES: list[StageSpec] = [
 """The stages of one removal, in the order their ``before`` (and ``after``) run."""
 
 
-def register(spec: StageSpec, *, after: str | None = None) -> None:
-    """Add a stage (after the stage named ``after``, default last). A name already registered is an error."""
-    if any(s.name == spec.name for s in STAGES):
-        raise PrunecompError(f"a stage named {spec.name!r} is already registered")
-    at = len(STAGES) if after is None else [s.name for s in STAGES].index(after) + 1
-    STAGES.insert(at, spec)
-
-
-def unregister(name: str) -> None:
-    """Remove the stage ``name`` (tests that register a toy stage clean up with it)."""
-    STAGES[:] = [s for s in STAGES if s.name != name]
-
-
 def active_stages(config: PruneConfig) -> list[Stage]:
     """The stages ``config`` runs at each removal, built, in order."""
     return [s.build(config) for s in STAGES if s.wanted(config)]
 
 
 def stage_needs(config: PruneConfig) -> list[tuple[StageSpec, str]]:
-    """``(stage, ability)`` for every backend ability the configured stages need."""
-    return [(s, need) for s in STAGES if s.wanted(config) for need in sorted(s.needs)]
+    """``(stage, ability)`` for every backend ability the configured stages need (at each removal and after the
+    last)."""
+    return [(s, need) for s in (*STAGES, *FINISHERS) if s.wanted(config) for need in sorted(s.needs)]
+
+
+# --- after the last removal: the fits that need the dense model ---------------------------------------------------
+
+
+@dataclass
+class Finish:
+    """The run after its last removal, as the finishing stages see it: the pruned model (in memory), the windows the
+    fits use, the dense model's predictions (the gains' teacher, taken before the first removal) and the dense
+    source (the refit's), the report they add to, and the caller's observers."""
+
+    model: nn.Module
+    windows: Tensor
+    report: PruneReport
+    targets: TeacherTargets | None = None
+    dense: DenseSource | None = None
+    on_refit: Callable[[RefitReport], None] | None = None
+    on_refine: Callable[[RefineReport, StepRecord | None, nn.Module], None] | None = None
+
+
+class Finisher(Protocol):
+    """A stage that runs once, after the last removal."""
+
+    def finish(self, run: Finish) -> None: ...
+
+
+@dataclass(frozen=True)
+class Refit:
+    """The sequential refit: every layer after the first gap, in order, fitted to the dense source's stream
+    (:mod:`prunecomp.method.refit`); ``batch``: windows a step (the reconstruction's setting)."""
+
+    settings: StageSettings  # the refit stage's: method, steps, lr
+    batch: int
+
+    def finish(self, run: Finish) -> None:
+        done, weights = sequential_refit(run.model, run.windows, as_dense(run.dense), steps=self.settings.steps,
+                                         lr=self.settings.lr, batch_size=self.batch)
+        run.report.add_refit(done.to_dict(), weights)
+        if run.on_refit is not None:
+            run.on_refit(done)
+
+
+@dataclass(frozen=True)
+class Gains:
+    """Per-channel gains distilled from the dense model's predictions and folded (:mod:`prunecomp.method.refine`):
+    once at the end, or (``at="each"``) after every removal, which :func:`prunecomp.engine.compress.compress` runs
+    with :meth:`fit` between removals."""
+
+    settings: StageSettings  # the refine stage's: method, steps, lr, batch, topk, loss, samples, at
+
+    def fit(self, model: nn.Module, windows: Tensor, targets: TeacherTargets) -> RefineReport:
+        s = self.settings
+        return refine(model, windows, targets, mode=s.method, steps=s.steps, lr=s.lr, batch_size=s.batch,
+                      loss=s.loss)
+
+    def finish(self, run: Finish) -> None:
+        if self.settings.at != "end":
+            return
+        assert run.targets is not None
+        done = self.fit(run.model, run.windows, run.targets)
+        run.report.add_refine(done)
+        if run.on_refine is not None:
+            run.on_refine(done, None, run.model)
+
+
+FINISHERS: list[StageSpec] = [
+    StageSpec("refit", lambda c: c.refit != "none", lambda c: Refit(c.stage("refit"), c.reconstruct_batch),
+              needs=frozenset({"refit"}), option="--refit (refit)"),
+    StageSpec("refine", lambda c: c.refine != "none", lambda c: Gains(c.stage("refine")),
+              needs=frozenset({"refine"}), option="--refine (refine)"),
+]
+"""The stages after the last removal, in order (the refit before the gains: the gains fit the refitted model)."""
+
+
+def register(spec: StageSpec, *, after: str | None = None, finishing: bool = False) -> None:
+    """Add a stage (after the stage named ``after``, default last) to the stages of each removal, or with
+    ``finishing`` to those after the last removal (:data:`FINISHERS`). A name already registered is an error."""
+    where = FINISHERS if finishing else STAGES
+    if any(s.name == spec.name for s in (*STAGES, *FINISHERS)):
+        raise PrunecompError(f"a stage named {spec.name!r} is already registered")
+    at = len(where) if after is None else [s.name for s in where].index(after) + 1
+    where.insert(at, spec)
+
+
+def unregister(name: str) -> None:
+    """Remove the stage ``name`` (tests that register a toy stage clean up with it)."""
+    STAGES[:] = [s for s in STAGES if s.name != name]
+    FINISHERS[:] = [s for s in FINISHERS if s.name != name]
+
+
+def finishing_stages(config: PruneConfig) -> list[Finisher]:
+    """The finishing stages ``config`` runs, built, in order."""
+    return [s.build(config) for s in FINISHERS if s.wanted(config)]
 
 
 # --- selection: which layer goes --------------------------------------------------------------------------------
@@ -242,15 +328,14 @@ SELECTIONS: dict[str, tuple[Callable[[Backend, LayerScan, Sequence[int], PruneCo
 def refusal(backend: Capabilities, config: PruneConfig, *, qa: bool = False) -> str | None:
     """Why ``config`` (and QA evaluation, with ``qa``) cannot run on ``backend``, or ``None`` when it can: the
     metric and mode, then every ability the configured stages need (:func:`stage_needs`), the selection method's
-    and the stages around the loop's (the gains, the refit)."""
+    (the stages after the last removal included)."""
     for what, value, allowed in (("metric", config.metric, backend.metrics), ("mode", config.mode, backend.modes)):
         if allowed is not None and value not in allowed:
             return (f"{backend.name} cannot run {what} {value!r} (it runs {', '.join(sorted(allowed))}; "
                     f"{backend.why}); drop the option or run in memory")
     needs = [need for _stage, need in stage_needs(config)]
     needs += sorted(SELECTIONS[config.selection][1])
-    needs += [n for n, wanted in (("refine", config.refine != "none"), ("refit", config.refit != "none"),
-                                  ("qa", qa)) if wanted]
+    needs += ["qa"] if qa else []
     for need in needs:
         if need not in backend.abilities:
             return (f"{backend.name} cannot run {ABILITIES[need]} ({backend.why}); run it in memory, or leave "

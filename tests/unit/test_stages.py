@@ -72,6 +72,29 @@ def test_a_stage_needing_what_a_backend_lacks_is_refused_by_name(probe: Probe) -
     assert refusal(IN_MEMORY, config) is None
 
 
+def test_a_registered_finishing_stage_runs_once_after_the_last_removal() -> None:
+    """The stages after the loop (the refit, the gains) are registry entries too: a toy one sees the pruned model
+    and the report once, after the refit and the gains the configuration asks for."""
+    from prunecomp.engine.compress import compress
+
+    seen: list[tuple[int, int, bool]] = []
+
+    @dataclass
+    class Count:
+        def finish(self, run) -> None:
+            seen.append((len(decoder_layers(run.model)), len(run.report.steps), run.report.refine is not None))
+
+    register(StageSpec("count", wanted=lambda c: True, build=lambda c: Count()), finishing=True)
+    try:
+        torch.manual_seed(0)
+        source = tiny_model("llama")
+        model = copy.deepcopy(source)
+        compress(model, CAL, PruneConfig(n_layers=2, refine="norms", refine_steps=2), teacher=source)
+    finally:
+        unregister("count")
+    assert seen == [(len(decoder_layers(source)) - 2, 2, True)]
+
+
 def test_registering_a_name_twice_is_an_error() -> None:
     with pytest.raises(Exception, match="already registered"):
         register(StageSpec("reconstruct", wanted=lambda c: False, build=lambda c: Probe()))
