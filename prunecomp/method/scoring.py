@@ -88,8 +88,8 @@ def scan_layers(
                 if want_grad:
                     out = model(input_ids=batch, labels=batch, use_cache=False)
                     out.loss.backward()
-                else:
-                    model(input_ids=batch, use_cache=False)
+                else:  # the hooks read the layers' streams: one position of logits, not the whole vocabulary
+                    model(input_ids=batch, use_cache=False, logits_to_keep=1)
                 block_inputs.clear()
                 if on_batch is not None:
                     on_batch()
