@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from prunecomp.cli import explicit_options, preset_settings
-from prunecomp.cli.options import given_prune_fields, option_fields
+from prunecomp.cli.options import given_prune_fields, load_config_file, option_fields
 from prunecomp.config import PruneConfig, flatten_tree
 from prunecomp.errors import PrunecompError
 
@@ -24,15 +23,8 @@ err = Console(stderr=True)
 
 
 def load_file(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise PrunecompError(f"cannot read config file {path!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise PrunecompError(f"config file {path!r} must hold a mapping of parameters")
-    return data
+    """The parameter file (one reader for ``prune --config`` and ``run --config``)."""
+    return load_config_file(path)
 
 
 def csv(value: str | None) -> tuple[str, ...]:

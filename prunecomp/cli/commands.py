@@ -54,6 +54,8 @@ def main() -> None:
 
 @main.command(cls=StagedCommand)
 @job_options
+@click.option("--config", default=None, help="YAML/JSON parameter file (the format of `prunecomp run --config` and "
+              "deployments/configs/*.yaml; prune settings flat or as the tree of stages); flags given beside it win.")
 @click.option("--out", "out_dir", required=True, help="Where to save the pruned model (local path or fsspec URL).")
 @click.option("--plots", "plots_dir", default=None, help="Also write PNG plots of the run (layer scores per "
               "iteration, gap scale per step) into this local folder.")

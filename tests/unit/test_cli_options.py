@@ -50,3 +50,33 @@ def test_bad_list_option_is_one_error_line(stories_dir, tmp_path) -> None:
     result = CliRunner().invoke(main, ["prune", "--model", str(stories_dir), "--guard-exponents", "0,x,1",
                                        "--out", str(tmp_path / "o")], catch_exceptions=False)
     assert result.exit_code == 2 and "--guard-exponents expects comma-separated float" in result.output
+
+
+def test_prune_takes_the_run_parameter_file_and_flags_win(tmp_path, monkeypatch) -> None:
+    """``prune --config``: the file format of ``run --config`` and the deployments (the prune section flat or as the
+    tree of stages); flags given beside it replace their entries; keys only the pipeline uses are ignored."""
+    import yaml
+
+    from prunecomp.cli import commands
+
+    seen = {}
+    monkeypatch.setattr(commands, "_run", lambda job, json_out: seen.setdefault("job", job))
+    monkeypatch.setattr(commands, "_write_plots", lambda *a: None)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "quality": "best", "prune": {"removal": {"n_layers": 4}, "reconstruct": {"lr": 0.003}},
+        "calibration": {"source": "c4", "n_samples": 16, "seq_len": 256}, "evaluation": None,
+        "tracking": {"registered_model": "x"}, "max_ppl_ratio": 4.0}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(_commands()["prune"], ["--config", str(path), "--out", str(out), "--layers", "3",
+                                                       "--calib-samples", "8"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    job = seen["job"]
+    assert job.quality == "best" and job.prune.n_layers == 3 and job.prune.reconstruct == "both"
+    assert job.prune.reconstruct_lr == 0.003 and job.calibration.n_samples == 8 and job.calibration.seq_len == 256
+    assert job.evaluation is None and set(job.quality_overridden) == {"reconstruct_lr"}
+    assert "prune.reconstruct: {method: both" in result.output
+    path.write_text(yaml.safe_dump({"prune": {"n_layers": 2}, "evaluatoin": {}}))
+    result = CliRunner().invoke(_commands()["prune"], ["--config", str(path), "--out", str(out)])
+    assert result.exit_code == 2 and "error:" in result.output and "evaluatoin" in result.output
+    assert "Traceback" not in result.output and not out.exists()
