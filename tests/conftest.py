@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,3 +34,19 @@ def data_dir() -> Path:
     if not (DATA / "README.md").is_file():
         missing(f"shared data missing: {DATA}")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def quality() -> Any:
+    """bench/quality.py as a module (bench/ is not a package: imported by path, as bench/results_doc.py imports it;
+    its recovered share imports bench/measures.py when first used)."""
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        import measures  # noqa: F401
+        import quality
+    finally:
+        sys.path.remove(bench)
+    return quality

@@ -5,7 +5,6 @@ model for the levels that fit (gains at the end; block reconstruction after ever
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,6 @@ from prunecomp.evaluation.cache import weights_digest
 from tests.tiny_models import tiny_model, tokens
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def quality() -> Any:  # bench/ is not a package: imported by path, as bench/results_doc.py imports it
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import quality
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return quality
 
 
 class Digests:

@@ -5,24 +5,12 @@ standard error, and the same table whether the seeds come in one file or several
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def quality() -> Any:  # bench/ is not a package: imported by path, as bench/results_doc.py imports it
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import measures  # noqa: F401  (quality's recovered share imports it when first used)
-        import quality
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return quality
 
 
 SETTINGS = {"calib_samples": 8, "calib_seq_len": 512, "calib_source": "c4", "eval_max_windows": 8,
