@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from measures import machine_load  # noqa: E402  (bench/ is not a package)
+
 QUIET = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "true",
          "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
          "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -34,13 +38,6 @@ def du(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
-
-
-def machine_load() -> dict[str, object]:
-    """The load average and the processes using CPU besides this one (a ratio is only as good as the quiet)."""
-    busy = subprocess.run(["ps", "-eo", "pcpu=,comm="], capture_output=True, text=True).stdout.splitlines()
-    others = [line.strip() for line in busy if line.strip() and float(line.split()[0]) >= 5.0]
-    return {"loadavg": os.getloadavg(), "busy_processes": others}
 
 
 def run_job(args: argparse.Namespace, tree: Path, label: str, extra: list[str]) -> dict[str, object]:

@@ -1,9 +1,30 @@
 """The one definition of the words the result tables use, shared by every bench script and the results document
-(docs/EVALUATION.md): a module of its own so that no script imports another to get it."""
+(docs/EVALUATION.md), and what every results file records about the run (the commit, the machine's load): a
+module of its own so that no script imports another to get it."""
 
 from __future__ import annotations
 
-__all__ = ["recovered"]
+import os
+import subprocess
+from pathlib import Path
+
+__all__ = ["commit", "machine_load", "recovered"]
+
+
+def machine_load() -> dict[str, object]:
+    """The load average and the processes using CPU besides this one (a ratio is only as good as the quiet)."""
+    busy = subprocess.run(["ps", "-eo", "pcpu=,comm="], capture_output=True, text=True).stdout.splitlines()
+    others = [line.strip() for line in busy if line.strip() and float(line.split()[0]) >= 5.0]
+    return {"loadavg": os.getloadavg(), "busy_processes": others}
+
+
+def commit(tree: Path) -> str:
+    """The checkout's commit, ``+dirty`` when it has uncommitted changes to tracked files."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
 
 
 def recovered(x: float, naive: float, dense: float) -> float:

@@ -51,6 +51,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+
+from measures import commit, machine_load  # noqa: E402  (bench/ is not a package)
 from memory import write_synthetic  # noqa: E402
 
 CLI = [str(Path(sys.executable).parent / "prunecomp")]
@@ -313,6 +315,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    load_before = machine_load()
     model = work / f"synthetic-{size}"
     params = write_synthetic(model, vocab=49152, **SPECS[size])
     with_tokenizer(model)
@@ -373,7 +376,8 @@ def main() -> None:
     payload = {"rows": rows, "model": {"spec": SPECS[size], "params": params, "weight_bytes": model_bytes,
                                        "tokenizer": "SmolLM2-135M-Instruct", "weights": "random, fp32"},
                "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-               "python": platform.python_version(), "cpus": os.cpu_count(), "seconds": time.perf_counter() - t0}
+               "python": platform.python_version(), "cpus": os.cpu_count(), "seconds": time.perf_counter() - t0,
+               "commit": commit(ROOT), "load_before": load_before, "load_after": machine_load()}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(text + "\n")

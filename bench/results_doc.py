@@ -376,6 +376,22 @@ are in [BENCHMARKS.md](BENCHMARKS.md); the protocol and the words below are defi
   k, chosen by `best_within_budget()`; every file's row is a candidate (none is hidden by another file's)."""
 
 
+def provenance(name: str) -> str:
+    """Where a table's numbers come from: its results file, the commit and the machine's load as the benchmark
+    recorded them (or that it did not)."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return f"From `bench/results/{name}.md`; commit and load not recorded."
+    result = json.loads(path.read_text())
+    before, after = result.get("load_before"), result.get("load_after")
+    if before and after:
+        load = (f"load average {before['loadavg'][0]:.2f} before, {after['loadavg'][0]:.2f} after, other busy "
+                f"processes: {', '.join(before.get('busy_processes') or []) or 'none'}")
+    else:
+        load = result.get("machine_note") or "machine load not recorded (dated runs: docs/BENCHMARKS.md)"
+    return f"From `bench/results/{name}.json`, commit {result.get('commit') or 'not recorded in the file'}; {load}."
+
+
 def build() -> str:
     quality, guarded, anchors = _load(QUALITY), _load(GUARDED), _load(ANCHORS)
     refined = _load(REFINED)
@@ -417,7 +433,7 @@ def build() -> str:
             text = path.read_text().strip()
             if not text.startswith("|"):  # a plain-text report: keep its columns
                 text = f"```text\n{text}\n```"
-            parts += [f"## {title}", "", text, ""]
+            parts += [f"## {title}", "", provenance(name), "", text, ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
