@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-__all__ = ["commit", "machine_load", "recovered"]
+__all__ = ["commit", "machine_load", "recovered", "stamp"]
 
 
 def machine_load() -> dict[str, object]:
@@ -32,3 +32,9 @@ def recovered(x: float, naive: float, dense: float) -> float:
     ``100 * (naive - x) / (naive - dense)``. 100% = back to the dense model, 0% = no better than naive, negative =
     worse than naive (naive: ``--compensation none`` with the same metric and mode)."""
     return 100.0 * (naive - x) / (naive - dense)
+
+
+def stamp(tree: Path, load_before: dict[str, object]) -> dict[str, object]:
+    """What a results file records about its run: the commit and the load before (``load_before``, taken when the
+    run started) and after."""
+    return {"commit": commit(tree), "load_before": load_before, "load_after": machine_load()}

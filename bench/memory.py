@@ -27,6 +27,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from measures import machine_load, stamp  # noqa: E402  (bench/ is not a package)
+
 MODES = ("whole-exact", "whole-incremental", "streamed")
 
 
@@ -169,6 +173,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    load_before = machine_load()
     models: list[tuple[str, Path, int, int, dict[str, Any]]] = []
     if args.quick:
         spec = dict(hidden=256, inter=688, n_layers=6, vocab=1000, heads=4, kv_heads=2)
@@ -194,7 +199,7 @@ def main() -> None:
     print(table)
     payload = {"results": results, "layers_removed": args.layers, "threads": args.threads, "batch": args.batch,
                "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0} | stamp(ROOT, load_before)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2))
     Path(args.out).with_suffix(".md").write_text(table + "\n")

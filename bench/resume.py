@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from measures import machine_load, stamp  # noqa: E402  (bench/ is not a package)
+
 CLI = [str(Path(sys.executable).parent / "prunecomp")]
 QUIET = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
          "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -80,6 +84,7 @@ def _max_rel_diff(a: Path, b: Path) -> float:
 
 
 def main() -> None:
+    load_before = machine_load()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--layers", type=int, default=5)
@@ -109,6 +114,7 @@ def main() -> None:
         "removed_fresh": s_fresh["removed"], "removed_resumed": s_resume["removed"],
         "perplexity": s_resume["perplexity"], "machine": f"{os.cpu_count()} CPU cores",
     }
+    result |= stamp(ROOT, load_before)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     rows = [("fresh run", f"{t_fresh:.1f}", "-", str(len(s_fresh["steps"]))),

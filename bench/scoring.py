@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.models.sources import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from measures import machine_load, stamp  # noqa: E402  (bench/ is not a package)
 
 
 def _minimum(report: Any, n_layers: int) -> int:
@@ -48,6 +52,7 @@ def _max_rel(a: Any, b: Any) -> float:
 
 
 def main() -> None:
+    load_before = machine_load()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--metrics", default="bi")
@@ -96,6 +101,7 @@ def main() -> None:
                "calibration": {"source": "c4", "n_samples": args.calib_samples, "seq_len": args.calib_seq_len,
                                "batch": args.batch},
                "threads": args.threads, "torch": torch.__version__, "python": platform.python_version()}
+    payload |= stamp(ROOT, load_before)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2))
     Path(args.out).with_suffix(".md").write_text(table + "\n")

@@ -46,6 +46,10 @@ from prunecomp.models.pruning import original_indices, remove_layer
 from prunecomp.models.sources import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from measures import machine_load, stamp  # noqa: E402  (bench/ is not a package)
+
 # Prune&Comp (BI, magnitude, iterative) on SmolLM2-135M-Instruct: (original index, measured scale) in step order,
 # from bench/results/quality_bi.json (16 x 512 tokens of C4 calibration, seed 0).
 SMOLLM2_STEPS = [(14, 1.048908218042925), (25, 1.107889459028633), (17, 1.0934006572804518),
@@ -143,6 +147,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    load_before = machine_load()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = _env_info(device)
     ks = sorted(int(k) for k in args.ks.split(","))
@@ -227,6 +232,7 @@ def main() -> None:
                             "decode": "manual greedy loop over past_key_values from the prompt's cache",
                             "variant_order_per_round": orders},
                "environment": env, "results": results, "seconds": time.perf_counter() - t0}
+    payload |= stamp(ROOT, load_before)
     table = render(payload)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
