@@ -71,13 +71,8 @@ def _final_check(job: EvalJob, wc: Any, recipe: Any) -> dict[str, Any] | None:
 
     assert job.final_check is not None
     cal = job.final_check
-    if wc.streamed is not None:
-        sm = wc.streamed
-        done = run_final_check(sm.model, wc.tokenizer, recipe, cal, job.data_dir,
-                               nll=partial(sm.mean_nll, batch_size=cal.batch_size), sourced=sm.sourced)
-    else:
-        done = run_final_check(wc.model, wc.tokenizer, recipe, cal, job.data_dir,
-                               originals=partial(_base_layers, job, wc.model))
+    done = run_final_check(wc.streamed if wc.streamed is not None else wc.model, wc.tokenizer, recipe, cal,
+                           job.data_dir, originals=partial(_base_layers, job, wc.model))
     return None if done is None else done.to_dict()
 
 

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prunecomp.engine.loop import replay
 from prunecomp.errors import PrunecompError
 from prunecomp.models.redact import redact
 from prunecomp.models.storage import is_remote, write_dir
 from prunecomp.models.tensorfiles import LazyTensors, write_safetensors
-from prunecomp.recipes.apply import apply_recipe
 from prunecomp.recipes.recipe import LayerEdit, Recipe, RecipeStep, RefineEdit
 from tasks.files import exists, read_json
 from tasks.keys import (
@@ -228,10 +228,7 @@ def _advance(wc: Working, recipe: Recipe) -> None:
     start, refined = len(wc.recipe.steps), wc.recipe.refine is not None
     wc.scanner = wc.scanner_for = None  # replayed edits do not tell the scanner
     _STATS["replayed_steps"] += len(recipe.steps) - start
-    if wc.streamed is not None:
-        wc.streamed.apply(recipe)
-    else:
-        apply_recipe(wc.model, recipe, start=start, refined=refined)
+    replay(wc.streamed if wc.streamed is not None else wc.model, recipe, start=start, refined=refined)
     wc.recipe = recipe
 
 

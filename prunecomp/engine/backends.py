@@ -8,7 +8,8 @@ capabilities are data here, and a new stage declares what it needs in its regist
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from prunecomp.method.guard import GuardResult
     from prunecomp.method.reconstruct import GapStreams, ReconstructReport
     from prunecomp.method.scoring import LayerScan
+    from prunecomp.recipes.recipe import Recipe
 
 __all__ = ["ABILITIES", "IN_MEMORY", "STREAMED", "Backend", "Capabilities", "memory"]
 
@@ -64,7 +66,8 @@ class Backend(Protocol):
     capabilities: Capabilities
     model: nn.Module
     ids: Tensor
-    """The calibration windows: what the loop scores, the guard measures and selection by loss compares."""
+    """The calibration windows: what the loop scores, the guard measures and selection by loss compares (empty for
+    a backend opened only to measure or replay)."""
     batch_size: int
     scoring: str
     """How layers are scored, for the report: ``incremental``, ``exact`` or ``streamed``."""
@@ -116,6 +119,16 @@ class Backend(Protocol):
 
     def mean_nll(self, ids: Tensor) -> float:
         """Mean next-token NLL of the model as it is now on windows ``ids``."""
+        ...
+
+    sourced: Callable[[Mapping[int, int]], AbstractContextManager[None]] | None
+    """How the final check puts the source's weights in for layers block reconstruction rewrote, when the backend
+    loads layers on use (``None`` in memory: the caller passes those weights, see
+    :func:`prunecomp.engine.final_check.uncompensated_view`)."""
+
+    def replay(self, recipe: Recipe, *, start: int = 0, refined: bool = False) -> None:
+        """Replay ``recipe`` from step ``start`` (the model is at that state; ``refined``: the fit that followed
+        step ``start`` is folded too) with exactly the run's numbers."""
         ...
 
 

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from prunecomp.config import CalibrationConfig
 from prunecomp.corpora.calibration import held_out_windows
-from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.models.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.recipes.recipe import Recipe
 
@@ -235,17 +234,18 @@ def uncompensated_view(model: nn.Module, recipe: Recipe,
                     p.copy_(value)
 
 
-def final_check(model: nn.Module, recipe: Recipe, ids: Tensor, digest: str, *, batch_size: int = 4,
-                nll: Callable[[Tensor], float] | None = None,
-                originals: Mapping[int, Mapping[str, Tensor]] | None = None,
-                sourced: Sourced | None = None) -> FinalCheck:
-    """Held-out NLL of ``model`` (pruned as ``recipe`` says) with and without what the run folded. ``nll``: how to
-    measure the model's mean NLL on windows (default: a plain forward; a layer-streamed model passes its own).
-    ``originals`` / ``sourced``: the source weights of reconstructed layers (see :func:`uncompensated_view`)."""
-    measure = nll or (lambda x: mean_nll(model, x, batch_size=batch_size))
-    loss = measure(ids)
-    with uncompensated_view(model, recipe, originals, sourced=sourced):
-        base = measure(ids)
+def final_check(target: Any, recipe: Recipe, ids: Tensor, digest: str, *, batch_size: int = 4,
+                originals: Mapping[int, Mapping[str, Tensor]] | None = None) -> FinalCheck:
+    """Held-out NLL of ``target`` (an in-memory model or a layer-streamed one, pruned as ``recipe`` says) with and
+    without what the run folded, both measured by its backend (:mod:`prunecomp.engine.backends`). ``originals``:
+    in memory, the source weights of reconstructed layers (see :func:`uncompensated_view`); a layer-streamed
+    model loads them itself."""
+    from prunecomp.engine.loop import backend_for
+
+    backend = backend_for(target, batch_size=batch_size)
+    loss = backend.mean_nll(ids)
+    with uncompensated_view(backend.model, recipe, originals, sourced=backend.sourced):
+        base = backend.mean_nll(ids)
     parts = []
     if any(s.scale not in (None, 1.0) for s in recipe.steps):
         parts.append("scales")
@@ -259,21 +259,23 @@ def final_check(model: nn.Module, recipe: Recipe, ids: Tensor, digest: str, *, b
                       folded="+".join(parts) or "nothing")
 
 
-def run_final_check(model: nn.Module, tokenizer: Any, recipe: Recipe, calibration: CalibrationConfig,
-                    data_dir: str | None, *, nll: Callable[[Tensor], float] | None = None,
-                    originals: Callable[[dict[int, int]], Mapping[int, Mapping[str, Tensor]]] | None = None,
-                    sourced: Sourced | None = None) -> FinalCheck | None:
-    """The final check on ``calibration.held_out`` held-out windows (``None`` when that is 0). ``originals``:
-    given :func:`reconstructed_layers` of the recipe, the source weights of those layers by final index (called
-    only when some layer was reconstructed); ``sourced``: the layer-streamed alternative (:data:`Sourced`)."""
+def run_final_check(target: Any, tokenizer: Any, recipe: Recipe, calibration: CalibrationConfig,
+                    data_dir: str | None, *,
+                    originals: Callable[[dict[int, int]], Mapping[int, Mapping[str, Tensor]]] | None = None
+                    ) -> FinalCheck | None:
+    """The final check on ``calibration.held_out`` held-out windows (``None`` when that is 0), for an in-memory or
+    a layer-streamed ``target``. ``originals``: in memory, given :func:`reconstructed_layers` of the recipe, the
+    source weights of those layers by final index (called only when some layer was reconstructed)."""
     if calibration.held_out == 0:
         return None
     windows = held_out_windows(tokenizer, calibration.source, n_windows=calibration.held_out,
                                seq_len=calibration.seq_len, calibration_samples=calibration.n_samples,
                                seed=calibration.seed, data_dir=data_dir)
+    model = target if isinstance(target, nn.Module) else target.model
     rewritten = reconstructed_layers(recipe, len(decoder_layers(model)))
-    if rewritten and originals is None and sourced is None:
+    streamed = not isinstance(target, nn.Module)
+    if rewritten and originals is None and not streamed:
         raise ValueError("this run reconstructed layers: the final check needs a reader of the source's weights")
-    return final_check(model, recipe, windows.ids, windows.digest, batch_size=calibration.batch_size, nll=nll,
-                       originals=originals(rewritten) if rewritten and originals is not None else None,
-                       sourced=sourced)
+    return final_check(target, recipe, windows.ids, windows.digest, batch_size=calibration.batch_size,
+                       originals=originals(rewritten) if rewritten and originals is not None and not streamed
+                       else None)

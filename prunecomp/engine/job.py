@@ -110,7 +110,7 @@ class _Held:
     provenance: dict[str, Any]
     how: str  # "" in memory, " (layer by layer)" streamed: said in progress messages
     streamed: Any  # the StreamedModel, or None in memory
-    final_check: dict[str, Any]
+    originals: Callable[[dict[int, int]], Any] | None  # in memory: the source's weights of rewritten layers
     save: Callable[..., str]
     dense: Callable[[], Any] | None = None
 
@@ -134,7 +134,7 @@ def _open(config: JobConfig, progress: Progress) -> _Held:
                       "content_hash": content_hash(source), "gguf_file": None,
                       "architecture": type(sm.model).__name__, "streamed": True}
         return _Held(sm, sm.model, AutoTokenizer.from_pretrained(source.local_dir), provenance, " (layer by layer)",
-                     sm, {"nll": partial(sm.mean_nll, batch_size=config.calibration.batch_size), "sourced": sm.sourced},
+                     sm, None,
                      partial(sm.save))
     progress.message(f"loading model {config.model or 'SmolLM2-135M-Instruct (default)'}")
     lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
@@ -143,7 +143,7 @@ def _open(config: JobConfig, progress: Progress) -> _Held:
         check_output(config.out, sources=[lm.source.local_dir], overwrite=config.overwrite)
     opened = {"allow_pickle": config.allow_pickle, "trust_remote_code": config.trust_remote_code}
     return _Held(lm.model, lm.model, lm.tokenizer, lm.provenance(), "", None,
-                 {"originals": partial(source_layer_weights, lm, **opened)},
+                 partial(source_layer_weights, lm, **opened),
                  lambda uri, **kw: save_pruned(lm.model, uri=uri, **kw),
                  # opened when the refit runs (a GGUF source is loaded a second time): nothing held while pruning
                  None if config.prune.refit == "none" else partial(dense_layers, lm, **opened))
@@ -218,8 +218,8 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     t = time.perf_counter()
     progress.message(f"final check: held-out calibration loss with and without what was folded{held.how}")
     recipe = report.recipe(held.provenance)
-    check = run_final_check(held.model, held.tokenizer, recipe, config.calibration, config.data_dir,
-                            **held.final_check)
+    check = run_final_check(held.target, held.tokenizer, recipe, config.calibration, config.data_dir,
+                            originals=held.originals)
     times["final_check"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()

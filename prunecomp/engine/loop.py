@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
+import torch
 from torch import Tensor, nn
 
 from prunecomp.config import CalibrationConfig, PruneConfig
@@ -28,6 +29,7 @@ from prunecomp.method.planning import candidates, check_finite, check_plan, one_
 from prunecomp.method.scoring import LayerScan
 from prunecomp.models.adapters import decoder_layers, get_adapter
 from prunecomp.models.pruning import original_indices
+from prunecomp.recipes.recipe import Recipe
 from prunecomp.recipes.report import PruneReport, StepRecord
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ __all__ = [
     "make_scanner",
     "prune_and_compensate",
     "prune_step",
+    "replay",
     "source_num_layers",
 ]
 
@@ -63,21 +66,29 @@ def _source_layers(target: Target) -> int:
     return int(target.source_layers) if _is_streamed(target) else source_num_layers(target)
 
 
-def backend_for(target: Target, calibration: TokenWindows | Tensor, config: PruneConfig, *, batch_size: int,
-                scanner: Scanner | None = None, on_batch: Callable[[], None] | None = None,
-                cache_budget_bytes: int | None = None, cache: bool = True) -> Backend:
-    """The backend the loop runs ``target`` on: the layer-streamed one, or the in-memory model scored by
-    ``scanner`` (default: :func:`make_scanner`'s choice with ``cache``, else exact scoring)."""
-    ids = _windows(calibration)
+def backend_for(target: Target, calibration: TokenWindows | Tensor | None = None,
+                config: PruneConfig | None = None, *, batch_size: int = 4, scanner: Scanner | None = None,
+                on_batch: Callable[[], None] | None = None, cache_budget_bytes: int | None = None,
+                cache: bool = True) -> Backend:
+    """The backend ``target`` runs on: the layer-streamed one, or the in-memory model scored by ``scanner``
+    (default: :func:`make_scanner`'s choice for ``config`` with ``cache``, else exact scoring). Without
+    ``calibration`` the backend measures and replays only (the final check, recipe replay)."""
+    ids = torch.empty(0, 0, dtype=torch.long) if calibration is None else _windows(calibration)
     if _is_streamed(target):
         from prunecomp.engine.streamed_backend import Streamed
 
         return Streamed(target, ids, batch_size=batch_size)  # type: ignore[arg-type]
     get_adapter(target)
-    if scanner is None and cache:
+    if scanner is None and cache and config is not None and calibration is not None:
         scanner = make_scanner(target, calibration, config, batch_size=batch_size, on_batch=on_batch,
                                cache_budget_bytes=cache_budget_bytes)
     return InMemory(target, ids, batch_size=batch_size, scanner=scanner, on_batch=on_batch)
+
+
+def replay(target: Target, recipe: Recipe, *, start: int = 0, refined: bool = False) -> None:
+    """Replay ``recipe`` on ``target`` (in memory or layer-streamed) from step ``start``: the same removals and
+    folds, with the run's numbers (:meth:`~prunecomp.engine.backends.Backend.replay`)."""
+    backend_for(target).replay(recipe, start=start, refined=refined)
 
 
 def check_runs(target: Target, config: PruneConfig) -> None:

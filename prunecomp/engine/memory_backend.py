@@ -27,6 +27,8 @@ from prunecomp.method.scoring import LayerScan, scan_layers
 from prunecomp.method.selection import select_by_guard, select_by_loss
 from prunecomp.models.hooks import restored
 from prunecomp.models.pruning import original_indices, remove_layer
+from prunecomp.recipes.apply import apply_recipe
+from prunecomp.recipes.recipe import Recipe
 
 __all__ = ["InMemory"]
 
@@ -35,6 +37,7 @@ class InMemory:
     """``model`` (edited in place) on calibration windows ``ids``, scored by ``scanner``."""
 
     capabilities: Capabilities = IN_MEMORY
+    sourced = None  # the final check swaps the source's weights in itself (uncompensated_view's originals)
 
     def __init__(self, model: nn.Module, ids: Tensor, *, batch_size: int, scanner: Scanner | None = None,
                  on_batch: Callable[[], None] | None = None) -> None:
@@ -103,3 +106,6 @@ class InMemory:
 
     def mean_nll(self, ids: Tensor) -> float:
         return mean_nll(self.model, ids, batch_size=self.batch_size)
+
+    def replay(self, recipe: Recipe, *, start: int = 0, refined: bool = False) -> None:
+        apply_recipe(self.model, recipe, start=start, refined=refined)

@@ -14,10 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from prunecomp.engine.loop import replay
 from prunecomp.errors import PrunecompError
 from prunecomp.models.outputs import check_output
 from prunecomp.models.sources import content_hash, load_model, resolve_source
-from prunecomp.recipes.apply import apply_recipe
 from prunecomp.recipes.checkpoint import save_pruned
 from prunecomp.recipes.recipe import RECIPE_FILE, Recipe, read_recipe, recipe_from_report
 
@@ -65,11 +65,11 @@ def apply_to_source(recipe_path: str, model: str | None, out: str, *, revision: 
         if source.gguf_file is not None:
             raise PrunecompError("--stream-layers reads safetensors folders; this model is a GGUF file")
         sm = StreamedModel(source.local_dir)
-        sm.apply(recipe)
+        replay(sm, recipe)
         sm.save(out, tokenizer=AutoTokenizer.from_pretrained(source.local_dir), report=report, recipe=out_recipe,
                 overwrite=overwrite)
     else:
         lm = load_model(model, revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        apply_recipe(lm.model, recipe)
+        replay(lm.model, recipe)
         save_pruned(lm.model, lm.tokenizer, out, report=report, recipe=out_recipe, overwrite=overwrite)
     return report | {"out": out, "seconds": time.perf_counter() - t0, "recipe_digest": recipe.digest()}

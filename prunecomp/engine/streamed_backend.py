@@ -19,6 +19,7 @@ from prunecomp.method.guard import GuardResult
 from prunecomp.method.reconstruct import GapStreams, ReconstructReport, capture_gap, reconstruct_layers
 from prunecomp.method.scoring import LayerScan
 from prunecomp.models.pruning import original_indices
+from prunecomp.recipes.recipe import Recipe
 
 __all__ = ["Streamed"]
 
@@ -34,6 +35,7 @@ class Streamed:
 
     def __init__(self, sm: StreamedModel, ids: Tensor, *, batch_size: int) -> None:
         self.sm, self.model, self.ids, self.batch_size = sm, sm.model, ids, batch_size
+        self.sourced = sm.sourced
 
     def scan(self, metric: str, *, block_size: int, candidates: Sequence[int]) -> LayerScan:
         return self.sm.scan(self.ids, metric, batch_size=self.batch_size)
@@ -70,6 +72,11 @@ class Streamed:
 
     def mean_nll(self, ids: Tensor) -> float:
         return self.sm.mean_nll(ids, batch_size=self.batch_size)
+
+    def replay(self, recipe: Recipe, *, start: int = 0, refined: bool = False) -> None:
+        """Removals and magnitude folds pending, reconstructed layers to spill files
+        (:meth:`StreamedModel.apply`: it starts where the model is, so ``start`` is implied)."""
+        self.sm.apply(recipe)
 
     def _refused(self, what: str) -> PrunecompError:  # refusal() says so before any work; this is the backstop
         return PrunecompError(f"layer streaming cannot run {what}; run it in memory")
