@@ -74,11 +74,6 @@ def main() -> int:
     from prunecomp.engine.streamed import StreamedModel
     from prunecomp.recipes.apply import apply_recipe
 
-    try:
-        from prunecomp.engine.streamed import streamed_prune  # type: ignore[attr-defined]
-    except ImportError:  # prune_and_compensate takes a StreamedModel itself now: the same call
-        streamed_prune = prune_and_compensate
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     spec = SPECS["small" if args.small else "1B"]
@@ -179,7 +174,7 @@ def main() -> int:
     def streamed(expected: Any) -> Any:
         def run() -> tuple[bool, str, Any]:
             sm = StreamedModel(folder, device=device, dtype=dtype)
-            report = streamed_prune(sm, ids, PruneConfig(n_layers=args.k, metric="bi"), batch_size=4)
+            report = prune_and_compensate(sm, ids, PruneConfig(n_layers=args.k, metric="bi"), batch_size=4)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
             return report.removed == expected, (f"removed {report.removed} (in-memory {expected}), "
                                                 f"{sm.layer_loads} layer loads, peak GPU {peak:.2f} GiB"), None
@@ -190,7 +185,7 @@ def main() -> int:
             sm = StreamedModel(folder, device=device, dtype=dtype)
             cfg = PruneConfig(n_layers=args.k, metric="bi", reconstruct="both", reconstruct_steps=args.refine_steps,
                               reconstruct_batch=2)
-            report = streamed_prune(sm, ids, cfg, batch_size=4)
+            report = prune_and_compensate(sm, ids, cfg, batch_size=4)
             fell = all(s.reconstruct and (s.reconstruct["loss_after"] < s.reconstruct["loss_before"]
                                           or not s.reconstruct["kept"]) for s in report.steps)
             records = [s.layer_weights for s in report.steps if s.layer_weights is not None]

@@ -120,13 +120,14 @@ def main() -> None:
     rows = [("fresh run", f"{t_fresh:.1f}", "-", str(len(s_fresh["steps"]))),
             (f"killed (after {done} steps)", f"{t_killed:.1f}", "-", str(done)),
             ("resumed run", f"{t_resume:.1f}", str(s_resume["steps_reused"]), str(s_resume["steps_computed"]))]
-    print(f"{'scenario':<26} {'wall s':>8} {'reused':>7} {'computed':>9}")
-    for r in rows:
-        print(f"{r[0]:<26} {r[1]:>8} {r[2]:>7} {r[3]:>9}")
-    print(f"final model identical to the uninterrupted run: {identical} ({s_resume['final']['hash'][:16]}); "
-          f"largest relative tensor difference {max_rel:.2e}")
-    print(f"removed layers: fresh {s_fresh['removed']}, resumed {s_resume['removed']}; JSON: {args.json}")
-
+    lines = [f"{'scenario':<26} {'wall s':>8} {'reused':>7} {'computed':>9}"]
+    lines += [f"{r[0]:<26} {r[1]:>8} {r[2]:>7} {r[3]:>9}" for r in rows]
+    lines += [f"final model identical to the uninterrupted run: {identical} ({s_resume['final']['hash'][:16]}); "
+              f"largest relative tensor difference {max_rel:.2e}",
+              f"removed layers: fresh {s_fresh['removed']}, resumed {s_resume['removed']}; JSON: {args.json}"]
+    text = "\n".join(lines)
+    print(text)
+    Path(args.json).with_suffix(".md").write_text(text + "\n")  # the table docs/RESULTS.md shows
 
 if __name__ == "__main__":
     main()
