@@ -97,7 +97,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | N
                 "point it at a folder laid out like shared/data (c4/, wikitext2/, ptb/, ...)"
             )
         return path.resolve()
-    for candidate in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"):
+    for candidate in (Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"):
         if (candidate / "README.md").is_file():
             return candidate.resolve()
     return None

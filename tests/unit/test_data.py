@@ -103,3 +103,18 @@ def test_hub_failure_says_how_to_use_local_copies(monkeypatch, tmp_path) -> None
     text, origin = load_text("wikitext2", "evaluation", hub_loader=fake)
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test", {})]
     assert text == "hello world\n\nsecond doc" and origin.startswith("hf://Salesforce/wikitext")
+
+
+def test_shared_data_beside_the_checkout_is_found_from_any_working_directory(tmp_path, monkeypatch) -> None:
+    """Without --data-dir or $PRUNECOMP_DATA_DIR, a ``shared/data`` beside the checkout is found from where the
+    package lies, not only from the working directory (benchmarks run their children elsewhere)."""
+    from pathlib import Path
+
+    from tests.needs_shared import missing
+
+    beside = Path(__file__).resolve().parents[3] / "shared" / "data"
+    if not (beside / "README.md").is_file():
+        missing("../shared/data is not beside the checkout")
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_dir() == beside.resolve()
