@@ -466,6 +466,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    from measures import machine_load, stamp  # bench/: imported by path
+
+    load_before = machine_load()
     ks = sorted(int(k) for k in args.ks.split(","))
     lm = load_model(args.model)
     windows = {}
@@ -482,6 +485,7 @@ def main() -> None:
 
         def save() -> None:
             result["seconds"] = time.perf_counter() - t0
+            result.update(stamp(Path(__file__).resolve().parents[1], load_before))
             out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted run
 
         _levels(lm, args, ks, evaluate, result, save)
@@ -517,6 +521,7 @@ def main() -> None:
             per[variant] = {"results": res, "seconds": time.perf_counter() - t}
             result["metrics"][metric] = per
             result["seconds"] = time.perf_counter() - t0
+            result.update(stamp(Path(__file__).resolve().parents[1], load_before))
             out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupted run
     print(render([result]))
 
