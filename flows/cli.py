@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from flows.run_config import build_config, csv, load_file
+from flows.run_config import build_config, csv
 from prunecomp.cli import main as _lib
 from prunecomp.cli import pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
-from prunecomp.cli.options import StagedCommand
+from prunecomp.cli.options import StagedCommand, load_config_file
 from prunecomp.cli.render import effective_config, on_windows
 from prunecomp.engine.final_check import line as final_line
 from prunecomp.errors import PrunecompError
@@ -303,7 +303,7 @@ def promote_cmd(registered_model: str, version: str | None, alias: str, gates_fi
     params: dict[str, Any] = {"registered_model": registered_model, "version": version, "alias": alias,
                               "tracking_uri": tracking_uri}
     if gates_file:
-        params["gates"] = load_file(gates_file).get("gates")
+        params["gates"] = load_config_file(gates_file).get("gates")
     config = PromoteConfig.model_validate(params)
     _embedded_defaults()
     from flows.promote import promote

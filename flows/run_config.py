@@ -17,14 +17,9 @@ from prunecomp.cli.options import given_prune_fields, load_config_file, option_f
 from prunecomp.config import PruneConfig, flatten_tree
 from prunecomp.errors import PrunecompError
 
-__all__ = ["build_config", "csv", "load_file"]
+__all__ = ["build_config", "csv"]
 
 err = Console(stderr=True)
-
-
-def load_file(path: str) -> dict[str, Any]:
-    """The parameter file (one reader for ``prune --config`` and ``run --config``)."""
-    return load_config_file(path)
 
 
 def csv(value: str | None) -> tuple[str, ...]:
@@ -54,7 +49,7 @@ def build_config(kw: dict[str, Any]) -> Any:
     flags = _flag_config(kw, where, explicit)
     if not kw["config"]:
         return CompressConfig.model_validate(flags)
-    data = load_file(kw["config"])
+    data = load_config_file(kw["config"])
     data["tracking"] = _credentials_to_env(dict(data.get("tracking") or {}) | where)
     try:  # the file's prune section may be the tree of stages: flags name flat fields
         prune = flatten_tree(dict(data.get("prune") or {}))

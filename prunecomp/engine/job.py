@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
 from prunecomp.corpora.calibration import TokenWindows, calibration_windows, check_context, evaluation_windows
@@ -101,18 +102,30 @@ def _check_windows(model_config: Any, config: JobConfig) -> None:
 @dataclass
 class _Held:
     """The model a job works on, however it is held: ``target`` is what the loop prunes (the ``nn.Module``, or the
-    :class:`~prunecomp.engine.streamed.StreamedModel`), ``model`` the HF model (a skeleton when streamed); the rest is
-    what the job needs that depends on how it is held."""
+    :class:`~prunecomp.engine.streamed.StreamedModel`); the rest is what the job needs that depends on how it is
+    held."""
 
     target: Any
-    model: Any
     tokenizer: Any
     provenance: dict[str, Any]
-    how: str  # "" in memory, " (layer by layer)" streamed: said in progress messages
-    streamed: Any  # the StreamedModel, or None in memory
     originals: Callable[[dict[int, int]], Any] | None  # in memory: the source's weights of rewritten layers
     save: Callable[..., str]
     dense: Callable[[], Any] | None = None
+
+    @property
+    def streamed(self) -> Any:
+        """The :class:`~prunecomp.engine.streamed.StreamedModel`, or None in memory."""
+        return None if isinstance(self.target, nn.Module) else self.target
+
+    @property
+    def model(self) -> Any:
+        """The HF model (a skeleton whose layers stay on disk when streamed)."""
+        return self.target if self.streamed is None else self.target.model
+
+    @property
+    def how(self) -> str:
+        """Said in progress messages."""
+        return "" if self.streamed is None else " (layer by layer)"
 
 
 def _open(config: JobConfig, progress: Progress) -> _Held:
@@ -133,17 +146,14 @@ def _open(config: JobConfig, progress: Progress) -> _Held:
         provenance = {"uri": source.uri, "kind": source.kind, "revision": source.revision,
                       "content_hash": content_hash(source), "gguf_file": None,
                       "architecture": type(sm.model).__name__, "streamed": True}
-        return _Held(sm, sm.model, AutoTokenizer.from_pretrained(source.local_dir), provenance, " (layer by layer)",
-                     sm, None,
-                     partial(sm.save))
+        return _Held(sm, AutoTokenizer.from_pretrained(source.local_dir), provenance, None, partial(sm.save))
     progress.message(f"loading model {config.model or 'SmolLM2-135M-Instruct (default)'}")
     lm = load_model(config.model, config.revision, allow_pickle=config.allow_pickle,
                     trust_remote_code=config.trust_remote_code)
     if config.out:  # where the source really lies (a hub snapshot, a downloaded s3:// folder)
         check_output(config.out, sources=[lm.source.local_dir], overwrite=config.overwrite)
     opened = {"allow_pickle": config.allow_pickle, "trust_remote_code": config.trust_remote_code}
-    return _Held(lm.model, lm.model, lm.tokenizer, lm.provenance(), "", None,
-                 partial(source_layer_weights, lm, **opened),
+    return _Held(lm.model, lm.tokenizer, lm.provenance(), partial(source_layer_weights, lm, **opened),
                  lambda uri, **kw: save_pruned(lm.model, uri=uri, **kw),
                  # opened when the refit runs (a GGUF source is loaded a second time): nothing held while pruning
                  None if config.prune.refit == "none" else partial(dense_layers, lm, **opened))
