@@ -23,7 +23,8 @@ from flows.run_config import build_config, csv
 from prunecomp.cli import main as _lib
 from prunecomp.cli import pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
-from prunecomp.cli.options import StagedCommand, load_config_file
+from prunecomp.cli.options import StagedCommand
+from prunecomp.cli.parameters import load_config_file
 from prunecomp.cli.render import effective_config, on_windows
 from prunecomp.engine.final_check import line as final_line
 from prunecomp.errors import PrunecompError

@@ -17,22 +17,15 @@ import click
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from prunecomp.config import (
-    PRESETS,
-    STAGES,
-    CalibrationConfig,
-    EvalConfig,
-    PruneConfig,
-    default_preset_name,
-    flatten_tree,
-)
+from prunecomp.cli.parameters import FILE_KEYS, Entry, merged_parameters
+from prunecomp.config import PRESETS, STAGES, CalibrationConfig, EvalConfig, PruneConfig, default_preset_name
 from prunecomp.corpora.data import DATA_DIR_ENV
 from prunecomp.engine.job import JobConfig
 from prunecomp.errors import PrunecompError
 from prunecomp.levels import DEFAULT_LEVEL, LEVELS, Level, resolve
 
 __all__ = ["DEFAULT_LAYERS", "StagedCommand", "build_job", "explicit_options", "given_prune_fields",
-           "option_fields", "preset_settings", "prune_fields", "pruning_options"]
+           "option_fields", "preset_settings", "prune_fields", "pruning_options", "shared_flags", "shared_paths"]
 
 DEFAULT_LAYERS = 5
 """Layers removed when neither ``--layers`` nor ``--fraction`` is given: the same for ``prune`` and ``run``."""
@@ -218,78 +211,40 @@ def given_prune_fields(kw: dict[str, Any], explicit: set[str]) -> dict[str, Any]
     return {k: v for k, v in prune_fields(kw).items() if k in explicit or k in ("n_layers", "fraction")}
 
 
-_FILE_KEYS = ("model", "revision", "quality", "prune", "calibration", "evaluation", "data_dir", "allow_pickle",
-              "trust_remote_code")
-_PIPELINE_KEYS = ("quick_eval", "max_ppl_ratio", "qa_tasks", "qa_limit", "run_name", "tracking",
-                  "parallel_candidates", "stream_layers")
-"""Keys of a compress parameter file (``deployments/configs/*.yaml``) that only ``prunecomp run`` uses."""
+@functools.cache
+def shared_paths() -> dict[str, tuple[Entry, ...]]:
+    """Option parameter -> the entries of the document it sets, for the options ``prune`` and ``run`` share."""
+    paths: dict[str, tuple[Entry, ...]] = {name: ((name,),) for name in
+                                           ("model", "revision", "quality", "data_dir", "allow_pickle",
+                                            "trust_remote_code")}
+    paths |= {param: (where,) for param, where in option_fields().items()}
+    paths["preset"] = (("calibration",), ("evaluation",))
+    return paths
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """A YAML/JSON parameter file as a mapping (one ``error:`` line when it cannot be read or is not one)."""
-    from pathlib import Path
-
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise PrunecompError(f"cannot read config file {path!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise PrunecompError(f"config file {path!r} must hold a mapping of parameters")
-    return data
-
-
-def _overlay(kw: dict[str, Any], section: str) -> dict[str, Any]:
-    """The ``section`` fields the flags give (options left at their defaults are ``None``)."""
-    return {name: _parsed(kw, param) for param, (where, name) in option_fields().items()
-            if where == section and kw.get(param) is not None}
+def shared_flags(kw: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The parameter document the shared options describe (every default included, except the pruning fields a
+    ``--quality`` level fills: only the ones given, and how many layers go)."""
+    cal, ev = preset_settings(kw)
+    return {**{k: kw.get(k) for k in ("model", "revision", "data_dir", "allow_pickle", "trust_remote_code")},
+            "quality": kw.get("quality") or DEFAULT_LEVEL, "prune": given_prune_fields(kw, explicit),
+            "calibration": cal, "evaluation": ev}
 
 
 def build_job(kw: dict[str, Any], out_dir: str | None, explicit: set[str] | None = None) -> JobConfig:
     """Options -> :class:`~prunecomp.engine.job.JobConfig`: the ``--quality`` level under the pruning flags the user
     gave (``explicit``: default, the options given on the current command line), :func:`prunecomp.levels.resolve`.
 
-    With ``--config FILE`` (the compress parameters of ``prunecomp run`` and the deployments: ``quality``, ``prune``
-    flat or as the tree of stages, ``calibration``, ``evaluation``, ``model``...) the file is the base and every flag
-    given replaces its entry (flags win); the keys only the pipeline uses are ignored, others are errors."""
+    With ``--config FILE`` (the compress parameters of ``prunecomp run`` and the deployments) the file and the flags
+    merge by :mod:`prunecomp.cli.parameters`' one rule (a flag given wins); the keys only the pipeline uses are
+    ignored, others are errors."""
     explicit = explicit_options() if explicit is None else explicit
-    cal, ev = preset_settings(kw)
-    given = given_prune_fields(kw, explicit)
-    level = kw.get("quality") or DEFAULT_LEVEL
-    doc: dict[str, Any] = {k: kw[k] for k in ("model", "revision", "data_dir", "allow_pickle", "trust_remote_code")}
-    evaluation: dict[str, Any] | None = ev if ev["datasets"] else None
-    if kw.get("config"):
-        path = kw["config"]
-        data = load_config_file(path)
-        unknown = sorted(set(data) - set(_FILE_KEYS) - set(_PIPELINE_KEYS))
-        if unknown:
-            raise PrunecompError(f"config file {path!r}: unknown key(s) {', '.join(unknown)} (it takes "
-                                 f"{', '.join(_FILE_KEYS)}; and, for `prunecomp run`, {', '.join(_PIPELINE_KEYS)})")
-        try:
-            file_prune = flatten_tree(dict(data.get("prune") or {}))
-        except ValueError as exc:
-            raise PrunecompError(f"config file {path!r}: prune: {exc}") from exc
-        flags = {k: v for k, v in given.items() if k in explicit}
-        if {"n_layers", "fraction"} & set(flags):  # one way of saying how many: the flag's
-            file_prune.pop("fraction" if "n_layers" in flags else "n_layers", None)
-        given = file_prune | flags
-        if "n_layers" not in given and "fraction" not in given:
-            given["n_layers"] = DEFAULT_LAYERS
-        if "quality" not in explicit:
-            level = data.get("quality") or level
-        doc |= {k: data[k] for k in doc if k in data and k not in explicit}
-        if "preset" not in explicit:
-            preset = PRESETS[default_preset_name()]
-            cal = preset.calibration.model_dump() | dict(data.get("calibration") or {}) | _overlay(kw, "calibration")
-            if "evaluation" in data and data["evaluation"] is None and not _overlay(kw, "evaluation"):
-                evaluation = None
-            else:
-                merged = (preset.evaluation.model_dump() | dict(data.get("evaluation") or {})
-                          | _overlay(kw, "evaluation"))
-                evaluation = merged if merged["datasets"] else None
-    fields, overridden = resolve(str(level), given, int(cal.get("n_samples", 1)))
-    return JobConfig.model_validate(doc | {
-        "prune": PruneConfig.model_validate(fields), "quality": level, "quality_overridden": overridden,
-        "calibration": CalibrationConfig(**cal), "evaluation": None if evaluation is None else EvalConfig(**evaluation),
+    doc = merged_parameters(kw, explicit, shared_flags(kw, explicit), shared_paths(), FILE_KEYS)
+    cal, evaluation = doc["calibration"], doc["evaluation"]
+    fields, overridden = resolve(str(doc["quality"]), doc["prune"], int(cal.get("n_samples", 1)))
+    return JobConfig.model_validate({
+        **{k: doc[k] for k in ("model", "revision", "data_dir", "allow_pickle", "trust_remote_code")},
+        "prune": PruneConfig.model_validate(fields), "quality": doc["quality"], "quality_overridden": overridden,
+        "calibration": CalibrationConfig(**cal),
+        "evaluation": EvalConfig(**evaluation) if evaluation and evaluation.get("datasets") else None,
         "out": out_dir, "overwrite": kw["overwrite"]})

@@ -124,3 +124,33 @@ def test_effective_configuration_is_printed_at_the_start(monkeypatch) -> None:
     assert isinstance(result.exception, Stop)
     assert "configuration (quality best, overridden: reconstruct_lr=0.003):" in result.output
     assert "prune.reconstruct: {method: both" in result.output
+
+
+def test_prune_and_run_read_a_parameter_file_and_flags_the_same_way(monkeypatch, tmp_path) -> None:
+    """One merge for both commands: the same file and flags give ``prune`` and ``run`` the same level, pruning
+    fields, calibration and evaluation; the file's keys are exactly the pipeline's parameters."""
+    from prunecomp.cli import commands
+    from prunecomp.cli.parameters import FILE_KEYS, PIPELINE_KEYS
+
+    assert set(FILE_KEYS) | set(PIPELINE_KEYS) == set(CompressConfig.model_fields) - {"quality_overridden"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "quality": "balanced", "prune": {"scoring": {"metric": "angular"}, "removal": {"fraction": 0.2}},
+        "calibration": {"n_samples": 16, "seq_len": 256}, "evaluation": {"datasets": ["c4"], "max_windows": 3},
+        "tracking": {"registered_model": "x"}}))
+    args = ["--config", str(path), "--layers", "3", "--refine-steps", "9", "--eval-seq-len", "128"]
+    seen = {}
+    monkeypatch.setattr(commands, "_run", lambda job, json_out: seen.setdefault("job", job))
+    monkeypatch.setattr(commands, "_write_plots", lambda *a: None)
+    result = CliRunner().invoke(commands.main, ["prune", *args, "--out", str(tmp_path / "o")],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result, config = _build(monkeypatch, *args)
+    assert result.exit_code == 0, result.output
+    job = seen["job"]
+    assert job.prune == config.prune and job.quality == config.quality == "balanced"
+    assert job.quality_overridden == config.quality_overridden == {"refine_steps": {"level": 80, "given": 9}}
+    assert job.calibration == config.calibration and job.evaluation == config.evaluation
+    assert (job.prune.n_layers, job.prune.fraction, job.prune.metric) == (3, None, "angular")
+    assert (job.calibration.n_samples, job.evaluation.seq_len, job.evaluation.max_windows) == (16, 128, 3)
+    assert config.tracking.registered_model == "x"
