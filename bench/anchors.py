@@ -11,6 +11,11 @@ the library's machinery (block scores, layer-at-a-time forwards, the lsq normal 
   ratio of mean |x_out H| to mean |x_in H| (averaged per batch, as the official ``get_scale_params``). **It adds a
   run-time C x C matrix multiply** at the cut (a module in the model here, so the weights hash sees it); its
   optional logit distillation of P is not run here.
+* Ghosted Layers (arXiv 2605.15491), as read here: iterative Block Influence removal, and at every cut the removed
+  layer is replaced by its closed-form least-squares linear "ghost": a C x C map T fitted in float64 (ridge normal
+  equations, shrunk towards the identity) so that the stream the current model sends the layer, times T,
+  reproduces the stream the layer wrote (``x_in T ~ x_out``). **It adds a run-time C x C matrix multiply per cut**
+  (a module in the model here, as LinearPatch's), so it is a baseline for quality, not a zero-overhead method.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from prunecomp.models.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.models.pruning import remove_layer
 from prunecomp.models.sequential import catch_layer_inputs, run_layer
 
-__all__ = ["hadamard", "linear_patch", "replace_me"]
+__all__ = ["ghosted_layers", "hadamard", "linear_patch", "replace_me"]
 
 
 def _paley(q: int) -> Tensor:
@@ -138,3 +143,46 @@ def linear_patch(model: nn.Module, ids: Tensor, k: int, *, batch_size: int = 4) 
     before.register_forward_hook(lambda mod, _a, out: (mod.linear_patch(out[0]), *out[1:])
                                  if isinstance(out, tuple) else mod.linear_patch(out))
     return {"removed": list(range(start, start + k)), "runtime_overhead": "one C x C matmul at the cut"}
+
+
+class _Ghosts(nn.Module):
+    """The ghosts of the layers removed right after a layer, applied in order to its output at run time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maps = nn.ModuleList()
+
+    def forward(self, x: Tensor) -> Tensor:
+        for m in self.maps:
+            x = m(x)
+        return x
+
+
+def ghosted_layers(model: nn.Module, ids: Tensor, k: int, *, batch_size: int = 4,
+                   ridge: float = 1e-6) -> dict[str, Any]:
+    """Ghosted Layers on ``model`` in place: k times, remove the layer of lowest Block Influence (never layer 0:
+    its ghost runs on the output of the layer before it) and put its least-squares ghost at the cut. Returns the
+    removed layers (original indices) and each fit's relative stream error (identity map vs ghost)."""
+    original = list(range(len(decoder_layers(model))))
+    removed, errors = [], []
+    for _ in range(k):
+        n = len(decoder_layers(model))
+        scores = scan_layers(model, ids, "bi", batch_size=batch_size).scores
+        cut = min(range(1, n), key=lambda i: (scores[i], i))
+        x_in, x_out, _ = _streams(model, ids, cut, cut + 1, batch_size, None)
+        state = None
+        for a, b in zip(x_in, x_out, strict=True):
+            state = F.accumulate_normal_equations(state, a, b)
+        assert state is not None
+        t = F.solve_ridge(state, ridge)
+        eye = torch.eye(t.shape[0], dtype=t.dtype)
+        errors.append({"before": F.lsq_error(state, eye) / state[2], "after": F.lsq_error(state, t) / state[2]})
+        remove_layer(model, cut)
+        removed.append(original.pop(cut))
+        before = decoder_layers(model)[cut - 1]
+        if not hasattr(before, "ghosts"):
+            before.ghosts = _Ghosts()
+            before.register_forward_hook(lambda mod, _a, out: (mod.ghosts(out[0]), *out[1:])
+                                         if isinstance(out, tuple) else mod.ghosts(out))
+        before.ghosts.maps.append(_Patch(t))
+    return {"removed": removed, "fit_errors": errors, "runtime_overhead": f"{k} C x C matmuls (one per cut)"}

@@ -25,6 +25,8 @@ Variants per metric (``--variants``):
               is kept as ``unrefined``: one run gives both rows)
   replaceme / linearpatch   the published anchors (bench/anchors.py; they choose a contiguous block by cosine
               whatever --metrics says, so run them under --metrics block); LinearPatch adds a run-time matmul
+  ghosted     Ghosted Layers (bench/anchors.py): iterative BI, each removed layer replaced by its float64
+              least-squares linear map, applied at run time (a C x C matmul per cut: not zero-overhead)
 Iterative runs are evaluated on the way (the state after 3 removals of a k=8 run IS the k=3 result: re-scoring
 does not depend on k), so each variant costs one pruning run. Evaluations are cached by a hash of the weights
 (``--cache``), so a model two variants share (e.g. one-shot = iterative) is evaluated once and a rerun resumes.
@@ -68,8 +70,8 @@ from typing import Any
 
 import torch
 
-from prunecomp.config import PruneConfig
-from prunecomp.corpora.calibration import TokenWindows, calibration_windows, evaluation_windows
+from prunecomp.config import CalibrationConfig, PruneConfig
+from prunecomp.corpora.calibration import TokenWindows, calibration_windows, decision_windows, evaluation_windows
 from prunecomp.engine.compress import compress, refine_as_configured, refit_as_configured, teacher_for
 from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.agreement import Agreement, agreement, greedy_tokens
@@ -204,12 +206,13 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evalua
 
 def _anchor(model: Any, cal: Any, ks: list[int], variant: str, evaluate: Evaluator, batch: int) -> dict:
     """A published baseline (bench/anchors.py) at every k, each from the dense model."""
-    from anchors import linear_patch, replace_me
+    from anchors import ghosted_layers, linear_patch, replace_me
 
     results = {}
     for k in ks:
         m = copy.deepcopy(model)
-        info = (replace_me if variant == "replaceme" else linear_patch)(m, cal.ids, k, batch_size=batch)
+        fit = {"replaceme": replace_me, "linearpatch": linear_patch, "ghosted": ghosted_layers}[variant]
+        info = fit(m, cal.ids, k, batch_size=batch)
         results[k] = _record(info.pop("removed"), evaluate(m, evaluate.at(k)), **info)
         print(f"    [{variant}] k={k}: {results[k]['ppl']}", file=sys.stderr, flush=True)
     return results
@@ -284,8 +287,7 @@ def _level_fit_windows(tokenizer: Any, config: PruneConfig, args: argparse.Names
                        seed: int) -> TokenWindows | None:
     """The windows the level's fits use, by the product's rule (the job's fit windows): ``refine_samples`` windows
     of the calibration source with the calibration seed and length, or None when nothing is fitted."""
-    fits = config.refine != "none" or config.reconstruct != "none" or config.refit != "none"
-    if not fits or config.refine_samples is None:
+    if not config.fits or config.refine_samples is None:
         return None
     return calibration_windows(tokenizer, args.calib_source, n_samples=config.refine_samples,
                                seq_len=args.calib_seq_len, seed=seed)
@@ -307,7 +309,8 @@ def _naive_run(model: Any, cal: Any, ks: list[int], evaluate: Evaluator, batch: 
 
 
 def _level_run(model: Any, cal: Any, config: PruneConfig, fit_on: TokenWindows | None, targets: Any,
-               teacher_seconds: float, ks: list[int], evaluate: Evaluator, batch: int, label: str) -> dict[int, Any]:
+               teacher_seconds: float, ks: list[int], evaluate: Evaluator, batch: int, label: str,
+               check: TokenWindows | None = None) -> dict[int, Any]:
     """One :func:`prunecomp.engine.compress.compress` run of a level to the largest k, evaluated at every k of ``ks``.
 
     The run is the product's (the level's config, its fit windows, the dense predictions ``targets`` computed by
@@ -346,12 +349,13 @@ def _level_run(model: Any, cal: Any, config: PruneConfig, fit_on: TokenWindows |
         state, fit_s, fit = current, 0.0, None
         if targets is not None:
             state = copy.deepcopy(current)
-            done = refine_as_configured(state, cal if fit_on is None else fit_on, targets, config)
+            done = refine_as_configured(state, cal if fit_on is None else fit_on, targets, config, check)
             fit_s, fit = done.seconds, {k2: v for k2, v in done.to_dict().items() if k2 != "losses"}
         finish(k, state, prune_s, fit_s, fit)
         paused += time.perf_counter() - now
 
-    report = compress(m, cal, config, batch_size=batch, on_step=on_step, teacher=targets, refine_windows=fit_on)
+    report = compress(m, cal, config, batch_size=batch, on_step=on_step, teacher=targets, refine_windows=fit_on,
+                      check_windows=check)
     total = time.perf_counter() - t0 - paused
     fit = None if report.refine is None else {k2: v for k2, v in report.refine.items() if k2 != "losses"}
     finish(kmax, m, finish_at[0], total - finish_at[0], fit)
@@ -393,8 +397,11 @@ def _levels(lm: Any, args: argparse.Namespace, ks: list[int], evaluate: Evaluato
                 targets, teacher_s = teachers[key]
             t = time.perf_counter()
             print(f"[{level}, seed {seed}]", file=sys.stderr, flush=True)
+            check = None if config.refine == "none" else decision_windows(
+                lm.tokenizer, args.calib_source, n_windows=CalibrationConfig().held_out, seq_len=args.calib_seq_len,
+                calibration_samples=config.fit_samples(cal.n), seed=seed)  # the gains' held-out decision
             runs = _level_run(lm.model, cal, config, fit_on, targets, teacher_s, ks, evaluate, args.batch_size,
-                              f"{level}, seed {seed}")
+                              f"{level}, seed {seed}", check)
             result["levels"].setdefault(level, {})[seed] = runs
             print(f"  [{level}, seed {seed}] {time.perf_counter() - t:.0f} s in all", file=sys.stderr, flush=True)
             save()
@@ -513,7 +520,7 @@ def main() -> None:
             print(f"[{metric}] {variant}", file=sys.stderr, flush=True)
             if variant == "one-shot":
                 res = _one_shot(lm.model, cal, metric, ks, evaluate, args.batch_size)
-            elif variant in ("replaceme", "linearpatch"):
+            elif variant in ANCHORS:
                 res = _anchor(lm.model, cal, ks, variant, evaluate, args.batch_size)
             else:
                 res = _iterative(lm.model, cal, metric, ks, variant, evaluate, args.batch_size, args, teacher,
@@ -552,8 +559,8 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]
 
 VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "guarded", "lsq", "select", "refine", "refine-guarded",
                  "refine-none", "refine-lsq", "refine+select", "reconstruct", "refine-reconstruct", "reconstruct-refit",
-                 "refine-reconstruct-refit", "refit", "refine-refit", "replaceme", "linearpatch")
-ANCHORS = ("replaceme", "linearpatch")
+                 "refine-reconstruct-refit", "refit", "refine-refit", "replaceme", "linearpatch", "ghosted")
+ANCHORS = ("replaceme", "linearpatch", "ghosted")
 REFINED = ("refine", "refine-guarded", "refine-none", "refine-lsq", "refine+select", "refine-reconstruct",
            "refine-reconstruct-refit", "refine-refit")
 
@@ -619,12 +626,18 @@ def render(results: list[dict[str, Any]]) -> str:
 
 
 def anchor_summary(merged: dict[str, dict[str, dict[int, Any]]], dense: float) -> str:
-    """Per k: the anchors (ReplaceMe, LinearPatch) beside prunecomp's default (guarded BI), its best zero-overhead
-    variant over every metric and variant measured, and how far ahead (negative %) or behind each one is."""
+    """Per k: the anchors (ReplaceMe; LinearPatch and Ghosted Layers, which add run-time matmuls) beside
+    prunecomp's default (guarded BI), its best zero-overhead variant over every metric and variant measured, and
+    how far ahead (negative %) or behind each one is."""
     ks = sorted({k for per in merged.values() for v in per.values() for k in v})
-    lines = ["| k | ReplaceMe (zero overhead) | LinearPatch (+ run-time matmul) | prunecomp default (guarded BI) | "
-             "prunecomp best (variant) | default vs ReplaceMe | default vs LinearPatch | best vs ReplaceMe | "
-             "best vs LinearPatch |", "|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    labels = {"replaceme": "ReplaceMe (zero overhead)", "linearpatch": "LinearPatch (+ run-time matmul)",
+              "ghosted": "Ghosted Layers (+ a run-time matmul per cut)"}
+    present = [a for a in ANCHORS if any(a in per for per in merged.values())] or ["replaceme", "linearpatch"]
+    short = {"replaceme": "ReplaceMe", "linearpatch": "LinearPatch", "ghosted": "Ghosted"}
+    head = (["k", *(labels[a] for a in present), "prunecomp default (guarded BI)", "prunecomp best (variant)"]
+            + [f"{who} vs {short[a]}" for who in ("default", "best") for a in present])
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---:|" * (1 + len(present) + 1) + "---|" + "---:|" * (2 * len(present))]
 
     def mean(metric: str, variant: str, k: int) -> float | None:
         r = merged.get(metric, {}).get(variant, {}).get(k)
@@ -637,15 +650,15 @@ def anchor_summary(merged: dict[str, dict[str, dict[int, Any]]], dense: float) -
         return "-" if v is None else f"{v:.2f}"
 
     for k in ks:
-        rm = next((v for m in merged if (v := mean(m, "replaceme", k)) is not None), None)
-        lp = next((v for m in merged if (v := mean(m, "linearpatch", k)) is not None), None)
+        anchors = [next((v for m in merged if (v := mean(m, a, k)) is not None), None) for a in present]
         default = mean("bi", "guarded", k)
         ours = [(v, f"{m}/{var}") for m, per in merged.items() for var in per if var not in ANCHORS
                 and var not in ("one-shot", "iterative") and (v := mean(m, var, k)) is not None]
         best = min(ours) if ours else None
-        lines.append(f"| {k} | {cell(rm)} | {cell(lp)} | {cell(default)} | "
-                     f"{'-' if best is None else f'{best[0]:.2f} ({best[1]})'} | {pct(default, rm)} | "
-                     f"{pct(default, lp)} | {pct(best and best[0], rm)} | {pct(best and best[0], lp)} |")
+        row = [str(k), *(cell(v) for v in anchors), cell(default),
+               "-" if best is None else f"{best[0]:.2f} ({best[1]})"]
+        row += [pct(default, v) for v in anchors] + [pct(best and best[0], v) for v in anchors]
+        lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"Mean perplexity of the three corpora (dense {dense:.2f}); negative % = prunecomp ahead."]
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ from prunecomp.cli import pruning_options, quiet_environment
 from prunecomp.cli import user_errors as _errors
 from prunecomp.cli.options import StagedCommand
 from prunecomp.cli.parameters import load_config_file
-from prunecomp.cli.render import effective_config, on_windows
+from prunecomp.cli.render import effective_config, held_out_decision, on_windows
 from prunecomp.engine.final_check import line as final_line
 from prunecomp.errors import PrunecompError
 from prunecomp.method.guard import guard_cell
@@ -123,7 +123,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         out.print(f"refined {when} ({r['mode']}, {r['steps']} steps, {r.get('loss', 'topk')} loss): calibration KL "
                   f"to the dense model{on_windows(r)} {r['loss_before']:.4f} -> {r['loss_after']:.4f}, "
                   f"quick ppl {_mean(fit['ppl_before'])} -> "
-                  f"{_mean(fit['ppl_after'])}{' (cached)' if fit['reused'] else ''}", highlight=False)
+                  f"{_mean(fit['ppl_after'])}{' (cached)' if fit['reused'] else ''}{held_out_decision(r)}",
+                  highlight=False)
     check = summary.get("final_check")
     if check:
         out.print(("[bold red]" if check["verdict"] == "worse" else "") + final_line(check), highlight=False)

@@ -12,6 +12,7 @@ from typing import Any
 from flows.journal import Journal
 from flows.params import CompressConfig
 from flows.placement import Placement
+from prunecomp.engine.final_check import held_out_config
 from tasks.caching import run_cached
 from tasks.calibrate import build_calibration
 from tasks.candidates import CandidateJob, score_candidates, split
@@ -73,7 +74,7 @@ class Run:
         job = EvalJob(store=self.store, checkpoint_hash=digest, base_uri=self.base["uri"],
                       base_hash=self.base["hash"], parts=tuple(parts), stream=self.stream, evaluation=evaluation,
                       data_dir=self.data_dir, qa_tasks=c.qa_tasks if qa else (), qa_limit=c.qa_limit if qa else None,
-                      final_check=c.calibration if check else None)
+                      final_check=held_out_config(c.calibration, c.prune) if check else None)
         return dict(run_cached(evaluate_checkpoint, job)[0])
 
     def quick(self, parts: list[str], digest: str) -> dict[str, float] | None:
@@ -96,7 +97,9 @@ class Run:
             **self.state(parts, digest), calibration_uri=self.fit["windows"]["uri"],
             calibration_digest=self.fit["windows"]["digest"], teacher_uri=self.fit["teacher"]["uri"], mode=p.refine,
             steps=p.refine_steps, lr=p.refine_lr, batch=p.refine_batch, topk=p.refine_topk, loss=p.refine_loss,
-            batch_size=self.config.calibration.batch_size))
+            batch_size=self.config.calibration.batch_size,
+            **({} if self.fit.get("check") is None else {"check_uri": self.fit["check"]["uri"],
+                                                         "check_digest": self.fit["check"]["digest"]})))
 
 
 @dataclass
@@ -140,14 +143,20 @@ def _fit_windows(config: CompressConfig, store: str, base: dict[str, Any], cal: 
 
 def teacher(config: CompressConfig, store: str, base: dict[str, Any], cal: dict[str, Any],
              data_dir: str | None) -> dict[str, Any]:
-    """The refinement windows (:func:`_fit_windows`) and the dense model's predictions on them (one cached task,
-    computed on the dense working copy)."""
+    """The refinement windows (:func:`_fit_windows`), the dense model's predictions on them (one cached task,
+    computed on the dense working copy) and the held-out windows every gains fit must improve to be folded
+    (``check``; none when the run keeps no held-out windows)."""
     p = config.prune
     windows = _fit_windows(config, store, base, cal, data_dir)
     teacher, _ = run_cached(teacher_predictions, TeacherJob(
         store=store, base_uri=base["uri"], base_hash=base["hash"], calibration_uri=windows["uri"],
         calibration_digest=windows["digest"], topk=p.refine_topk, batch_size=config.calibration.batch_size))
-    return {"windows": windows, "teacher": teacher}
+    check = None
+    if config.calibration.held_out:
+        check, _ = run_cached(build_calibration, CalibrationJob(
+            store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
+            calibration=held_out_config(config.calibration, p), windows="decision"))
+    return {"windows": windows, "teacher": teacher, "check": None if check is None else dict(check)}
 
 
 def fan_out(config: CompressConfig, job: StepJob, n_src: int, removed: list[int]) -> tuple[dict[int, float],

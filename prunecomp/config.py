@@ -47,8 +47,10 @@ def _field(default: Any, stage: str, description: str, *, flag: str | None = Non
 class CalibrationConfig(_Frozen):
     """Calibration windows: ``n_samples`` random windows of ``seq_len`` tokens of ``source``, seeded.
 
-    ``held_out`` more windows of the same source, disjoint from those, are the final check's (did what the run
-    folded beat plain removal of the same layers? see :mod:`prunecomp.engine.final_check`); 0 skips the check."""
+    ``held_out`` more windows of the same source, disjoint from those (and from the fitting windows of a run that
+    fits), are the final check's (did what the run folded beat plain removal of the same layers? see
+    :mod:`prunecomp.engine.final_check`); ``held_out`` more after them decide whether the gains are folded (see
+    :func:`prunecomp.method.refine.refine`). 0 skips both."""
 
     source: str = _field("c4", "calibration", "Calibration text: wikitext2, c4, ptb, tinystories, or a "
                          ".txt/.jsonl/.parquet file.", flag="calib-source")
@@ -56,8 +58,8 @@ class CalibrationConfig(_Frozen):
     seq_len: int = _field(512, "calibration", "Tokens per calibration window.", flag="calib-seq-len", ge=2)
     seed: int = _field(0, "calibration", "Seed of the calibration sampling.", flag="seed")
     batch_size: int = _field(4, "calibration", "Calibration batch size.", flag="batch-size", gt=0)
-    held_out: int = _field(8, "calibration", "Held-out windows of the final check (0 skips it).",
-                           flag="calib-held-out", ge=0)
+    held_out: int = _field(8, "calibration", "Held-out windows of the final check, and as many more on which the "
+                           "gains are kept or declined (0 skips both).", flag="calib-held-out", ge=0)
 
 
 class EvalConfig(_Frozen):
@@ -184,6 +186,18 @@ class PruneConfig(_Frozen):
     def guarded(self) -> bool:
         """Whether the scale folded at each step is chosen by the guard (``guarded`` and ``lsq``)."""
         return self.compensation in ("guarded", "lsq")
+
+    @property
+    def fits(self) -> bool:
+        """Whether the run fits anything on windows (the gains, block reconstruction, the refit)."""
+        return self.refine != "none" or self.reconstruct != "none" or self.refit != "none"
+
+    def fit_samples(self, calibration_samples: int) -> int:
+        """How many windows of the calibration draw the run fits or scores on: ``refine_samples`` when it fits
+        anything on a larger superset, else the scoring windows. Held-out windows avoid all of them."""
+        if self.fits and self.refine_samples is not None:
+            return max(calibration_samples, self.refine_samples)
+        return calibration_samples
 
     @property
     def compensates(self) -> bool:

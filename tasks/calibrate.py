@@ -14,7 +14,7 @@ from prefect import task
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from prunecomp.corpora.calibration import TokenWindows, calibration_windows
+from prunecomp.corpora.calibration import TokenWindows, calibration_windows, decision_windows
 from prunecomp.corpora.data import text_files
 from prunecomp.errors import PrunecompError
 from prunecomp.models.redact import redact
@@ -56,8 +56,12 @@ def build_calibration(job: CalibrationJob) -> dict[str, Any]:
         raise PrunecompError(redact(f"model {job.model_uri!r} is not the {job.model_hash[:12]} this job was keyed "
                                     "by: it changed after the run hashed it; run again"))
     tokenizer = AutoTokenizer.from_pretrained(resolve_source(job.model_uri).local_dir)
-    windows = calibration_windows(tokenizer, cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
-                                  seed=cfg.seed, data_dir=job.data_dir)
+    if job.windows == "decision":
+        windows = decision_windows(tokenizer, cfg.source, n_windows=cfg.held_out, seq_len=cfg.seq_len,
+                                   calibration_samples=cfg.n_samples, seed=cfg.seed, data_dir=job.data_dir)
+    else:
+        windows = calibration_windows(tokenizer, cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
+                                      seed=cfg.seed, data_dir=job.data_dir)
     check_files(job.data_files, files)  # and not rewritten while it was read
     meta = {"uri": job.uri, "digest": windows.digest, "origin": windows.origin, "n_samples": windows.n,
             "seq_len": windows.seq_len, "key": job.key}

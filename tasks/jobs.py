@@ -149,6 +149,9 @@ class CalibrationJob(Job):
     model_hash: str
     calibration: CalibrationConfig
     data_dir: str | None
+    # calibration: the scoring (or fitting) windows; decision: the held-out windows after the final check's, on
+    # which the gains are kept or declined (prunecomp.corpora.calibration.decision_windows)
+    windows: Literal["calibration", "decision"] = "calibration"
     # the files the windows are read from, by content; default: hashed now, in this process
     data_files: tuple[DataFile, ...] = Field(default_factory=lambda data: fingerprint_files(
         text_files(data["calibration"].source, "calibration", data.get("data_dir")) if "calibration" in data
@@ -157,6 +160,8 @@ class CalibrationJob(Job):
     def key_payload(self) -> dict[str, object]:
         payload = super().key_payload()
         payload["calibration"] = self.calibration.model_dump(mode="json", exclude={"batch_size"})  # no effect
+        if self.windows == "calibration":  # the scoring windows' keys of earlier runs unchanged
+            payload.pop("windows", None)
         return payload
 
 
@@ -226,7 +231,8 @@ class RefineJob(StateJob):
     artifact, which the base hash, windows digest, ``topk`` and ``batch_size`` in this key already determine."""
 
     kind: ClassVar[str] = "refined"
-    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri", "teacher_uri"})
+    not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri", "teacher_uri",
+                                                      "check_uri"})
 
     teacher_uri: str
 
@@ -239,6 +245,15 @@ class RefineJob(StateJob):
     topk: int = Field(ge=1)
     loss: Literal["tail", "topk"] = "tail"
     batch_size: int = Field(gt=0)
+    # the held-out windows the fit must improve to be folded (a decision CalibrationJob's artifact), when kept
+    check_uri: str | None = None
+    check_digest: str | None = None
+
+    def key_payload(self) -> dict[str, object]:
+        payload = super().key_payload()
+        if self.check_digest is None:  # not checked: the keys of earlier runs unchanged
+            payload.pop("check_digest", None)
+        return payload
 
 
 class RefitJob(StateJob):

@@ -1,5 +1,6 @@
 """Refinement as tasks: the dense base's predictions (the teacher, once per run, its own artifact), and the fit
-that folds gains into the working copy at a pruned state (:func:`prunecomp.method.refine.refine`), whose artifact is the
+that folds gains into the working copy at a pruned state (:func:`prunecomp.method.refine.refine`; kept only when they
+lower the next-token NLL on held-out windows, a decision calibration artifact), whose artifact is the
 gains' recipe part.
 
 The teacher is computed on the working copy while it is still dense (the flow runs this task right after the
@@ -79,8 +80,9 @@ def refine_state(job: RefineJob) -> dict[str, Any]:
     windows = load_windows(job.calibration_uri, job.calibration_digest)
     targets = load_teacher(job.teacher_uri)
     with checkout(job.base_uri, parent, device=job.device, dtype=job.dtype, record=job.source_record) as wc:
+        check = None if job.check_uri is None else load_windows(job.check_uri, job.check_digest).ids
         report = refine(wc.model, windows.ids, targets, mode=job.mode, steps=job.steps, lr=job.lr,
-                        batch_size=job.batch, loss=job.loss)
+                        batch_size=job.batch, loss=job.loss, check=check)
         wc.scanner = wc.scanner_for = None  # every layer changed: the next step scores from a fresh pass
         part = RefineEdit(gains=report.folded, report=report.to_dict())
         wc.recipe = parent.with_refine(part)

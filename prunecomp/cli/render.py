@@ -80,7 +80,8 @@ def print_summary(result: JobResult) -> None:
         first = fits[0][1]
         out.print(f"Refined after each removal ({first['mode']}, {first['steps']} steps each, "
                   f"{first['parameters']} gains folded): calibration KL to the dense model "
-                  + ", ".join(f"step {n} {f['loss_before']:.4f} -> {f['loss_after']:.4f}" for n, f in fits)
+                  + ", ".join(f"step {n} {f['loss_before']:.4f} -> {f['loss_after']:.4f}{held_out_decision(f)}"
+                              for n, f in fits)
                   + f" in {sum(f['seconds'] for _, f in fits):.0f} s")
     if report.get("refit"):
         text = describe_refit(report["refit"])
@@ -90,10 +91,11 @@ def print_summary(result: JobResult) -> None:
         out.print(("[bold red]" if check["verdict"] == "worse" else "") + escape(final_line(check)))
     refined = report.get("refine")
     if refined:
+        gains = "folded into the weights" if refined.get("kept", True) else "fitted"
         out.print(f"Refined ({refined['mode']}, {refined['steps']} steps, {refined.get('loss', 'topk')} loss, "
-                  f"{refined['parameters']} gains folded into the weights): calibration KL to the dense model"
+                  f"{refined['parameters']} gains {gains}): calibration KL to the dense model"
                   f"{on_windows(refined)} {refined['loss_before']:.4f} -> "
-                  f"{refined['loss_after']:.4f} in {refined['seconds']:.0f} s")
+                  f"{refined['loss_after']:.4f} in {refined['seconds']:.0f} s{held_out_decision(refined)}")
     if result.perplexity:
         table = Table(title="Perplexity")
         for col in ("dataset", "dense", "pruned", "ratio"):
@@ -178,6 +180,18 @@ def on_windows(refined: dict) -> str:
     measured it on every fitting window and do not say)."""
     n = refined.get("loss_windows")
     return f" on {n} windows" if n else ""
+
+
+def held_out_decision(refined: dict) -> str:
+    """What the gains' held-out decision said ("" when the fit was not checked): kept or declined, and the
+    next-token NLL on the held-out windows without and with the gains."""
+    n, before, after = refined.get("check_windows"), refined.get("check_loss_before"), refined.get("check_loss_after")
+    if not n or before is None or after is None:
+        return ""
+    if refined.get("kept", True):
+        return f"; held-out NLL {before:.4f} -> {after:.4f} on {n} windows: kept"
+    return (f"; [bold red]declined[/]: held-out NLL {after:.4f} with the gains vs {before:.4f} without on {n} "
+            "windows, nothing folded")
 
 
 def effective_config(doc: dict[str, Any], level: str, overridden: dict[str, Any]) -> str:

@@ -18,8 +18,8 @@ from torch import Tensor
 from prunecomp.corpora.data import Split, load_text
 from prunecomp.errors import PrunecompError
 
-__all__ = ["HELD_OUT_SEED", "TokenWindows", "calibration_windows", "evaluation_windows", "held_out_windows",
-           "tokenize_windows"]
+__all__ = ["HELD_OUT_SEED", "TokenWindows", "calibration_windows", "decision_windows", "evaluation_windows",
+           "held_out_windows", "tokenize_windows"]
 
 HELD_OUT_SEED = 7919
 """Added to the calibration seed to draw held-out windows (which are then kept disjoint from the calibration
@@ -177,3 +177,23 @@ def held_out_windows(
         raise PrunecompError(f"text from {origin} ({tokens.numel()} tokens) leaves no room for {n_windows} held-out "
                              f"windows of {seq_len} tokens beside the {calibration_samples} calibration windows")
     return _cut(tokens, starts, body, bos, f"{origin} held-out({seed})")
+
+
+def decision_windows(
+    tokenizer: object,
+    source: str = "c4",
+    *,
+    n_windows: int,
+    seq_len: int,
+    calibration_samples: int,
+    seed: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+) -> TokenWindows:
+    """``n_windows`` held-out windows drawn after the final check's ``n_windows`` (:func:`held_out_windows`: the
+    same draw, continued), so disjoint from the calibration windows and from the final check's: where a fitted
+    stage is kept or declined, so that the final check stays independent of that decision."""
+    both = held_out_windows(tokenizer, source, n_windows=2 * n_windows, seq_len=seq_len,
+                            calibration_samples=calibration_samples, seed=seed, data_dir=data_dir)
+    ids = both.ids[n_windows:]
+    origin = both.origin.replace("held-out", "decision")
+    return TokenWindows(ids=ids, origin=origin, digest=_digest(ids, origin))

@@ -54,9 +54,10 @@ def teacher_for(model: nn.Module, windows: TokenWindows | Tensor, config: PruneC
 
 
 def refine_as_configured(model: nn.Module, windows: TokenWindows | Tensor, targets: TeacherTargets,
-                         config: PruneConfig) -> RefineReport:
-    """One gains fit with the refine stage's settings of ``config`` (:class:`~prunecomp.engine.stages.Gains`)."""
-    return Gains(config.stage("refine")).fit(model, _ids(windows), targets)
+                         config: PruneConfig, check: TokenWindows | Tensor | None = None) -> RefineReport:
+    """One gains fit with the refine stage's settings of ``config`` (:class:`~prunecomp.engine.stages.Gains`),
+    kept only if it lowers the NLL on the held-out ``check`` windows when given."""
+    return Gains(config.stage("refine")).fit(model, _ids(windows), targets, None if check is None else _ids(check))
 
 
 def refit_as_configured(model: nn.Module, windows: TokenWindows | Tensor, config: PruneConfig,
@@ -82,6 +83,7 @@ def compress(
     on_refine: Callable[[RefineReport, StepRecord | None, nn.Module], None] | None = None,
     dense: DenseSource | None = None,
     on_refit: Callable[[RefitReport], None] | None = None,
+    check_windows: TokenWindows | Tensor | None = None,
 ) -> PruneReport:
     """:func:`prunecomp.engine.loop.prune_and_compensate`, then (``config.refine`` not ``none``) refinement on
     ``refine_windows`` (default: ``calibration``) against the dense model's predictions, taken before the first
@@ -90,6 +92,9 @@ def compress(
     ``config.reconstruct``'s local fits after each removal run on ``refine_windows`` too;
     the report carries what refinement did (``report.refine``) and what it folded (``report.refine_edit``, for the
     recipe).
+
+    ``check_windows``: held-out windows on which every gains fit must lower the next-token NLL to be folded (see
+    :func:`prunecomp.method.refine.refine`; None: always folded).
 
     ``config.refit="sequential"``: after the last removal and before the end refinement, every layer after the
     first gap is refitted to ``dense``'s streams (the dense source; see :data:`~prunecomp.engine.dense.DenseSource`) on
@@ -109,7 +114,7 @@ def compress(
     if targets is None or config.refine_at == "end":
         report = loop(config)
         finish = Finish(model, _ids(fit_on), report, targets=targets, dense=dense, on_refit=on_refit,
-                        on_refine=on_refine)
+                        on_refine=on_refine, check=None if check_windows is None else _ids(check_windows))
         for stage in finishing_stages(config):  # the refit, then the gains (registered in prunecomp.engine.stages)
             stage.finish(finish)
         return report
@@ -125,7 +130,7 @@ def compress(
             report.config = config.model_dump(mode="json")
         else:
             report.steps.extend(one.steps)
-        done = gains.fit(model, _ids(fit_on), targets)
+        done = gains.fit(model, _ids(fit_on), targets, None if check_windows is None else _ids(check_windows))
         report.add_refine(done, step=report.steps[-1])
         if on_refine is not None:
             on_refine(done, report.steps[-1], model)

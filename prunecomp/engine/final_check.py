@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunecomp.config import CalibrationConfig
+from prunecomp.config import CalibrationConfig, PruneConfig
 from prunecomp.corpora.calibration import held_out_windows
 from prunecomp.models.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.recipes.recipe import Recipe
 
-__all__ = ["FinalCheck", "Op", "final_check", "line", "output_edits", "reconstructed_layers", "run_final_check",
-           "uncompensated_view"]
+__all__ = ["FinalCheck", "Op", "final_check", "held_out_config", "line", "output_edits", "reconstructed_layers",
+           "run_final_check", "uncompensated_view"]
 
 TOLERANCE = 1e-4
 """Relative NLL margin below which the two are called equal (float rounding of the hooked forward)."""
@@ -257,6 +257,14 @@ def final_check(target: Any, recipe: Recipe, ids: Tensor, digest: str, *, batch_
         parts.append("refine")
     return FinalCheck(loss=loss, uncompensated_loss=base, windows=int(ids.shape[0]), digest=digest,
                       folded="+".join(parts) or "nothing")
+
+
+def held_out_config(calibration: CalibrationConfig, prune: PruneConfig) -> CalibrationConfig:
+    """``calibration`` as the final check (and the gains' decision) draw held-out windows from it: avoiding every
+    window the run fitted on (``refine_samples`` of the same draw, when larger than the scoring windows), so that
+    no fit sees a window it is judged on."""
+    n = prune.fit_samples(calibration.n_samples)
+    return calibration if n == calibration.n_samples else calibration.model_copy(update={"n_samples": n})
 
 
 def run_final_check(target: Any, tokenizer: Any, recipe: Recipe, calibration: CalibrationConfig,

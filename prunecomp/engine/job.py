@@ -14,10 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from prunecomp.config import CalibrationConfig, EvalConfig, PruneConfig
-from prunecomp.corpora.calibration import TokenWindows, calibration_windows, check_context, evaluation_windows
+from prunecomp.corpora.calibration import (
+    TokenWindows,
+    calibration_windows,
+    check_context,
+    decision_windows,
+    evaluation_windows,
+)
 from prunecomp.engine.compress import compress
 from prunecomp.engine.dense import dense_layers, source_layer_weights
-from prunecomp.engine.final_check import run_final_check
+from prunecomp.engine.final_check import held_out_config, run_final_check
 from prunecomp.engine.loop import check_runs
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
@@ -223,13 +229,13 @@ def run_job(config: JobConfig, progress: Progress | None = None,
     report = compress(held.target, cal, config.prune, batch_size=config.calibration.batch_size, on_step=observe,
                       on_batch=lambda: progress.advance(1), calibration_config=config.calibration,
                       refine_windows=_fit_windows(config, held.tokenizer), on_refine=refined, dense=held.dense,
-                      on_refit=refitted)
+                      on_refit=refitted, check_windows=_decision_windows(config, held.tokenizer))
     times["prune"] = time.perf_counter() - t
     t = time.perf_counter()
     progress.message(f"final check: held-out calibration loss with and without what was folded{held.how}")
     recipe = report.recipe(held.provenance)
-    check = run_final_check(held.target, held.tokenizer, recipe, config.calibration, config.data_dir,
-                            originals=held.originals)
+    check = run_final_check(held.target, held.tokenizer, recipe, held_out_config(config.calibration, config.prune),
+                            config.data_dir, originals=held.originals)
     times["final_check"] = time.perf_counter() - t
     if config.evaluation is not None:
         t = time.perf_counter()
@@ -266,9 +272,18 @@ def _fit_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
     """The windows refinement, block reconstruction and the refit fit on: ``refine_samples`` windows of the
     calibration source (same seed and length), or None to fit on the calibration windows themselves."""
     p = config.prune
-    fits = p.refine != "none" or p.reconstruct != "none" or p.refit != "none"
-    if not fits or p.refine_samples is None:
+    if not p.fits or p.refine_samples is None:
         return None
     return calibration_windows(tokenizer, config.calibration.source, n_samples=p.refine_samples,
                                seq_len=config.calibration.seq_len, seed=config.calibration.seed,
                                data_dir=config.data_dir)
+
+
+def _decision_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
+    """The held-out windows on which the gains are kept or declined (:func:`decision_windows`), when the run fits
+    gains and keeps held-out windows at all."""
+    if config.prune.refine == "none" or config.calibration.held_out == 0:
+        return None
+    cal = held_out_config(config.calibration, config.prune)
+    return decision_windows(tokenizer, cal.source, n_windows=cal.held_out, seq_len=cal.seq_len,
+                            calibration_samples=cal.n_samples, seed=cal.seed, data_dir=config.data_dir)

@@ -214,6 +214,7 @@ class Finish:
     dense: DenseSource | None = None
     on_refit: Callable[[RefitReport], None] | None = None
     on_refine: Callable[[RefineReport, StepRecord | None, nn.Module], None] | None = None
+    check: Tensor | None = None  # held-out windows a gains fit must improve to be folded
 
 
 class Finisher(Protocol):
@@ -246,16 +247,21 @@ class Gains:
 
     settings: StageSettings  # the refine stage's: method, steps, lr, batch, topk, loss, samples, at
 
-    def fit(self, model: nn.Module, windows: Tensor, targets: TeacherTargets) -> RefineReport:
+    def fit(self, model: nn.Module, windows: Tensor, targets: TeacherTargets,
+            check: Tensor | None = None) -> RefineReport:
         s = self.settings
-        return refine(model, windows, targets, mode=s.method, steps=s.steps, lr=s.lr, batch_size=s.batch,
-                      loss=s.loss)
+        done = refine(model, windows, targets, mode=s.method, steps=s.steps, lr=s.lr, batch_size=s.batch,
+                      loss=s.loss, check=check)
+        if not done.kept:
+            log.warning("gains declined: next-token NLL on %d held-out windows %.4f with them, %.4f without",
+                        done.check_windows, done.check_loss_after, done.check_loss_before)
+        return done
 
     def finish(self, run: Finish) -> None:
         if self.settings.at != "end":
             return
         assert run.targets is not None
-        done = self.fit(run.model, run.windows, run.targets)
+        done = self.fit(run.model, run.windows, run.targets, run.check)
         run.report.add_refine(done)
         if run.on_refine is not None:
             run.on_refine(done, None, run.model)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from prunecomp.errors import PrunecompError
+from prunecomp.evaluation.perplexity import mean_nll
 from prunecomp.models.adapters import decoder_layers, get_adapter, resolve
 
 __all__ = [
@@ -224,6 +225,11 @@ class RefineReport:
     seconds: float
     loss_windows: int  # how many of the fitting windows loss_before/loss_after are measured on
     losses: list[float] = field(default_factory=list)
+    # The keep-or-decline decision on held-out windows (``check``): next-token NLL without and with the gains.
+    check_windows: int = 0
+    check_loss_before: float | None = None
+    check_loss_after: float | None = None
+    kept: bool = True
     # What was folded, by module path: (kind, norm offset, gains); the recipe's sidecar, not the JSON report.
     folded: dict[str, tuple[str, float, Tensor]] = field(default_factory=dict, repr=False)
 
@@ -254,7 +260,7 @@ def audit_rows(n: int, limit: int | None) -> Tensor:
 
 def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str = "channels", steps: int = 80,
            lr: float = 3e-3, batch_size: int = 2, seed: int = 0, loss: str = "tail", eval_windows: int | None = 16,
-           on_step: Callable[[int], None] | None = None) -> RefineReport:
+           on_step: Callable[[int], None] | None = None, check: Tensor | None = None) -> RefineReport:
     """Fit per-channel gains (see module doc) so ``model`` matches ``targets`` on ``ids``; fold them; report.
 
     Adam with a cosine decay to 10% of ``lr``; each step uses ``batch_size`` windows drawn without replacement
@@ -262,6 +268,11 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
     step ``i`` (from 1) with the gains applied as hooks, i.e. on the model as it would be folded at that point.
     ``loss``: see :func:`distill_loss`. ``eval_windows``: how many windows the reported loss before and after is
     measured on (None: all; see the module doc).
+
+    ``check``: held-out windows (disjoint from ``ids`` and from the final check's) on which the gains must lower the
+    next-token NLL of real text to be folded; otherwise they are declined (``kept`` False, nothing folded). A
+    distillation fit lowers its own loss on its own windows by construction; on a family where the gains do not
+    generalise, this is where the run says so and keeps what was better. None: always folded.
     """
     _check_loss(loss)  # before any forward pass
     if ids.dim() != 2 or targets.logprobs.shape[:2] != ids.shape:
@@ -303,9 +314,14 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
                 losses.append(float(value.detach()))
                 if on_step is not None:
                     on_step(len(losses))
-        fold_gains(items)
-        names = {id(m): n for n, m in model.named_modules()}
-        folded = {names[id(g.module)]: (g.kind, g.offset, g.value.detach().cpu().clone()) for g in items}
+            check_after = None if check is None else mean_nll(model, check, batch_size=1)
+        check_before = None if check is None else mean_nll(model, check, batch_size=1)
+        kept = check_after is None or check_before is None or check_after < check_before
+        folded: dict[str, tuple[str, float, Tensor]] = {}
+        if kept:
+            fold_gains(items)
+            names = {id(m): n for n, m in model.named_modules()}
+            folded = {names[id(g.module)]: (g.kind, g.offset, g.value.detach().cpu().clone()) for g in items}
         after = _eval_loss(model, ids, targets, batch_size, loss, rows)
     finally:
         for p, flag in frozen:
@@ -314,4 +330,5 @@ def refine(model: nn.Module, ids: Tensor, targets: TeacherTargets, *, mode: str 
     return RefineReport(mode=mode, steps=steps, lr=lr, batch_size=batch_size, topk=int(targets.indices.shape[-1]),
                         parameters=sum(g.value.numel() for g in items), loss_before=before, loss_after=after,
                         seconds=time.perf_counter() - t0, loss=loss, loss_windows=len(rows), losses=losses,
-                        folded=folded)
+                        folded=folded, check_windows=0 if check is None else int(check.shape[0]),
+                        check_loss_before=check_before, check_loss_after=check_after, kept=kept)

@@ -58,3 +58,33 @@ def test_anchor_baselines_on_a_tiny_model() -> None:
     patch = [v for k, v in b.state_dict().items() if "linear_patch" in k]
     assert len(b.model.layers) == 4 and len(patch) == 1 and patch[0].shape == (32, 32)
     assert torch.allclose(patch[0], patch[0].T, atol=1e-5)  # H diag(d) H^T is symmetric
+
+
+def test_ghosted_layers_put_a_least_squares_map_at_every_cut() -> None:
+    """Ghosted Layers: k iterative removals, each replaced by a float64 least-squares map of the stream that
+    lowers the stream error at its cut; the maps are in the model's state (run-time modules) and, applied, they
+    take the model closer to the dense one than removing the same layers plainly."""
+    import copy
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from anchors import ghosted_layers
+
+    from prunecomp.models.pruning import remove_layer
+    from tests.tiny_models import tiny_model, tokens
+
+    model, ids = tiny_model("llama"), tokens(4, 12)
+    ghosted = copy.deepcopy(model)
+    info = ghosted_layers(ghosted, ids, 2, batch_size=2)
+    assert len(ghosted.model.layers) == 4 and len(set(info["removed"])) == 2 and 0 not in info["removed"]
+    assert all(e["after"] < e["before"] for e in info["fit_errors"])
+    maps = [v for k, v in ghosted.state_dict().items() if ".ghosts.maps." in k]
+    assert len(maps) == 2 and all(m.shape == (32, 32) for m in maps)
+    plain = copy.deepcopy(model)
+    for i in sorted(info["removed"], reverse=True):
+        remove_layer(plain, i)
+    with torch.no_grad():
+        dense_logits = model(input_ids=ids).logits
+        gap = [float((m(input_ids=ids).logits - dense_logits).pow(2).mean()) for m in (ghosted, plain)]
+    assert gap[0] < gap[1], gap

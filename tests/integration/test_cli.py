@@ -155,6 +155,10 @@ def test_prune_with_refine(stories_dir, tmp_path) -> None:
     assert report["refine"]["loss"] == "tail" and report["config"]["refine_loss"] == "tail"
     assert report["refine"]["loss_after"] < report["refine"]["loss_before"]
     assert report["config"]["refine"] == "norms+writers" and report["config"]["refine_samples"] == 6
+    decision = report["refine"]  # kept or declined on held-out windows, said in the report and the summary
+    assert decision["check_windows"] > 0 and isinstance(decision["kept"], bool)
+    flat = " ".join(text.split())
+    assert "held-out NLL" in flat and (": kept" in flat) == decision["kept"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
     code, text = _invoke("prune", "--model", str(stories_dir), "--layers", "1", *FAST, "--stream-layers",
                          "--refine", "norms", "--out", str(tmp_path / "streamed"))
@@ -401,6 +405,37 @@ def test_held_out_windows_are_seeded_and_not_calibration_windows(stories_dir, da
     again = held_out_windows(tok, "tinystories", n_windows=8, seq_len=64, calibration_samples=16, seed=3,
                              data_dir=data_dir)
     assert torch.equal(again.ids, held.ids)  # seeded
+
+
+def test_the_final_check_and_the_gains_decision_never_see_a_fitted_window(stories_dir, data_dir) -> None:
+    """A run that fits on ``refine_samples`` windows (a superset of the scoring windows) is judged on held-out
+    windows that avoid all of them; the gains' keep-or-decline windows continue the same draw, so they avoid the
+    final check's windows too."""
+    from transformers import AutoTokenizer
+
+    from prunecomp.config import CalibrationConfig, PruneConfig
+    from prunecomp.corpora.calibration import calibration_windows, decision_windows, held_out_windows
+    from prunecomp.engine.final_check import held_out_config
+
+    tok = AutoTokenizer.from_pretrained(stories_dir)
+    cal = CalibrationConfig(source="tinystories", n_samples=8, seq_len=64, seed=3, held_out=6)
+    prune = PruneConfig(n_layers=1, refine="channels", refine_samples=48)
+    held = held_out_config(cal, prune)
+    assert held.n_samples == 48 and held_out_config(cal, PruneConfig(n_layers=1, refine_samples=48)) == cal
+    fit = calibration_windows(tok, cal.source, n_samples=48, seq_len=64, seed=3, data_dir=data_dir)
+    scoring = calibration_windows(tok, cal.source, n_samples=8, seq_len=64, seed=3, data_dir=data_dir)
+    assert torch.equal(fit.ids[:8], scoring.ids)  # the fitting windows are a superset of the scoring ones
+    final = held_out_windows(tok, cal.source, n_windows=6, seq_len=64, calibration_samples=held.n_samples,
+                             seed=3, data_dir=data_dir)
+    decide = decision_windows(tok, cal.source, n_windows=6, seq_len=64, calibration_samples=held.n_samples,
+                              seed=3, data_dir=data_dir)
+    assert decide.n == 6 and "decision" in decide.origin and decide.digest != final.digest
+
+    def grams(ids: torch.Tensor) -> set[tuple[int, ...]]:
+        return {tuple(row[i:i + 24].tolist()) for row in ids for i in range(0, ids.shape[1] - 24)}
+
+    assert not grams(final.ids) & grams(fit.ids) and not grams(decide.ids) & grams(fit.ids)
+    assert not grams(decide.ids) & grams(final.ids)
 
 
 @pytest.fixture

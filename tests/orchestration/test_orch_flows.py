@@ -227,6 +227,16 @@ def test_refined_run_reuses_the_plain_runs_steps(harness, tracking_uri, make_con
     assert again["refine"]["reused"] and again["final"]["hash"] == refined["final"]["hash"]
 
 
+def _decision(store: str | None) -> object:
+    """The held-out windows the run's gains were kept or declined on (a decision calibration artifact), if any."""
+    from tasks.calibrate import load_windows
+
+    found = [w for w in (load_windows(str(p.parent)) for p in Path(str(store), "calibration").glob("*/_COMPLETE"))
+             if "decision" in w.origin]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
 def _same_as_the_library(run: dict, cfg, model: object) -> None:
     """The pipeline's final model equals the library's compress() on the run's calibration windows, bit for bit."""
     from prunecomp.engine.compress import compress as compress_in_memory
@@ -235,7 +245,8 @@ def _same_as_the_library(run: dict, cfg, model: object) -> None:
 
     lm = load_model(str(model))
     windows = load_windows(run["calibration"]["uri"])
-    report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size)
+    report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size,
+                                check_windows=_decision(cfg.tracking.store))
     assert report.removed == run["removed"]
     final = load_model(run["final"]["uri"]).model.state_dict()
     mine = lm.model.state_dict()
@@ -340,7 +351,7 @@ def test_reconstructed_run_matches_the_library(harness, tracking_uri, make_confi
            if w.n == 6]  # the fit windows the run built (refine_samples)
     assert len(six) == 1
     report = compress_in_memory(lm.model, windows, cfg.prune, batch_size=cfg.calibration.batch_size,
-                                refine_windows=six[0])
+                                refine_windows=six[0], check_windows=_decision(store))
     assert report.removed == run["removed"]
     final = load_model(run["final"]["uri"]).model.state_dict()
     mine = lm.model.state_dict()
@@ -390,7 +401,8 @@ def test_refitted_run_matches_the_library(harness, tracking_uri, make_config, tm
            if w.n == 6]
     dense = StreamedModel(resolve_source(source).local_dir, device="cpu", dtype=torch.float32)
     report = compress_in_memory(lm.model, load_windows(run["calibration"]["uri"]), cfg.prune,
-                                batch_size=cfg.calibration.batch_size, refine_windows=six[0], dense=dense)
+                                batch_size=cfg.calibration.batch_size, refine_windows=six[0], dense=dense,
+                                check_windows=_decision(store))
     assert report.removed == run["removed"] and report.refit["layers"] == refit["layers"]  # type: ignore[index]
     final = load_model(run["final"]["uri"]).model.state_dict()
     mine = lm.model.state_dict()

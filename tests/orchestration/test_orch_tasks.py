@@ -52,12 +52,20 @@ def test_refine_key_covers_the_loss() -> None:
     assert job().loss == "tail"
     assert job(loss="topk").key != job().key
     assert job(teacher_uri="/other").key == job().key
+    # the held-out windows that decide whether the gains are folded: by digest, not by where they lie
+    checked = job(check_uri="/s/d", check_digest="e")
+    assert checked.key != job().key and job(check_uri="/t/d", check_digest="e").key == checked.key
+    assert job(check_uri="/s/d", check_digest="f").key != checked.key
 
 
 def test_calibration_key_ignores_batch_size_only() -> None:
     def job(**kw: object) -> CalibrationJob:
         return CalibrationJob(store="/s", model_uri="/m", model_hash="h", data_dir=None, code="v",
                               calibration=CalibrationConfig(**({"source": "tinystories"} | kw)))
+
+    decision = CalibrationJob(store="/s", model_uri="/m", model_hash="h", data_dir=None, code="v",
+                              calibration=CalibrationConfig(source="tinystories"), windows="decision")
+    assert decision.key != job().key  # the held-out decision windows are not the calibration windows
 
     assert job(batch_size=1).key == job(batch_size=8).key
     assert len({job().key, job(n_samples=4).key, job(seq_len=64).key, job(seed=1).key, job(source="c4").key}) == 5

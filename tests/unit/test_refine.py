@@ -246,3 +246,52 @@ def test_compress_needs_a_teacher_for_an_already_pruned_model() -> None:
         compress(model, ids, cfg, batch_size=2)
     report = compress(model, ids, cfg, batch_size=2, teacher=dense)
     assert report.refine is not None and len(report.steps) == 1
+
+
+def _sampled(model: torch.nn.Module, n: int, t: int, seed: int) -> torch.Tensor:
+    """Windows the model itself writes (ancestral sampling): text on which matching it lowers the NLL."""
+    torch.manual_seed(seed)
+    start = tokens(n=n, t=1, seed=seed)
+    with torch.no_grad():
+        return model.generate(start, do_sample=True, max_new_tokens=t - 1, min_new_tokens=t - 1, top_k=0,
+                              pad_token_id=0)
+
+
+def test_gains_that_lower_the_held_out_nll_are_folded_as_without_the_check() -> None:
+    dense = tiny_model("llama")
+    ids, check = _sampled(dense, 6, 16, seed=3), _sampled(dense, 4, 16, seed=4)
+    targets = teacher_targets(dense, ids, topk=16)
+    plain, checked = copy.deepcopy(dense), copy.deepcopy(dense)
+    for m in (plain, checked):
+        remove_layer(m, 1)
+    refine(plain, ids, targets, mode="channels", steps=30, lr=2e-2)
+    rep = refine(checked, ids, targets, mode="channels", steps=30, lr=2e-2, check=check)
+    assert rep.kept and rep.check_windows == 4 and rep.check_loss_after < rep.check_loss_before
+    assert rep.folded and rep.to_dict()["kept"] is True
+    for (name, x), (_, y) in zip(plain.state_dict().items(), checked.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name  # the check decides; it does not change the fit
+
+
+def test_gains_that_raise_the_held_out_nll_are_declined_and_nothing_is_folded() -> None:
+    """Distilled towards a teacher that is not the model the text comes from, the gains lower their own loss and
+    raise the NLL of real text: declined, the model left exactly as it was."""
+    dense, other = tiny_model("llama"), tiny_model("llama", seed=7)
+    ids, check = _sampled(dense, 6, 16, seed=3), _sampled(dense, 4, 16, seed=4)
+    wrong = teacher_targets(other, ids, topk=16)
+    model = copy.deepcopy(dense)
+    remove_layer(model, 1)
+    before = copy.deepcopy(model.state_dict())
+    rep = refine(model, ids, wrong, mode="channels", steps=30, lr=2e-1, check=check)
+    assert rep.loss_after == pytest.approx(rep.loss_before)  # nothing folded: the audit loss is unchanged
+    assert not rep.kept and rep.folded == {} and rep.check_loss_after >= rep.check_loss_before
+    for name, x in model.state_dict().items():
+        assert torch.equal(x, before[name]), name
+
+
+def test_compress_passes_the_check_windows_to_the_gains() -> None:
+    dense = tiny_model("llama")
+    ids, check = _sampled(dense, 4, 16, seed=3), _sampled(dense, 2, 16, seed=4)
+    cfg = PruneConfig(n_layers=1, refine="channels", refine_steps=6, refine_lr=2e-2, refine_topk=8)
+    report = compress(dense, ids, cfg, batch_size=2, check_windows=check)
+    assert report.refine is not None and report.refine["check_windows"] == 2
+    assert isinstance(report.refine["kept"], bool)
