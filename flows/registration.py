@@ -33,6 +33,18 @@ def run_metrics(ppl: dict[str, dict[str, float]], qa: dict[str, Any] | None, n_r
     return out
 
 
+def _gains_decisions(summary: dict[str, Any]) -> str:
+    """Each gains fit's held-out decision, in order ("kept", "declined"; "-" where a fit was not checked), or
+    "none" when the run fitted no gains: the registry says whether what a level promised was folded."""
+    fits = [s["refine"] for s in summary["steps"] if s.get("kept") and s.get("refine")]
+    if summary.get("refine"):
+        fits.append(summary["refine"])
+    if not fits:
+        return "none"
+    return ",".join("-" if not f["report"].get("check_windows") else "kept" if f["report"].get("kept", True)
+                    else "declined" for f in fits)
+
+
 def _method(config: CompressConfig) -> str:
     prune = config.prune
     return ({"magnitude": "prune&comp", "guarded": "prune&comp-guarded", "lsq": "prune&comp+lsq"}.get(
@@ -57,6 +69,7 @@ def track_run(config: CompressConfig, loc: Locations, summary: dict[str, Any], m
         "final_check": (summary.get("final_check") or {}).get("verdict", "not run"),
         "guard_decisions": ",".join((s["record"].get("guard") or {}).get("decision", "-")
                                     for s in summary["steps"] if s["kept"]),
+        "gains": _gains_decisions(summary),
         "layers_removed": str(summary["removed"]), "n_layers_removed": str(len(summary["removed"])),
         "source_model": summary["source"]["uri"], "source_hash": summary["source"]["content_hash"],
         "calibration_digest": summary["calibration"]["digest"],

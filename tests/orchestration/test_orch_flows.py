@@ -41,6 +41,7 @@ def test_two_step_run_on_s3_end_to_end(harness, s3, tracking_uri, make_config, t
     assert mv.tags["metric"] == "bi" and mv.tags["layers_removed"] == "[2, 1]"
     # guarded compensation and the final check, as a registry user reads them
     assert mv.tags["compensation"] == "guarded" and len(mv.tags["guard_decisions"].split(",")) == 2
+    assert mv.tags["gains"] == "none"  # no gains fitted
     assert mv.tags["final_check"] == summary["final_check"]["verdict"] in ("better", "same")
     assert c.get_run(summary["mlflow"]["run_id"]).data.metrics["fold_loss_ratio"] == pytest.approx(
         summary["final_check"]["loss"] / summary["final_check"]["uncompensated_loss"])
@@ -285,6 +286,8 @@ def test_progressive_run_matches_the_library(harness, tracking_uri, make_config,
     c = client(tracking_uri)  # the registry says how the version was made; MLflow has each fit's KL per step
     mv = c.get_model_version("stories-progressive", run["mlflow"]["version"])
     assert mv.tags["method"] == "prune&comp-guarded+refine-norms+writers-each"
+    assert mv.tags["gains"] == ",".join("kept" if s["refine"]["report"]["kept"] else "declined"
+                                        for s in run["steps"])  # each fit's held-out decision
     history = c.get_metric_history(run["mlflow"]["run_id"], "step_refine_kl_after")
     assert [(h.step, h.value) for h in history] == [(i + 1, s["refine"]["report"]["loss_after"])
                                                      for i, s in enumerate(run["steps"])]
