@@ -14,7 +14,8 @@ The formula, per stage (a stage's work summed over its removals)::
 
     F    matmul + attention FLOPs in the model's dtype (bf16 on the GPU, fp32 on the CPU)
     F32  FLOPs in float32: the block reconstruction fits float32 copies of the layers (prunecomp/method/reconstruct.py),
-         which on the GPU run at the float32 peak (PyTorch's default matmul precision is "highest": no TF32)
+         whose matmuls run in TF32 on CUDA (``tf32_matmuls``), so P32 is the TF32 peak on the GPU; the column
+         "best, full float32 fits" projects them at the float32 peak (PyTorch's default, before that change)
     P, P32, e   peak FLOP/s (H100 SXM: 989e12 dense bf16, 67e12 fp32, 495e12 TF32) and the assumed efficiency
          (MATMUL_EFFICIENCY = 0.4 on the GPU; on the CPU P is a measured single-thread sgemm rate at the models'
          shapes and e = CPU_EFFICIENCY = 0.7, what a decoder layer's passes reach of it in the profile)
@@ -203,9 +204,9 @@ class Device:
     gpu: bool = True
 
 
-H100 = Device("H100 SXM", H100_BF16_FLOPS, H100_FP32_FLOPS, MATMUL_EFFICIENCY, H100_HBM_BYTES_S, H100_MEMORY_BYTES,
-              2, 2)
-H100_TF32 = replace(H100, name="H100 SXM, TF32 fits", flops32=H100_TF32_FLOPS)
+H100 = Device("H100 SXM", H100_BF16_FLOPS, H100_TF32_FLOPS, MATMUL_EFFICIENCY, H100_HBM_BYTES_S,
+              H100_MEMORY_BYTES, 2, 2)
+H100_FP32 = replace(H100, name="H100 SXM, full float32 fits", flops32=H100_FP32_FLOPS)
 H200 = replace(H100, name="H200", bandwidth=H200_HBM_BYTES_S, memory=H200_MEMORY_BYTES)
 
 
@@ -665,12 +666,12 @@ def main() -> None:
                     if shape.params < 2e9:
                         projections.append(project_level(shape, calib, level, k, cpu))
                     if level == "best":
-                        projections.append(project_level(shape, calib, level, k, H100_TF32))
+                        projections.append(project_level(shape, calib, level, k, H100_FP32))
     rows = measured_rows(smol, cpu)
     levels = ("fast", "balanced", "best")
-    gpu_table = level_table([p for p in projections if p.device in (H100.name, H100_TF32.name)],
-                            [(lv, lv, H100.name) for lv in levels] + [("best, TF32 fits", "best", H100_TF32.name)],
-                            order)
+    gpu_table = level_table([p for p in projections if p.device in (H100.name, H100_FP32.name)],
+                            [(lv, lv, H100.name) for lv in levels]
+                            + [("best, full float32 fits", "best", H100_FP32.name)], order)
     cpu_table = level_table([p for p in projections if p.device == cpu.name],
                             [(lv, lv, cpu.name) for lv in levels], order)
     detail = [p for p in projections if p.device == H100.name and p.level == "best" and p.calibration == "paper"
@@ -678,10 +679,12 @@ def main() -> None:
     detail += [p for p in projections if p.device == cpu.name and p.level == "best" and p.calibration == "cpu"
                and (p.shape, p.k) == (smol.name, 5)]
     text = "\n\n".join([
-        f"## Projected seconds per level, one {H100.name} (bf16 {H100.flops:.3g} FLOP/s, fp32 {H100.flops32:.3g}, "
-        f"TF32 {H100_TF32_FLOPS:.3g}, {MATMUL_EFFICIENCY:.0%} of peak; HBM {H100.bandwidth:.3g} B/s)",
+        f"## Projected seconds per level, one {H100.name} (bf16 {H100.flops:.3g} FLOP/s, TF32 fits "
+        f"{H100.flops32:.3g}, fp32 {H100_FP32_FLOPS:.3g}, {MATMUL_EFFICIENCY:.0%} of peak; "
+        f"HBM {H100.bandwidth:.3g} B/s)",
         gpu_table,
-        "best (TF32 fits): the same with the reconstruction's float32 matmuls in TF32 (not what the code does today). "
+        "best (full float32 fits): the same with the reconstruction's float32 matmuls at the float32 rate "
+        "(PyTorch's default; the fits now run in TF32 on CUDA). "
         "(x, does not fit): the bf16 weights exceed the device; the gains cannot stream.",
         f"## Projected seconds per level, this CPU (sgemm {flops:.3g} FLOP/s, copy {bw:.3g} B/s, "
         f"{'measured' if measured else 'stated'}, one thread)",

@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +34,8 @@ from prunecomp.models.hooks import _hidden_out
 from prunecomp.models.sequential import catch_layer_inputs, run_layer
 
 __all__ = ["GapStreams", "ReconstructReport", "capture_gap", "describe", "effective_side",
-           "fit_layers", "layer_tensors", "reconstruct", "reconstruct_layers", "relative_error"]
+           "fit_layers", "layer_tensors", "reconstruct", "reconstruct_layers", "relative_error",
+           "tf32_matmuls"]
 
 
 
@@ -64,6 +66,24 @@ def _through(layers: Sequence[nn.Module], x: Tensor, kwargs: Sequence[dict]) -> 
     return x
 
 
+@contextmanager
+def tf32_matmuls(device: torch.device) -> Iterator[None]:
+    """On CUDA, float32 matmuls and convolutions at the TF32 rate while the block runs (7x the float32 rate on an
+    H100: products with a 10-bit mantissa, float32 accumulation, float32 master weights and Adam state), restored
+    after; nothing on other devices. Why: the fits train float32 copies of the layers, and PyTorch's default
+    float32 matmul precision on CUDA is full float32, which made them 81% of the best level's projected time on an
+    8B model (docs/BENCHMARKS.md). A fit is judged by its own error before and after, both measured inside."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def fit_layers(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[Tensor],
                kwargs: Sequence[Sequence[dict]], *, steps: int, lr: float,
                generator: torch.Generator) -> tuple[float, float]:
@@ -73,9 +93,18 @@ def fit_layers(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[T
     Adam at ``lr`` with cosine decay to a tenth, on float32 copies of the layers (a bf16 weight cannot take a small
     Adam step), copied back in the layers' own dtype at the end only when that lowers the mean
     :func:`relative_error` over all batches (a fit that does not help is declined, like the guard's scales).
-    Returns that error before and after (after = before when declined)."""
+    Returns that error before and after (after = before when declined). On CUDA the float32 matmuls run in TF32
+    (:func:`tf32_matmuls`)."""
     if steps < 1 or not xs:
         raise PrunecompError(f"a local fit needs steps >= 1 and at least one batch, got {steps} and {len(xs)}")
+    device = next((p.device for layer in layers for p in layer.parameters()), xs[0].device)
+    with tf32_matmuls(device):
+        return _fit(layers, xs, ys, kwargs, steps=steps, lr=lr, generator=generator)
+
+
+def _fit(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[Tensor],
+         kwargs: Sequence[Sequence[dict]], *, steps: int, lr: float,
+         generator: torch.Generator) -> tuple[float, float]:
     work = [copy.deepcopy(layer).float().train(False) for layer in layers]
     kws = [[_float32(kw) for kw in per] for per in kwargs]
     params = [p for layer in work for p in layer.parameters()]

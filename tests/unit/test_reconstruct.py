@@ -134,3 +134,21 @@ def test_a_json_report_of_a_reconstructed_run_is_not_a_recipe() -> None:
     with pytest.raises(PrunecompError, match="reconstructed layers"):
         recipe_from_report(report.to_dict() | {"source_num_layers": 6})
     assert isinstance(report.recipe(SOURCE), Recipe)
+
+
+def test_fits_use_tf32_only_on_cuda_and_restore_the_flags() -> None:
+    """The float32 fits run their matmuls in TF32 on CUDA (the flags set inside, restored after, even on an
+    error); elsewhere the flags are not touched."""
+    from prunecomp.method.reconstruct import tf32_matmuls
+
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with tf32_matmuls(torch.device("cpu")):
+            assert not torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(RuntimeError), tf32_matmuls(torch.device("cuda")):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+            raise RuntimeError("a failing fit")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
