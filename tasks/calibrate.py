@@ -14,7 +14,7 @@ from prefect import task
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from prunecomp.corpora.calibration import TokenWindows, calibration_windows, decision_windows
+from prunecomp.corpora.calibration import TokenWindows, calibration_windows, held_out_windows
 from prunecomp.corpora.data import text_files
 from prunecomp.errors import PrunecompError
 from prunecomp.models.redact import redact
@@ -57,8 +57,9 @@ def build_calibration(job: CalibrationJob) -> dict[str, Any]:
                                     "by: it changed after the run hashed it; run again"))
     tokenizer = AutoTokenizer.from_pretrained(resolve_source(job.model_uri).local_dir)
     if job.windows == "decision":
-        windows = decision_windows(tokenizer, cfg.source, n_windows=cfg.held_out, seq_len=cfg.seq_len,
-                                   calibration_samples=cfg.n_samples, seed=cfg.seed, data_dir=job.data_dir)
+        windows = held_out_windows(tokenizer, cfg.source, n_windows=cfg.held_out, seq_len=cfg.seq_len,
+                                   calibration_samples=cfg.n_samples, seed=cfg.seed, data_dir=job.data_dir,
+                                   after=cfg.held_out)
     else:
         windows = calibration_windows(tokenizer, cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
                                       seed=cfg.seed, data_dir=job.data_dir)

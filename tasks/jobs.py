@@ -150,7 +150,7 @@ class CalibrationJob(Job):
     calibration: CalibrationConfig
     data_dir: str | None
     # calibration: the scoring (or fitting) windows; decision: the held-out windows after the final check's, on
-    # which the gains are kept or declined (prunecomp.corpora.calibration.decision_windows)
+    # which the gains are kept or declined (prunecomp.corpora.calibration.held_out_windows with after=held_out)
     windows: Literal["calibration", "decision"] = "calibration"
     # the files the windows are read from, by content; default: hashed now, in this process
     data_files: tuple[DataFile, ...] = Field(default_factory=lambda data: fingerprint_files(

@@ -18,7 +18,7 @@ from torch import Tensor
 from prunecomp.corpora.data import Split, load_text
 from prunecomp.errors import PrunecompError
 
-__all__ = ["HELD_OUT_SEED", "TokenWindows", "calibration_windows", "decision_windows", "evaluation_windows",
+__all__ = ["HELD_OUT_SEED", "TokenWindows", "calibration_windows", "evaluation_windows",
            "held_out_windows", "tokenize_windows"]
 
 HELD_OUT_SEED = 7919
@@ -153,10 +153,15 @@ def held_out_windows(
     calibration_samples: int,
     seed: int = 0,
     data_dir: str | os.PathLike[str] | None = None,
+    after: int = 0,
 ) -> TokenWindows:
     """``n_windows`` random windows of the calibration split of ``source`` that share no token position with the
     ``calibration_samples`` calibration windows of the same ``seed`` and ``seq_len`` (nor with each other): what
-    the final check measures on, so that a run's own fit cannot flatter it."""
+    the final check measures on, so that a run's own fit cannot flatter it.
+
+    ``after``: skip the first ``after`` windows of the same draw and return the ``n_windows`` that follow,
+    disjoint from those too. With ``after`` = the final check's count these are the windows on which a fitted
+    stage is kept or declined, so that the final check stays independent of that decision."""
     text, origin = load_text(source, "calibration", data_dir)
     bos = getattr(tokenizer, "bos_token_id", None)
     body = seq_len - 1 if bos is not None else seq_len
@@ -166,34 +171,17 @@ def held_out_windows(
     taken = _random_starts(tokens.numel(), body, calibration_samples, seed)
     gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED)
     starts: list[int] = []
-    for _ in range(200 * n_windows):
-        if len(starts) == n_windows:
+    wanted = after + n_windows
+    for _ in range(200 * wanted):
+        if len(starts) == wanted:
             break
         start = int(torch.randint(0, tokens.numel() - body + 1, (1,), generator=gen))
         if all(abs(start - other) >= body for other in taken):
             starts.append(start)
             taken.append(start)
-    if len(starts) < n_windows:
-        raise PrunecompError(f"text from {origin} ({tokens.numel()} tokens) leaves no room for {n_windows} held-out "
+    if len(starts) < wanted:
+        raise PrunecompError(f"text from {origin} ({tokens.numel()} tokens) leaves no room for {wanted} held-out "
                              f"windows of {seq_len} tokens beside the {calibration_samples} calibration windows")
-    return _cut(tokens, starts, body, bos, f"{origin} held-out({seed})")
+    return _cut(tokens, starts[after:], body, bos,
+                f"{origin} held-out({seed})" + (f" after {after}" if after else ""))
 
-
-def decision_windows(
-    tokenizer: object,
-    source: str = "c4",
-    *,
-    n_windows: int,
-    seq_len: int,
-    calibration_samples: int,
-    seed: int = 0,
-    data_dir: str | os.PathLike[str] | None = None,
-) -> TokenWindows:
-    """``n_windows`` held-out windows drawn after the final check's ``n_windows`` (:func:`held_out_windows`: the
-    same draw, continued), so disjoint from the calibration windows and from the final check's: where a fitted
-    stage is kept or declined, so that the final check stays independent of that decision."""
-    both = held_out_windows(tokenizer, source, n_windows=2 * n_windows, seq_len=seq_len,
-                            calibration_samples=calibration_samples, seed=seed, data_dir=data_dir)
-    ids = both.ids[n_windows:]
-    origin = both.origin.replace("held-out", "decision")
-    return TokenWindows(ids=ids, origin=origin, digest=_digest(ids, origin))

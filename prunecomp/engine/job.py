@@ -18,8 +18,8 @@ from prunecomp.corpora.calibration import (
     TokenWindows,
     calibration_windows,
     check_context,
-    decision_windows,
     evaluation_windows,
+    held_out_windows,
 )
 from prunecomp.engine.compress import compress
 from prunecomp.engine.dense import dense_layers, source_layer_weights
@@ -280,10 +280,11 @@ def _fit_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
 
 
 def _decision_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
-    """The held-out windows on which the gains are kept or declined (:func:`decision_windows`), when the run fits
-    gains and keeps held-out windows at all."""
+    """The held-out windows on which the gains are kept or declined, when the run fits
+    gains and keeps held-out windows at all: the held-out draw continued after the final check's windows."""
     if config.prune.refine == "none" or config.calibration.held_out == 0:
         return None
     cal = held_out_config(config.calibration, config.prune)
-    return decision_windows(tokenizer, cal.source, n_windows=cal.held_out, seq_len=cal.seq_len,
-                            calibration_samples=cal.n_samples, seed=cal.seed, data_dir=config.data_dir)
+    return held_out_windows(tokenizer, cal.source, n_windows=cal.held_out, seq_len=cal.seq_len,
+                            calibration_samples=cal.n_samples, seed=cal.seed, data_dir=config.data_dir,
+                            after=cal.held_out)

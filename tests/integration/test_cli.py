@@ -414,7 +414,7 @@ def test_the_final_check_and_the_gains_decision_never_see_a_fitted_window(storie
     from transformers import AutoTokenizer
 
     from prunecomp.config import CalibrationConfig, PruneConfig
-    from prunecomp.corpora.calibration import calibration_windows, decision_windows, held_out_windows
+    from prunecomp.corpora.calibration import calibration_windows, held_out_windows
     from prunecomp.engine.final_check import held_out_config
 
     tok = AutoTokenizer.from_pretrained(stories_dir)
@@ -427,9 +427,12 @@ def test_the_final_check_and_the_gains_decision_never_see_a_fitted_window(storie
     assert torch.equal(fit.ids[:8], scoring.ids)  # the fitting windows are a superset of the scoring ones
     final = held_out_windows(tok, cal.source, n_windows=6, seq_len=64, calibration_samples=held.n_samples,
                              seed=3, data_dir=data_dir)
-    decide = decision_windows(tok, cal.source, n_windows=6, seq_len=64, calibration_samples=held.n_samples,
-                              seed=3, data_dir=data_dir)
-    assert decide.n == 6 and "decision" in decide.origin and decide.digest != final.digest
+    decide = held_out_windows(tok, cal.source, n_windows=6, seq_len=64, calibration_samples=held.n_samples,
+                              seed=3, data_dir=data_dir, after=6)
+    assert decide.n == 6 and "after 6" in decide.origin and decide.digest != final.digest
+    both = held_out_windows(tok, cal.source, n_windows=12, seq_len=64, calibration_samples=held.n_samples, seed=3,
+                            data_dir=data_dir)
+    assert torch.equal(both.ids[:6], final.ids) and torch.equal(both.ids[6:], decide.ids)  # one draw, continued
 
     def grams(ids: torch.Tensor) -> set[tuple[int, ...]]:
         return {tuple(row[i:i + 24].tolist()) for row in ids for i in range(0, ids.shape[1] - 24)}

@@ -233,7 +233,7 @@ def _decision(store: str | None) -> object:
     from tasks.calibrate import load_windows
 
     found = [w for w in (load_windows(str(p.parent)) for p in Path(str(store), "calibration").glob("*/_COMPLETE"))
-             if "decision" in w.origin]
+             if "held-out" in w.origin]
     assert len(found) <= 1
     return found[0] if found else None
 
