@@ -46,6 +46,9 @@ top-1 agreement with the dense model's greedy next token on the evaluation windo
 seed): the state after j removals of that run is the k = j run's (nothing after a removal depends on k), and the
 gains (``balanced``, ``best``) are fitted again from the state at each k, as a run with that k fits them once. QA
 retained with its standard error is added with ``--qa-limit N`` (N seeded items per task; off by default here).
+The published methods (``replaceme``, ``linearpatch``, ``ghosted``) may be named among ``--levels``: each runs
+at every k from the dense model on the same seed's calibration windows and lands on the same table (recovered
+against the same seed's naive removal; the ones that add run-time matmuls say so in their label).
 The quality protocol is the three seeds (the default); one seed per process, rendered together, takes a third of
 the time on an idle machine:
     .venv/bin/python bench/quality.py --levels fast,balanced,best --threads 1   # seeds 0,1,2: quality_levels.json
@@ -204,16 +207,20 @@ def _one_shot(model: Any, cal: Any, metric: str, ks: list[int], evaluate: Evalua
     return results
 
 
-def _anchor(model: Any, cal: Any, ks: list[int], variant: str, evaluate: Evaluator, batch: int) -> dict:
-    """A published baseline (bench/anchors.py) at every k, each from the dense model."""
+def _anchor(model: Any, cal: Any, ks: list[int], variant: str, evaluate: Evaluator, batch: int,
+            agree: bool = False) -> dict:
+    """A published baseline (bench/anchors.py) at every k, each from the dense model, with its seconds (the
+    method alone, evaluation excluded) and, with ``agree``, the top-1 agreement."""
     from anchors import ghosted_layers, linear_patch, replace_me
 
     results = {}
     for k in ks:
         m = copy.deepcopy(model)
         fit = {"replaceme": replace_me, "linearpatch": linear_patch, "ghosted": ghosted_layers}[variant]
+        t = time.perf_counter()
         info = fit(m, cal.ids, k, batch_size=batch)
-        results[k] = _record(info.pop("removed"), evaluate(m, evaluate.at(k)), **info)
+        info["seconds"] = time.perf_counter() - t
+        results[k] = _record(info.pop("removed"), evaluate(m, evaluate.at(k), agree=agree), **info)
         print(f"    [{variant}] k={k}: {results[k]['ppl']}", file=sys.stderr, flush=True)
     return results
 
@@ -368,7 +375,8 @@ def _levels(lm: Any, args: argparse.Namespace, ks: list[int], evaluate: Evaluato
     each seed; ``save()`` after each run so an interrupted protocol keeps what it measured."""
     levels = args.levels.split(",")
     for level in levels:
-        level_settings(level, args.calib_samples)  # an unknown level fails before any compute
+        if level not in ANCHORS:
+            level_settings(level, args.calib_samples)  # an unknown level fails before any compute
     evaluate.set_reference(lm.model)
     positions = sum(ref.numel() for ref in evaluate.reference.values())  # the dense model agrees with itself
     result["dense"]["agree"] = Agreement(positions, positions).to_dict()
@@ -385,6 +393,13 @@ def _levels(lm: Any, args: argparse.Namespace, ks: list[int], evaluate: Evaluato
         save()
         teachers: dict[tuple[int, int], tuple[Any, float]] = {}  # (fit windows, top-k) -> predictions, seconds
         for level in levels:
+            if level in ANCHORS:  # a published baseline at the same seed, on the same table
+                t = time.perf_counter()
+                result["levels"].setdefault(level, {})[seed] = _anchor(lm.model, cal, ks, level, evaluate,
+                                                                       args.batch_size, agree=True)
+                print(f"  [{level}, seed {seed}] {time.perf_counter() - t:.0f} s in all", file=sys.stderr, flush=True)
+                save()
+                continue
             config = _level_config(level, max(ks), cal.n)
             fit_on = _level_fit_windows(lm.tokenizer, config, args, seed)
             targets, teacher_s = None, 0.0
@@ -562,6 +577,9 @@ VARIANT_ORDER = ("one-shot", "iterative", "prune&comp", "guarded", "lsq", "selec
                  "refine-none", "refine-lsq", "refine+select", "reconstruct", "refine-reconstruct", "reconstruct-refit",
                  "refine-reconstruct-refit", "refit", "refine-refit", "replaceme", "linearpatch", "ghosted")
 ANCHORS = ("replaceme", "linearpatch", "ghosted")
+ANCHOR_LABELS = {"replaceme": "ReplaceMe (anchor)", "linearpatch": "LinearPatch (anchor, + run-time matmul)",
+                 "ghosted": "Ghosted Layers (baseline, + a run-time matmul per cut)"}
+"""How the levels table names the published methods run beside the levels (``--levels best,replaceme,...``)."""
 REFINED = ("refine", "refine-guarded", "refine-none", "refine-lsq", "refine+select", "refine-reconstruct",
            "refine-reconstruct-refit", "refine-refit")
 
@@ -984,7 +1002,8 @@ def render_levels(results: list[dict[str, Any]]) -> str:
                 cells += ["-", "-"]
         seconds = _mean(list(row.seconds))
         cells += [_cell(seconds, ".0f" if seconds is None or seconds >= 10 else ".1f"), _target_cell(row)]
-        lines.append(f"| {row.level} | {row.k} | {','.join(map(str, row.seeds))} | " + " | ".join(cells) + " |")
+        label = ANCHOR_LABELS.get(row.level, row.level)
+        lines.append(f"| {label} | {row.k} | {','.join(map(str, row.seeds))} | " + " | ".join(cells) + " |")
     positions = (dense.get("agree") or {}).get("total")
     fit = max(64, int(s.get("calib_samples", 0)))
     note = (f"Calibration: {s.get('calib_samples')} x {s.get('calib_seq_len')} tokens of {s.get('calib_source')} "

@@ -39,12 +39,13 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def quality() -> Any:
     """bench/quality.py as a module (bench/ is not a package: imported by path, as bench/results_doc.py imports it;
-    its recovered share imports bench/measures.py when first used)."""
+    its recovered share imports bench/measures.py and its anchors bench/anchors.py when first used)."""
     import sys
 
     bench = str(Path(__file__).resolve().parents[1] / "bench")
     sys.path.insert(0, bench)
     try:
+        import anchors  # noqa: F401
         import measures  # noqa: F401
         import quality
     finally:
