@@ -40,6 +40,10 @@ REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metric
            "quality_tail128_s200", "quality_tail128_rlr2", "quality_tail128_s150", "quality_tail128_rlr3",
            "quality_tail128_rlr2_s140", "quality_tail64_rlr3", "quality_balanced_tail64")
 
+LEVEL_SEEDS = "quality_levels_s*.json"
+"""The quality protocol per calibration seed (``bench/quality.py --levels fast,balanced,best --seeds N``, one file
+per process), rendered as one table: the levels' measured table, mean and worst over the seeds."""
+
 BUDGET = {3: 2 * 867.0, 5: 2 * 721.0, 8: 2 * 788.0}
 """Seconds per k (one CPU thread): twice the measured seconds of the end-of-run gains alone (80 Adam steps on 64
 windows: variant ``refine`` at k = 3 and 8 in ``quality_refine_k38.json``, ``refine-guarded`` at k = 5 in
@@ -376,13 +380,25 @@ are in [BENCHMARKS.md](BENCHMARKS.md); the protocol and the words below are defi
   k, chosen by `best_within_budget()`; every file's row is a candidate (none is hidden by another file's)."""
 
 
+def _dated(name: str) -> str | None:
+    """When a result file without a recorded commit was first committed (``bench/results/dated.json``)."""
+    path = RESULTS / "dated.json"
+    entry = json.loads(path.read_text()).get(name) if path.is_file() else None
+    if not entry:
+        return None
+    return (f"commit not recorded; first committed in {entry['first_committed']} ({entry['date']}), measured at or "
+            "before it")
+
+
 def provenance(name: str) -> str:
     """Where a table's numbers come from: its results file, the commit and the machine's load as the benchmark
-    recorded them (or that it did not)."""
+    recorded them (or that it did not, and how old the file is)."""
     path = RESULTS / f"{name}.json"
     if not path.is_file():
         return f"From `bench/results/{name}.md`; commit and load not recorded."
     result = json.loads(path.read_text())
+    if not result.get("commit") and _dated(name):
+        return f"From `bench/results/{name}.json`; {_dated(name)}; machine load not recorded."
     before, after = result.get("load_before"), result.get("load_after")
     if before and after:
         load = (f"load average {before['loadavg'][0]:.2f} before, {after['loadavg'][0]:.2f} after, other busy "
@@ -400,8 +416,17 @@ def build() -> str:
     table = lowest(all_rows)
     dense = everything[0][1]["dense"]["ppl"]["mean"] if everything else 0.0
     parts = ["# Results", "", DEFINITIONS, ""]
+    seeds = sorted(RESULTS.glob(LEVEL_SEEDS))
+    if seeds:
+        from quality import render_levels  # bench/: imported by path
+
+        parts += ["## Quality levels", "", "Every level at k = 3, 5 and 8 over calibration seeds "
+                  "(`bench/quality.py --levels`, one file per seed).", "",
+                  *[provenance(p.stem) for p in seeds], "",
+                  render_levels([json.loads(p.read_text()) for p in seeds]), ""]
     if everything:
-        parts += ["## Quality levels", "", levels_table(all_rows, table, dense), "",
+        parts += ["## Quality levels, single runs (earlier files, seed 0)", "",
+                  levels_table(all_rows, table, dense), "",
                   "## Best within the time budget", "", best_table(all_rows, table, dense), ""]
     if guarded:
         parts += ["## Guarded compensation against naive removal and the paper", "",
@@ -421,7 +446,10 @@ def build() -> str:
     if refined:
         parts += ["## Fitted runs, one file each (`bench/quality.py --variants refine...`)", ""]
         for name, result in refined:
-            parts += [f"### `{name}.json`", "", rows_table([(name, result)]), ""]
+            parts += [f"### `{name}.json`", "", provenance(name), "", rows_table([(name, result)]), ""]
+    if everything:
+        parts += ["## Where the single-run quality tables come from", "",
+                  *[f"- {provenance(name)}" for name, _r in quality + guarded + anchors], ""]
     variants = RESULTS / "refine_variants.jsonl"
     if variants.is_file():
         naive = {k: r.ppl for (m, v, k), r in table.items() if m == "bi" and v == NAIVE_ITERATIVE}

@@ -22,7 +22,8 @@ from typing import Any, Literal, get_args
 from prunecomp.config import PruneConfig, flatten_tree
 from prunecomp.errors import PrunecompError
 
-__all__ = ["DEFAULT_LEVEL", "LEVELS", "Level", "apply_level", "describe", "level_settings", "resolve"]
+__all__ = ["DEFAULT_LEVEL", "LEVELS", "MEASURED_RECOVERY", "Level", "apply_level", "describe", "level_settings",
+           "measured_recovery", "resolve"]
 
 Level = Literal["fast", "balanced", "best"]
 DEFAULT_LEVEL: Level = "fast"
@@ -42,6 +43,22 @@ LEVELS: dict[str, dict[str, Any]] = {
              "reconstruct_lr": 1e-3},
 }
 """Level -> :class:`~prunecomp.config.PruneConfig` fields. ``refine_samples`` is a rule (:func:`level_settings`)."""
+
+MEASURED_RECOVERY: dict[str, tuple[float, float, float]] = {
+    "fast": (-0.5, 8.5, 31.6),
+    "balanced": (36.7, 59.2, 67.2),
+    "best": (76.2, 73.0, 70.7),
+}
+"""Recovered share (%) of the naive removal's perplexity degradation at k = 3 / 5 / 8 on the quality protocol
+(SmolLM2-135M; docs/RESULTS.md#quality-levels: the mean over the calibration seeds measured, a single run where
+only one was), quoted by ``--help``. tests/unit/test_docs.py checks every value
+against the result files the README quotes, so the help cannot drift from what was measured."""
+
+
+def measured_recovery() -> str:
+    """The measured recovery of every level in one phrase, for ``--help``."""
+    return ", ".join(f"{level} {'/'.join(f'{v:.0f}' for v in values)}%" for level, values in
+                     MEASURED_RECOVERY.items())
 
 
 def level_settings(level: str, calibration_windows: int) -> dict[str, Any]:
