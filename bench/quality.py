@@ -74,8 +74,9 @@ from typing import Any
 import torch
 
 from prunecomp.config import CalibrationConfig, PruneConfig
-from prunecomp.corpora.calibration import TokenWindows, calibration_windows, evaluation_windows, held_out_windows
+from prunecomp.corpora.calibration import TokenWindows, calibration_windows, evaluation_windows
 from prunecomp.engine.compress import compress, refine_as_configured, refit_as_configured, teacher_for
+from prunecomp.engine.final_check import decision_windows, held_out_config
 from prunecomp.engine.loop import prune_and_compensate
 from prunecomp.evaluation.agreement import Agreement, agreement, greedy_tokens
 from prunecomp.evaluation.cache import ResultCache, weights_digest
@@ -412,10 +413,9 @@ def _levels(lm: Any, args: argparse.Namespace, ks: list[int], evaluate: Evaluato
                 targets, teacher_s = teachers[key]
             t = time.perf_counter()
             print(f"[{level}, seed {seed}]", file=sys.stderr, flush=True)
-            held = CalibrationConfig().held_out  # the gains' held-out decision, after the final check's windows
-            check = None if config.refine == "none" else held_out_windows(
-                lm.tokenizer, args.calib_source, n_windows=held, seq_len=args.calib_seq_len,
-                calibration_samples=config.fit_samples(cal.n), seed=seed, after=held)
+            check = None if config.refine == "none" else decision_windows(lm.tokenizer, held_out_config(
+                CalibrationConfig(source=args.calib_source, n_samples=cal.n, seq_len=args.calib_seq_len, seed=seed),
+                config), None)  # the gains' held-out decision, as the product draws it
             runs = _level_run(lm.model, cal, config, fit_on, targets, teacher_s, ks, evaluate, args.batch_size,
                               f"{level}, seed {seed}", check)
             result["levels"].setdefault(level, {})[seed] = runs

@@ -14,8 +14,9 @@ from prefect import task
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from prunecomp.corpora.calibration import TokenWindows, calibration_windows, held_out_windows
+from prunecomp.corpora.calibration import TokenWindows, calibration_windows
 from prunecomp.corpora.data import text_files
+from prunecomp.engine.final_check import decision_windows
 from prunecomp.errors import PrunecompError
 from prunecomp.models.redact import redact
 from prunecomp.models.sources import resolve_source
@@ -57,9 +58,7 @@ def build_calibration(job: CalibrationJob) -> dict[str, Any]:
                                     "by: it changed after the run hashed it; run again"))
     tokenizer = AutoTokenizer.from_pretrained(resolve_source(job.model_uri).local_dir)
     if job.windows == "decision":
-        windows = held_out_windows(tokenizer, cfg.source, n_windows=cfg.held_out, seq_len=cfg.seq_len,
-                                   calibration_samples=cfg.n_samples, seed=cfg.seed, data_dir=job.data_dir,
-                                   after=cfg.held_out)
+        windows = decision_windows(tokenizer, cfg, job.data_dir)
     else:
         windows = calibration_windows(tokenizer, cfg.source, n_samples=cfg.n_samples, seq_len=cfg.seq_len,
                                       seed=cfg.seed, data_dir=job.data_dir)

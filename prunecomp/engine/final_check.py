@@ -30,12 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from prunecomp.config import CalibrationConfig, PruneConfig
-from prunecomp.corpora.calibration import held_out_windows
+from prunecomp.corpora.calibration import TokenWindows, held_out_windows
 from prunecomp.models.adapters import decoder_layers, get_adapter, resolve
 from prunecomp.recipes.recipe import Recipe
 
-__all__ = ["FinalCheck", "Op", "final_check", "held_out_config", "line", "output_edits", "reconstructed_layers",
-           "run_final_check", "uncompensated_view"]
+__all__ = ["FinalCheck", "Op", "decision_windows", "final_check", "held_out_config", "line", "output_edits",
+           "reconstructed_layers", "run_final_check", "uncompensated_view"]
 
 TOLERANCE = 1e-4
 """Relative NLL margin below which the two are called equal (float rounding of the hooked forward)."""
@@ -265,6 +265,15 @@ def held_out_config(calibration: CalibrationConfig, prune: PruneConfig) -> Calib
     no fit sees a window it is judged on."""
     n = prune.fit_samples(calibration.n_samples)
     return calibration if n == calibration.n_samples else calibration.model_copy(update={"n_samples": n})
+
+
+def decision_windows(tokenizer: Any, held_out: CalibrationConfig, data_dir: str | None) -> TokenWindows:
+    """The windows the gains are kept or declined on: ``held_out.held_out`` more held-out windows after the final
+    check's (the same draw continued), so the final check stays independent of that decision. ``held_out``: the
+    calibration config as :func:`held_out_config` returns it."""
+    return held_out_windows(tokenizer, held_out.source, n_windows=held_out.held_out, seq_len=held_out.seq_len,
+                            calibration_samples=held_out.n_samples, seed=held_out.seed, data_dir=data_dir,
+                            after=held_out.held_out)
 
 
 def run_final_check(target: Any, tokenizer: Any, recipe: Recipe, calibration: CalibrationConfig,

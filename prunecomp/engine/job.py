@@ -19,11 +19,10 @@ from prunecomp.corpora.calibration import (
     calibration_windows,
     check_context,
     evaluation_windows,
-    held_out_windows,
 )
 from prunecomp.engine.compress import compress
 from prunecomp.engine.dense import dense_layers, source_layer_weights
-from prunecomp.engine.final_check import held_out_config, run_final_check
+from prunecomp.engine.final_check import decision_windows, held_out_config, run_final_check
 from prunecomp.engine.loop import check_runs
 from prunecomp.errors import PrunecompError
 from prunecomp.evaluation.perplexity import perplexity
@@ -284,7 +283,4 @@ def _decision_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
     gains and keeps held-out windows at all: the held-out draw continued after the final check's windows."""
     if config.prune.refine == "none" or config.calibration.held_out == 0:
         return None
-    cal = held_out_config(config.calibration, config.prune)
-    return held_out_windows(tokenizer, cal.source, n_windows=cal.held_out, seq_len=cal.seq_len,
-                            calibration_samples=cal.n_samples, seed=cal.seed, data_dir=config.data_dir,
-                            after=cal.held_out)
+    return decision_windows(tokenizer, held_out_config(config.calibration, config.prune), config.data_dir)
