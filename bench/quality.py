@@ -340,7 +340,8 @@ def _level_run(model: Any, cal: Any, config: PruneConfig, fit_on: TokenWindows |
         ev = evaluate(state, evaluate.at(k), agree=True)
         results[k] = _record([r.chosen for r in steps[:k]], ev, seconds=teacher_seconds + prune_s + fit_s,
                              teacher_seconds=teacher_seconds, prune_seconds=prune_s, refine_seconds=fit_s,
-                             refine=fit, reconstructed=[r.reconstruct is not None for r in steps[:k]])
+                             refine=fit, reconstructed=[r.reconstruct is not None for r in steps[:k]],
+                             reconstruct_kept=[(r.reconstruct or {}).get("kept") for r in steps[:k]])
         print(f"    [{label}] k={k}: {results[k]['ppl']}, agree {100 * results[k]['agree']['rate']:.1f}%, "
               f"{results[k]['seconds']:.0f} s", file=sys.stderr, flush=True)
 
@@ -413,9 +414,9 @@ def _levels(lm: Any, args: argparse.Namespace, ks: list[int], evaluate: Evaluato
                 targets, teacher_s = teachers[key]
             t = time.perf_counter()
             print(f"[{level}, seed {seed}]", file=sys.stderr, flush=True)
-            check = None if config.refine == "none" else decision_windows(lm.tokenizer, held_out_config(
+            check = None if not config.decides_held_out else decision_windows(lm.tokenizer, held_out_config(
                 CalibrationConfig(source=args.calib_source, n_samples=cal.n, seq_len=args.calib_seq_len, seed=seed),
-                config), None)  # the gains' held-out decision, as the product draws it
+                config), None)  # the held-out decisions' windows, as the product draws them
             runs = _level_run(lm.model, cal, config, fit_on, targets, teacher_s, ks, evaluate, args.batch_size,
                               f"{level}, seed {seed}", check)
             result["levels"].setdefault(level, {})[seed] = runs

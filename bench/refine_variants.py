@@ -439,7 +439,7 @@ def _local_fit(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, chosen: 
         ys, _ = _stream(teacher, ids, args.local_batch, original_indices(teacher).index(target) + 1)
     t0 = time.perf_counter()
     before, after = fit_layers(layers[a : b + 1], xs, ys, [[kw] * (b + 1 - a) for kw in kws], steps=args.local_steps,
-                               lr=args.local_lr, generator=gen)  # the library's fit (declined when it does not help)
+                               lr=args.local_lr, generator=gen)[:2]  # the library's fit (declined if it does not help)
     rec = {"layers": [int(orig[j]) for j in range(a, b + 1)], "target": int(target),
            "loss_before": before, "loss_after": after, "seconds": time.perf_counter() - t0}
     print("  local", rec, flush=True)
@@ -504,7 +504,7 @@ def _sequential(model: nn.Module, ids: torch.Tensor, args: argparse.Namespace) -
     for j in range(first, len(layers)):
         kws = [kw[j] for kw in caught.kwargs]
         before, after = fit_layers([layers[j]], xs, targets[orig[j] + 1], [[kw] for kw in kws],
-                                   steps=args.seq_steps, lr=args.local_lr, generator=gen)
+                                   steps=args.seq_steps, lr=args.local_lr, generator=gen)[:2]
         errors.append([int(orig[j]), before, after])
         xs = run_layer(layers[j], xs, kws)
     return {"first": int(orig[first]) if first < len(orig) else None, "errors": errors,

@@ -202,6 +202,9 @@ def _remove_layers(run: Run, state: State, lock: RunLock) -> tuple[list[dict[str
     if p.reconstruct != "none" and p.refine_samples is not None:
         windows = run.fit_windows()
         local = {"fit_uri": windows["uri"], "fit_digest": windows["digest"]}
+    check = run.decision_windows() if p.reconstruct != "none" else None
+    if check is not None:  # the held-out windows each reconstruction must improve (in the step keys too)
+        local |= {"check_uri": check["uri"], "check_digest": check["digest"]}
     dense_ppl = state.ppl
     steps: list[dict[str, Any]] = []
     stop_reason = f"removed the {k} requested layers"

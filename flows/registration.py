@@ -45,6 +45,15 @@ def _gains_decisions(summary: dict[str, Any]) -> str:
                     else "declined" for f in fits)
 
 
+def _reconstruct_decisions(summary: dict[str, Any]) -> str:
+    """Each kept step's block reconstruction, in order: "kept", "declined" (on held-out windows or its own), "-"
+    where the step fitted nothing; "none" when the run reconstructed nothing."""
+    fits = [s["record"].get("reconstruct") for s in summary["steps"] if s.get("kept")]
+    if not any(fits):
+        return "none"
+    return ",".join("-" if not f else "kept" if f.get("kept", True) else "declined" for f in fits)
+
+
 def _method(config: CompressConfig) -> str:
     prune = config.prune
     return ({"magnitude": "prune&comp", "guarded": "prune&comp-guarded", "lsq": "prune&comp+lsq"}.get(
@@ -69,7 +78,7 @@ def track_run(config: CompressConfig, loc: Locations, summary: dict[str, Any], m
         "final_check": (summary.get("final_check") or {}).get("verdict", "not run"),
         "guard_decisions": ",".join((s["record"].get("guard") or {}).get("decision", "-")
                                     for s in summary["steps"] if s["kept"]),
-        "gains": _gains_decisions(summary),
+        "gains": _gains_decisions(summary), "reconstruct": _reconstruct_decisions(summary),
         "layers_removed": str(summary["removed"]), "n_layers_removed": str(len(summary["removed"])),
         "source_model": summary["source"]["uri"], "source_hash": summary["source"]["content_hash"],
         "calibration_digest": summary["calibration"]["digest"],

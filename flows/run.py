@@ -22,7 +22,7 @@ from tasks.model_io import materialize_model
 from tasks.refine import refine_state, teacher_predictions
 from tasks.settings import Locations
 
-__all__ = ["Run", "State", "base_model", "fan_out", "teacher"]
+__all__ = ["Run", "State", "base_model", "decision", "fan_out", "teacher"]
 
 
 @dataclass
@@ -89,6 +89,12 @@ class Run:
             return self.fit["windows"]
         return _fit_windows(self.config, self.store, self.base, self.cal, self.data_dir)
 
+    def decision_windows(self) -> dict[str, Any] | None:
+        """The held-out windows the gains and block reconstruction are kept or declined on (:func:`decision`)."""
+        if self.fit is not None:
+            return self.fit["check"]
+        return decision(self.config, self.store, self.base, self.data_dir)
+
     def refine(self, parts: list[str], digest: str) -> tuple[dict[str, Any], bool]:
         """One gains fit on the state ``parts`` (cached)."""
         assert self.fit is not None
@@ -151,12 +157,19 @@ def teacher(config: CompressConfig, store: str, base: dict[str, Any], cal: dict[
     teacher, _ = run_cached(teacher_predictions, TeacherJob(
         store=store, base_uri=base["uri"], base_hash=base["hash"], calibration_uri=windows["uri"],
         calibration_digest=windows["digest"], topk=p.refine_topk, batch_size=config.calibration.batch_size))
-    check = None
-    if config.calibration.held_out:
-        check, _ = run_cached(build_calibration, CalibrationJob(
-            store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
-            calibration=held_out_config(config.calibration, p), windows="decision"))
-    return {"windows": windows, "teacher": teacher, "check": None if check is None else dict(check)}
+    return {"windows": windows, "teacher": teacher, "check": decision(config, store, base, data_dir)}
+
+
+def decision(config: CompressConfig, store: str, base: dict[str, Any], data_dir: str | None) -> dict[str, Any] | None:
+    """The held-out windows every gains fit and block reconstruction must improve to be kept (one cached task, the
+    held-out draw continued after the final check's windows); None when the run keeps no held-out windows or
+    decides nothing on them."""
+    if not config.calibration.held_out or not config.prune.decides_held_out:
+        return None
+    check, _ = run_cached(build_calibration, CalibrationJob(
+        store=store, model_uri=base["uri"], model_hash=base["hash"], data_dir=data_dir,
+        calibration=held_out_config(config.calibration, config.prune), windows="decision"))
+    return dict(check)
 
 
 def fan_out(config: CompressConfig, job: StepJob, n_src: int, removed: list[int]) -> tuple[dict[int, float],

@@ -50,7 +50,8 @@ class CalibrationConfig(_Frozen):
     ``held_out`` more windows of the same source, disjoint from those (and from the fitting windows of a run that
     fits), are the final check's (did what the run folded beat plain removal of the same layers? see
     :mod:`prunecomp.engine.final_check`); ``held_out`` more after them decide whether the gains are folded (see
-    :func:`prunecomp.method.refine.refine`). 0 skips both."""
+    :func:`prunecomp.method.refine.refine`) and each block reconstruction kept (see
+    :func:`prunecomp.method.reconstruct.fit_layers`). 0 skips both."""
 
     source: str = _field("c4", "calibration", "Calibration text: wikitext2, c4, ptb, tinystories, or a "
                          ".txt/.jsonl/.parquet file.", flag="calib-source")
@@ -59,7 +60,8 @@ class CalibrationConfig(_Frozen):
     seed: int = _field(0, "calibration", "Seed of the calibration sampling.", flag="seed")
     batch_size: int = _field(4, "calibration", "Calibration batch size.", flag="batch-size", gt=0)
     held_out: int = _field(8, "calibration", "Held-out windows of the final check, and as many more on which the "
-                           "gains are kept or declined (0 skips both).", flag="calib-held-out", ge=0)
+                           "gains and block reconstruction are kept or declined (0 skips both).",
+                           flag="calib-held-out", ge=0)
 
 
 class EvalConfig(_Frozen):
@@ -191,6 +193,12 @@ class PruneConfig(_Frozen):
     def fits(self) -> bool:
         """Whether the run fits anything on windows (the gains, block reconstruction, the refit)."""
         return self.refine != "none" or self.reconstruct != "none" or self.refit != "none"
+
+    @property
+    def decides_held_out(self) -> bool:
+        """Whether a stage is kept or declined on held-out windows: the gains and block reconstruction (the
+        refit decides per layer on its fitting windows)."""
+        return self.refine != "none" or self.reconstruct != "none"
 
     def fit_samples(self, calibration_samples: int) -> int:
         """How many windows of the calibration draw the run fits or scores on: ``refine_samples`` when it fits

@@ -150,7 +150,7 @@ class CalibrationJob(Job):
     calibration: CalibrationConfig
     data_dir: str | None
     # calibration: the scoring (or fitting) windows; decision: the held-out windows after the final check's, on
-    # which the gains are kept or declined (prunecomp.corpora.calibration.held_out_windows with after=held_out)
+    # which the gains and block reconstruction are kept or declined (held_out_windows with after=held_out)
     windows: Literal["calibration", "decision"] = "calibration"
     # the files the windows are read from, by content; default: hashed now, in this process
     data_files: tuple[DataFile, ...] = Field(default_factory=lambda data: fingerprint_files(
@@ -186,7 +186,7 @@ class StepJob(StateJob):
     kind: ClassVar[str] = "steps"
     # candidate_scores: computed by fanned-out tasks from exactly the inputs in the key (see tasks.candidates)
     not_in_key: ClassVar[frozenset[str]] = frozenset({"base_uri", "parts", "calibration_uri", "candidate_scores",
-                                                      "fit_uri"})
+                                                      "fit_uri", "check_uri"})
 
     calibration_uri: str
     calibration_digest: str
@@ -197,11 +197,15 @@ class StepJob(StateJob):
     # The windows of block reconstruction's local fit (prune.reconstruct), when they are not the calibration ones.
     fit_uri: str | None = None
     fit_digest: str | None = None
+    # The held-out windows each reconstruction must improve to be kept (none: decided on the fitting windows).
+    check_uri: str | None = None
+    check_digest: str | None = None
 
     def key_payload(self) -> dict[str, object]:
         payload = super().key_payload()
-        if self.fit_digest is None:  # no local fit on windows of its own: the keys of earlier runs unchanged
-            payload.pop("fit_digest", None)
+        for name in ("fit_digest", "check_digest"):  # absent: the keys of runs without them unchanged
+            if payload.get(name) is None:
+                payload.pop(name, None)
         # Refinement is its own task (RefineJob): a run refined at the end reuses the plain run's steps, and a
         # progressive run's steps after the first differ by their parent state's digest, which is in the key.
         # The sequential refit after the last removal (prune.refit) is its own task too (RefitJob).

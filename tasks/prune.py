@@ -34,17 +34,19 @@ def prune_one_step(job: StepJob) -> dict[str, Any]:
     parent = recipe_of(job.base_hash, job.parts, job.state_digest)
     windows = load_windows(job.calibration_uri, job.calibration_digest)
     fit = None if job.fit_uri is None else load_windows(job.fit_uri, str(job.fit_digest))
+    check = None if job.check_uri is None else load_windows(job.check_uri, str(job.check_digest))
     with checkout(job.base_uri, parent, stream=job.stream, device=job.device, dtype=job.dtype,
                   record=job.source_record) as wc:
         if wc.streamed is not None:
             record = prune_step(wc.streamed, windows, job.prune, step=job.step, batch_size=job.batch_size,
-                                fit_windows=fit)
+                                fit_windows=fit, check_windows=check)
         else:
             for_key = f"{windows.digest}:{job.batch_size}"
             scanner = wc.scanner if wc.scanner_for == for_key else make_scanner(
                 wc.model, windows, job.prune, batch_size=job.batch_size)
             record = prune_step(wc.model, windows, job.prune, step=job.step, batch_size=job.batch_size,
-                                scanner=scanner, scores=job.candidate_scores, fit_windows=fit)
+                                scanner=scanner, scores=job.candidate_scores, fit_windows=fit,
+                                check_windows=check)
             wc.scanner, wc.scanner_for = scanner, for_key  # told about this removal by prune_step
         compensated = job.prune.compensates
         part = RecipeStep(removed=record.chosen, current=record.chosen_current,

@@ -97,15 +97,17 @@ class Backend(Protocol):
         """Fold ``fit`` (layer removed, scale folded) only when it lowers the calibration loss."""
         ...
 
-    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int) -> GapStreams | None:
+    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int,
+                    check: Tensor | None = None) -> GapStreams | None:
         """The streams block reconstruction fits, read while layer ``current`` is there (ability
-        ``reconstruct``)."""
+        ``reconstruct``), and the same on the held-out windows ``check`` in the same pass."""
         ...
 
     def fit_layers(self, gap: GapStreams, scale: float, *, steps: int, lr: float, seed: int, removed: int
                    ) -> tuple[ReconstructReport, Mapping[str, Tensor] | None]:
-        """Fit the layers beside the gap (after the removal) and keep the fit when it lowers the error; the report
-        and, when kept, the fitted parameters by name in the model (the recipe's record)."""
+        """Fit the layers beside the gap (after the removal) and keep the fit when it lowers the error (on the
+        held-out streams too, when ``gap.check`` has some); the report and, when kept, the fitted parameters by name
+        in the model (the recipe's record)."""
         ...
 
     def remove(self, current: int, scale: float) -> None:

@@ -94,7 +94,8 @@ def compress(
     recipe).
 
     ``check_windows``: held-out windows on which every gains fit must lower the next-token NLL to be folded (see
-    :func:`prunecomp.method.refine.refine`; None: always folded).
+    :func:`prunecomp.method.refine.refine`) and every block reconstruction its stream error to be kept (see
+    :func:`prunecomp.method.reconstruct.fit_layers`); None: decided on the fitting windows alone.
 
     ``config.refit="sequential"``: after the last removal and before the end refinement, every layer after the
     first gap is refitted to ``dense``'s streams (the dense source; see :data:`~prunecomp.engine.dense.DenseSource`) on
@@ -108,7 +109,7 @@ def compress(
     targets = teacher_for(model, fit_on, config, batch_size=batch_size, teacher=teacher)
     loop = partial(prune_and_compensate, model, calibration, batch_size=batch_size, on_step=on_step,
                    on_batch=on_batch, calibration_config=calibration_config, cache_budget_bytes=cache_budget_bytes,
-                   fit_windows=refine_windows)
+                   fit_windows=refine_windows, check_windows=check_windows)
     if config.refit != "none" and dense is None:
         as_dense(dense)  # refused before any work: the refit needs the dense source
     if targets is None or config.refine_at == "end":

@@ -260,7 +260,7 @@ def final_check(target: Any, recipe: Recipe, ids: Tensor, digest: str, *, batch_
 
 
 def held_out_config(calibration: CalibrationConfig, prune: PruneConfig) -> CalibrationConfig:
-    """``calibration`` as the final check (and the gains' decision) draw held-out windows from it: avoiding every
+    """``calibration`` as the final check (and the held-out decisions) draw held-out windows from it: avoiding every
     window the run fitted on (``refine_samples`` of the same draw, when larger than the scoring windows), so that
     no fit sees a window it is judged on."""
     n = prune.fit_samples(calibration.n_samples)
@@ -268,9 +268,9 @@ def held_out_config(calibration: CalibrationConfig, prune: PruneConfig) -> Calib
 
 
 def decision_windows(tokenizer: Any, held_out: CalibrationConfig, data_dir: str | None) -> TokenWindows:
-    """The windows the gains are kept or declined on: ``held_out.held_out`` more held-out windows after the final
-    check's (the same draw continued), so the final check stays independent of that decision. ``held_out``: the
-    calibration config as :func:`held_out_config` returns it."""
+    """The windows the gains and block reconstruction are kept or declined on: ``held_out.held_out`` more held-out
+    windows after the final check's (the same draw continued), so the final check stays independent of those
+    decisions. ``held_out``: the calibration config as :func:`held_out_config` returns it."""
     return held_out_windows(tokenizer, held_out.source, n_windows=held_out.held_out, seq_len=held_out.seq_len,
                             calibration_samples=held_out.n_samples, seed=held_out.seed, data_dir=data_dir,
                             after=held_out.held_out)

@@ -279,8 +279,8 @@ def _fit_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
 
 
 def _decision_windows(config: JobConfig, tokenizer: Any) -> TokenWindows | None:
-    """The held-out windows on which the gains are kept or declined, when the run fits
-    gains and keeps held-out windows at all: the held-out draw continued after the final check's windows."""
-    if config.prune.refine == "none" or config.calibration.held_out == 0:
+    """The held-out windows on which the gains and the block reconstructions are kept or declined, when the run
+    fits either and keeps held-out windows at all: the held-out draw continued after the final check's windows."""
+    if not config.prune.decides_held_out or config.calibration.held_out == 0:
         return None
     return decision_windows(tokenizer, held_out_config(config.calibration, config.prune), config.data_dir)

@@ -116,6 +116,7 @@ def prune_step(
     scanner: Scanner | None = None,
     scores: Mapping[int, float] | None = None,
     fit_windows: TokenWindows | Tensor | None = None,
+    check_windows: TokenWindows | Tensor | None = None,
 ) -> StepRecord:
     """One iteration on ``model`` (in place; an ``nn.Module`` or a layer-streamed model): score all layers, remove
     one, run the configured stages. ``step`` counts from 0.
@@ -124,19 +125,26 @@ def prune_step(
     without it the step scores from scratch. ``scores`` (ORIGINAL layer index -> score) are a per-candidate
     metric's scores computed elsewhere (fanned out over workers, see
     :func:`prunecomp.engine.incremental.candidate_scores`); the step then only runs the one pass that measures the gap
-    scales. ``fit_windows``: the windows of the local fits (``config.reconstruct``; default: ``calibration``).
+    scales. ``fit_windows``: the windows of the local fits (``config.reconstruct``; default: ``calibration``);
+    ``check_windows``: held-out windows on which a local fit must lower its error too to be kept (None: decided
+    on the fitting windows alone).
     """
     check_runs(model, config)
     backend = backend_for(model, calibration, config, batch_size=batch_size, on_batch=on_batch, scanner=scanner,
                           cache=False)
-    return _step(backend, config, step=step, scores=scores, fit_ids=_fit_ids(calibration, fit_windows))
+    return _step(backend, config, step=step, scores=scores, fit_ids=_fit_ids(calibration, fit_windows),
+                 check_ids=_check_ids(check_windows))
 
 
 def _fit_ids(calibration: TokenWindows | Tensor, fit_windows: TokenWindows | Tensor | None) -> Tensor:
     return _windows(calibration if fit_windows is None else fit_windows)
 
 
-def _step(backend: Backend, config: PruneConfig, *, step: int, fit_ids: Tensor,
+def _check_ids(check_windows: TokenWindows | Tensor | None) -> Tensor | None:
+    return None if check_windows is None else _windows(check_windows)
+
+
+def _step(backend: Backend, config: PruneConfig, *, step: int, fit_ids: Tensor, check_ids: Tensor | None = None,
           scores: Mapping[int, float] | None = None) -> StepRecord:
     """Score, select, remove: one removal of an iterative run."""
     t0 = time.perf_counter()
@@ -156,19 +164,19 @@ def _step(backend: Backend, config: PruneConfig, *, step: int, fit_ids: Tensor,
     choose, _needs = SELECTIONS[config.selection]
     picked = choose(backend, scan, cands, config, block)
     record = _remove(backend, config, scan, orig, cands, picked.current, step, t0, fit_ids=fit_ids,
-                     guard=picked.guard)
+                     check_ids=check_ids, guard=picked.guard)
     if picked.trials is not None:  # compensated calibration NLL of every trial, by original index, for the audit
         record.selection_losses = {orig[i]: v for i, v in picked.trials.items()}
     return record
 
 
 def _remove(backend: Backend, config: PruneConfig, scan: LayerScan, orig: list[int], cands: list[int],
-            current: int, step: int, t0: float, *, fit_ids: Tensor, forwards: int | None = None,
-            guard: Any = None) -> StepRecord:
+            current: int, step: int, t0: float, *, fit_ids: Tensor, check_ids: Tensor | None = None,
+            forwards: int | None = None, guard: Any = None) -> StepRecord:
     """Remove scan-index ``current`` (also its current index: layers above it may be gone, none below), with
     every configured stage around the removal (:mod:`prunecomp.engine.stages`)."""
     gap = Gap(backend=backend, ids=backend.ids, fit_ids=fit_ids, batch_size=backend.batch_size, step=step,
-              current=current, chosen=orig[current], measured=scan.scales[current], guard=guard)
+              current=current, chosen=orig[current], measured=scan.scales[current], guard=guard, check_ids=check_ids)
     stages = active_stages(config)
     for stage in stages:
         stage.before(gap)
@@ -203,6 +211,7 @@ def prune_and_compensate(
     calibration_config: CalibrationConfig | None = None,
     cache_budget_bytes: int | None = None,
     fit_windows: TokenWindows | Tensor | None = None,
+    check_windows: TokenWindows | Tensor | None = None,
 ) -> PruneReport:
     """Remove layers from ``model`` in place until the configured count is gone; return the report. ``model`` is an
     in-memory ``nn.Module`` or a layer-streamed :class:`~prunecomp.engine.streamed.StreamedModel`: one loop, two
@@ -217,7 +226,8 @@ def prune_and_compensate(
     ``config.refine`` is not applied here: refinement needs the dense model's predictions from before the first
     removal and runs after the last one, so the caller wires it (:func:`prunecomp.engine.compress.compress` in memory,
     the pipeline's own refine task). ``fit_windows``: the windows of the local fits after each removal (default:
-    ``calibration``).
+    ``calibration``); ``check_windows``: held-out windows on which each local fit must lower its error too to be
+    kept (None: decided on the fitting windows alone).
     """
     t0 = time.perf_counter()
     check_runs(model, config)
@@ -232,10 +242,10 @@ def prune_and_compensate(
     if calibration_config is not None:
         report.calibration["config"] = calibration_config.model_dump(mode="json")
     already = n_src - len(decoder_layers(backend.model))
-    fit_ids = _fit_ids(calibration, fit_windows)
+    fit_ids, check_ids = _fit_ids(calibration, fit_windows), _check_ids(check_windows)
     if config.mode == "iterative":
         for step in range(already, k):
-            record = _step(backend, config, step=step, fit_ids=fit_ids)
+            record = _step(backend, config, step=step, fit_ids=fit_ids, check_ids=check_ids)
             report.steps.append(record)
             if on_step is not None:
                 on_step(record, model)
@@ -250,7 +260,8 @@ def prune_and_compensate(
         # Highest index first, so the scan's indices of the layers still to remove stay valid.
         for n_done, current in enumerate(sorted(chosen, reverse=True)):
             record = _remove(backend, config, scan, orig, cands, current, already + n_done, time.perf_counter(),
-                             fit_ids=fit_ids, forwards=scan.layer_forwards if n_done == 0 else 0)
+                             fit_ids=fit_ids, check_ids=check_ids,
+                             forwards=scan.layer_forwards if n_done == 0 else 0)
             report.steps.append(record)
             if on_step is not None:
                 on_step(record, model)

@@ -86,8 +86,9 @@ class InMemory:
             keep(guard.map_kept)
         return guard.map_kept
 
-    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int) -> GapStreams | None:
-        return capture_gap(self.model, current, ids, side, batch_size=batch_size)
+    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int,
+                    check: Tensor | None = None) -> GapStreams | None:
+        return capture_gap(self.model, current, ids, side, batch_size=batch_size, check=check)
 
     def fit_layers(self, gap: GapStreams, scale: float, *, steps: int, lr: float, seed: int, removed: int
                    ) -> tuple[ReconstructReport, Mapping[str, Tensor] | None]:

@@ -31,6 +31,7 @@ from prunecomp.engine.dense import DenseSource, as_dense
 from prunecomp.errors import PrunecompError
 from prunecomp.method.guard import GuardResult
 from prunecomp.method.planning import choose
+from prunecomp.method.reconstruct import describe as describe_reconstruct
 from prunecomp.method.refine import RefineReport, TeacherTargets, refine
 from prunecomp.method.refit import RefitReport, sequential_refit
 from prunecomp.method.scoring import LayerScan
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 class Gap:
     """One removal as the stages see it. ``current``: the layer's index now; ``chosen``: its original index;
     ``measured``: the paper's gap scale s; ``scale``: what the loop folds upstream (the compensation stage sets
-    it; 1.0 folds nothing); ``fit_ids``: the windows local fits use."""
+    it; 1.0 folds nothing); ``fit_ids``: the windows local fits use; ``check_ids``: held-out windows on which a
+    local fit must lower its error too to be kept (None: decided on ``fit_ids`` alone)."""
 
     backend: Backend
     ids: Tensor
@@ -62,6 +64,7 @@ class Gap:
     scale: float = 1.0
     guard: GuardResult | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    check_ids: Tensor | None = None
 
 
 class Stage(Protocol):
@@ -153,7 +156,7 @@ class Reconstruct:
 
     def before(self, gap: Gap) -> None:
         self._streams = gap.backend.capture_gap(gap.current, gap.fit_ids, self.settings.method,
-                                                batch_size=self.settings.batch)
+                                                batch_size=self.settings.batch, check=gap.check_ids)
         if self._streams is None:
             log.info("layer %d: no layer %s it to reconstruct", gap.chosen, self.settings.method)
 
@@ -164,8 +167,7 @@ class Reconstruct:
         fitted = streams.fitted()
         done, weights = gap.backend.fit_layers(streams, gap.scale, steps=self.settings.steps, lr=self.settings.lr,
                                                seed=gap.step, removed=gap.chosen)
-        log.info("layer %d: reconstructed layer(s) %s, error %.4f -> %.4f%s", gap.chosen, done.layers,
-                 done.loss_before, done.loss_after, "" if done.kept else " (declined: the fit did not lower it)")
+        log.info("layer %d: %s", gap.chosen, describe_reconstruct(done.to_dict()))
         gap.record |= {"reconstruct": done.to_dict(), "layer_weights": weights}
         if weights is not None:
             gap.backend.changed(min(fitted))

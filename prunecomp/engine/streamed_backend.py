@@ -43,9 +43,10 @@ class Streamed:
     def guard(self, current: int, s: float, exponents: Sequence[float]) -> GuardResult:
         return self.sm.guard(self.ids, current, s, exponents, batch_size=self.batch_size)
 
-    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int) -> GapStreams | None:
-        return capture_gap(self.model, current, ids, side, batch_size=batch_size, layer_at=self.sm.load_layer,
-                           release=self.sm.free)
+    def capture_gap(self, current: int, ids: Tensor, side: str, *, batch_size: int,
+                    check: Tensor | None = None) -> GapStreams | None:
+        return capture_gap(self.model, current, ids, side, batch_size=batch_size, check=check,
+                           layer_at=self.sm.load_layer, release=self.sm.free)
 
     def fit_layers(self, gap: GapStreams, scale: float, *, steps: int, lr: float, seed: int, removed: int
                    ) -> tuple[ReconstructReport, Mapping[str, Tensor] | None]:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ from prunecomp.models.adapters import decoder_layers
 from prunecomp.models.hooks import _hidden_out
 from prunecomp.models.sequential import catch_layer_inputs, run_layer
 
-__all__ = ["GapStreams", "ReconstructReport", "capture_gap", "describe", "effective_side",
+__all__ = ["FitErrors", "GapStreams", "HeldOut", "ReconstructReport", "capture_gap", "describe", "effective_side",
            "fit_layers", "layer_tensors", "reconstruct", "reconstruct_layers", "relative_error",
            "tf32_matmuls"]
 
@@ -84,29 +84,54 @@ def tf32_matmuls(device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+class HeldOut(NamedTuple):
+    """The same streams as a fit's, on held-out windows it does not train on: ``xs[b]`` into the first fitted
+    layer, ``ys[b]`` the target, ``kwargs[b][j]`` layer ``j``'s kwargs."""
+
+    xs: list[Tensor]
+    ys: list[Tensor]
+    kwargs: list[list[dict]]
+
+
+class FitErrors(NamedTuple):
+    """A local fit's mean :func:`relative_error` before and after on the windows it trained on, and on the held-out
+    windows (None without them). ``kept``: whether the fitted weights were copied back."""
+
+    before: float
+    after: float
+    check_before: float | None = None
+    check_after: float | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self.after < self.before and (self.check_after is None or self.check_after < self.check_before)
+
+
 def fit_layers(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[Tensor],
                kwargs: Sequence[Sequence[dict]], *, steps: int, lr: float,
-               generator: torch.Generator) -> tuple[float, float]:
+               generator: torch.Generator, check: HeldOut | None = None) -> FitErrors:
     """Fit every parameter of ``layers`` (applied in order) so that ``xs[b]`` maps to ``ys[b]`` (one cached batch
     per step, in a random order from ``generator``); ``kwargs[b][j]``: layer ``j``'s kwargs for batch ``b``.
 
     Adam at ``lr`` with cosine decay to a tenth, on float32 copies of the layers (a bf16 weight cannot take a small
     Adam step), copied back in the layers' own dtype at the end only when that lowers the mean
-    :func:`relative_error` over all batches (a fit that does not help is declined, like the guard's scales).
-    Returns that error before and after (after = before when declined). On CUDA the float32 matmuls run in TF32
-    (:func:`tf32_matmuls`)."""
+    :func:`relative_error` over all batches (a fit that does not help is declined, like the guard's scales) and,
+    given ``check``, over the held-out batches too: a fit of every weight of a layer on a few dozen windows can
+    learn those windows rather than the gap, which only windows it never saw can tell. Returns the errors (in-sample
+    after = before when that already declines it). On CUDA the float32 matmuls run in TF32 (:func:`tf32_matmuls`)."""
     if steps < 1 or not xs:
         raise PrunecompError(f"a local fit needs steps >= 1 and at least one batch, got {steps} and {len(xs)}")
     device = next((p.device for layer in layers for p in layer.parameters()), xs[0].device)
     with tf32_matmuls(device):
-        return _fit(layers, xs, ys, kwargs, steps=steps, lr=lr, generator=generator)
+        return _fit(layers, xs, ys, kwargs, steps=steps, lr=lr, generator=generator, check=check)
 
 
 def _fit(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[Tensor],
          kwargs: Sequence[Sequence[dict]], *, steps: int, lr: float,
-         generator: torch.Generator) -> tuple[float, float]:
+         generator: torch.Generator, check: HeldOut | None) -> FitErrors:
     work = [copy.deepcopy(layer).float().train(False) for layer in layers]
     kws = [[_float32(kw) for kw in per] for per in kwargs]
+    check_kws = None if check is None else [[_float32(kw) for kw in per] for per in check.kwargs]
     params = [p for layer in work for p in layer.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -114,8 +139,15 @@ def _fit(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[Tensor]
     def error(b: int) -> Tensor:
         return relative_error(_through(work, xs[b].float(), kws[b]), ys[b])
 
+    def held_out() -> float | None:
+        if check is None or check_kws is None:
+            return None
+        return float(torch.stack([relative_error(_through(work, x.float(), kw), y)
+                                  for x, y, kw in zip(check.xs, check.ys, check_kws, strict=True)]).mean())
+
     with torch.no_grad():
         before = float(torch.stack([error(b) for b in range(len(xs))]).mean())
+        check_before = held_out()
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
@@ -131,24 +163,28 @@ def _fit(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[Tensor]
     with torch.no_grad():
         after = float(torch.stack([error(b) for b in range(len(xs))]).mean())
         if not after < before:
-            return before, before
-        for layer, fitted in zip(layers, work, strict=True):
-            for p, q in zip(layer.parameters(), fitted.parameters(), strict=True):
-                p.copy_(q.to(p.dtype))
-    return before, after
+            return FitErrors(before, before, check_before, check_before)
+        done = FitErrors(before, after, check_before, held_out())
+        if done.kept:
+            for layer, fitted in zip(layers, work, strict=True):
+                for p, q in zip(layer.parameters(), fitted.parameters(), strict=True):
+                    p.copy_(q.to(p.dtype))
+    return done
 
 
 @dataclass
 class GapStreams:
     """What a local fit needs, read before the removal: the stream entering the first layer to fit (``xs``, per
     batch, as it was before the removal), the stream to reproduce (``ys``), and each fitted layer's kwargs
-    (``kwargs[b][j]``); ``side`` and the removed layer's index ``current`` (before the removal)."""
+    (``kwargs[b][j]``); ``side`` and the removed layer's index ``current`` (before the removal); ``check``: the same
+    on held-out windows, on which the fit must lower the error too (None: decided on the fitting windows alone)."""
 
     side: str
     current: int
     xs: list[Tensor]
     ys: list[Tensor]
     kwargs: list[list[dict]]
+    check: HeldOut | None = None
 
     def fitted(self) -> list[int]:
         """Indices, in the model AFTER the removal, of the layers the fit trains."""
@@ -171,13 +207,14 @@ def effective_side(side: str, current: int, n_layers: int) -> str | None:
 
 @torch.no_grad()
 def capture_gap(model: nn.Module, current: int, ids: Tensor, side: str, *, batch_size: int = 4,
-                layer_at: Callable[[int], nn.Module] | None = None,
+                check: Tensor | None = None, layer_at: Callable[[int], nn.Module] | None = None,
                 release: Callable[[nn.Module], None] | None = None) -> GapStreams | None:
     """One partial pass (it stops after the last layer needed) over ``ids`` while layer ``current`` is still
     there. ``before``: input of layer ``current - 1``, target the removed layer's output. ``after``: input of the
     removed layer (what the next layer reads once it is gone), target the next layer's output. ``both``: input of
     ``current - 1``, target the next layer's output. Where a side has no layer the other one is fitted (see
-    :func:`effective_side`; the result says which); None for a model of one layer.
+    :func:`effective_side`; the result says which); None for a model of one layer. ``check``: held-out windows
+    whose streams the same pass reads (each layer is loaded once for both), for the fit's keep-or-decline.
 
     ``layer_at(j)`` / ``release(layer)``: how a layer-streamed model loads and frees layer ``j`` (default: the
     model's own layers, in memory)."""
@@ -188,26 +225,35 @@ def capture_gap(model: nn.Module, current: int, ids: Tensor, side: str, *, batch
     first = current - 1 if side in ("before", "both") else current
     last_out = current + 1 if side in ("after", "both") else current  # the target: the output of this layer
     caught = catch_layer_inputs(model, ids, batch_size)
+    held = None if check is None else catch_layer_inputs(model, check, batch_size)
     xs, h = None, caught.hidden
+    check_xs, ch = None, None if held is None else held.hidden
     for j in range(last_out + 1):
         if j == first:
-            xs = h
+            xs, check_xs = h, ch
         layer = layers[j] if layer_at is None else layer_at(j)
         h = run_layer(layer, h, [kw[j] for kw in caught.kwargs])
+        if held is not None:
+            ch = run_layer(layer, ch, [kw[j] for kw in held.kwargs])
         if release is not None:
             release(layer)
     fitted = [j for j in (current - 1, current + 1) if (j < current and side != "after") or
               (j > current and side != "before")]
     assert xs is not None
+    held_out = None
+    if held is not None:
+        assert check_xs is not None and ch is not None
+        held_out = HeldOut(xs=check_xs, ys=ch, kwargs=[[per[j] for j in fitted] for per in held.kwargs])
     return GapStreams(side=side, current=current, xs=xs, ys=h,
-                      kwargs=[[per[j] for j in fitted] for per in caught.kwargs])
+                      kwargs=[[per[j] for j in fitted] for per in caught.kwargs], check=held_out)
 
 
 @dataclass
 class ReconstructReport:
     """What one local fit did: the layers fitted (ORIGINAL indices), the stream reproduced (the output of original
-    layer ``target``), the error before and after, whether it was kept (declined when it does not lower the
-    error: the layers are left as they were), and its cost."""
+    layer ``target``), the error before and after, on the fitting windows and (``check_windows`` > 0) on
+    held-out ones, whether it was kept (declined when it does not lower the error on both: the layers are left as
+    they were), and its cost."""
 
     side: str
     layers: list[int]
@@ -219,6 +265,9 @@ class ReconstructReport:
     loss_after: float
     seconds: float
     kept: bool = True
+    check_windows: int = 0
+    check_loss_before: float | None = None
+    check_loss_after: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -226,11 +275,17 @@ class ReconstructReport:
 
 def describe(rec: dict[str, Any]) -> str:
     """One step's reconstruction (:meth:`ReconstructReport.to_dict`) in words, for the CLI and run reports."""
+    n, c0, c1 = rec.get("check_windows") or 0, rec.get("check_loss_before"), rec.get("check_loss_after")
     if not rec.get("kept", True):
+        if n and rec["loss_after"] < rec["loss_before"]:
+            return (f"reconstruction of layer(s) {rec['layers']} declined: it lowered the relative error on its "
+                    f"{rec['windows']} fitting windows ({rec['loss_before']:.4f} -> {rec['loss_after']:.4f}) but not "
+                    f"on {n} held-out windows ({c0:.4f} -> {c1:.4f}); the layers are left as they were")
         return (f"reconstruction of layer(s) {rec['layers']} declined: {rec['steps']} steps did not lower the relative "
                 f"error {rec['loss_before']:.4f}; the layers are left as they were")
+    held = f", held-out {c0:.4f} -> {c1:.4f} on {n} windows" if n else ""
     return (f"reconstructed layer(s) {rec['layers']} ({rec['side']}) to write layer {rec['target']}'s output stream: "
-            f"relative error {rec['loss_before']:.4f} -> {rec['loss_after']:.4f} ({rec['steps']} steps on "
+            f"relative error {rec['loss_before']:.4f} -> {rec['loss_after']:.4f}{held} ({rec['steps']} steps on "
             f"{rec['windows']} windows, {rec['seconds']:.0f} s)")
 
 
@@ -251,7 +306,8 @@ def reconstruct(model: nn.Module, gap: GapStreams, scale: float, *, steps: int, 
                 removed: int, originals: Sequence[int]) -> ReconstructReport:
     """Fit the layer(s) beside the gap ``gap`` describes, in ``model`` after the removal and the fold of ``scale``
     upstream (the stream before the gap is the old one times ``scale``: every writer there was multiplied by it
-    and every reader normalises). ``removed``: the removed layer's original index; ``originals``: the original
+    and every reader normalises); kept only when it lowers the error on ``gap.check``'s held-out windows too, when
+    there are some. ``removed``: the removed layer's original index; ``originals``: the original
     indices of ``model``'s layers now (for the report)."""
     layers = decoder_layers(model)
     return reconstruct_layers([layers[j] for j in gap.fitted()], gap, scale, steps=steps, lr=lr, seed=seed,
@@ -264,9 +320,14 @@ def reconstruct_layers(layers: Sequence[nn.Module], gap: GapStreams, scale: floa
     them for the fit and keeps them when the report says ``kept``)."""
     t0 = time.perf_counter()
     xs = [x * scale for x in gap.xs] if scale != 1.0 else gap.xs
-    before, after = fit_layers(layers, xs, gap.ys, gap.kwargs, steps=steps, lr=lr,
-                               generator=torch.Generator().manual_seed(seed))
+    check = gap.check
+    if check is not None and scale != 1.0:
+        check = check._replace(xs=[x * scale for x in check.xs])
+    fit = fit_layers(layers, xs, gap.ys, gap.kwargs, steps=steps, lr=lr,
+                     generator=torch.Generator().manual_seed(seed), check=check)
     target = removed if gap.side == "before" else originals[gap.current]
     return ReconstructReport(side=gap.side, layers=[originals[j] for j in gap.fitted()], target=target, steps=steps,
-                             lr=lr, windows=sum(x.shape[0] for x in gap.xs), loss_before=before, loss_after=after,
-                             seconds=time.perf_counter() - t0, kept=after < before)
+                             lr=lr, windows=sum(x.shape[0] for x in gap.xs), loss_before=fit.before,
+                             loss_after=fit.after, seconds=time.perf_counter() - t0, kept=fit.kept,
+                             check_windows=0 if check is None else sum(x.shape[0] for x in check.xs),
+                             check_loss_before=fit.check_before, check_loss_after=fit.check_after)

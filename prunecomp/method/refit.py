@@ -159,7 +159,7 @@ def sequential_refit(model: nn.Module, ids: Tensor, dense: DenseLayers, *, steps
     for j in range(start, len(layers)):
         d, at = _advance(dense, d, dcaught.kwargs, at, orig[j] + 1), orig[j] + 1
         kws = [kw[j] for kw in caught.kwargs]
-        before, after = fit_layers([layers[j]], xs, d, [[kw] for kw in kws], steps=steps, lr=lr, generator=gen)
+        before, after = fit_layers([layers[j]], xs, d, [[kw] for kw in kws], steps=steps, lr=lr, generator=gen)[:2]
         report.layers.append(int(orig[j]))
         report.loss_before.append(before)
         report.loss_after.append(after)

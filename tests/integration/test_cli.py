@@ -222,6 +222,8 @@ def test_prune_with_block_reconstruction(stories_dir, tmp_path) -> None:
         rec = s["reconstruct"]
         assert rec["side"] == "both" and len(rec["layers"]) == 2 and rec["windows"] == 6
         assert rec["loss_after"] < rec["loss_before"]
+        assert rec["check_windows"] == 8 and rec["check_loss_before"] is not None  # kept or declined held out
+    assert "held-out" in text
     assert "reconstruct" in report["final_check"]["folded"] and "reconstructed layers" in text
     assert report["final_check"]["uncompensated_ppl"] != report["final_check"]["ppl"]
     assert json.loads((out / "recipe.json").read_text())["format"] == "prunecomp.recipe/v3"

@@ -41,7 +41,7 @@ def test_two_step_run_on_s3_end_to_end(harness, s3, tracking_uri, make_config, t
     assert mv.tags["metric"] == "bi" and mv.tags["layers_removed"] == "[2, 1]"
     # guarded compensation and the final check, as a registry user reads them
     assert mv.tags["compensation"] == "guarded" and len(mv.tags["guard_decisions"].split(",")) == 2
-    assert mv.tags["gains"] == "none"  # no gains fitted
+    assert mv.tags["gains"] == "none" and mv.tags["reconstruct"] == "none"  # nothing fitted
     assert mv.tags["final_check"] == summary["final_check"]["verdict"] in ("better", "same")
     assert c.get_run(summary["mlflow"]["run_id"]).data.metrics["fold_loss_ratio"] == pytest.approx(
         summary["final_check"]["loss"] / summary["final_check"]["uncompensated_loss"])
@@ -343,6 +343,7 @@ def test_reconstructed_run_matches_the_library(harness, tracking_uri, make_confi
     for s in run["steps"]:
         rec = s["record"]["reconstruct"]
         assert rec["side"] == "after" and rec["windows"] == 6 and rec["loss_after"] < rec["loss_before"]
+        assert rec["check_windows"] == cfg.calibration.held_out  # kept or declined on the decision windows
         assert "Reconstructed layer(s)" in step_description(s)
     recipe = read_recipe(run["final"]["uri"])
     assert all(st.layers for st in recipe.steps) and recipe.refine is not None
@@ -361,6 +362,8 @@ def test_reconstructed_run_matches_the_library(harness, tracking_uri, make_confi
     assert final.keys() == mine.keys() and all(torch.equal(final[k], mine[k]) for k in final)
     mv = client(tracking_uri).get_model_version("stories-reconstruct", run["mlflow"]["version"])
     assert mv.tags["method"] == "prune&comp-guarded+reconstruct-after+refine-norms"
+    assert mv.tags["reconstruct"] == ",".join("kept" if s["record"]["reconstruct"]["kept"] else "declined"
+                                              for s in run["steps"])
     history = client(tracking_uri).get_metric_history(run["mlflow"]["run_id"], "step_reconstruct_error_after")
     assert [h.step for h in history] == [1, 2]
     # the fit windows are in the step keys: other fit windows, other steps

@@ -38,6 +38,11 @@ def test_step_key_covers_what_determines_the_result() -> None:
                    {"prune": PruneConfig(n_layers=2, compensation="none")}):
         assert _step(**change).key != ref.key, change
     assert ref.uri == f"/s/steps/{ref.key}"
+    # the windows of a reconstruction's fit and of its keep-or-decline: by digest, not by where they lie
+    for name in ("fit", "check"):
+        given = _step(**{f"{name}_uri": "/s/w", f"{name}_digest": "e"})
+        assert given.key != ref.key and _step(**{f"{name}_uri": "/t/w", f"{name}_digest": "e"}).key == given.key
+        assert _step(**{f"{name}_uri": "/s/w", f"{name}_digest": "f"}).key != given.key
 
 
 def test_refine_key_covers_the_loss() -> None:

@@ -95,7 +95,7 @@ def test_fit_layers_keeps_a_low_precision_layer_in_its_dtype() -> None:
     assert gap is not None
     layer = decoder_layers(model)[1].to(torch.bfloat16)
     before, after = fit_layers([layer], gap.xs, gap.ys, gap.kwargs, steps=5, lr=1e-2,
-                               generator=torch.Generator().manual_seed(0))
+                               generator=torch.Generator().manual_seed(0))[:2]
     assert all(p.dtype == torch.bfloat16 for p in layer.parameters())
     assert after < before
 
@@ -152,3 +152,53 @@ def test_fits_use_tf32_only_on_cuda_and_restore_the_flags() -> None:
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_capture_gap_reads_the_held_out_streams_in_the_same_pass() -> None:
+    model, ids, held = tiny_model("llama"), tokens(4, 12), tokens(2, 12, seed=5)
+    gap = capture_gap(model, 3, ids, "both", batch_size=2, check=held)
+    alone = capture_gap(model, 3, held, "both", batch_size=2)
+    plain = capture_gap(model, 3, ids, "both", batch_size=2)
+    assert gap is not None and alone is not None and plain is not None and gap.check is not None
+    for mine, want in ((gap.check.xs, alone.xs), (gap.check.ys, alone.ys), (gap.xs, plain.xs), (gap.ys, plain.ys)):
+        assert all(torch.equal(a, b) for a, b in zip(mine, want, strict=True))
+    assert plain.check is None
+
+
+def test_a_fit_that_lowers_its_own_error_but_not_the_held_out_one_is_declined() -> None:
+    """The held-out target is what the layer writes today (error 0 before the fit): any fit raises it, so a fit
+    that lowers the fitting windows' error is declined and the layer is left as it was."""
+    from prunecomp.method.reconstruct import HeldOut, describe
+    from prunecomp.models.sequential import run_layer
+
+    model, ids, held = tiny_model("qwen3"), tokens(8, 16), tokens(4, 16, seed=7)
+    gap = capture_gap(model, 3, ids, "after", batch_size=2, check=held)
+    assert gap is not None and gap.check is not None
+    remove_layer(model, 3)
+    layer = decoder_layers(model)[3]
+    with torch.no_grad():
+        today = run_layer(layer, gap.check.xs, [kw[0] for kw in gap.check.kwargs])
+    gap.check = HeldOut(xs=gap.check.xs, ys=today, kwargs=gap.check.kwargs)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    done = reconstruct(model, gap, 1.0, steps=30, lr=1e-2, seed=0, removed=3, originals=[0, 1, 2, 4, 5])
+    assert done.loss_after < 0.8 * done.loss_before  # it did fit its windows
+    assert done.check_windows == 4 and done.check_loss_before == pytest.approx(0.0, abs=1e-10)
+    assert done.check_loss_after is not None and done.check_loss_after > 0 and not done.kept
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert "not on 4 held-out windows" in describe(done.to_dict())
+
+
+def test_a_kept_held_out_fit_is_the_unchecked_fit_bit_for_bit() -> None:
+    ids, held = tokens(8, 16), tokens(4, 16, seed=7)
+    config = PruneConfig(n_layers=2, reconstruct="both", reconstruct_steps=20, reconstruct_lr=1e-2)
+    checked, plain = tiny_model("llama"), tiny_model("llama")
+    a = prune_and_compensate(checked, ids, config, check_windows=held)
+    b = prune_and_compensate(plain, ids, config)
+    assert a.removed == b.removed
+    for sa, sb in zip(a.steps, b.steps, strict=True):
+        assert sa.reconstruct is not None and sb.reconstruct is not None
+        assert sa.reconstruct["kept"] and sa.reconstruct["check_windows"] == 4 and sb.reconstruct["check_windows"] == 0
+        assert sa.reconstruct["check_loss_after"] < sa.reconstruct["check_loss_before"]
+        assert sa.reconstruct["loss_after"] == sb.reconstruct["loss_after"]
+    assert all(torch.equal(p, q) for p, q in zip(checked.state_dict().values(), plain.state_dict().values(),
+                                                  strict=True))

@@ -27,6 +27,7 @@ from prunecomp.recipes.recipe import Recipe, RecipeStep, RefineEdit, read_recipe
 CAL = tokens(n=6, t=16)
 FIT = tokens(n=8, t=16, seed=7)
 HELD = tokens(n=4, t=16, seed=11)
+DECIDE = tokens(n=4, t=16, seed=13)  # the held-out windows each fit must improve
 
 
 @pytest.fixture(params=["llama", "llama-tied", "qwen3", "gemma3"])
@@ -47,17 +48,19 @@ def test_streamed_reconstruct_equals_in_memory(saved: tuple[torch.nn.Module, str
     config = PruneConfig(metric="bi", n_layers=3, compensation="magnitude", reconstruct="both",
                          reconstruct_steps=4, reconstruct_lr=1e-2, scoring="exact")
     ref = copy.deepcopy(model)
-    ref_report = prune_and_compensate(ref, CAL, config, batch_size=4, fit_windows=FIT)
+    ref_report = prune_and_compensate(ref, CAL, config, batch_size=4, fit_windows=FIT, check_windows=DECIDE)
 
     sm = StreamedModel(folder, spill_dir=tmp_path / "spill")
-    report = prune_and_compensate(sm, CAL, config, batch_size=4, fit_windows=FIT)
+    report = prune_and_compensate(sm, CAL, config, batch_size=4, fit_windows=FIT, check_windows=DECIDE)
     assert report.removed == ref_report.removed
     kept_fits = 0
     for a, b in zip(ref_report.steps, report.steps, strict=True):
         assert a.reconstruct is not None and b.reconstruct is not None
-        assert {k: b.reconstruct[k] for k in ("side", "layers", "target", "windows", "kept")} == \
-            {k: a.reconstruct[k] for k in ("side", "layers", "target", "windows", "kept")}
-        assert b.reconstruct["loss_after"] == pytest.approx(a.reconstruct["loss_after"], rel=1e-4)
+        same = ("side", "layers", "target", "windows", "kept", "check_windows")
+        assert {k: b.reconstruct[k] for k in same} == {k: a.reconstruct[k] for k in same}
+        assert b.reconstruct["check_windows"] == 4
+        for key in ("loss_after", "check_loss_before", "check_loss_after"):
+            assert b.reconstruct[key] == pytest.approx(a.reconstruct[key], rel=1e-4)
         assert (a.layer_weights is None) == (b.layer_weights is None)
         if b.layer_weights is not None:  # the record: the same names and values, read from the spill files
             kept_fits += 1
