@@ -22,8 +22,8 @@ from typing import Any, Literal, get_args
 from prunecomp.config import PruneConfig, flatten_tree
 from prunecomp.errors import PrunecompError
 
-__all__ = ["DEFAULT_LEVEL", "LEVELS", "MEASURED_RECOVERY", "Level", "apply_level", "describe", "level_settings",
-           "measured_recovery", "resolve"]
+__all__ = ["DEFAULT_LEVEL", "LEVELS", "MEASURED_RECOVERY", "MEASURED_SECONDS", "Level", "apply_level", "describe",
+           "level_settings", "measured_cost", "measured_recovery", "resolve"]
 
 Level = Literal["fast", "balanced", "best"]
 DEFAULT_LEVEL: Level = "fast"
@@ -55,10 +55,26 @@ only one was), quoted by ``--help``. tests/unit/test_docs.py checks every value
 against the result files the README quotes, so the help cannot drift from what was measured."""
 
 
+MEASURED_SECONDS: dict[str, tuple[float, float, float]] = {
+    "fast": (28, 40, 60),
+    "balanced": (1597, 1311, 1550),
+    "best": (2276, 2547, 3026),
+}
+"""Seconds a run of each level takes at k = 3 / 5 / 8 on the same protocol and files as
+:data:`MEASURED_RECOVERY` (one CPU thread, beside other work: the files record the load), quoted by ``--help``
+and checked the same way."""
+
+
 def measured_recovery() -> str:
     """The measured recovery of every level in one phrase, for ``--help``."""
     return ", ".join(f"{level} {'/'.join(f'{v:.0f}' for v in values)}%" for level, values in
                      MEASURED_RECOVERY.items())
+
+
+def measured_cost() -> str:
+    """The measured seconds of every level in one phrase, for ``--help``."""
+    return ", ".join(f"{level} {'/'.join(f'{v:.0f}' for v in values)} s" for level, values in
+                     MEASURED_SECONDS.items())
 
 
 def level_settings(level: str, calibration_windows: int) -> dict[str, Any]:

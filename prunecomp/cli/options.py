@@ -22,7 +22,7 @@ from prunecomp.config import PRESETS, STAGES, CalibrationConfig, EvalConfig, Pru
 from prunecomp.corpora.data import DATA_DIR_ENV
 from prunecomp.engine.job import JobConfig
 from prunecomp.errors import PrunecompError
-from prunecomp.levels import DEFAULT_LEVEL, LEVELS, Level, measured_recovery, resolve
+from prunecomp.levels import DEFAULT_LEVEL, LEVELS, Level, measured_cost, measured_recovery, resolve
 
 __all__ = ["DEFAULT_LAYERS", "StagedCommand", "build_job", "explicit_options", "given_prune_fields",
            "option_fields", "preset_settings", "prune_fields", "pruning_options", "shared_flags", "shared_paths"]
@@ -145,9 +145,9 @@ def pruning_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "guarded compensation; balanced = + per-channel gains fitted to the dense model after the last "
                      "removal; best = + block reconstruction of the layers beside every gap. Measured on SmolLM2-135M "
                      "(share of the perplexity lost to plain removal that is won back, k = 3/5/8): "
-                     f"{measured_recovery()}; on one CPU thread fast's steps cost 1.2x the paper's, "
-                     "balanced adds one gains fit (8-22 min measured), best takes 15-23 min in all "
-                     "(docs/RESULTS.md). Expert options you give override the level (and are recorded)."),
+                     f"{measured_recovery()}; in seconds on one CPU thread beside other work: {measured_cost()}; "
+                     "fast's guarded steps cost 1.2x the paper's (docs/RESULTS.md). Expert options you give "
+                     "override the level (and are recorded)."),
         click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, cls=StageOption,
                      help="Calibration/evaluation sizes: cpu (fast) or paper (128x2048). Default: paper on a GPU, "
                      "cpu otherwise."),

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import pytest
 
-from prunecomp.levels import MEASURED_RECOVERY
+from prunecomp.levels import MEASURED_RECOVERY, MEASURED_SECONDS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "deployments" / "README.md"]
@@ -237,6 +237,9 @@ def test_the_readme_quotes_the_measured_quality_levels() -> None:
             assert all(w in line_of(row.level) for w in want), f"--quality {row.level} at k = {row.k}: {want}"
             quoted = MEASURED_RECOVERY[row.level][(3, 5, 8).index(row.k)]  # what --help says
             assert quoted == pytest.approx(row.mean_recovered, abs=0.05), (row.level, row.k, row.mean_recovered)
+            seconds = [s for s in row.seconds if s is not None]
+            assert MEASURED_SECONDS[row.level][(3, 5, 8).index(row.k)] == pytest.approx(
+                sum(seconds) / len(seconds), abs=0.5), (row.level, row.k, "seconds")
     everything = rd._load(rd.QUALITY + rd.GUARDED + rd.REFINED + rd.ANCHORS)
     all_rows = rd.rows(everything)
     table = rd.lowest(all_rows)
@@ -255,6 +258,8 @@ def test_the_readme_quotes_the_measured_quality_levels() -> None:
             assert f"{rd.recovered(r.ppl, naive.ppl, dense):.1f}%" in line, f"--quality {level} at k = {k}: recovered"
             quoted = MEASURED_RECOVERY[level][(3, 5, 8).index(k)]  # what --help says
             assert quoted == pytest.approx(rd.recovered(r.ppl, naive.ppl, dense), abs=0.05), (level, k)
+            assert r.seconds is not None and MEASURED_SECONDS[level][(3, 5, 8).index(k)] == pytest.approx(
+                r.seconds, abs=0.5), (level, k, "seconds")
 
 
 def test_best_is_the_minimum_within_the_budget_whatever_the_file_order() -> None:
