@@ -34,6 +34,7 @@ from prunecomp.corpora.data import resolve_data_dir
 from prunecomp.engine.final_check import line as final_line
 from prunecomp.engine.incremental import PER_CANDIDATE_METRICS
 from prunecomp.errors import PrunecompError
+from prunecomp.method.reconstruct import describe as describe_reconstruct
 from prunecomp.method.refit import describe_refit, mean_errors
 from prunecomp.models.outputs import check_store
 from prunecomp.models.storage import is_complete, write_json
@@ -227,9 +228,7 @@ def _remove_layers(run: Run, state: State, lock: RunLock) -> tuple[list[dict[str
         log.info("step %d/%d: removed layer %d, s=%.4f, quick ppl %s -> %s%s", step + 1, k, rec["chosen"],
                  rec["applied_scale"], _fmt(_mean(state.ppl)), _fmt(_mean(after)), " (cached)" if cached else "")
         if rec.get("reconstruct"):
-            r = rec["reconstruct"]
-            log.info("step %d/%d: reconstructed layer(s) %s (%s, %d steps): relative error %.4f -> %.4f", step + 1,
-                     k, r["layers"], r["side"], r["steps"], r["loss_before"], r["loss_after"])
+            log.info("step %d/%d: %s", step + 1, k, describe_reconstruct(rec["reconstruct"]))
         new = state.then(meta, after)
         removed = f"step {step + 1}/{k}: removed layer {rec['chosen']}{' (cached)' if cached else ''}"
         if run.fits and p.refine_at == "each":  # progressive: the next step scores the refined model

@@ -98,7 +98,11 @@ def log_compress_run(*, tracking_uri: str, artifact_root: str, experiment: str, 
         if local:  # block reconstruction beside this gap
             batch += [Metric("step_reconstruct_error_before", float(local["loss_before"]), ts, n),
                       Metric("step_reconstruct_error_after", float(local["loss_after"]), ts, n),
-                      Metric("step_reconstruct_seconds", float(local["seconds"]), ts, n)]
+                      Metric("step_reconstruct_seconds", float(local["seconds"]), ts, n),
+                      Metric("step_reconstruct_kept", float(bool(local.get("kept", True))), ts, n)]
+            if local.get("check_loss_after") is not None:  # measured on held-out windows
+                batch += [Metric("step_reconstruct_check_error_before", float(local["check_loss_before"]), ts, n),
+                          Metric("step_reconstruct_check_error_after", float(local["check_loss_after"]), ts, n)]
         fit = (s.get("refine") or {}).get("report")
         if fit:  # progressive refinement: the fit after this removal
             batch += [Metric("step_refine_kl_before", float(fit["loss_before"]), ts, n),

@@ -74,7 +74,8 @@ def print_summary(result: JobResult) -> None:
         out.print(f"Reconstructed beside each gap ({local[0][1]['side']}, {local[0][1]['steps']} steps each, "
                   "relative error of the stream the removed layer left): "
                   + ", ".join(f"step {n} layers {r['layers']} {r['loss_before']:.4f} -> {r['loss_after']:.4f}"
-                              for n, r in local) + f" in {sum(r['seconds'] for _, r in local):.0f} s")
+                              + _held_out_fit(r) for n, r in local)
+                  + f" in {sum(r['seconds'] for _, r in local):.0f} s")
     fits = [(s["step"] + 1, s["refine"]) for s in report["steps"] if s.get("refine")]
     if fits:
         first = fits[0][1]
@@ -180,6 +181,18 @@ def on_windows(refined: dict) -> str:
     measured it on every fitting window and do not say)."""
     n = refined.get("loss_windows")
     return f" on {n} windows" if n else ""
+
+
+def _held_out_fit(rec: dict[str, Any]) -> str:
+    """A block reconstruction's held-out verdict for the summary ("" when it was not checked)."""
+    n, before, after = rec.get("check_windows"), rec.get("check_loss_before"), rec.get("check_loss_after")
+    if not n:
+        return "" if rec.get("kept", True) else " [bold red]declined[/]"
+    if rec.get("kept", True):
+        return f" (held-out {before:.4f} -> {after:.4f})"
+    if after is None:
+        return " [bold red]declined[/]"
+    return f" [bold red]declined[/]: held-out {before:.4f} -> {after:.4f}"
 
 
 def held_out_decision(refined: dict) -> str:

@@ -117,8 +117,10 @@ def fit_layers(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[T
     Adam step), copied back in the layers' own dtype at the end only when that lowers the mean
     :func:`relative_error` over all batches (a fit that does not help is declined, like the guard's scales) and,
     given ``check``, over the held-out batches too: a fit of every weight of a layer on a few dozen windows can
-    learn those windows rather than the gap, which only windows it never saw can tell. Returns the errors (in-sample
-    after = before when that already declines it). On CUDA the float32 matmuls run in TF32 (:func:`tf32_matmuls`)."""
+    learn those windows rather than the gap, which only windows it never saw can tell. Both are judged on the
+    float32 copies, before the copy back into the layers' dtype. Returns the errors (in-sample after = before and no
+    held-out after when the fitting windows already decline it). On CUDA the float32 matmuls run in TF32
+    (:func:`tf32_matmuls`)."""
     if steps < 1 or not xs:
         raise PrunecompError(f"a local fit needs steps >= 1 and at least one batch, got {steps} and {len(xs)}")
     device = next((p.device for layer in layers for p in layer.parameters()), xs[0].device)
@@ -162,8 +164,8 @@ def _fit(layers: Sequence[nn.Module], xs: Sequence[Tensor], ys: Sequence[Tensor]
         sched.step()
     with torch.no_grad():
         after = float(torch.stack([error(b) for b in range(len(xs))]).mean())
-        if not after < before:
-            return FitErrors(before, before, check_before, check_before)
+        if not after < before:  # declined on its own windows: the held-out error is not measured again
+            return FitErrors(before, before, check_before, None)
         done = FitErrors(before, after, check_before, held_out())
         if done.kept:
             for layer, fitted in zip(layers, work, strict=True):

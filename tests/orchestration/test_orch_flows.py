@@ -366,6 +366,8 @@ def test_reconstructed_run_matches_the_library(harness, tracking_uri, make_confi
                                               for s in run["steps"])
     history = client(tracking_uri).get_metric_history(run["mlflow"]["run_id"], "step_reconstruct_error_after")
     assert [h.step for h in history] == [1, 2]
+    held = client(tracking_uri).get_metric_history(run["mlflow"]["run_id"], "step_reconstruct_check_error_after")
+    assert [h.value for h in held] == [s["record"]["reconstruct"]["check_loss_after"] for s in run["steps"]]
     # the fit windows are in the step keys: other fit windows, other steps
     other = make_config(store, tracking_uri, prune=prune | {"refine_samples": 5},
                         tracking={"log_and_register": False})
