@@ -1,4 +1,4 @@
-"""Refinement tuning on the issue-6 protocol: WikiText-2 perplexity during refinement, after BI Prune&Comp (k=5).
+"""Refinement tuning on the WikiText-2 protocol: WikiText-2 perplexity during refinement, after BI Prune&Comp (k=5).
 
 SmolLM2-135M-Instruct; pruning calibration 8 x 512 tokens of C4 (seed 0); refinement on ``--refine-samples``
 windows of the same source and seed (a superset); perplexity on the first 16 x 512-token windows of WikiText-2

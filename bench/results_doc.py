@@ -8,7 +8,8 @@ The words of the quality tables have one definition each (docs/EVALUATION.md), a
 
 * naive (:func:`naive_for`): the same metric and mode with ``--compensation none``, on the same protocol. Every
   variant of the quality benchmark is iterative except ``one-shot``, which is its own (one-shot) naive row.
-* recovered (:func:`recovered`): ``100 * (naive - x) / (naive - dense)`` of mean perplexity.
+* recovered (:func:`recovered`, defined in bench/measures.py): ``100 * (naive - x) / (naive - dense)`` of mean
+  perplexity.
 * best (:func:`best_within_budget`): the lowest mean perplexity over the measured rows whose recorded fitting
   seconds are within :data:`BUDGET` at that k. Where several files measured the same row, every one is a
   candidate: nothing is kept or dropped by the order the files are read in.
@@ -74,7 +75,8 @@ MARKDOWN = {  # bench/results/<name>.md, written by the benchmark scripts themse
     "memory": "Memory of the three scoring modes (`bench/memory.py`)",
     "scoring": "Scoring cost per metric (`bench/scoring.py`)",
     "speed": "Speed (`bench/speed.py`)",
-    "issue6_protocol": "Refinement on the WikiText-2 protocol (`issue6_protocol.json`: 16 windows of WikiText-2 only)",
+    "wikitext2_protocol": "Refinement on the WikiText-2 protocol (`wikitext2_protocol.json`: 16 windows of WikiText-2 "
+                          "only)",
 }
 
 ONE_SHOT = "one-shot"
@@ -374,18 +376,22 @@ are in [BENCHMARKS.md](BENCHMARKS.md); the protocol and the words below are defi
 - **Quality protocol**: SmolLM2-135M-Instruct (30 layers), k layers removed, scoring calibration 8 x 512 tokens of
   C4; **mean PPL** = mean perplexity of the first 8 x 512-token windows of WikiText-2, C4 and PTB.
 - **Naive**: the same metric and mode with `--compensation none` (every variant is iterative except `one-shot`).
-- **Recovered** = (naive - x) / (naive - dense) of mean PPL: `recovered()` in `bench/results_doc.py`, the only
-  place it is computed.
+- **Recovered** = (naive - x) / (naive - dense) of mean PPL: `recovered()` in `bench/measures.py`, the only
+  place it is defined. Over calibration seeds (the levels table) it is the mean of each seed's recovered share, each
+  seed against its own naive removal, not the share of the mean perplexity.
 - **Best**: the lowest mean PPL over the measured rows whose recorded seconds are within the time budget at that
   k, chosen by `best_within_budget()`; every file's row is a candidate (none is hidden by another file's)."""
 
 
 def _dated(name: str) -> str | None:
-    """When a result file without a recorded commit was first committed (``bench/results/dated.json``)."""
+    """When a result file without a recorded commit was committed (``bench/results/dated.json``)."""
     path = RESULTS / "dated.json"
     entry = json.loads(path.read_text()).get(name) if path.is_file() else None
     if not entry:
         return None
+    if "last_changed" in entry:  # rewritten by a later run: the last commit that changed it bounds its age
+        return (f"commit not recorded; last changed in {entry['last_changed']} ({entry['date']}), measured at or "
+                "before it")
     return (f"commit not recorded; first committed in {entry['first_committed']} ({entry['date']}), measured at or "
             "before it")
 
@@ -425,7 +431,7 @@ def build() -> str:
                   *[provenance(p.stem) for p in seeds], "",
                   render_levels([json.loads(p.read_text()) for p in seeds]), ""]
     if everything:
-        parts += ["## Quality levels, single runs (earlier files, seed 0)", "",
+        parts += ["## Quality levels, single runs (seed 0; files dated in bench/results/dated.json)", "",
                   levels_table(all_rows, table, dense), "",
                   "## Best within the time budget", "", best_table(all_rows, table, dense), ""]
     if guarded:

@@ -1,5 +1,5 @@
-"""The CLI end to end on the real small model, and every bad input named in the issue: one clear message,
-exit code 2, and no output folder left behind."""
+"""The CLI end to end on the real small model, and every bad input it must refuse: one clear message, exit code 2,
+and no output folder left behind."""
 
 from __future__ import annotations
 
