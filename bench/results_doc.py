@@ -42,6 +42,8 @@ REFINED = ("quality_refine_k38", "quality_refine_select", "quality_refine_metric
            "quality_tail128_rlr2_s140", "quality_tail64_rlr3", "quality_balanced_tail64")
 
 LEVEL_SEEDS = "quality_levels_s*.json"
+OTHER_MODELS = "levels_*.json"
+"""The levels over seeds on other models than SmolLM2 (``bench/quality.py --model ... --levels``), one file each."""
 """The quality protocol per calibration seed (``bench/quality.py --levels fast,balanced,best --seeds N``, one file
 per process), rendered as one table: the levels' measured table, mean and worst over the seeds."""
 
@@ -430,6 +432,15 @@ def build() -> str:
                   "(`bench/quality.py --levels`, one file per seed).", "",
                   *[provenance(p.stem) for p in seeds], "",
                   render_levels([json.loads(p.read_text()) for p in seeds]), ""]
+    for path in sorted(RESULTS.glob(OTHER_MODELS)):
+        from quality import render_levels  # bench/: imported by path
+
+        other = json.loads(path.read_text())
+        model = Path(str(other["settings"].get("model") or "")).name
+        parts += [f"## The same levels on another model: {model}", "",
+                  "The levels' settings are rules of the run, not values fitted to SmolLM2: the same table on a "
+                  "model of another size and training corpus, on its own corpus.", "", provenance(path.stem), "",
+                  render_levels([other]), ""]
     if everything:
         parts += ["## Quality levels, single runs (seed 0; files dated in bench/results/dated.json)", "",
                   levels_table(all_rows, table, dense), "",
