@@ -264,17 +264,20 @@ def head_pass(shape: Shape, dev: Device, *, tokens: float, batches: float, loss:
                 + logits * (dev.act_bytes + 4 * passes))
 
 
-def capture_cost(shape: Shape, dev: Device, *, windows: int, seq_len: int, prefix: float, batch: int) -> Cost:
-    """``capture_gap`` beside a gap after ``prefix`` layers (side ``both``): every fitting window through the layers
-    up to the one after the gap."""
-    return layers_pass(shape, dev, windows=windows, seq_len=seq_len, layers=prefix + 2, batch=batch)
+def capture_cost(shape: Shape, dev: Device, *, windows: int, seq_len: int, prefix: float, batch: int,
+                 held_out: int = 0) -> Cost:
+    """``capture_gap`` beside a gap after ``prefix`` layers (side ``both``): every fitting window, and the
+    ``held_out`` windows the fit is kept or declined on, through the layers up to the one after the gap."""
+    return layers_pass(shape, dev, windows=windows + held_out, seq_len=seq_len, layers=prefix + 2, batch=batch)
 
 
-def fit_cost(shape: Shape, dev: Device, *, windows: int, seq_len: int, steps: int, batch: int) -> Cost:
-    """``fit_layers`` on two layers (side ``both``), float32: the error before and after on every window, ``steps``
-    steps of ``batch`` windows forward and backward, Adam (p, grad, m, v: 32 bytes a parameter a step), the copies
-    out and back, and the stream scaled by the folded scale."""
-    run = layers_pass(shape, dev, windows=2 * windows, seq_len=seq_len, layers=2, batch=batch, fp32=True)
+def fit_cost(shape: Shape, dev: Device, *, windows: int, seq_len: int, steps: int, batch: int,
+             held_out: int = 0) -> Cost:
+    """``fit_layers`` on two layers (side ``both``), float32: the error before and after on every window and on
+    the ``held_out`` windows, ``steps`` steps of ``batch`` windows forward and backward, Adam (p, grad, m, v: 32
+    bytes a parameter a step), the copies out and back, and the stream scaled by the folded scale."""
+    run = layers_pass(shape, dev, windows=2 * (windows + held_out), seq_len=seq_len, layers=2, batch=batch,
+                      fp32=True)
     run += layers_pass(shape, dev, windows=steps * batch, seq_len=seq_len, layers=2, batch=batch, backward="all",
                        fp32=True)
     adam = 2 * shape.layer_params * (steps * 32.0 + 2 * (dev.weight_bytes + 4))
@@ -290,13 +293,18 @@ def teacher_cost(shape: Shape, dev: Device, *, windows: int, seq_len: int, batch
 
 
 def gains_cost(shape: Shape, dev: Device, *, layers: int, windows: int, seq_len: int, steps: int, batch: int,
-               topk: int, eval_windows: int = 16) -> Cost:
+               topk: int, eval_windows: int = 16, held_out: int = 0) -> Cost:
     """``refine`` on a model of ``layers`` layers: the audit loss before and after on ``min(eval_windows,
     windows)`` windows, ``steps`` steps of ``batch`` windows through the model and the head, forward and backward
-    through frozen weights, with the tail loss; the targets to the device."""
+    through frozen weights, with the tail loss; the targets to the device; the next-token NLL with and without the
+    gains on the ``held_out`` windows that keep or decline them."""
     e = min(eval_windows, windows)
     audit = (layers_pass(shape, dev, windows=2 * e, seq_len=seq_len, layers=layers, batch=batch)
              + head_pass(shape, dev, tokens=2 * e * seq_len, batches=2 * math.ceil(e / batch), loss="tail"))
+    if held_out:
+        audit += (layers_pass(shape, dev, windows=2 * held_out, seq_len=seq_len, layers=layers, batch=batch)
+                  + head_pass(shape, dev, tokens=2 * held_out * seq_len,
+                              batches=2 * math.ceil(held_out / batch), loss="ce"))
     train = (layers_pass(shape, dev, windows=steps * batch, seq_len=seq_len, layers=layers, batch=batch,
                          backward="inputs")
              + head_pass(shape, dev, tokens=steps * batch * seq_len, batches=steps, loss="tail", backward=True))
@@ -395,17 +403,17 @@ def project(shape: Shape, calib: Calibration, config: Any, dev: Device, *, level
                 st["guard"] += Cost(disk=(GUARD_ROUNDS * tail + prefix) * layer_bytes)
         if rebuild:
             st["capture"] += capture_cost(shape, dev, windows=m, seq_len=T, prefix=prefix,
-                                          batch=config.reconstruct_batch)
+                                          batch=config.reconstruct_batch, held_out=calib.held_out)
             st["capture"] += Cost(disk=(prefix + 2) * layer_bytes if streamed else 0.0)
             st["reconstruct"] += fit_cost(shape, dev, windows=m, seq_len=T, steps=config.reconstruct_steps,
-                                          batch=config.reconstruct_batch)
+                                          batch=config.reconstruct_batch, held_out=calib.held_out)
         prev_tail = tail
     if config.refine != "none":
         st["teacher"] = teacher_cost(shape, dev, windows=m, seq_len=T, batch=teacher_batch or b,
                                      topk=config.refine_topk)
         st["gains"] = gains_cost(shape, dev, layers=L - k, windows=m, seq_len=T, steps=config.refine_steps,
                                  batch=config.refine_batch, topk=config.refine_topk,
-                                 eval_windows=refine_eval_windows)
+                                 eval_windows=refine_eval_windows, held_out=calib.held_out)
     left = L - k
     st["final check"] = run(2 * calib.held_out, left, b) + head_pass(
         shape, dev, tokens=2 * calib.held_out * T, batches=2 * math.ceil(calib.held_out / b), loss="ce")
