@@ -45,9 +45,9 @@ LEVELS: dict[str, dict[str, Any]] = {
 """Level -> :class:`~prunecomp.config.PruneConfig` fields. ``refine_samples`` is a rule (:func:`level_settings`)."""
 
 MEASURED_RECOVERY: dict[str, tuple[float, float, float]] = {
-    "fast": (-0.5, 8.5, 31.6),
+    "fast": (-4.0, 12.7, 35.0),
     "balanced": (36.7, 59.2, 67.2),
-    "best": (76.2, 73.0, 70.7),
+    "best": (72.6, 72.0, 72.5),
 }
 """Recovered share (%) of the naive removal's perplexity degradation at k = 3 / 5 / 8 on the quality protocol
 (SmolLM2-135M; docs/RESULTS.md#quality-levels: the mean over the calibration seeds measured, a single run where
@@ -56,9 +56,9 @@ against the result files the README quotes, so the help cannot drift from what w
 
 
 MEASURED_SECONDS: dict[str, tuple[float, float, float]] = {
-    "fast": (28, 40, 60),
+    "fast": (28, 42, 61),
     "balanced": (1597, 1311, 1550),
-    "best": (2276, 2547, 3026),
+    "best": (2211, 2412, 3010),
 }
 """Seconds a run of each level takes at k = 3 / 5 / 8 on the same protocol and files as
 :data:`MEASURED_RECOVERY` (one CPU thread, beside other work: the files record the load), quoted by ``--help``
